@@ -1,0 +1,294 @@
+//! The embedded key store: a single `redb` file (an ACID embedded database: crash-safe, no
+//! server) holding per-subject data keys and system keys, each wrapped (AES-256-GCM) by a
+//! master key that never touches the file. Unwrapped keys are cached in a bounded LRU.
+//!
+//! `redb` rather than a hand-rolled file: atomic multi-key commits and crash safety are what a
+//! key store needs, and it is pure Rust with no build cost worth mentioning.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use ring::digest;
+use sluice_transforms::crypto::{generate_key, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
+use sluice_transforms::keys::{KeyError, KeyProvider};
+
+/// Subject token → key id.
+const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("subject_keys");
+/// Key id → wrapped key material.
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
+/// System key name (`token`, `quarantine`, `master-check`) → key id.
+const SYSTEM: TableDefinition<&str, &[u8]> = TableDefinition::new("system_keys");
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("key store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("key store {0}: the master key does not match the one this store was created with")]
+    WrongMasterKey(PathBuf),
+    #[error("master key: {0}")]
+    BadMasterKey(&'static str),
+    #[error("key store: {0}")]
+    Crypto(#[from] CryptoError),
+}
+
+/// The key-encryption key. Never written anywhere; read from a file or the environment.
+pub struct MasterKey(DataKey);
+
+impl MasterKey {
+    /// Parses 32 bytes written as 64 hex characters (or 44 base64 characters is not accepted:
+    /// one spelling, one place).
+    pub fn from_hex(text: &str) -> Result<Self, KeyStoreError> {
+        let bytes = hex::decode(text.trim()).map_err(|_| KeyStoreError::BadMasterKey("expected 64 hex characters"))?;
+        let material: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyStoreError::BadMasterKey("expected 32 bytes (64 hex characters)"))?;
+        let fingerprint = digest::digest(&digest::SHA256, &[b"sluice:master-id:v1\0".as_slice(), &material].concat());
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&fingerprint.as_ref()[..KEY_ID_LEN]);
+        Ok(Self(DataKey::new(id, &material)?))
+    }
+
+    fn wrap(&self, key_id: &[u8; KEY_ID_LEN], material: &[u8; KEY_LEN]) -> Result<Vec<u8>, CryptoError> {
+        self.0.seal(material, &wrap_aad(key_id))
+    }
+
+    fn unwrap(&self, key_id: &[u8; KEY_ID_LEN], wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+        let material = self.0.open(wrapped, &wrap_aad(key_id))?;
+        DataKey::new(*key_id, &material)
+    }
+}
+
+fn wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
+    [b"sluice:keywrap:v1\0".as_slice(), key_id].concat()
+}
+
+pub struct KeyStore {
+    path: PathBuf,
+    db: Database,
+    master: MasterKey,
+    cache: Mutex<LruCache<String, Arc<DataKey>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl KeyStore {
+    /// Opens (or creates) the store at `path`. `cache_capacity` bounds the unwrapped keys kept
+    /// in memory.
+    pub fn open(path: &Path, master: MasterKey, cache_capacity: usize) -> Result<Self, KeyStoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| store_err(path, e))?;
+        }
+        let db = Database::create(path).map_err(|e| store_err(path, e))?;
+        let w = db.begin_write().map_err(|e| store_err(path, e))?;
+        {
+            w.open_table(SUBJECTS).map_err(|e| store_err(path, e))?;
+            w.open_table(KEYS).map_err(|e| store_err(path, e))?;
+            w.open_table(SYSTEM).map_err(|e| store_err(path, e))?;
+        }
+        w.commit().map_err(|e| store_err(path, e))?;
+        let store = Self {
+            path: path.to_path_buf(),
+            db,
+            master,
+            cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_capacity.max(1)).expect("max(1)"))),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        };
+        // A store created under one master key must refuse another, instead of minting fresh
+        // keys that would silently split the lake in two.
+        match store.system_key("master-check") {
+            Ok(_) => Ok(store),
+            Err(KeyStoreError::Crypto(CryptoError::Authentication)) => Err(KeyStoreError::WrongMasterKey(path.to_path_buf())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The HMAC key for tokens, created on first use.
+    pub fn tokenizer(&self) -> Result<Tokenizer, KeyStoreError> {
+        let (_, material) = self.system_material("token")?;
+        Ok(Tokenizer::new(&material))
+    }
+
+    /// A named system key (e.g. `quarantine`), created on first use.
+    pub fn system_key(&self, name: &str) -> Result<Arc<DataKey>, KeyStoreError> {
+        let (id, material) = self.system_material(name)?;
+        Ok(Arc::new(DataKey::new(id, &material)?))
+    }
+
+    fn system_material(&self, name: &str) -> Result<([u8; KEY_ID_LEN], [u8; KEY_LEN]), KeyStoreError> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let result = {
+            let mut system = w.open_table(SYSTEM).map_err(|e| self.err(e))?;
+            let mut keys = w.open_table(KEYS).map_err(|e| self.err(e))?;
+            let existing = system.get(name).map_err(|e| self.err(e))?.map(|g| key_id(g.value()));
+            match existing {
+                Some(id) => {
+                    let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.map(|g| g.value().to_vec());
+                    let wrapped = wrapped.ok_or_else(|| self.err("system key id without key"))?;
+                    let material = self.master.0.open(&wrapped, &wrap_aad(&id))?;
+                    let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
+                    (id, material)
+                }
+                None => {
+                    let (id, material) = generate_key()?;
+                    keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice()).map_err(|e| self.err(e))?;
+                    system.insert(name, id.as_slice()).map_err(|e| self.err(e))?;
+                    (id, material)
+                }
+            }
+        };
+        w.commit().map_err(|e| self.err(e))?;
+        Ok(result)
+    }
+
+    /// Any key by the id an envelope names (system or subject), for decryption by audited tools.
+    pub fn key_by_id(&self, id: &[u8; KEY_ID_LEN]) -> Result<Option<DataKey>, KeyStoreError> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let keys = r.open_table(KEYS).map_err(|e| self.err(e))?;
+        let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?;
+        Ok(match wrapped {
+            Some(w) => Some(self.master.unwrap(id, w.value())?),
+            None => None,
+        })
+    }
+
+    /// Number of subject keys held.
+    pub fn subject_count(&self) -> Result<u64, KeyStoreError> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let subjects = r.open_table(SUBJECTS).map_err(|e| self.err(e))?;
+        subjects.len().map_err(|e| self.err(e))
+    }
+
+    /// (hits, misses) of the unwrapped-key cache.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    /// Resolves keys not in the cache: read what exists, create the rest in one transaction.
+    fn load_or_create(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyStoreError> {
+        let mut found: Vec<Option<Arc<DataKey>>> = vec![None; tokens.len()];
+        {
+            let r = self.db.begin_read().map_err(|e| self.err(e))?;
+            let subjects = r.open_table(SUBJECTS).map_err(|e| self.err(e))?;
+            let keys = r.open_table(KEYS).map_err(|e| self.err(e))?;
+            for (slot, token) in found.iter_mut().zip(tokens) {
+                if let Some(id) = subjects.get(*token).map_err(|e| self.err(e))? {
+                    let id = key_id(id.value());
+                    let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.ok_or_else(|| self.err("subject key id without key"))?;
+                    *slot = Some(Arc::new(self.master.unwrap(&id, wrapped.value())?));
+                }
+            }
+        }
+        if found.iter().any(Option::is_none) {
+            let w = self.db.begin_write().map_err(|e| self.err(e))?;
+            {
+                let mut subjects = w.open_table(SUBJECTS).map_err(|e| self.err(e))?;
+                let mut keys = w.open_table(KEYS).map_err(|e| self.err(e))?;
+                for (slot, token) in found.iter_mut().zip(tokens) {
+                    if slot.is_some() {
+                        continue;
+                    }
+                    // Another worker may have created it since our read.
+                    let existing = subjects.get(*token).map_err(|e| self.err(e))?.map(|g| key_id(g.value()));
+                    let key = match existing {
+                        Some(id) => {
+                            let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.map(|g| g.value().to_vec());
+                            self.master.unwrap(&id, &wrapped.ok_or_else(|| self.err("subject key id without key"))?)?
+                        }
+                        None => {
+                            let (id, material) = generate_key()?;
+                            keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice()).map_err(|e| self.err(e))?;
+                            subjects.insert(*token, id.as_slice()).map_err(|e| self.err(e))?;
+                            DataKey::new(id, &material)?
+                        }
+                    };
+                    *slot = Some(Arc::new(key));
+                }
+            }
+            // Durable before any ciphertext made with these keys can be committed.
+            w.commit().map_err(|e| self.err(e))?;
+        }
+        Ok(found.into_iter().map(|k| k.expect("every slot resolved")).collect())
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> KeyStoreError {
+        store_err(&self.path, e)
+    }
+}
+
+impl KeyProvider for KeyStore {
+    fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyError> {
+        let mut out: Vec<Option<Arc<DataKey>>> = Vec::with_capacity(tokens.len());
+        let mut missing: Vec<&str> = Vec::new();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for t in tokens {
+                let hit = cache.get(*t).cloned();
+                if hit.is_none() {
+                    missing.push(t);
+                }
+                out.push(hit);
+            }
+        }
+        self.hits.fetch_add((tokens.len() - missing.len()) as u64, Ordering::Relaxed);
+        self.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
+        if !missing.is_empty() {
+            let loaded = self.load_or_create(&missing).map_err(|e| KeyError(e.to_string()))?;
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut loaded = loaded.into_iter();
+            for (slot, t) in out.iter_mut().zip(tokens) {
+                if slot.is_none() {
+                    let key = loaded.next().expect("one loaded key per miss");
+                    cache.put(t.to_string(), key.clone());
+                    *slot = Some(key);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|k| k.expect("filled")).collect())
+    }
+}
+
+fn key_id(bytes: &[u8]) -> [u8; KEY_ID_LEN] {
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&bytes[..KEY_ID_LEN]);
+    id
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> KeyStoreError {
+    KeyStoreError::Store { path: path.to_path_buf(), message: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_transforms::crypto::field_aad;
+
+    const MASTER: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    #[test]
+    fn keys_persist_are_per_subject_and_need_the_right_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let envelope;
+        let token_a;
+        {
+            let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
+            let keys = store.subject_keys(&["a", "b", "a"]).unwrap();
+            assert_eq!(keys[0].id(), keys[2].id());
+            assert_ne!(keys[0].id(), keys[1].id());
+            envelope = keys[0].seal(b"secret", &field_aad("t", "c", "a")).unwrap();
+            token_a = store.tokenizer().unwrap().domain("d").token("1");
+            assert_eq!(store.subject_count().unwrap(), 2);
+        }
+        let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
+        let again = store.subject_keys(&["a"]).unwrap();
+        assert_eq!(again[0].open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
+        assert_eq!(store.tokenizer().unwrap().domain("d").token("1"), token_a, "token key persists");
+        drop(store);
+        let other = MASTER.replace("00", "ff");
+        assert!(matches!(KeyStore::open(&path, MasterKey::from_hex(&other).unwrap(), 2), Err(KeyStoreError::WrongMasterKey(_))));
+        assert!(MasterKey::from_hex("abcd").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! Sources and sinks. One folder per component; the engine in `sluice-transforms` never sees
+//! any of this I/O.
+//!
+//! - [`file`]: Debezium change events in `.jsonl` / `.jsonl.gz` files (and dumped topics).
+//! - [`debezium`]: the change-event envelope decoder shared by every source.
+//! - [`delta`]: Delta Lake tables, with source positions committed in the same commit.
+//! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
+
+pub mod debezium;
+pub mod delta;
+pub mod file;
+pub mod keystore;
+
+/// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in
+/// it. Committed inside the data commit, never before.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePosition {
+    pub stream: String,
+    pub offset: i64,
+}
+
+/// The Arrow and Parquet versions the sinks write with, for readers elsewhere in the workspace.
+pub use deltalake::arrow;
+pub use deltalake::parquet;

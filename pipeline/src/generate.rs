@@ -1,0 +1,193 @@
+//! Deterministic demo and benchmark events for a consumer-credit debt-collection firm:
+//! customers, accounts, payments and contact attempts, in Debezium's PostgreSQL envelope.
+//! All people are synthetic; the values only look realistic.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+const FIRST: &[&str] = &["Amelia", "Oliver", "Isla", "George", "Ava", "Noah", "Mia", "Arthur", "Ivy", "Leo", "Freya", "Oscar", "Lily", "Harry", "Grace", "Jack"];
+const LAST: &[&str] = &["Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies", "Patel", "Wright", "Walker", "Evans", "Khan", "Hughes"];
+const STREETS: &[&str] = &["Mill Lane", "Church Road", "Station Road", "Victoria Street", "Park Avenue", "High Street", "Kings Road", "Queens Walk"];
+const AREAS: &[&str] = &["LS", "M", "B", "G", "EH", "CF", "BS", "NE", "SW", "E"];
+const PRODUCTS: &[&str] = &["credit_card", "personal_loan", "overdraft", "store_card"];
+const STATUSES: &[&str] = &["current", "arrears", "default", "payment_plan", "settled"];
+const PAY_CHANNELS: &[&str] = &["card", "bank_transfer", "direct_debit", "cash"];
+const CONTACT_CHANNELS: &[&str] = &["phone", "sms", "email", "letter"];
+const OUTCOMES: &[&str] = &["no_answer", "promise_to_pay", "refused", "wrong_number", "callback", "paid"];
+const VULNERABILITIES: &[&str] = &["bereavement", "mental_health", "serious_illness", "job_loss"];
+
+/// SplitMix64: tiny, fast and deterministic; quality is ample for fake data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// 2024-01-01T00:00:00Z.
+const START_MS: i64 = 1_704_067_200_000;
+const SPAN_MS: i64 = 30 * 86_400_000;
+
+struct Generator {
+    rng: Rng,
+    customers: u64,
+    accounts: u64,
+    payments: u64,
+    contacts: u64,
+    target_customers: u64,
+    lsn: u64,
+}
+
+impl Generator {
+    fn customer(&mut self, id: u64) -> Value {
+        let r = &mut self.rng;
+        let (first, last) = (r.pick(FIRST), r.pick(LAST));
+        let born_year = 1940 + r.below(66);
+        let vulnerable = r.chance(8);
+        json!({
+            "id": id,
+            "full_name": format!("{first} {last}"),
+            "email": if r.chance(85) { Value::from(format!("{}.{}{}@{}", first.to_lowercase(), last.to_lowercase(), id, ["example-mail.test", "post.example", "inbox.example"][r.below(3) as usize])) } else { Value::Null },
+            "phone": format!("+44 7{:03} {:06}", r.below(1000), r.below(1_000_000)),
+            "national_id": format!("{}{}{:06}{}", (b'A' + r.below(26) as u8) as char, (b'A' + r.below(26) as u8) as char, r.below(1_000_000), ["A", "B", "C", "D"][r.below(4) as usize]),
+            "date_of_birth": format!("{born_year}-{:02}-{:02}", 1 + r.below(12), 1 + r.below(28)),
+            "street_address": format!("{} {}", 1 + r.below(250), r.pick(STREETS)),
+            "postcode": format!("{}{} {}{}{}", r.pick(AREAS), 1 + r.below(20), r.below(10), (b'A' + r.below(26) as u8) as char, (b'A' + r.below(26) as u8) as char),
+            "vulnerability_flag": vulnerable,
+            "vulnerability_note": if vulnerable { Value::from(format!("{first} disclosed {} on a call", r.pick(VULNERABILITIES))) } else { Value::Null },
+            "notes": format!("Spoke to {first} {last} about the balance"),
+            "mothers_maiden_name": r.pick(LAST),
+            "created_at": START_MS,
+        })
+    }
+
+    fn account(&mut self, id: u64) -> Value {
+        let r = &mut self.rng;
+        let customer = r.below(self.customers);
+        json!({
+            "id": id,
+            "customer_id": customer,
+            "product": r.pick(PRODUCTS),
+            "iban": format!("GB{:02}DEMO{:014}", r.below(100), r.below(100_000_000_000_000)),
+            "opened_on": format!("{}-{:02}-{:02}", 2010 + r.below(14), 1 + r.below(12), 1 + r.below(28)),
+            "balance_pence": r.below(2_000_000) as i64,
+            "arrears_pence": r.below(300_000) as i64,
+            "credit_limit_pence": 100_000 * (1 + r.below(50)) as i64,
+            "status": r.pick(STATUSES),
+        })
+    }
+
+    fn event(&mut self, i: u64, n: u64) -> Value {
+        let ts = START_MS + (i as i64) * (SPAN_MS / n.max(1) as i64).max(1);
+        let roll = self.rng.below(100);
+        let (table, op, before, after) = if self.customers == 0 || (roll < 8 && self.customers < self.target_customers) {
+            let id = self.customers;
+            self.customers += 1;
+            ("customers", "c", Value::Null, self.customer(id))
+        } else if self.accounts == 0 || (roll < 16 && self.accounts < self.target_customers * 6 / 5) {
+            let id = self.accounts;
+            self.accounts += 1;
+            ("accounts", "c", Value::Null, self.account(id))
+        } else if roll < 19 {
+            let id = self.rng.below(self.customers);
+            let mut after = self.customer(id);
+            after["id"] = json!(id);
+            ("customers", "u", Value::Null, after)
+        } else if roll < 23 {
+            let id = self.rng.below(self.accounts);
+            let mut after = self.account(id);
+            after["id"] = json!(id);
+            ("accounts", "u", Value::Null, after)
+        } else if roll < 60 {
+            let id = self.payments;
+            self.payments += 1;
+            let r = &mut self.rng;
+            let channel = r.pick(PAY_CHANNELS);
+            let after = json!({
+                "id": id,
+                "account_id": r.below(self.accounts),
+                "customer_id": r.below(self.customers),
+                "amount_pence": 500 + r.below(50_000) as i64,
+                "channel": channel,
+                "card_number": if channel == "card" { Value::from(format!("4{:015}", r.below(1_000_000_000_000_000))) } else { Value::Null },
+                "paid_at": ts,
+                "reference": format!("REF-{:08}", r.below(100_000_000)),
+            });
+            ("payments", "c", Value::Null, after)
+        } else if roll < 98 || self.contacts == 0 {
+            let id = self.contacts;
+            self.contacts += 1;
+            let r = &mut self.rng;
+            let channel = r.pick(CONTACT_CHANNELS);
+            let after = json!({
+                "id": id,
+                "customer_id": r.below(self.customers),
+                "channel": channel,
+                "phone": if channel == "phone" || channel == "sms" { Value::from(format!("+44 7{:03} {:06}", r.below(1000), r.below(1_000_000))) } else { Value::Null },
+                "outcome": r.pick(OUTCOMES),
+                "agent_notes": format!("Agent {} spoke about hardship; customer {} mentioned {}", r.below(90), r.pick(FIRST), r.pick(VULNERABILITIES)),
+                "attempted_at": ts,
+                "duration_seconds": r.below(900) as i64,
+            });
+            ("contact_attempts", "c", Value::Null, after)
+        } else {
+            // A delete carries the full row in `before` (REPLICA IDENTITY FULL).
+            let id = self.rng.below(self.contacts);
+            let customer = self.rng.below(self.customers);
+            let before = json!({"id": id, "customer_id": customer, "channel": "letter", "phone": null, "outcome": "no_answer", "agent_notes": null, "attempted_at": ts, "duration_seconds": 0});
+            ("contact_attempts", "d", before, Value::Null)
+        };
+        self.lsn += 64 + self.rng.below(512);
+        json!({
+            "before": before,
+            "after": after,
+            "source": {
+                "version": "2.7.3.Final", "connector": "postgresql", "name": "crm", "ts_ms": ts, "snapshot": "false",
+                "db": "crm", "schema": "public", "table": table, "txId": 1000 + i, "lsn": self.lsn,
+            },
+            "op": op,
+            "ts_ms": ts + 15,
+        })
+    }
+}
+
+/// Writes `n` events; `.gz` output is compressed. Returns the number written.
+pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool) -> std::io::Result<u64> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let file = std::fs::File::create(out)?;
+    let mut w: Box<dyn Write> = if out.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufWriter::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast())))
+    } else {
+        Box::new(BufWriter::new(file))
+    };
+    let mut g = Generator { rng: Rng(seed), customers: 0, accounts: 0, payments: 0, contacts: 0, target_customers: (n / 20).max(10), lsn: 0 };
+    for i in 0..n {
+        let event = g.event(i, n);
+        if wrapped {
+            serde_json::to_writer(&mut w, &json!({"schema": {"type": "struct", "optional": false, "name": "crm.Envelope"}, "payload": event}))?;
+        } else {
+            serde_json::to_writer(&mut w, &event)?;
+        }
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(n)
+}

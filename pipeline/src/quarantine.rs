@@ -1,0 +1,93 @@
+//! The quarantine table: events that could not be sanitized, with the reason, table, column and
+//! position, and the raw event encrypted under the quarantine key (never plaintext).
+
+use std::sync::Arc;
+
+use arrow_array::builder::{BinaryBuilder, Int64Builder, StringBuilder};
+use arrow_array::{ArrayRef, Date32Array, RecordBatch, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use sluice_transforms::actions::timestamp_type;
+use sluice_transforms::crypto::{field_aad, CryptoError, DataKey};
+
+pub const PARTITION_COLUMN: &str = "_date";
+
+pub fn quarantine_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        // Stable code (`malformed_json`, `type_mismatch`, …) and a fixed human text.
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("table", DataType::Utf8, true),
+        Field::new("column", DataType::Utf8, true),
+        Field::new("_position", DataType::Utf8, false),
+        // Encrypted raw event; for oversized events only the first `max_event_bytes`.
+        Field::new("event_enc", DataType::Binary, false),
+        Field::new("event_bytes", DataType::Int64, false),
+        Field::new("_ingested_at", timestamp_type(), false),
+        Field::new(PARTITION_COLUMN, DataType::Date32, false),
+    ]))
+}
+
+/// The AAD of a quarantined event: bound to its position, so it cannot be swapped for another.
+pub fn event_aad(position: &str) -> Vec<u8> {
+    field_aad("_quarantine", "event", position)
+}
+
+pub struct QuarantineBuilder {
+    key: Arc<DataKey>,
+    reason: StringBuilder,
+    detail: StringBuilder,
+    table: StringBuilder,
+    column: StringBuilder,
+    position: StringBuilder,
+    event: BinaryBuilder,
+    event_bytes: Int64Builder,
+    rows: usize,
+}
+
+impl QuarantineBuilder {
+    pub fn new(key: Arc<DataKey>) -> Self {
+        Self {
+            key,
+            reason: StringBuilder::new(),
+            detail: StringBuilder::new(),
+            table: StringBuilder::new(),
+            column: StringBuilder::new(),
+            position: StringBuilder::new(),
+            event: BinaryBuilder::new(),
+            event_bytes: Int64Builder::new(),
+            rows: 0,
+        }
+    }
+
+    pub fn push(&mut self, reason: &str, detail: &str, table: Option<&str>, column: Option<&str>, position: &str, event: &[u8], full_len: usize) -> Result<(), CryptoError> {
+        self.event.append_value(self.key.seal(event, &event_aad(position))?);
+        self.reason.append_value(reason);
+        self.detail.append_value(detail);
+        self.table.append_option(table);
+        self.column.append_option(column);
+        self.position.append_value(position);
+        self.event_bytes.append_value(full_len as i64);
+        self.rows += 1;
+        Ok(())
+    }
+
+    pub fn finish(mut self, ingested_at_us: i64) -> Option<RecordBatch> {
+        if self.rows == 0 {
+            return None;
+        }
+        let n = self.rows;
+        let date = (ingested_at_us.div_euclid(86_400_000_000)) as i32;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.reason.finish()),
+            Arc::new(self.detail.finish()),
+            Arc::new(self.table.finish()),
+            Arc::new(self.column.finish()),
+            Arc::new(self.position.finish()),
+            Arc::new(self.event.finish()),
+            Arc::new(self.event_bytes.finish()),
+            Arc::new(TimestampMicrosecondArray::from(vec![ingested_at_us; n]).with_timezone("UTC")),
+            Arc::new(Date32Array::from(vec![date; n])),
+        ];
+        Some(RecordBatch::try_new(quarantine_schema(), columns).expect("quarantine columns match their schema"))
+    }
+}

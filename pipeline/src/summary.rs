@@ -1,0 +1,95 @@
+//! Counters of a run. Names of tables, columns and reasons only: never a value.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Summary {
+    /// Non-empty lines read.
+    pub events_read: u64,
+    /// `null` events (Kafka compaction markers).
+    pub tombstones: u64,
+    /// Analytic rows written, per target table.
+    pub rows_written: BTreeMap<String, u64>,
+    pub vault_rows_written: u64,
+    /// Quarantined events by reason.
+    pub quarantined: BTreeMap<String, u64>,
+    /// Events of tables no policy names, per source table.
+    pub unknown_tables: BTreeMap<String, u64>,
+    /// Default deny: values of columns no policy names, per source table and column.
+    pub dropped_columns: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Rows re-read after a restart whose table had already committed them.
+    pub already_committed: u64,
+    /// Delta commits made.
+    pub commits: u64,
+    pub elapsed_seconds: f64,
+}
+
+impl Summary {
+    pub fn merge(&mut self, other: Summary) {
+        self.events_read += other.events_read;
+        self.tombstones += other.tombstones;
+        add_all(&mut self.rows_written, other.rows_written);
+        self.vault_rows_written += other.vault_rows_written;
+        add_all(&mut self.quarantined, other.quarantined);
+        add_all(&mut self.unknown_tables, other.unknown_tables);
+        for (table, cols) in other.dropped_columns {
+            add_all(self.dropped_columns.entry(table).or_default(), cols);
+        }
+        self.already_committed += other.already_committed;
+        self.commits += other.commits;
+    }
+
+    pub fn quarantined_total(&self) -> u64 {
+        self.quarantined.values().sum()
+    }
+
+    /// The human summary printed at the end of a run.
+    pub fn render(&self, lake_root: &str) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let rate = if self.elapsed_seconds > 0.0 { self.events_read as f64 / self.elapsed_seconds } else { 0.0 };
+        let _ = writeln!(s, "sluice run summary");
+        let _ = writeln!(s, "  events read        {:>10}   ({:.1} s, {:.0} events/s)", self.events_read, self.elapsed_seconds, rate);
+        let _ = writeln!(s, "  tombstones         {:>10}", self.tombstones);
+        let _ = writeln!(s, "  already committed  {:>10}   (re-read after a restart, skipped)", self.already_committed);
+        let _ = writeln!(s, "  rows written");
+        for (t, n) in &self.rows_written {
+            let _ = writeln!(s, "    {t:<22}{n:>10}");
+        }
+        let _ = writeln!(s, "    {:<22}{:>10}", "(vault)", self.vault_rows_written);
+        let _ = writeln!(s, "  quarantined        {:>10}", self.quarantined_total());
+        for (r, n) in &self.quarantined {
+            let _ = writeln!(s, "    {r:<22}{n:>10}");
+        }
+        if !self.unknown_tables.is_empty() {
+            let _ = writeln!(s, "  unknown tables (no policy)");
+            for (t, n) in &self.unknown_tables {
+                let _ = writeln!(s, "    {t:<30}{n:>10}");
+            }
+        }
+        if !self.dropped_columns.is_empty() {
+            let _ = writeln!(s, "  fields dropped by default deny (column not named by the policy)");
+            for (t, cols) in &self.dropped_columns {
+                for (c, n) in cols {
+                    let _ = writeln!(s, "    {:<30}{n:>10}", format!("{t}.{c}"));
+                }
+            }
+        }
+        let _ = writeln!(s, "  delta commits      {:>10}", self.commits);
+        let _ = writeln!(s);
+        let _ = writeln!(s, "Look at the result (Python, pip install deltalake duckdb):");
+        let _ = writeln!(
+            s,
+            "  python3 -c \"import deltalake, duckdb; t = deltalake.DeltaTable('{lake_root}/tables/customers').to_pyarrow_dataset(); print(duckdb.sql('select * from t limit 5'))\""
+        );
+        s
+    }
+}
+
+fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}

@@ -1,0 +1,146 @@
+"""Canary values through every action, plus bad input carrying them; then every byte written
+(tables, vault, quarantine, key store, logs, stdout/stderr) is scanned. Zero hits."""
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import read_delta, run, write_config
+
+POLICY = """
+table = "public.people"
+target = "people"
+subject = "id"
+token_domain = "person"
+
+[columns.id]
+action = "tokenize"
+[columns.full_name]
+action = "vault"
+[columns.email]
+action = "vault"
+derive = [{ name = "has_email", fn = "is_present" }, { name = "email_domain", fn = "email_domain" }]
+[columns.phone]
+action = "encrypt"
+[columns.national_id]
+action = "encrypt"
+derive = [{ name = "national_id_length", fn = "length" }]
+[columns.date_of_birth]
+action = "generalize"
+fn = "age_band"
+bands = [18, 30, 45, 65]
+[columns.street_address]
+action = "vault"
+[columns.postcode]
+action = "generalize"
+fn = "prefix"
+length = 3
+[columns.iban]
+action = "encrypt"
+[columns.card_number]
+action = "drop"
+derive = [{ name = "has_card", fn = "is_present" }]
+[columns.diagnosis_code]
+action = "drop"
+[columns.free_text_note]
+action = "drop"
+derive = [{ name = "note_length", fn = "length" }]
+[columns.balance_pence]
+action = "keep"
+type = "int64"
+derive = [{ name = "balance_band", fn = "bucket", edges = [0, 1000000, 3000000] }]
+"""
+
+
+def envelope(table, op, before, after, ts):
+    return json.dumps({"before": before, "after": after, "source": {"db": "bank", "schema": "public", "table": table, "ts_ms": ts}, "op": op, "ts_ms": ts})
+
+
+def canary_events(people):
+    lines, ts = [], 1_718_000_000_000
+    for i, p in enumerate(people):
+        lines.append(envelope("people", "c", None, p, ts + i))
+        if i % 3 == 0:
+            lines.append(envelope("people", "u", None, dict(p, email=p["email"].upper()), ts + i))
+        if i % 10 == 0:
+            lines.append(envelope("people", "d", p, None, ts + i))
+    bad = people[:4]
+    lines.append(envelope("people", "c", None, bad[0], ts)[:-40])                                   # malformed (cut off)
+    lines.append(envelope("secrets", "c", None, bad[1], ts))                                        # unknown table
+    lines.append(envelope("people", "c", None, dict(bad[2], balance_pence=bad[2]["full_name"]), ts))  # type drift
+    lines.append(envelope("people", "c", None, dict(bad[3], free_text_note=bad[3]["free_text_note"] * 2000), ts))  # oversized
+    # An extra column no policy names, carrying a canary: default deny.
+    lines.append(envelope("people", "c", None, dict(people[5], shadow_copy=people[5]["national_id"]), ts))
+    return lines, len(people) + 1
+
+
+def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp_path):
+    people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
+    lines, _ = canary_events(people)
+    events = tmp_path / "events"
+    events.mkdir()
+    (events / "people.jsonl").write_text("\n".join(lines) + "\n")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "people.toml").write_text(POLICY)
+    config = write_config(tmp_path, events, [policies])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    env = dict(os.environ, SLUICE_LOG="debug")
+    for fmt in ("human", "json"):
+        result = run(sluice_bin, "--log-format", fmt, "run", "--config", config, "--once", "--summary-json", tmp_path / f"summary-{fmt}.json", env=env)
+        (logs / f"stdout-{fmt}.txt").write_text(result.stdout)
+        (logs / f"stderr-{fmt}.txt").write_text(result.stderr)
+    check = run(sluice_bin, "check", "--config", config)
+    (logs / "check.txt").write_text(check.stdout + check.stderr)
+
+    summary = json.loads((tmp_path / "summary-human.json").read_text())
+    assert summary["quarantined"] == {"malformed_json": 1, "unknown_table": 1, "type_mismatch": 1, "oversized_event": 1}
+    assert summary["dropped_columns"] == {"public.people": {"shadow_copy": 1}}
+    lake = tmp_path / "lake"
+    people_table = read_delta(lake / "tables" / "people")
+    assert people_table.num_rows == sum(1 for l in lines if '"table": "people"' in l) - 3
+    assert "shadow_copy" not in people_table.column_names
+    quarantine = read_delta(lake / "quarantine").to_pylist()
+    assert sorted(q["reason"] for q in quarantine) == ["malformed_json", "oversized_event", "type_mismatch", "unknown_table"]
+    drift = next(q for q in quarantine if q["reason"] == "type_mismatch")
+    assert (drift["table"], drift["column"]) == ("public.people", "balance_pence") and drift["_position"].startswith("people.jsonl:")
+    # The vault holds only envelopes: version byte, 16-byte key id, nonce, ciphertext, tag.
+    for ct in read_delta(lake / "vault").column("ciphertext").to_pylist():
+        assert ct[0] == 1 and len(ct) >= 45
+
+    scan = run(sluice_bin, "audit-leaks", "--values", canary_dir / "canaries.txt", lake, tmp_path / "keys", logs, check=False)
+    assert scan.returncode == 0, scan.stdout
+    assert "no leaks found" in scan.stdout
+    scanned_files = int(scan.stdout.split("scanned ")[1].split(" files")[0])
+    assert scanned_files >= 20, scan.stdout
+
+
+def test_the_scanner_finds_every_form_of_a_leak(sluice_bin, canary_dir, tmp_path):
+    values = [l.strip() for l in (canary_dir / "canaries.txt").read_text().splitlines() if l.strip()]
+    email = next(v for v in values if "@" in v)
+    phone = next(v for v in values if v.startswith("+"))
+    name, note, iban, card = values[0], values[7], values[5], values[6]
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "upper.txt").write_text(f"x {email.upper()} y")
+    (planted / "digits.txt").write_text("".join(c for c in phone if c.isdigit()))
+    (planted / "b64.txt").write_text(base64.b64encode(name.encode()).decode())
+    (planted / "sha256.txt").write_text(hashlib.sha256(iban.encode()).hexdigest())
+    (planted / "md5b64.txt").write_text(base64.b64encode(hashlib.md5(card.encode()).digest()).decode())
+    pq.write_table(pa.table({"note": [note] * 50}), planted / "data.parquet", compression="zstd")
+    with gzip.open(planted / "log.gz", "wt") as f:
+        f.write(f"error near {card}\n")
+    (planted / "clean.txt").write_text("nothing to see")
+    scan = run(sluice_bin, "audit-leaks", "--values", canary_dir / "canaries.txt", planted, check=False)
+    assert scan.returncode == 1, scan.stdout
+    leaked = {line.split(":")[0].split("/")[-1] for line in scan.stdout.splitlines() if line.startswith("LEAK ")}
+    assert leaked == {"upper.txt", "digits.txt", "b64.txt", "sha256.txt", "md5b64.txt", "data.parquet", "log.gz"}
+    for value in (email, phone, name, note, iban, card):
+        assert value not in scan.stdout, "the report must not print the values it found"

@@ -1,0 +1,257 @@
+//! Keyed tokenization (HMAC-SHA256) and field encryption (AES-256-GCM envelopes), on `ring`.
+//!
+//! `ring` rather than RustCrypto `aes-gcm`: measured 4–7× faster on fields over 64 bytes here,
+//! and one crate gives HMAC, AEAD and a system RNG.
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// Length of a raw key: AES-256 and the HMAC token key are both 32 bytes.
+pub const KEY_LEN: usize = 32;
+/// Identifies a data key inside an envelope without revealing whose it is.
+pub const KEY_ID_LEN: usize = 16;
+/// Envelope format version 1: `0x01 | key id (16) | nonce (12) | ciphertext | tag (16)`.
+pub const ENVELOPE_V1: u8 = 1;
+const TAG_LEN: usize = 16;
+pub const ENVELOPE_OVERHEAD: usize = 1 + KEY_ID_LEN + NONCE_LEN + TAG_LEN;
+/// Hex characters in a token: the first 16 bytes of the HMAC.
+pub const TOKEN_HEX_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("ciphertext is not a sluice envelope (too short or unknown version)")]
+    NotAnEnvelope,
+    #[error("ciphertext does not authenticate under this key and context")]
+    Authentication,
+    #[error("system random number generator failed")]
+    Random,
+    #[error("key material has the wrong length")]
+    KeyLength,
+}
+
+/// Deterministic keyed tokens. The same domain and value give the same token, so foreign keys
+/// tokenized in the domain of the key they reference still join; another domain gives an
+/// unrelated token.
+#[derive(Clone)]
+pub struct Tokenizer {
+    key: hmac::Key,
+}
+
+impl Tokenizer {
+    pub fn new(key: &[u8; KEY_LEN]) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+        }
+    }
+
+    /// A tokenizer bound to one domain; the domain is absorbed once, then cloned per value.
+    pub fn domain(&self, domain: &str) -> DomainTokenizer {
+        let mut prefix = hmac::Context::with_key(&self.key);
+        // Length-prefixed so that ("ab", "c") and ("a", "bc") can never collide.
+        prefix.update(&(domain.len() as u64).to_be_bytes());
+        prefix.update(domain.as_bytes());
+        DomainTokenizer { prefix }
+    }
+}
+
+#[derive(Clone)]
+pub struct DomainTokenizer {
+    prefix: hmac::Context,
+}
+
+impl DomainTokenizer {
+    /// Token of a value in canonical text form (see [`canonical_identifier`]).
+    pub fn token(&self, value: &str) -> String {
+        let mut ctx = self.prefix.clone();
+        ctx.update(canonical_identifier(value).as_bytes());
+        let tag = ctx.sign();
+        hex::encode(&tag.as_ref()[..TOKEN_HEX_LEN / 2])
+    }
+}
+
+/// Identifiers arrive as JSON strings, integers or UUIDs; `"42"` and `42` must token alike, and
+/// a UUID in either letter case is the same UUID.
+pub fn canonical_identifier(value: &str) -> std::borrow::Cow<'_, str> {
+    if looks_like_uuid(value) && value.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(value.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(value)
+    }
+}
+
+fn looks_like_uuid(value: &str) -> bool {
+    let b = value.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// A subject's (or a system) data key, unwrapped and ready.
+pub struct DataKey {
+    id: [u8; KEY_ID_LEN],
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataKey({})", hex::encode(self.id))
+    }
+}
+
+impl DataKey {
+    pub fn new(id: [u8; KEY_ID_LEN], material: &[u8]) -> Result<Self, CryptoError> {
+        let unbound = UnboundKey::new(&AES_256_GCM, material).map_err(|_| CryptoError::KeyLength)?;
+        Ok(Self {
+            id,
+            key: LessSafeKey::new(unbound),
+        })
+    }
+
+    pub fn id(&self) -> &[u8; KEY_ID_LEN] {
+        &self.id
+    }
+
+    /// Encrypts `plaintext` with a fresh random nonce; `aad` binds the ciphertext to its place.
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut out = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
+        out.push(ENVELOPE_V1);
+        out.extend_from_slice(&self.id);
+        let mut nonce = [0u8; NONCE_LEN];
+        random().fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        out.extend_from_slice(&nonce);
+        let header = out.len();
+        out.extend_from_slice(plaintext);
+        let mut body = out.split_off(header);
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
+            .map_err(|_| CryptoError::Authentication)?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decrypts an envelope made by [`DataKey::seal`] with the same `aad`.
+    pub fn open(&self, envelope: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let (key_id, nonce, body) = split_envelope(envelope)?;
+        if key_id != self.id {
+            return Err(CryptoError::Authentication);
+        }
+        let mut body = body.to_vec();
+        let plain = self
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body)
+            .map_err(|_| CryptoError::Authentication)?;
+        let len = plain.len();
+        body.truncate(len);
+        Ok(body)
+    }
+}
+
+/// The key id an envelope names, so the caller can fetch that key.
+pub fn envelope_key_id(envelope: &[u8]) -> Result<[u8; KEY_ID_LEN], CryptoError> {
+    split_envelope(envelope).map(|(id, _, _)| id)
+}
+
+fn split_envelope(envelope: &[u8]) -> Result<([u8; KEY_ID_LEN], [u8; NONCE_LEN], &[u8]), CryptoError> {
+    if envelope.len() < ENVELOPE_OVERHEAD || envelope[0] != ENVELOPE_V1 {
+        return Err(CryptoError::NotAnEnvelope);
+    }
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&envelope[1..1 + KEY_ID_LEN]);
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&envelope[1 + KEY_ID_LEN..1 + KEY_ID_LEN + NONCE_LEN]);
+    Ok((id, nonce, &envelope[1 + KEY_ID_LEN + NONCE_LEN..]))
+}
+
+/// The additional authenticated data of a field: a ciphertext moved to another table, column
+/// or subject fails to decrypt.
+pub fn field_aad(table: &str, column: &str, subject_token: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + table.len() + column.len() + subject_token.len());
+    aad.extend_from_slice(b"sluice:field:v1\0");
+    for part in [table, column, subject_token] {
+        aad.extend_from_slice(part.as_bytes());
+        aad.push(0);
+    }
+    aad
+}
+
+pub fn random() -> &'static SystemRandom {
+    static RNG: std::sync::OnceLock<SystemRandom> = std::sync::OnceLock::new();
+    RNG.get_or_init(SystemRandom::new)
+}
+
+/// Fresh random key material and id.
+pub fn generate_key() -> Result<([u8; KEY_ID_LEN], [u8; KEY_LEN]), CryptoError> {
+    let mut id = [0u8; KEY_ID_LEN];
+    let mut key = [0u8; KEY_LEN];
+    random().fill(&mut id).map_err(|_| CryptoError::Random)?;
+    random().fill(&mut key).map_err(|_| CryptoError::Random)?;
+    Ok((id, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(byte: u8) -> DataKey {
+        DataKey::new([byte; KEY_ID_LEN], &[byte; KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn token_is_fixed_length_hex() {
+        let t = Tokenizer::new(&[7; KEY_LEN]).domain("customer").token("900000");
+        assert_eq!(t.len(), TOKEN_HEX_LEN);
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn uuid_case_does_not_change_the_token() {
+        let d = Tokenizer::new(&[7; KEY_LEN]).domain("customer");
+        assert_eq!(
+            d.token("3F2504E0-4F89-11D3-9A0C-0305E82C3301"),
+            d.token("3f2504e0-4f89-11d3-9a0c-0305e82c3301")
+        );
+    }
+
+    #[test]
+    fn envelope_rejects_tampering_and_wrong_key() {
+        let k = key(1);
+        let mut env = k.seal(b"hello", b"ctx").unwrap();
+        assert_eq!(k.open(&env, b"ctx").unwrap(), b"hello");
+        assert_eq!(key(2).open(&env, b"ctx"), Err(CryptoError::Authentication));
+        let last = env.len() - 1;
+        env[last] ^= 1;
+        assert_eq!(k.open(&env, b"ctx"), Err(CryptoError::Authentication));
+        assert_eq!(k.open(&[1, 2, 3], b"ctx"), Err(CryptoError::NotAnEnvelope));
+    }
+
+    proptest! {
+        #[test]
+        fn tokens_are_deterministic_and_domain_separated(value in ".{0,40}", d1 in "[a-z]{1,8}", d2 in "[a-z]{1,8}") {
+            let t = Tokenizer::new(&[9; KEY_LEN]);
+            prop_assert_eq!(t.domain(&d1).token(&value), t.domain(&d1).token(&value));
+            if d1 != d2 {
+                prop_assert_ne!(t.domain(&d1).token(&value), t.domain(&d2).token(&value));
+            }
+            let other_key = Tokenizer::new(&[8; KEY_LEN]);
+            prop_assert_ne!(t.domain(&d1).token(&value), other_key.domain(&d1).token(&value));
+        }
+
+        #[test]
+        fn gcm_round_trips_and_binds_its_context(plain in proptest::collection::vec(any::<u8>(), 0..300),
+                                                  table in "[a-z]{1,6}", column in "[a-z]{1,6}", other in "[a-z]{1,6}") {
+            let k = key(3);
+            let aad = field_aad(&table, &column, "subject");
+            let env = k.seal(&plain, &aad).unwrap();
+            prop_assert_eq!(env.len(), plain.len() + ENVELOPE_OVERHEAD);
+            prop_assert_eq!(k.open(&env, &aad).unwrap(), plain.clone());
+            if other != column {
+                prop_assert_eq!(k.open(&env, &field_aad(&table, &other, "subject")), Err(CryptoError::Authentication));
+            }
+            prop_assert_eq!(k.open(&env, &field_aad(&table, &column, "another")), Err(CryptoError::Authentication));
+        }
+    }
+}

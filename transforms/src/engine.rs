@@ -1,0 +1,308 @@
+//! Applies a policy to a table's raw batch, column by column.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{Date32Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use arrow_select::filter::filter_record_batch;
+
+use crate::actions::{self, timestamp_type, Action};
+use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Tokenizer};
+use crate::functions::RowError;
+use crate::keys::{KeyError, KeyProvider};
+use crate::policy::{ColumnRule, Policy};
+use crate::raw::RawBatch;
+use crate::vault::VaultRowsBuilder;
+
+/// Metadata columns every analytic table carries after its data columns.
+pub const META_COLUMNS: &[&str] = &["_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"];
+/// The date partition column.
+pub const PARTITION_COLUMN: &str = "_date";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransformError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("encryption failed: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("building the output batch failed: {0}")]
+    Arrow(#[from] ArrowError),
+}
+
+/// A row that could not be sanitized. The reason never contains the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowReject {
+    pub row: usize,
+    pub column: String,
+    pub reason: &'static str,
+}
+
+pub struct Transformed {
+    /// The analytic rows (rejected rows removed).
+    pub table: RecordBatch,
+    /// Vault rows of the kept rows, if any.
+    pub vault: Option<RecordBatch>,
+    /// One entry per rejected row, in row order.
+    pub rejects: Vec<RowReject>,
+}
+
+/// What actions see of each row besides the column itself.
+pub struct RowContext<'a> {
+    pub target: &'a str,
+    pub ops: &'a [crate::raw::Op],
+    subjects: &'a [Option<String>],
+    keys: &'a [Option<Arc<DataKey>>],
+}
+
+impl RowContext<'_> {
+    /// The row's data key and subject token, when the row has a subject.
+    pub fn key(&self, row: usize) -> Option<(&DataKey, &str)> {
+        match (&self.keys[row], &self.subjects[row]) {
+            (Some(k), Some(s)) => Some((k.as_ref(), s.as_str())),
+            _ => None,
+        }
+    }
+}
+
+struct CompiledRule {
+    rule: ColumnRule,
+    /// Index of the rule's column in the raw batch.
+    input: usize,
+    tokenizer: Option<DomainTokenizer>,
+}
+
+/// A policy compiled for one table: output schema fixed, tokenizers keyed.
+pub struct TableTransform {
+    policy: Policy,
+    schema: SchemaRef,
+    subject_input: usize,
+    subject_tokenizer: DomainTokenizer,
+    rules: Vec<CompiledRule>,
+}
+
+impl TableTransform {
+    pub fn new(policy: Policy, tokenizer: &Tokenizer) -> Self {
+        let sources = policy.source_columns();
+        let input_of = |c: &str| sources.iter().position(|s| s == c).expect("source columns cover every rule");
+        let rules = policy
+            .rules
+            .iter()
+            .map(|r| CompiledRule {
+                rule: r.clone(),
+                input: input_of(&r.column),
+                tokenizer: match &r.action {
+                    Action::Tokenize { domain } => Some(tokenizer.domain(domain)),
+                    _ => None,
+                },
+            })
+            .collect();
+        let mut fields: Vec<Field> = policy.output_columns().into_iter().map(|c| Field::new(c.name, c.data_type, true)).collect();
+        fields.extend([
+            Field::new("_op", DataType::Utf8, false),
+            Field::new("_subject", DataType::Utf8, false),
+            Field::new("_source_ts", timestamp_type(), false),
+            Field::new("_position", DataType::Utf8, false),
+            Field::new("_ingested_at", timestamp_type(), false),
+            Field::new(PARTITION_COLUMN, DataType::Date32, false),
+        ]);
+        Self {
+            subject_input: input_of(&policy.subject),
+            subject_tokenizer: tokenizer.domain(&policy.token_domain),
+            schema: Arc::new(Schema::new(fields)),
+            rules,
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Schema of the analytic table: data columns, then [`META_COLUMNS`].
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    pub fn apply(&self, raw: &RawBatch, keys: &dyn KeyProvider, ingested_at_us: i64) -> Result<Transformed, TransformError> {
+        let n = raw.len();
+        let mut rejects = Vec::new();
+        let subjects: Vec<Option<String>> = raw.columns[self.subject_input].iter().map(|v| v.map(|s| self.subject_tokenizer.token(s))).collect();
+        for (row, s) in subjects.iter().enumerate() {
+            if s.is_none() {
+                rejects.push(RowReject { row, column: self.policy.subject.clone(), reason: "subject column is null or missing" });
+            }
+        }
+        let row_keys = if self.policy.needs_keys() { self.resolve_keys(&subjects, keys)? } else { vec![None; n] };
+        let ctx = RowContext { target: &self.policy.target, ops: &raw.ops, subjects: &subjects, keys: &row_keys };
+
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        let mut vault = VaultRowsBuilder::default();
+        let mut errors: Vec<RowError> = Vec::new();
+        for compiled in &self.rules {
+            let input = &raw.columns[compiled.input];
+            let column = compiled.rule.column.as_str();
+            match &compiled.rule.action {
+                Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, &mut errors)),
+                Action::Drop => {}
+                Action::Tokenize { .. } => columns.push(actions::tokenize::apply(compiled.tokenizer.as_ref().expect("compiled"), input)),
+                Action::Encrypt => columns.push(actions::encrypt::apply(&ctx, column, input)?),
+                Action::Vault => actions::vault::apply(&ctx, column, input, &mut vault)?,
+                Action::Generalize(f) => columns.push(actions::generalize::apply(f, input, &raw.event_ms, &mut errors)),
+            }
+            for d in &compiled.rule.derive {
+                columns.push(d.function.apply(input, &raw.event_ms, &mut errors));
+            }
+            rejects.extend(errors.drain(..).map(|(row, reason)| RowReject { row, column: column.to_string(), reason }));
+        }
+        columns.extend(meta_columns(raw, &subjects, ingested_at_us));
+        let table = RecordBatch::try_new(self.schema.clone(), columns)?;
+
+        rejects.sort_by_key(|r| r.row);
+        rejects.dedup_by_key(|r| r.row);
+        let mut rejected = vec![false; n];
+        for r in &rejects {
+            rejected[r.row] = true;
+        }
+        let vault = vault.finish(raw, &rejected, ingested_at_us)?;
+        let table = if rejects.is_empty() {
+            table
+        } else {
+            let keep: BooleanArray = rejected.iter().map(|r| Some(!r)).collect();
+            filter_record_batch(&table, &keep)?
+        };
+        Ok(Transformed { table, vault, rejects })
+    }
+
+    /// One key lookup per distinct subject in the batch.
+    fn resolve_keys(&self, subjects: &[Option<String>], keys: &dyn KeyProvider) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        let mut distinct: Vec<&str> = Vec::new();
+        for s in subjects.iter().flatten() {
+            slot.entry(s.as_str()).or_insert_with(|| {
+                distinct.push(s.as_str());
+                distinct.len() - 1
+            });
+        }
+        let resolved = keys.subject_keys(&distinct)?;
+        Ok(subjects.iter().map(|s| s.as_deref().map(|t| resolved[slot[t]].clone())).collect())
+    }
+}
+
+fn meta_columns(raw: &RawBatch, subjects: &[Option<String>], ingested_at_us: i64) -> Vec<ArrayRef> {
+    let n = raw.len();
+    let mut op = StringBuilder::with_capacity(n, n);
+    let mut subject = StringBuilder::with_capacity(n, n * 32);
+    let mut source_ts = TimestampMicrosecondBuilder::with_capacity(n);
+    let mut ingested = TimestampMicrosecondBuilder::with_capacity(n);
+    let mut date = Date32Builder::with_capacity(n);
+    for i in 0..n {
+        op.append_value(raw.ops[i].code());
+        // Rows without a subject are rejected and filtered out; the empty string never lands.
+        subject.append_value(subjects[i].as_deref().unwrap_or(""));
+        let ms = raw.event_ms.value(i);
+        source_ts.append_value(ms.saturating_mul(1000));
+        ingested.append_value(ingested_at_us);
+        date.append_value(ms.div_euclid(86_400_000) as i32);
+    }
+    let positions: StringArray = raw.positions.clone();
+    vec![
+        Arc::new(op.finish()),
+        Arc::new(subject.finish()),
+        Arc::new(source_ts.finish().with_timezone("UTC")),
+        Arc::new(positions),
+        Arc::new(ingested.finish().with_timezone("UTC")),
+        Arc::new(date.finish()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{field_aad, KEY_ID_LEN};
+    use crate::raw::{Op, RawBatchBuilder};
+    use arrow_array::{Array, BinaryArray};
+    use std::borrow::Cow;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    /// Keys derived from the subject token, for tests only.
+    #[derive(Default)]
+    struct TestKeys(Mutex<usize>);
+    impl KeyProvider for TestKeys {
+        fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyError> {
+            *self.0.lock().unwrap() += 1;
+            Ok(tokens.iter().map(|t| Arc::new(test_key(t))).collect())
+        }
+    }
+    fn test_key(token: &str) -> DataKey {
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&token.as_bytes()[..KEY_ID_LEN]);
+        DataKey::new(id, &token.as_bytes()[..32]).unwrap()
+    }
+
+    const POLICY: &str = r#"
+table = "public.customers"
+target = "customers"
+subject = "id"
+token_domain = "customer"
+[columns.id]
+action = "tokenize"
+[columns.email]
+action = "vault"
+derive = [{ name = "has_email", fn = "is_present" }]
+[columns.national_id]
+action = "encrypt"
+[columns.balance]
+action = "keep"
+type = "int64"
+[columns.notes]
+action = "drop"
+"#;
+
+    fn transform() -> TableTransform {
+        TableTransform::new(Policy::from_toml(Path::new("t.toml"), POLICY).unwrap(), &Tokenizer::new(&[5; 32]))
+    }
+
+    fn raw(rows: &[[Option<&str>; 5]]) -> RawBatch {
+        let mut b = RawBatchBuilder::new(5);
+        for (i, r) in rows.iter().enumerate() {
+            let mut values: Vec<Option<Cow<str>>> = r.iter().map(|v| v.map(Cow::Borrowed)).collect();
+            b.push(if i == 2 { Op::Delete } else { Op::Create }, 1_700_000_000_000, &format!("f:{i}"), &mut values);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn sanitizes_rejects_and_vaults() {
+        let t = transform();
+        // columns in source order: id, email, national_id, balance, notes
+        let raw = raw(&[
+            [Some("1"), Some("a@x.test"), Some("111-22-3333"), Some("10"), Some("secret note")],
+            [Some("2"), None, Some("222-33-4444"), Some("ten"), None],
+            [Some("3"), Some("c@x.test"), None, Some("30"), None],
+            [None, Some("d@x.test"), None, Some("40"), None],
+        ]);
+        let keys = TestKeys::default();
+        let out = t.apply(&raw, &keys, 0).unwrap();
+        assert_eq!(*keys.0.lock().unwrap(), 1, "one key lookup per batch");
+        assert_eq!(out.rejects.iter().map(|r| (r.row, r.column.as_str())).collect::<Vec<_>>(), vec![(1, "balance"), (3, "id")]);
+        assert_eq!(out.table.num_rows(), 2);
+        let schema = out.table.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(&names[..5], &["id_token", "has_email", "national_id_enc", "balance", "_op"]);
+        // vault: row 0 only (row 1 rejected, row 2 is a delete, row 3 rejected)
+        let vault = out.vault.unwrap();
+        assert_eq!(vault.num_rows(), 1);
+        let subject = t.subject_tokenizer.token("1");
+        let ct = vault.column(3).as_any().downcast_ref::<BinaryArray>().unwrap().value(0);
+        assert_eq!(test_key(&subject).open(ct, &field_aad("customers", "email", &subject)).unwrap(), b"a@x.test");
+        // the encrypted column opens only in its own place
+        let enc = out.table.column(2).as_any().downcast_ref::<BinaryArray>().unwrap();
+        let k = test_key(&subject);
+        assert_eq!(k.open(enc.value(0), &field_aad("customers", "national_id", &subject)).unwrap(), b"111-22-3333");
+        assert!(k.open(enc.value(0), &field_aad("customers", "email", &subject)).is_err());
+        assert!(enc.is_null(1), "row 2 had no national id");
+    }
+}

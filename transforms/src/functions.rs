@@ -1,0 +1,320 @@
+//! Functions shared by `derive` and `generalize`: each turns a source column into a coarser,
+//! non-identifying one.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Int32Builder, StringBuilder};
+use arrow_array::{Array, ArrayRef, Int64Array, StringArray};
+use arrow_schema::DataType;
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime};
+
+/// A row the function could not handle, with a reason that never contains the value.
+pub type RowError = (usize, &'static str);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Function {
+    /// `true` when the value is present and not null.
+    IsPresent,
+    /// Lower-cased part after the last `@`; null when the value is not an address.
+    EmailDomain,
+    /// Age at the event's time, from a date of birth, as a band label ("25-34", "65+").
+    AgeBand { bands: Vec<i64> },
+    Year,
+    /// `"2024-Q3"`.
+    Quarter,
+    /// `"2024-07"`.
+    Month,
+    /// The first `length` characters, whitespace trimmed.
+    Prefix { length: usize },
+    /// Number of characters.
+    Length,
+    /// Label of the half-open interval `[edge_i, edge_i+1)` a number falls in.
+    Bucket { edges: Vec<f64> },
+}
+
+impl Function {
+    pub const NAMES: &'static [&'static str] = &[
+        "is_present",
+        "email_domain",
+        "age_band",
+        "year",
+        "quarter",
+        "month",
+        "prefix",
+        "length",
+        "bucket",
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Function::IsPresent => "is_present",
+            Function::EmailDomain => "email_domain",
+            Function::AgeBand { .. } => "age_band",
+            Function::Year => "year",
+            Function::Quarter => "quarter",
+            Function::Month => "month",
+            Function::Prefix { .. } => "prefix",
+            Function::Length => "length",
+            Function::Bucket { .. } => "bucket",
+        }
+    }
+
+    pub fn output_type(&self) -> DataType {
+        match self {
+            Function::IsPresent => DataType::Boolean,
+            Function::Year | Function::Length => DataType::Int32,
+            _ => DataType::Utf8,
+        }
+    }
+
+    /// Applies the function to a column. `event_ms` is each row's event time (for ages).
+    pub fn apply(&self, input: &StringArray, event_ms: &Int64Array, errors: &mut Vec<RowError>) -> ArrayRef {
+        match self {
+            Function::IsPresent => {
+                let mut b = BooleanBuilder::with_capacity(input.len());
+                for i in 0..input.len() {
+                    b.append_value(input.is_valid(i));
+                }
+                Arc::new(b.finish())
+            }
+            Function::Length => {
+                let mut b = Int32Builder::with_capacity(input.len());
+                for v in input.iter() {
+                    b.append_option(v.map(|s| s.chars().count() as i32));
+                }
+                Arc::new(b.finish())
+            }
+            Function::Year => {
+                let mut b = Int32Builder::with_capacity(input.len());
+                for (i, v) in input.iter().enumerate() {
+                    match v.map(parse_date) {
+                        None => b.append_null(),
+                        Some(Some(d)) => b.append_value(d.year()),
+                        Some(None) => {
+                            errors.push((i, "not a date"));
+                            b.append_null()
+                        }
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            _ => {
+                let mut b = StringBuilder::with_capacity(input.len(), input.len() * 8);
+                let mut label = String::new();
+                for (i, v) in input.iter().enumerate() {
+                    let Some(v) = v else {
+                        b.append_null();
+                        continue;
+                    };
+                    label.clear();
+                    match self.label(v, event_ms.value(i), &mut label) {
+                        Ok(true) => b.append_value(&label),
+                        Ok(false) => b.append_null(),
+                        Err(reason) => {
+                            errors.push((i, reason));
+                            b.append_null()
+                        }
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        }
+    }
+
+    /// Writes the text label of one present value; `Ok(false)` means null.
+    fn label(&self, v: &str, event_ms: i64, out: &mut String) -> Result<bool, &'static str> {
+        use std::fmt::Write;
+        match self {
+            Function::EmailDomain => match v.rsplit_once('@') {
+                Some((local, domain)) if !local.is_empty() && !domain.trim().is_empty() => {
+                    out.push_str(&domain.trim().to_ascii_lowercase());
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
+            Function::AgeBand { bands } => {
+                let born = parse_date(v).ok_or("not a date")?;
+                let at = DateTime::from_timestamp_millis(event_ms)
+                    .ok_or("event time out of range")?
+                    .date_naive();
+                let age = years_between(born, at);
+                write_band(bands, age, out);
+                Ok(true)
+            }
+            Function::Quarter => {
+                let d = parse_date(v).ok_or("not a date")?;
+                let _ = write!(out, "{:04}-Q{}", d.year(), (d.month0() / 3) + 1);
+                Ok(true)
+            }
+            Function::Month => {
+                let d = parse_date(v).ok_or("not a date")?;
+                let _ = write!(out, "{:04}-{:02}", d.year(), d.month());
+                Ok(true)
+            }
+            Function::Prefix { length } => {
+                out.extend(v.trim().chars().take(*length));
+                Ok(true)
+            }
+            Function::Bucket { edges } => {
+                let x: f64 = v.trim().parse().map_err(|_| "not a number")?;
+                write_bucket(edges, x, out);
+                Ok(true)
+            }
+            Function::IsPresent | Function::Length | Function::Year => unreachable!("typed outputs"),
+        }
+    }
+}
+
+fn write_band(bands: &[i64], age: i64, out: &mut String) {
+    use std::fmt::Write;
+    let upper = bands.iter().position(|b| age < *b);
+    let _ = match upper {
+        Some(0) => write!(out, "<{}", bands[0]),
+        Some(i) => write!(out, "{}-{}", bands[i - 1], bands[i] - 1),
+        None => write!(out, "{}+", bands[bands.len() - 1]),
+    };
+}
+
+fn write_bucket(edges: &[f64], x: f64, out: &mut String) {
+    use std::fmt::Write;
+    let upper = edges.iter().position(|e| x < *e);
+    let _ = match upper {
+        Some(0) => write!(out, "<{}", edges[0]),
+        Some(i) => write!(out, "[{},{})", edges[i - 1], edges[i]),
+        None => write!(out, ">={}", edges[edges.len() - 1]),
+    };
+}
+
+fn years_between(born: NaiveDate, at: NaiveDate) -> i64 {
+    let mut years = (at.year() - born.year()) as i64;
+    if (at.month(), at.day()) < (born.month(), born.day()) {
+        years -= 1;
+    }
+    years
+}
+
+/// Integers below this magnitude are Debezium `Date` values (days since the epoch).
+const MAX_EPOCH_DAYS: i64 = 1_000_000;
+/// Integers below this magnitude are milliseconds since the epoch; larger ones microseconds.
+const MAX_EPOCH_MILLIS: i64 = 100_000_000_000_000;
+
+/// A date from ISO text (`2024-07-01`, or the date part of a timestamp) or a Debezium integer
+/// (days, milliseconds or microseconds since the epoch, told apart by magnitude).
+pub fn parse_date(v: &str) -> Option<NaiveDate> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<i64>() {
+        if n.abs() < MAX_EPOCH_DAYS {
+            return NaiveDate::from_num_days_from_ce_opt(n as i32 + 719_163);
+        }
+        return epoch_micros_from_int(n).and_then(DateTime::from_timestamp_micros).map(|t| t.date_naive());
+    }
+    NaiveDate::parse_from_str(v.get(..10)?, "%Y-%m-%d").ok()
+}
+
+/// Microseconds since the epoch from RFC 3339 text, `YYYY-MM-DD HH:MM:SS[.f]` (taken as UTC),
+/// a bare date, or an integer of milliseconds or microseconds.
+pub fn parse_timestamp_micros(v: &str) -> Option<i64> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<i64>() {
+        return epoch_micros_from_int(n);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(v) {
+        return Some(t.timestamp_micros());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(v, format) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_micros())
+}
+
+fn epoch_micros_from_int(n: i64) -> Option<i64> {
+    if n.abs() < MAX_EPOCH_MILLIS {
+        n.checked_mul(1000)
+    } else {
+        Some(n)
+    }
+}
+
+/// Days since the epoch, as Arrow `Date32` stores them.
+pub fn epoch_days(d: NaiveDate) -> i32 {
+    (d.num_days_from_ce() - 719_163) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{BooleanArray, Int32Array};
+
+    fn run(f: Function, values: &[Option<&str>]) -> (ArrayRef, Vec<RowError>) {
+        let input = StringArray::from(values.to_vec());
+        // 2024-06-15T00:00:00Z
+        let at = Int64Array::from(vec![1_718_409_600_000; values.len()]);
+        let mut errors = Vec::new();
+        let out = f.apply(&input, &at, &mut errors);
+        (out, errors)
+    }
+
+    fn strings(a: &ArrayRef) -> Vec<Option<String>> {
+        let s = a.as_any().downcast_ref::<StringArray>().unwrap();
+        s.iter().map(|v| v.map(str::to_string)).collect()
+    }
+
+    #[test]
+    fn age_band_is_relative_to_event_time() {
+        let bands = vec![18, 25, 35, 45, 55, 65];
+        let (out, errors) = run(
+            Function::AgeBand { bands },
+            &[Some("2006-06-16"), Some("2006-06-15"), Some("1990-01-01"), Some("1940-01-01"), Some("12345"), None, Some("soon")],
+        );
+        assert_eq!(errors, vec![(6, "not a date")]);
+        // Day 12345 since the epoch is 2003-10-20: 20 years old at the event.
+        assert_eq!(
+            strings(&out),
+            vec![
+                Some("<18".into()),
+                Some("18-24".into()),
+                Some("25-34".into()),
+                Some("65+".into()),
+                Some("18-24".into()),
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn email_domain_prefix_bucket_and_dates() {
+        let (out, _) = run(Function::EmailDomain, &[Some("A.B@Example.COM"), Some("nope"), None]);
+        assert_eq!(strings(&out), vec![Some("example.com".into()), None, None]);
+        let (out, _) = run(Function::Prefix { length: 3 }, &[Some(" Q47 6GG")]);
+        assert_eq!(strings(&out), vec![Some("Q47".into())]);
+        let (out, errors) = run(Function::Bucket { edges: vec![0.0, 1000.0, 5000.0] }, &[Some("-1"), Some("999.5"), Some("5000"), Some("x")]);
+        assert_eq!(strings(&out), vec![Some("<0".into()), Some("[0,1000)".into()), Some(">=5000".into()), None]);
+        assert_eq!(errors, vec![(3, "not a number")]);
+        let (out, _) = run(Function::Quarter, &[Some("2024-08-01"), Some("2024-02-01T10:00:00Z")]);
+        assert_eq!(strings(&out), vec![Some("2024-Q3".into()), Some("2024-Q1".into())]);
+        let (out, _) = run(Function::Month, &[Some("19905")]);
+        assert_eq!(strings(&out), vec![Some("2024-07".into())]);
+        let (out, _) = run(Function::Year, &[Some("1983-02-01"), None]);
+        let years = out.as_any().downcast_ref::<Int32Array>().unwrap();
+        assert_eq!(years.value(0), 1983);
+        assert!(years.is_null(1));
+        let (out, _) = run(Function::IsPresent, &[Some(""), None]);
+        let present = out.as_any().downcast_ref::<BooleanArray>().unwrap();
+        assert!(present.value(0) && !present.value(1));
+    }
+
+    #[test]
+    fn timestamps_from_text_and_integers() {
+        assert_eq!(parse_timestamp_micros("1970-01-01T00:00:01Z"), Some(1_000_000));
+        assert_eq!(parse_timestamp_micros("1000"), Some(1_000_000));
+        assert_eq!(parse_timestamp_micros("1718409600000000"), Some(1_718_409_600_000_000));
+        assert_eq!(parse_timestamp_micros("1970-01-02"), Some(86_400_000_000));
+        assert_eq!(parse_timestamp_micros("yesterday"), None);
+    }
+}

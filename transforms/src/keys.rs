@@ -1,0 +1,16 @@
+//! How the engine obtains keys without doing I/O itself.
+
+use std::sync::Arc;
+
+use crate::crypto::DataKey;
+
+#[derive(Debug, thiserror::Error)]
+#[error("key provider failed: {0}")]
+pub struct KeyError(pub String);
+
+/// Supplies per-subject data keys, creating them on first sight. Implemented by the key store.
+pub trait KeyProvider {
+    /// One key per subject token, in the same order. Batched so a store can resolve a whole
+    /// batch in one transaction.
+    fn subject_keys(&self, subject_tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyError>;
+}

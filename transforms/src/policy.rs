@@ -1,0 +1,423 @@
+//! Policy files: one per source table, an allow-list of columns and what to do with each.
+//! The format is documented in `schemas/README.md`.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use arrow_schema::DataType;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::actions::{Action, KeepType};
+use crate::config_error::ConfigError;
+use crate::functions::Function;
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Source `schema.table` (or `db.table` where the source has no schemas).
+    pub table: String,
+    /// Name of the analytic table written.
+    pub target: String,
+    /// Source column identifying the data subject.
+    pub subject: String,
+    /// Token domain of the subject (and default domain of `tokenize`).
+    pub token_domain: String,
+    pub rules: Vec<ColumnRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnRule {
+    pub column: String,
+    pub action: Action,
+    /// Output column name chosen with `as`, if any.
+    pub rename: Option<String>,
+    pub derive: Vec<Derived>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Derived {
+    pub name: String,
+    pub function: Function,
+}
+
+/// One column of the analytic table and where it comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputColumn {
+    pub name: String,
+    pub data_type: DataType,
+    pub source: String,
+    /// Human description: "tokenize (domain customer)", "derive is_present", …
+    pub how: String,
+}
+
+impl ColumnRule {
+    pub fn output_name(&self) -> Option<String> {
+        self.action.output_name(&self.column, self.rename.as_deref())
+    }
+}
+
+impl Policy {
+    /// Parses and validates a policy. `file` is used in error messages only.
+    pub fn from_toml(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| ConfigError::from_toml(file, text, &e))?;
+        let err = |span: std::ops::Range<usize>, field: &str, message: String| {
+            ConfigError::new(file, text, span.start, field, message)
+        };
+        for (field, value) in [("table", &raw.table), ("target", &raw.target), ("subject", &raw.subject), ("token_domain", &raw.token_domain)] {
+            if value.get_ref().trim().is_empty() {
+                return Err(err(value.span(), field, "must not be empty".into()));
+            }
+        }
+        if !is_identifier(raw.target.get_ref()) {
+            return Err(err(raw.target.span(), "target", "must be letters, digits and _ (it names a table directory)".into()));
+        }
+        let mut rules = Vec::with_capacity(raw.columns.len());
+        for (column, spec) in raw.columns {
+            let field = format!("columns.{column}");
+            let span = spec.span();
+            let spec = spec.into_inner();
+            let action = parse_action(&spec, raw.token_domain.get_ref())
+                .map_err(|(at, message)| err(at.unwrap_or_else(|| span.clone()), &format!("{field}.{}", message.0), message.1))?;
+            let mut derive = Vec::with_capacity(spec.derive.len());
+            for d in spec.derive {
+                let dspan = d.span();
+                let d = d.into_inner();
+                let function = parse_function(&d.func, &d.params())
+                    .map_err(|m| err(d.func.span(), &format!("{field}.derive.fn"), m))?;
+                if !is_identifier(&d.name) {
+                    return Err(err(dspan, &format!("{field}.derive.name"), "must be letters, digits and _".into()));
+                }
+                derive.push(Derived { name: d.name, function });
+            }
+            let rename = spec.rename.map(|r| {
+                let name = r.get_ref().clone();
+                (name, r.span())
+            });
+            if let Some((name, at)) = &rename {
+                if !is_identifier(name) {
+                    return Err(err(at.clone(), &format!("{field}.as"), "must be letters, digits and _".into()));
+                }
+                if matches!(action, Action::Drop | Action::Vault) {
+                    return Err(err(at.clone(), &format!("{field}.as"), format!("`{}` writes no column to rename", action.name())));
+                }
+            }
+            rules.push(ColumnRule { column, action, rename: rename.map(|r| r.0), derive });
+        }
+        let policy = Policy {
+            table: raw.table.into_inner(),
+            target: raw.target.into_inner(),
+            subject: raw.subject.get_ref().clone(),
+            token_domain: raw.token_domain.into_inner(),
+            rules,
+        };
+        // Output names must be unique and must not take the `_` prefix of metadata columns.
+        let mut seen = HashSet::new();
+        for out in policy.output_columns() {
+            if out.name.starts_with('_') {
+                return Err(ConfigError::new(file, text, find(text, &out.name), &out.name, "output names starting with `_` are reserved for metadata columns"));
+            }
+            if !seen.insert(out.name.clone()) {
+                return Err(ConfigError::new(file, text, find(text, &out.name), &out.name, "two rules write an output column of this name"));
+            }
+        }
+        let _ = raw.subject;
+        Ok(policy)
+    }
+
+    /// Columns read from events: every column a rule names, and the subject.
+    pub fn source_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = self.rules.iter().map(|r| r.column.clone()).collect();
+        if !cols.contains(&self.subject) {
+            cols.push(self.subject.clone());
+        }
+        cols
+    }
+
+    pub fn needs_keys(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r.action, Action::Encrypt | Action::Vault))
+    }
+
+    /// The analytic table's data columns, in order (metadata columns follow them).
+    pub fn output_columns(&self) -> Vec<OutputColumn> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            if let (Some(name), Some(data_type)) = (rule.output_name(), rule.action.output_type()) {
+                out.push(OutputColumn { name, data_type, source: rule.column.clone(), how: rule.action.describe() });
+            }
+            for d in &rule.derive {
+                out.push(OutputColumn {
+                    name: d.name.clone(),
+                    data_type: d.function.output_type(),
+                    source: rule.column.clone(),
+                    how: format!("derive {}", d.function.name()),
+                });
+            }
+        }
+        out
+    }
+}
+
+fn find(text: &str, needle: &str) -> usize {
+    text.find(needle).unwrap_or(0)
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+type FieldError = (Option<std::ops::Range<usize>>, (&'static str, String));
+
+fn parse_action(spec: &RawColumn, default_domain: &str) -> Result<Action, FieldError> {
+    let at = Some(spec.action.span());
+    let action = match spec.action.get_ref().as_str() {
+        "keep" => {
+            let ty = spec.ty.as_ref().ok_or((at.clone(), ("type", format!("`keep` needs a type: one of {}", KeepType::NAMES.join(", ")))))?;
+            let kt = KeepType::parse(ty.get_ref())
+                .ok_or((Some(ty.span()), ("type", format!("unknown type `{}`: one of {}", ty.get_ref(), KeepType::NAMES.join(", ")))))?;
+            Action::Keep(kt)
+        }
+        "drop" => Action::Drop,
+        "tokenize" => Action::Tokenize {
+            domain: spec.domain.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| default_domain.to_string()),
+        },
+        "encrypt" => Action::Encrypt,
+        "vault" => Action::Vault,
+        "generalize" => {
+            let params = spec.params();
+            let f = params.func.ok_or((at.clone(), ("fn", format!("`generalize` needs fn: one of {}", Function::NAMES.join(", ")))))?;
+            let function = parse_function(f, &params).map_err(|m| (Some(f.span()), ("fn", m)))?;
+            if function == Function::IsPresent {
+                return Err((Some(f.span()), ("fn", "`is_present` is for derive; generalize would lose the column".into())));
+            }
+            Action::Generalize(function)
+        }
+        other => {
+            return Err((at, ("action", format!("unknown action `{other}`: one of {}", Action::NAMES.join(", ")))));
+        }
+    };
+    if spec.domain.is_some() && !matches!(action, Action::Tokenize { .. }) {
+        return Err((spec.domain.as_ref().map(|d| d.span()), ("domain", "only `tokenize` takes a domain".into())));
+    }
+    Ok(action)
+}
+
+fn parse_function(name: &Spanned<String>, p: &RawParams) -> Result<Function, String> {
+    let need = |what: &str| format!("`{}` needs `{what}`", name.get_ref());
+    Ok(match name.get_ref().as_str() {
+        "is_present" => Function::IsPresent,
+        "email_domain" => Function::EmailDomain,
+        "age_band" => {
+            let bands = p.bands.clone().ok_or_else(|| need("bands"))?;
+            if bands.is_empty() || bands.windows(2).any(|w| w[0] >= w[1]) {
+                return Err("`bands` must be a non-empty, strictly increasing list of ages".into());
+            }
+            Function::AgeBand { bands }
+        }
+        "year" => Function::Year,
+        "quarter" => Function::Quarter,
+        "month" => Function::Month,
+        "prefix" => {
+            let length = p.length.ok_or_else(|| need("length"))?;
+            if length == 0 {
+                return Err("`length` must be at least 1".into());
+            }
+            Function::Prefix { length }
+        }
+        "length" => Function::Length,
+        "bucket" => {
+            let edges = p.edges.clone().ok_or_else(|| need("edges"))?;
+            if edges.is_empty() || edges.windows(2).any(|w| w[0] >= w[1]) || edges.iter().any(|e| !e.is_finite()) {
+                return Err("`edges` must be a non-empty, strictly increasing list of numbers".into());
+            }
+            Function::Bucket { edges }
+        }
+        other => return Err(format!("unknown function `{other}`: one of {}", Function::NAMES.join(", "))),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    table: Spanned<String>,
+    target: Spanned<String>,
+    subject: Spanned<String>,
+    token_domain: Spanned<String>,
+    #[serde(default)]
+    columns: ordered::Columns,
+}
+
+/// Parameters of a function, borrowed from a column rule or a derive entry.
+struct RawParams<'a> {
+    func: Option<&'a Spanned<String>>,
+    bands: &'a Option<Vec<i64>>,
+    length: Option<usize>,
+    edges: &'a Option<Vec<f64>>,
+}
+
+// `deny_unknown_fields` does not combine with `flatten`, so the parameters are spelled out twice.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawColumn {
+    action: Spanned<String>,
+    #[serde(rename = "type")]
+    ty: Option<Spanned<String>>,
+    domain: Option<Spanned<String>>,
+    #[serde(rename = "as")]
+    rename: Option<Spanned<String>>,
+    #[serde(default)]
+    derive: Vec<Spanned<RawDerive>>,
+    #[serde(rename = "fn")]
+    func: Option<Spanned<String>>,
+    bands: Option<Vec<i64>>,
+    length: Option<usize>,
+    edges: Option<Vec<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDerive {
+    name: String,
+    #[serde(rename = "fn")]
+    func: Spanned<String>,
+    bands: Option<Vec<i64>>,
+    length: Option<usize>,
+    edges: Option<Vec<f64>>,
+}
+
+impl RawColumn {
+    fn params(&self) -> RawParams<'_> {
+        RawParams { func: self.func.as_ref(), bands: &self.bands, length: self.length, edges: &self.edges }
+    }
+}
+
+impl RawDerive {
+    fn params(&self) -> RawParams<'_> {
+        RawParams { func: Some(&self.func), bands: &self.bands, length: self.length, edges: &self.edges }
+    }
+}
+
+/// Columns in file order (the manifest and output schema follow the file).
+mod ordered {
+    use super::*;
+
+    #[derive(Default)]
+    pub(super) struct Columns(pub(super) Vec<(String, Spanned<RawColumn>)>);
+
+    impl IntoIterator for Columns {
+        type Item = (String, Spanned<RawColumn>);
+        type IntoIter = std::vec::IntoIter<Self::Item>;
+        fn into_iter(self) -> Self::IntoIter {
+            self.0.into_iter()
+        }
+    }
+
+    impl Columns {
+        pub fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Columns {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Columns;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a table of column rules")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Columns, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = map.next_entry::<String, Spanned<RawColumn>>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Columns(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CUSTOMERS: &str = r#"
+table = "public.customers"
+target = "customers"
+subject = "id"
+token_domain = "customer"
+
+[columns.id]
+action = "tokenize"
+
+[columns.email]
+action = "vault"
+derive = [{ name = "has_email", fn = "is_present" }, { name = "email_domain", fn = "email_domain" }]
+
+[columns.date_of_birth]
+action = "generalize"
+fn = "age_band"
+bands = [18, 25, 35, 45, 55, 65]
+
+[columns.postcode]
+action = "generalize"
+fn = "prefix"
+length = 3
+as = "postcode_area"
+
+[columns.national_id]
+action = "encrypt"
+
+[columns.balance]
+action = "keep"
+type = "int64"
+
+[columns.notes]
+action = "drop"
+"#;
+
+    fn parse(text: &str) -> Result<Policy, ConfigError> {
+        Policy::from_toml(Path::new("customers.toml"), text)
+    }
+
+    #[test]
+    fn the_documented_example_parses_into_the_expected_outputs() {
+        let p = parse(CUSTOMERS).unwrap();
+        let names: Vec<String> = p.output_columns().into_iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            ["id_token", "has_email", "email_domain", "date_of_birth_age_band", "postcode_area", "national_id_enc", "balance"]
+        );
+        assert!(p.needs_keys());
+        assert_eq!(p.source_columns().len(), 7);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let bad = CUSTOMERS.replace("type = \"int64\"", "type = \"int65\"");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.field, "columns.balance.type");
+        assert_eq!(e.line, 30);
+        assert!(e.to_string().starts_with("customers.toml:30: columns.balance.type: unknown type `int65`"), "{e}");
+
+        let e = parse(&CUSTOMERS.replace("action = \"drop\"", "action = \"shred\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("columns.notes.action", 33));
+
+        let e = parse(&CUSTOMERS.replace("length = 3", "lenght = 3")).unwrap_err();
+        assert_eq!(e.field, "lenght");
+        assert!(e.line >= 20 && e.line <= 25, "{e}");
+
+        let e = parse(&CUSTOMERS.replace("fn = \"email_domain\"", "fn = \"domain\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("columns.email.derive.fn", 12));
+    }
+
+    #[test]
+    fn reserved_and_duplicate_output_names_are_rejected() {
+        let e = parse(&CUSTOMERS.replace("as = \"postcode_area\"", "as = \"_op\"")).unwrap_err();
+        assert!(e.message.contains("reserved"), "{e}");
+        let e = parse(&CUSTOMERS.replace("as = \"postcode_area\"", "as = \"balance\"")).unwrap_err();
+        assert!(e.message.contains("two rules"), "{e}");
+    }
+}

@@ -1,0 +1,120 @@
+//! The decoded, not yet sanitized shape of one table's events: one text column per column the
+//! policy names. Columns no policy names are never decoded into it.
+
+use std::borrow::Cow;
+
+use arrow_array::builder::{Int64Builder, StringBuilder};
+use arrow_array::{Int64Array, StringArray};
+
+/// Change operation, as Debezium spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Update,
+    /// Snapshot read.
+    Read,
+    Delete,
+}
+
+impl Op {
+    pub fn from_code(code: &str) -> Option<Self> {
+        Some(match code {
+            "c" => Op::Create,
+            "u" => Op::Update,
+            "r" => Op::Read,
+            "d" => Op::Delete,
+            _ => return None,
+        })
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Read => "r",
+            Op::Delete => "d",
+        }
+    }
+}
+
+/// Rows of one table. JSON scalars are kept as their text (strings unescaped, numbers and
+/// booleans as written, objects and arrays as JSON); null and absent are both null.
+pub struct RawBatch {
+    pub columns: Vec<StringArray>,
+    pub ops: Vec<Op>,
+    /// Event time in milliseconds since the epoch (`source.ts_ms`, else `ts_ms`).
+    pub event_ms: Int64Array,
+    /// Source position of each row, e.g. `events-000.jsonl:81723`.
+    pub positions: StringArray,
+}
+
+impl RawBatch {
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub struct RawBatchBuilder {
+    columns: Vec<StringBuilder>,
+    ops: Vec<Op>,
+    event_ms: Int64Builder,
+    positions: StringBuilder,
+    bytes: usize,
+}
+
+impl RawBatchBuilder {
+    pub fn new(column_count: usize) -> Self {
+        Self {
+            columns: (0..column_count).map(|_| StringBuilder::new()).collect(),
+            ops: Vec::new(),
+            event_ms: Int64Builder::new(),
+            positions: StringBuilder::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Approximate bytes held, for batch sizing.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends a row; `values[i]` belongs to column `i` and is taken (left `None`).
+    pub fn push(&mut self, op: Op, event_ms: i64, position: &str, values: &mut [Option<Cow<'_, str>>]) {
+        debug_assert_eq!(values.len(), self.columns.len());
+        for (builder, value) in self.columns.iter_mut().zip(values.iter_mut()) {
+            match value.take() {
+                Some(v) => {
+                    self.bytes += v.len();
+                    builder.append_value(v)
+                }
+                None => builder.append_null(),
+            }
+        }
+        self.ops.push(op);
+        self.event_ms.append_value(event_ms);
+        self.positions.append_value(position);
+        self.bytes += position.len() + 16;
+    }
+
+    pub fn finish(&mut self) -> RawBatch {
+        self.bytes = 0;
+        RawBatch {
+            columns: self.columns.iter_mut().map(|b| b.finish()).collect(),
+            ops: std::mem::take(&mut self.ops),
+            event_ms: self.event_ms.finish(),
+            positions: self.positions.finish(),
+        }
+    }
+}
