@@ -132,7 +132,11 @@ pub fn decode(line: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             env = serde_json::from_str(payload.get()).map_err(|_| DecodeError::Malformed)?;
         }
     }
-    let op = env.op.as_deref().and_then(Op::from_code).ok_or(DecodeError::UnsupportedOp)?;
+    let op = env
+        .op
+        .as_deref()
+        .and_then(Op::from_code)
+        .ok_or(DecodeError::UnsupportedOp)?;
     let source = env.source.ok_or(DecodeError::NoTable)?;
     let table = source.table.ok_or(DecodeError::NoTable)?;
     let image = if op == Op::Delete { env.before } else { env.after }.ok_or(DecodeError::NoImage)?;
@@ -150,7 +154,9 @@ pub fn value_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, DecodeError> {
     let s = raw.get();
     match s.as_bytes().first() {
         Some(b'n') => Ok(None),
-        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(s).map(Some).map_err(|_| DecodeError::Malformed),
+        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(s)
+            .map(Some)
+            .map_err(|_| DecodeError::Malformed),
         _ => Ok(Some(Cow::Borrowed(s))),
     }
 }
@@ -162,7 +168,10 @@ mod tests {
     #[test]
     fn bare_and_wrapped_events_decode_alike() {
         let bare = br#"{"op":"c","before":null,"after":{"id":1,"email":"a\"b@x.test","tags":[1,2]},"source":{"db":"crm","schema":"public","table":"customers","lsn":5,"ts_ms":1700000000000},"ts_ms":1}"#;
-        let wrapped = format!(r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{}}}"#, std::str::from_utf8(bare).unwrap());
+        let wrapped = format!(
+            r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{}}}"#,
+            std::str::from_utf8(bare).unwrap()
+        );
         for line in [bare.to_vec(), wrapped.into_bytes()] {
             let e = decode(&line).unwrap().unwrap();
             let mut name = String::new();
@@ -170,10 +179,19 @@ mod tests {
             assert_eq!(name, "public.customers");
             assert_eq!(e.op, Op::Create);
             assert_eq!(e.event_ms, 1_700_000_000_000);
-            let cols: Vec<(String, Option<String>)> = e.image.0.iter().map(|(k, v)| (k.to_string(), value_text(v).unwrap().map(|c| c.into_owned()))).collect();
+            let cols: Vec<(String, Option<String>)> = e
+                .image
+                .0
+                .iter()
+                .map(|(k, v)| (k.to_string(), value_text(v).unwrap().map(|c| c.into_owned())))
+                .collect();
             assert_eq!(
                 cols,
-                vec![("id".into(), Some("1".into())), ("email".into(), Some("a\"b@x.test".into())), ("tags".into(), Some("[1,2]".into()))]
+                vec![
+                    ("id".into(), Some("1".into())),
+                    ("email".into(), Some("a\"b@x.test".into())),
+                    ("tags".into(), Some("[1,2]".into()))
+                ]
             );
         }
     }
@@ -182,11 +200,20 @@ mod tests {
     fn deletes_use_before_and_bad_events_say_why() {
         let d = br#"{"op":"d","before":{"id":7},"after":null,"source":{"db":"crm","table":"t"}}"#;
         let e = decode(d).unwrap().unwrap();
-        assert_eq!((e.op, e.namespace.as_deref(), e.image.0.len()), (Op::Delete, Some("crm"), 1));
+        assert_eq!(
+            (e.op, e.namespace.as_deref(), e.image.0.len()),
+            (Op::Delete, Some("crm"), 1)
+        );
         assert_eq!(decode(b"{not json").unwrap_err(), DecodeError::Malformed);
-        assert_eq!(decode(br#"{"op":"x","source":{"table":"t"}}"#).unwrap_err(), DecodeError::UnsupportedOp);
+        assert_eq!(
+            decode(br#"{"op":"x","source":{"table":"t"}}"#).unwrap_err(),
+            DecodeError::UnsupportedOp
+        );
         assert_eq!(decode(br#"{"op":"c","after":{}}"#).unwrap_err(), DecodeError::NoTable);
-        assert_eq!(decode(br#"{"op":"c","source":{"table":"t"}}"#).unwrap_err(), DecodeError::NoImage);
+        assert_eq!(
+            decode(br#"{"op":"c","source":{"table":"t"}}"#).unwrap_err(),
+            DecodeError::NoImage
+        );
         assert!(decode(b"null").unwrap().is_none());
         assert!(decode(br#"{"schema":null,"payload":null}"#).unwrap().is_none());
     }

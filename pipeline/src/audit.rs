@@ -46,9 +46,18 @@ impl Report {
             self.files, self.bytes, self.values, self.patterns
         );
         for h in &self.hits {
-            s.push_str(&format!("LEAK {}: value on line {} of the values file, as {}\n", h.file.display(), h.value_line, h.form));
+            s.push_str(&format!(
+                "LEAK {}: value on line {} of the values file, as {}\n",
+                h.file.display(),
+                h.value_line,
+                h.form
+            ));
         }
-        s.push_str(if self.hits.is_empty() { "no leaks found\n" } else { "LEAKS FOUND\n" });
+        s.push_str(if self.hits.is_empty() {
+            "no leaks found\n"
+        } else {
+            "LEAKS FOUND\n"
+        });
         s
     }
 }
@@ -71,13 +80,29 @@ fn build_needles(values: &[(usize, String)]) -> Result<Needles> {
             ci.push((digits.into_bytes(), *line, "digits only"));
         }
         ci.push((hex::encode(b).into_bytes(), *line, "hex"));
-        cs.push((STANDARD.encode(b).trim_end_matches('=').as_bytes().to_vec(), *line, "base64"));
+        cs.push((
+            STANDARD.encode(b).trim_end_matches('=').as_bytes().to_vec(),
+            *line,
+            "base64",
+        ));
         cs.push((URL_SAFE_NO_PAD.encode(b).into_bytes(), *line, "base64url"));
         let digests: [(&'static str, &'static str, Vec<u8>); 4] = [
             ("md5 hex", "md5 base64", md5::Md5::digest(b).to_vec()),
-            ("sha1 hex", "sha1 base64", digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, b).as_ref().to_vec()),
-            ("sha256 hex", "sha256 base64", digest::digest(&digest::SHA256, b).as_ref().to_vec()),
-            ("sha512 hex", "sha512 base64", digest::digest(&digest::SHA512, b).as_ref().to_vec()),
+            (
+                "sha1 hex",
+                "sha1 base64",
+                digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, b).as_ref().to_vec(),
+            ),
+            (
+                "sha256 hex",
+                "sha256 base64",
+                digest::digest(&digest::SHA256, b).as_ref().to_vec(),
+            ),
+            (
+                "sha512 hex",
+                "sha512 base64",
+                digest::digest(&digest::SHA512, b).as_ref().to_vec(),
+            ),
         ];
         for (hex_form, b64_form, d) in digests {
             ci.push((hex::encode(&d).into_bytes(), *line, hex_form));
@@ -107,7 +132,13 @@ pub fn scan(values_file: &Path, paths: &[PathBuf]) -> Result<Report> {
         .filter(|(_, l)| l.len() >= MIN_VALUE_LEN)
         .collect();
     let needles = build_needles(&values)?;
-    let mut report = Report { files: 0, bytes: 0, values: values.len(), patterns: needles.insensitive_meta.len() + needles.sensitive_meta.len(), hits: Vec::new() };
+    let mut report = Report {
+        files: 0,
+        bytes: 0,
+        values: values.len(),
+        patterns: needles.insensitive_meta.len() + needles.sensitive_meta.len(),
+        hits: Vec::new(),
+    };
     let mut files = Vec::new();
     for p in paths {
         collect_files(p, &mut files).with_context(|| format!("listing {}", p.display()))?;
@@ -119,7 +150,9 @@ pub fn scan(values_file: &Path, paths: &[PathBuf]) -> Result<Report> {
             views.push(decode_parquet(&file).with_context(|| format!("decoding Parquet {}", file.display()))?);
         } else if views[0].starts_with(&[0x1f, 0x8b]) {
             let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(views[0].as_slice()).read_to_end(&mut out).with_context(|| format!("decompressing {}", file.display()))?;
+            flate2::read::MultiGzDecoder::new(views[0].as_slice())
+                .read_to_end(&mut out)
+                .with_context(|| format!("decompressing {}", file.display()))?;
             views.push(out);
         }
         report.files += 1;
@@ -133,14 +166,20 @@ pub fn scan(values_file: &Path, paths: &[PathBuf]) -> Result<Report> {
                 seen.insert(needles.sensitive_meta[m.pattern().as_usize()]);
             }
         }
-        report.hits.extend(seen.into_iter().map(|(value_line, form)| Hit { file: file.clone(), value_line, form }));
+        report.hits.extend(seen.into_iter().map(|(value_line, form)| Hit {
+            file: file.clone(),
+            value_line,
+            form,
+        }));
     }
     Ok(report)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
         entries.sort();
         for e in entries {
             collect_files(&e, out)?;
@@ -167,7 +206,10 @@ fn decode_parquet(path: &Path) -> Result<Vec<u8>> {
                     });
                 }
                 DataType::LargeBinary => {
-                    let a = column.as_any().downcast_ref::<LargeBinaryArray>().expect("large binary");
+                    let a = column
+                        .as_any()
+                        .downcast_ref::<LargeBinaryArray>()
+                        .expect("large binary");
                     a.iter().flatten().for_each(|v| {
                         out.extend_from_slice(v);
                         out.push(b'\n')

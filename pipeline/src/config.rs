@@ -91,7 +91,11 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_rows: 250_000, max_bytes: 128 << 20, max_age_ms: 10_000 }
+        Self {
+            max_rows: 250_000,
+            max_bytes: 128 << 20,
+            max_age_ms: 10_000,
+        }
     }
 }
 
@@ -108,7 +112,11 @@ pub struct WorkersConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        Self { threads: 0, chunk_events: 4096, queue_depth: 2 }
+        Self {
+            threads: 0,
+            chunk_events: 4096,
+            queue_depth: 2,
+        }
     }
 }
 
@@ -148,35 +156,67 @@ pub enum LoadError {
 
 impl Config {
     pub fn load(file: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io { path: file.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+            path: file.to_path_buf(),
+            source,
+        })?;
         let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::from_toml(file, &text, &e))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &str| base.join(p);
-        let invalid = |offset: usize, field: &str, message: String| LoadError::Invalid(ConfigError::new(file, &text, offset, field, message));
+        let invalid = |offset: usize, field: &str, message: String| {
+            LoadError::Invalid(ConfigError::new(file, &text, offset, field, message))
+        };
 
         let name = raw.name.get_ref();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(invalid(raw.name.span().start, "name", "must be letters, digits, - and _".into()));
+            return Err(invalid(
+                raw.name.span().start,
+                "name",
+                "must be letters, digits, - and _".into(),
+            ));
         }
         if raw.source.kind.get_ref() != "file" {
-            return Err(invalid(raw.source.kind.span().start, "source.kind", format!("unknown source kind `{}`: this build reads `file`", raw.source.kind.get_ref())));
+            return Err(invalid(
+                raw.source.kind.span().start,
+                "source.kind",
+                format!(
+                    "unknown source kind `{}`: this build reads `file`",
+                    raw.source.kind.get_ref()
+                ),
+            ));
         }
         if raw.keys.master_key_file.is_none() && raw.keys.master_key_env.is_none() {
-            return Err(invalid(text.find("[keys]").unwrap_or(0), "keys", "set master_key_file or master_key_env".into()));
+            return Err(invalid(
+                text.find("[keys]").unwrap_or(0),
+                "keys",
+                "set master_key_file or master_key_env".into(),
+            ));
         }
         if raw.policies.is_empty() {
-            return Err(invalid(text.find("policies").unwrap_or(0), "policies", "name at least one policy file or directory".into()));
+            return Err(invalid(
+                text.find("policies").unwrap_or(0),
+                "policies",
+                "name at least one policy file or directory".into(),
+            ));
         }
 
         let mut policies = Vec::new();
         for entry in &raw.policies {
             let path = resolve(entry.get_ref());
-            let files = policy_files(&path).map_err(|e| invalid(entry.span().start, "policies", format!("{}: {e}", path.display())))?;
+            let files = policy_files(&path)
+                .map_err(|e| invalid(entry.span().start, "policies", format!("{}: {e}", path.display())))?;
             if files.is_empty() {
-                return Err(invalid(entry.span().start, "policies", format!("{}: no .toml policy files", path.display())));
+                return Err(invalid(
+                    entry.span().start,
+                    "policies",
+                    format!("{}: no .toml policy files", path.display()),
+                ));
             }
             for f in files {
-                let ptext = std::fs::read_to_string(&f).map_err(|source| LoadError::Io { path: f.clone(), source })?;
+                let ptext = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
+                    path: f.clone(),
+                    source,
+                })?;
                 policies.push(Policy::from_toml(&f, &ptext)?);
             }
         }
@@ -184,10 +224,18 @@ impl Config {
         let mut targets = HashSet::new();
         for p in &policies {
             if !tables.insert(p.table.clone()) {
-                return Err(invalid(0, "policies", format!("two policies name source table `{}`", p.table)));
+                return Err(invalid(
+                    0,
+                    "policies",
+                    format!("two policies name source table `{}`", p.table),
+                ));
             }
             if !targets.insert(p.target.clone()) {
-                return Err(invalid(0, "policies", format!("two policies write target table `{}`", p.target)));
+                return Err(invalid(
+                    0,
+                    "policies",
+                    format!("two policies write target table `{}`", p.target),
+                ));
             }
         }
         let root = resolve(&raw.lake.root);
@@ -200,10 +248,23 @@ impl Config {
             max_event_bytes: raw.source.max_event_bytes.max(1024),
             poll_ms: raw.source.poll_ms,
             tables_root: root.join("tables"),
-            vault_path: raw.lake.vault.as_deref().map(resolve).unwrap_or_else(|| root.join("vault")),
-            quarantine_path: raw.lake.quarantine.as_deref().map(resolve).unwrap_or_else(|| root.join("quarantine")),
+            vault_path: raw
+                .lake
+                .vault
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| root.join("vault")),
+            quarantine_path: raw
+                .lake
+                .quarantine
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| root.join("quarantine")),
             key_store: resolve(&raw.keys.store),
-            master_key: MasterKeySource { file: raw.keys.master_key_file.as_deref().map(resolve), env: raw.keys.master_key_env },
+            master_key: MasterKeySource {
+                file: raw.keys.master_key_file.as_deref().map(resolve),
+                env: raw.keys.master_key_env,
+            },
             key_cache: raw.keys.cache_capacity,
             batch: raw.batch,
             workers: raw.workers,

@@ -7,15 +7,37 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-const FIRST: &[&str] = &["Amelia", "Oliver", "Isla", "George", "Ava", "Noah", "Mia", "Arthur", "Ivy", "Leo", "Freya", "Oscar", "Lily", "Harry", "Grace", "Jack"];
-const LAST: &[&str] = &["Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies", "Patel", "Wright", "Walker", "Evans", "Khan", "Hughes"];
-const STREETS: &[&str] = &["Mill Lane", "Church Road", "Station Road", "Victoria Street", "Park Avenue", "High Street", "Kings Road", "Queens Walk"];
+const FIRST: &[&str] = &[
+    "Amelia", "Oliver", "Isla", "George", "Ava", "Noah", "Mia", "Arthur", "Ivy", "Leo", "Freya", "Oscar", "Lily",
+    "Harry", "Grace", "Jack",
+];
+const LAST: &[&str] = &[
+    "Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies", "Patel", "Wright", "Walker",
+    "Evans", "Khan", "Hughes",
+];
+const STREETS: &[&str] = &[
+    "Mill Lane",
+    "Church Road",
+    "Station Road",
+    "Victoria Street",
+    "Park Avenue",
+    "High Street",
+    "Kings Road",
+    "Queens Walk",
+];
 const AREAS: &[&str] = &["LS", "M", "B", "G", "EH", "CF", "BS", "NE", "SW", "E"];
 const PRODUCTS: &[&str] = &["credit_card", "personal_loan", "overdraft", "store_card"];
 const STATUSES: &[&str] = &["current", "arrears", "default", "payment_plan", "settled"];
 const PAY_CHANNELS: &[&str] = &["card", "bank_transfer", "direct_debit", "cash"];
 const CONTACT_CHANNELS: &[&str] = &["phone", "sms", "email", "letter"];
-const OUTCOMES: &[&str] = &["no_answer", "promise_to_pay", "refused", "wrong_number", "callback", "paid"];
+const OUTCOMES: &[&str] = &[
+    "no_answer",
+    "promise_to_pay",
+    "refused",
+    "wrong_number",
+    "callback",
+    "paid",
+];
 const VULNERABILITIES: &[&str] = &["bereavement", "mental_health", "serious_illness", "job_loss"];
 
 /// SplitMix64: tiny, fast and deterministic; quality is ample for fake data.
@@ -96,7 +118,8 @@ impl Generator {
     fn event(&mut self, i: u64, n: u64) -> Value {
         let ts = START_MS + (i as i64) * (SPAN_MS / n.max(1) as i64).max(1);
         let roll = self.rng.below(100);
-        let (table, op, before, after) = if self.customers == 0 || (roll < 8 && self.customers < self.target_customers) {
+        let (table, op, before, after) = if self.customers == 0 || (roll < 8 && self.customers < self.target_customers)
+        {
             let id = self.customers;
             self.customers += 1;
             ("customers", "c", Value::Null, self.customer(id))
@@ -174,15 +197,29 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool) -> std::io::Re
     }
     let file = std::fs::File::create(out)?;
     let mut w: Box<dyn Write> = if out.extension().is_some_and(|e| e == "gz") {
-        Box::new(BufWriter::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast())))
+        Box::new(BufWriter::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        )))
     } else {
         Box::new(BufWriter::new(file))
     };
-    let mut g = Generator { rng: Rng(seed), customers: 0, accounts: 0, payments: 0, contacts: 0, target_customers: (n / 20).max(10), lsn: 0 };
+    let mut g = Generator {
+        rng: Rng(seed),
+        customers: 0,
+        accounts: 0,
+        payments: 0,
+        contacts: 0,
+        target_customers: (n / 20).max(10),
+        lsn: 0,
+    };
     for i in 0..n {
         let event = g.event(i, n);
         if wrapped {
-            serde_json::to_writer(&mut w, &json!({"schema": {"type": "struct", "optional": false, "name": "crm.Envelope"}, "payload": event}))?;
+            serde_json::to_writer(
+                &mut w,
+                &json!({"schema": {"type": "struct", "optional": false, "name": "crm.Envelope"}, "payload": event}),
+            )?;
         } else {
             serde_json::to_writer(&mut w, &event)?;
         }

@@ -16,7 +16,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Sanitize Debezium change events into Delta Lake tables and a PII vault")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sanitize Debezium change events into Delta Lake tables and a PII vault"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -89,8 +93,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,deltalake=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| "info,deltalake=warn,deltalake_core=error,buoyant_kernel=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -99,13 +106,23 @@ fn init_logging(format: LogFormat) {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config, once, summary_json } => {
+        Command::Run {
+            config,
+            once,
+            summary_json,
+        } => {
             let cfg = config::Config::load(&config)?;
             let summary = runtime::run(&cfg, &runtime::RunOptions { once })?;
-            let root = cfg.tables_root.parent().map(|p| p.display().to_string()).unwrap_or_default();
+            let root = cfg
+                .tables_root
+                .parent()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+                .unwrap_or_default();
+            let root = root.display().to_string();
             print!("{}", summary.render(&root));
             if let Some(path) = summary_json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -114,15 +131,25 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", manifest::render(&cfg));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate { events, out, seed, wrapped } => {
-            let written = generate::write_events(&out, events, seed, wrapped).with_context(|| format!("writing {}", out.display()))?;
+        Command::Generate {
+            events,
+            out,
+            seed,
+            wrapped,
+        } => {
+            let written = generate::write_events(&out, events, seed, wrapped)
+                .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {written} events to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::AuditLeaks { values, paths } => {
             let report = audit::scan(&values, &paths)?;
             print!("{}", report.render());
-            Ok(if report.hits.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.hits.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -9,23 +9,57 @@ use crate::config::Config;
 
 pub fn render(config: &Config) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{}: OK — pipeline `{}`, {} table policies", config.file.display(), config.name, config.policies.len());
+    let _ = writeln!(
+        s,
+        "{}: OK — pipeline `{}`, {} table policies",
+        config.file.display(),
+        config.name,
+        config.policies.len()
+    );
     for p in &config.policies {
-        let _ = writeln!(s, "\n{} → {} (subject `{}`, token domain `{}`)", p.table, p.target, p.subject, p.token_domain);
+        let _ = writeln!(
+            s,
+            "\n{} → {} (subject `{}`, token domain `{}`)",
+            p.table, p.target, p.subject, p.token_domain
+        );
         let _ = writeln!(s, "  {:<28} {:<26} {:<18} how", "output column", "type", "from");
         for c in p.output_columns() {
-            let _ = writeln!(s, "  {:<28} {:<26} {:<18} {}", c.name, c.data_type.to_string(), c.source, c.how);
+            let _ = writeln!(
+                s,
+                "  {:<28} {:<26} {:<18} {}",
+                c.name,
+                c.data_type.to_string(),
+                c.source,
+                c.how
+            );
         }
-        let _ = writeln!(s, "  {:<28} metadata: op, subject token, source time, position, ingest time, date partition", META_COLUMNS.join(","));
-        let vaulted: Vec<&str> = p.rules.iter().filter(|r| r.action == Action::Vault).map(|r| r.column.as_str()).collect();
-        let dropped: Vec<&str> = p.rules.iter().filter(|r| r.action == Action::Drop).map(|r| r.column.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "  {:<28} metadata: op, subject token, source time, position, ingest time, date partition",
+            META_COLUMNS.join(",")
+        );
+        let vaulted: Vec<&str> = p
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Vault)
+            .map(|r| r.column.as_str())
+            .collect();
+        let dropped: Vec<&str> = p
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Drop)
+            .map(|r| r.column.as_str())
+            .collect();
         if !vaulted.is_empty() {
             let _ = writeln!(s, "  to the PII vault only (ciphertext): {}", vaulted.join(", "));
         }
         if !dropped.is_empty() {
             let _ = writeln!(s, "  dropped: {}", dropped.join(", "));
         }
-        let _ = writeln!(s, "  any other column: dropped (default deny), counted and reported by name");
+        let _ = writeln!(
+            s,
+            "  any other column: dropped (default deny), counted and reported by name"
+        );
     }
     s
 }

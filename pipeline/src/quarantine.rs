@@ -32,6 +32,14 @@ pub fn event_aad(position: &str) -> Vec<u8> {
     field_aad("_quarantine", "event", position)
 }
 
+/// Why an event is quarantined: names and fixed texts only, never a value.
+pub struct Rejection<'a> {
+    pub reason: &'a str,
+    pub detail: &'a str,
+    pub table: Option<&'a str>,
+    pub column: Option<&'a str>,
+}
+
 pub struct QuarantineBuilder {
     key: Arc<DataKey>,
     reason: StringBuilder,
@@ -59,12 +67,19 @@ impl QuarantineBuilder {
         }
     }
 
-    pub fn push(&mut self, reason: &str, detail: &str, table: Option<&str>, column: Option<&str>, position: &str, event: &[u8], full_len: usize) -> Result<(), CryptoError> {
+    /// Adds an event; `full_len` is its real length when `event` was cut short.
+    pub fn push(
+        &mut self,
+        why: Rejection<'_>,
+        position: &str,
+        event: &[u8],
+        full_len: usize,
+    ) -> Result<(), CryptoError> {
         self.event.append_value(self.key.seal(event, &event_aad(position))?);
-        self.reason.append_value(reason);
-        self.detail.append_value(detail);
-        self.table.append_option(table);
-        self.column.append_option(column);
+        self.reason.append_value(why.reason);
+        self.detail.append_value(why.detail);
+        self.table.append_option(why.table);
+        self.column.append_option(why.column);
         self.position.append_value(position);
         self.event_bytes.append_value(full_len as i64);
         self.rows += 1;

@@ -61,19 +61,33 @@ pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
             return MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("${var}: {e}")));
         }
     }
-    let file = config.master_key.file.as_ref().ok_or_else(|| RunError::MasterKey("no master key: set keys.master_key_file or the environment variable".into()))?;
+    let file = config.master_key.file.as_ref().ok_or_else(|| {
+        RunError::MasterKey("no master key: set keys.master_key_file or the environment variable".into())
+    })?;
     let text = std::fs::read_to_string(file).map_err(|e| RunError::MasterKey(format!("{}: {e}", file.display())))?;
     MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("{}: {e}", file.display())))
 }
 
 pub fn run(config: &Config, options: &RunOptions) -> Result<Summary, RunError> {
     let started = Instant::now();
-    let keys = Arc::new(KeyStore::open(&config.key_store, load_master_key(config)?, config.key_cache)?);
+    let keys = Arc::new(KeyStore::open(
+        &config.key_store,
+        load_master_key(config)?,
+        config.key_cache,
+    )?);
     let tokenizer = keys.tokenizer()?;
     let quarantine_key = keys.system_key("quarantine")?;
-    let transforms: Vec<TableTransform> = config.policies.iter().map(|p| TableTransform::new(p.clone(), &tokenizer)).collect();
+    let transforms: Vec<TableTransform> = config
+        .policies
+        .iter()
+        .map(|p| TableTransform::new(p.clone(), &tokenizer))
+        .collect();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(RunError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
     let mut sinks = rt.block_on(open_sinks(config, &transforms))?;
     let files = list_files(&config.source_path)?;
 
@@ -91,7 +105,11 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<Summary, RunError> {
     let start: HashMap<String, u64> = files
         .iter()
         .map(|f| {
-            let lowest = committed.iter().map(|c| c.get(&f.stream).copied().unwrap_or(0)).min().unwrap_or(0);
+            let lowest = committed
+                .iter()
+                .map(|c| c.get(&f.stream).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
             (f.stream.clone(), lowest.max(0) as u64)
         })
         .collect();
@@ -101,22 +119,43 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<Summary, RunError> {
         }
     }
 
-    let router = Arc::new(Router::new(transforms, keys.clone(), quarantine_key, config.unknown_tables, config.max_event_bytes, committed));
+    let router = Arc::new(Router::new(
+        transforms,
+        keys.clone(),
+        quarantine_key,
+        config.unknown_tables,
+        config.max_event_bytes,
+        committed,
+    ));
     let threads = config.worker_threads();
     let depth = threads * config.workers.queue_depth.max(1);
     let (chunk_tx, chunk_rx) = bounded::<Chunk>(depth);
     let (done_tx, done_rx) = bounded::<Result<Processed, WorkError>>(depth);
 
     let reader = {
-        let source = ReaderState { root: config.source_path.clone(), files, start, max_line: config.max_event_bytes, chunk_events: config.workers.chunk_events.max(1) };
+        let source = ReaderState {
+            root: config.source_path.clone(),
+            files,
+            start,
+            max_line: config.max_event_bytes,
+            chunk_events: config.workers.chunk_events.max(1),
+        };
         let once = options.once;
         let poll = Duration::from_millis(config.poll_ms);
-        std::thread::Builder::new().name("sluice-reader".into()).spawn(move || source.read_all(chunk_tx, once, poll)).expect("spawn reader")
+        std::thread::Builder::new()
+            .name("sluice-reader".into())
+            .spawn(move || source.read_all(chunk_tx, once, poll))
+            .expect("spawn reader")
     };
     let mut workers = Vec::with_capacity(threads);
     for i in 0..threads {
         let (rx, tx, router) = (chunk_rx.clone(), done_tx.clone(), router.clone());
-        workers.push(std::thread::Builder::new().name(format!("sluice-worker-{i}")).spawn(move || work(rx, tx, router)).expect("spawn worker"));
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("sluice-worker-{i}"))
+                .spawn(move || work(rx, tx, router))
+                .expect("spawn worker"),
+        );
     }
     drop((chunk_rx, done_tx));
 
@@ -138,19 +177,36 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
     let mut sinks = Vec::with_capacity(transforms.len() + 2);
     for t in transforms {
         let target = &t.policy().target;
-        sinks.push(DeltaSink::open_or_create(&config.tables_root.join(target), target, &config.name, t.schema(), &[PARTITION_COLUMN]).await?);
+        sinks.push(
+            DeltaSink::open_or_create(
+                &config.tables_root.join(target),
+                target,
+                &config.name,
+                t.schema(),
+                &[PARTITION_COLUMN],
+            )
+            .await?,
+        );
     }
     sinks.push(DeltaSink::open_or_create(&config.vault_path, "vault", &config.name, vault_schema(), &[]).await?);
-    sinks.push(DeltaSink::open_or_create(&config.quarantine_path, "quarantine", &config.name, quarantine_schema(), &[crate::quarantine::PARTITION_COLUMN]).await?);
+    sinks.push(
+        DeltaSink::open_or_create(
+            &config.quarantine_path,
+            "quarantine",
+            &config.name,
+            quarantine_schema(),
+            &[crate::quarantine::PARTITION_COLUMN],
+        )
+        .await?,
+    );
     Ok(sinks)
 }
 
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {
     for chunk in rx {
         let now_us = chrono::Utc::now().timestamp_micros();
-        let failed;
         let result = router.process(chunk, now_us);
-        failed = result.is_err();
+        let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;
         }
@@ -158,7 +214,12 @@ fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: A
 }
 
 /// Writes processed chunks in sequence order and commits by size and age.
-async fn sink_loop(config: &Config, sinks: &mut [DeltaSink], done: Receiver<Result<Processed, WorkError>>, router: &Router) -> Result<Summary, RunError> {
+async fn sink_loop(
+    config: &Config,
+    sinks: &mut [DeltaSink],
+    done: Receiver<Result<Processed, WorkError>>,
+    router: &Router,
+) -> Result<Summary, RunError> {
     let mut summary = Summary::default();
     let mut pending: BTreeMap<u64, Processed> = BTreeMap::new();
     let mut next_seq = 0u64;
@@ -216,7 +277,12 @@ async fn sink_loop(config: &Config, sinks: &mut [DeltaSink], done: Receiver<Resu
 }
 
 /// Commits every sink with the positions of the streams read since the last commit.
-async fn commit_all(sinks: &mut [DeltaSink], positions: &BTreeMap<String, i64>, dirty: &mut BTreeSet<String>, router: &Router) -> Result<u64, RunError> {
+async fn commit_all(
+    sinks: &mut [DeltaSink],
+    positions: &BTreeMap<String, i64>,
+    dirty: &mut BTreeSet<String>,
+    router: &Router,
+) -> Result<u64, RunError> {
     if dirty.is_empty() {
         return Ok(0);
     }
@@ -227,9 +293,14 @@ async fn commit_all(sinks: &mut [DeltaSink], positions: &BTreeMap<String, i64>, 
         let before = &router.committed[i];
         let covered: Vec<SourcePosition> = dirty
             .iter()
-            .map(|s| SourcePosition { stream: s.clone(), offset: positions[s].max(before.get(s).copied().unwrap_or(0)) })
+            .map(|s| SourcePosition {
+                stream: s.clone(),
+                offset: positions[s].max(before.get(s).copied().unwrap_or(0)),
+            })
             .collect();
-        let advances = covered.iter().any(|p| before.get(&p.stream).is_none_or(|c| p.offset > *c));
+        let advances = covered
+            .iter()
+            .any(|p| before.get(&p.stream).is_none_or(|c| p.offset > *c));
         if !advances && sink.buffered_rows() == 0 {
             continue;
         }
@@ -237,7 +308,13 @@ async fn commit_all(sinks: &mut [DeltaSink], positions: &BTreeMap<String, i64>, 
         let started = Instant::now();
         let version = sink.commit(&covered).await?;
         commits += 1;
-        info!(table = sink.name(), version, rows, ms = started.elapsed().as_millis() as u64, "committed");
+        info!(
+            table = sink.name(),
+            version,
+            rows,
+            ms = started.elapsed().as_millis() as u64,
+            "committed"
+        );
     }
     dirty.clear();
     Ok(commits)
@@ -281,15 +358,30 @@ impl ReaderState {
 
     /// Sends the file's lines from `start` in chunks; returns where it stopped, or `None` when
     /// the receiving side is gone.
-    fn read_file(&self, file: &SourceFile, start: u64, once: bool, tx: &Sender<Chunk>, seq: &mut u64) -> Result<Option<u64>, RunError> {
+    fn read_file(
+        &self,
+        file: &SourceFile,
+        start: u64,
+        once: bool,
+        tx: &Sender<Chunk>,
+        seq: &mut u64,
+    ) -> Result<Option<u64>, RunError> {
         let mut reader = LineReader::open(file, start, self.max_line)?;
         let stream: Arc<str> = Arc::from(file.stream.as_str());
         let mut line = Vec::new();
         let mut offset = start;
-        let new_chunk = || Chunk { seq: 0, stream: stream.clone(), data: Vec::with_capacity(1 << 20), lines: Vec::with_capacity(self.chunk_events) };
+        let new_chunk = || Chunk {
+            seq: 0,
+            stream: stream.clone(),
+            data: Vec::with_capacity(1 << 20),
+            lines: Vec::with_capacity(self.chunk_events),
+        };
         let mut chunk = new_chunk();
         loop {
-            let next = reader.next_line(&mut line).map_err(|source| FileSourceError::Io { path: file.path.clone(), source })?;
+            let next = reader.next_line(&mut line).map_err(|source| FileSourceError::Io {
+                path: file.path.clone(),
+                source,
+            })?;
             // In daemon mode a last line without its newline may still be being written:
             // leave it for the next pass.
             let next = next.filter(|end| end.terminated || once);

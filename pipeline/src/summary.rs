@@ -49,11 +49,23 @@ impl Summary {
     pub fn render(&self, lake_root: &str) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let rate = if self.elapsed_seconds > 0.0 { self.events_read as f64 / self.elapsed_seconds } else { 0.0 };
+        let rate = if self.elapsed_seconds > 0.0 {
+            self.events_read as f64 / self.elapsed_seconds
+        } else {
+            0.0
+        };
         let _ = writeln!(s, "sluice run summary");
-        let _ = writeln!(s, "  events read        {:>10}   ({:.1} s, {:.0} events/s)", self.events_read, self.elapsed_seconds, rate);
+        let _ = writeln!(
+            s,
+            "  events read        {:>10}   ({:.1} s, {:.0} events/s)",
+            self.events_read, self.elapsed_seconds, rate
+        );
         let _ = writeln!(s, "  tombstones         {:>10}", self.tombstones);
-        let _ = writeln!(s, "  already committed  {:>10}   (re-read after a restart, skipped)", self.already_committed);
+        let _ = writeln!(
+            s,
+            "  already committed  {:>10}   (re-read after a restart, skipped)",
+            self.already_committed
+        );
         let _ = writeln!(s, "  rows written");
         for (t, n) in &self.rows_written {
             let _ = writeln!(s, "    {t:<22}{n:>10}");

@@ -16,7 +16,7 @@ use sluice_transforms::vault::vault_schema;
 use sluice_transforms::{RawBatchBuilder, TableTransform};
 
 use crate::config::UnknownTables;
-use crate::quarantine::QuarantineBuilder;
+use crate::quarantine::{QuarantineBuilder, Rejection};
 use crate::summary::Summary;
 
 /// Lines of one stream, read in order.
@@ -50,7 +50,11 @@ pub struct Processed {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {
     #[error("table {table}, position {position}: {source}")]
-    Transform { table: String, position: String, source: TransformError },
+    Transform {
+        table: String,
+        position: String,
+        source: TransformError,
+    },
     #[error("quarantine at position {position}: encryption failed")]
     Quarantine { position: String },
     #[error("building output batches: {0}")]
@@ -81,12 +85,32 @@ impl Router {
         max_event_bytes: usize,
         committed: Vec<HashMap<String, i64>>,
     ) -> Self {
-        let tables = transforms.iter().enumerate().map(|(i, t)| (t.policy().table.clone(), i)).collect();
+        let tables = transforms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.policy().table.clone(), i))
+            .collect();
         let columns = transforms
             .iter()
-            .map(|t| t.policy().source_columns().into_iter().enumerate().map(|(i, c)| (c, i)).collect())
+            .map(|t| {
+                t.policy()
+                    .source_columns()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| (c, i))
+                    .collect()
+            })
             .collect();
-        Self { transforms, tables, columns, keys, quarantine_key, unknown_tables, max_event_bytes, committed }
+        Self {
+            transforms,
+            tables,
+            columns,
+            keys,
+            quarantine_key,
+            unknown_tables,
+            max_event_bytes,
+            committed,
+        }
     }
 
     pub fn vault_sink(&self) -> usize {
@@ -119,11 +143,28 @@ impl Router {
             let mut quarantined = |summary: &mut Summary, reason: &'static str, detail: &str, table: Option<&str>| {
                 *summary.quarantined.entry(reason.to_string()).or_default() += 1;
                 quarantine
-                    .push(reason, detail, table, None, position, line, line_end.len)
-                    .map_err(|_| WorkError::Quarantine { position: position.to_string() })
+                    .push(
+                        Rejection {
+                            reason,
+                            detail,
+                            table,
+                            column: None,
+                        },
+                        position,
+                        line,
+                        line_end.len,
+                    )
+                    .map_err(|_| WorkError::Quarantine {
+                        position: position.to_string(),
+                    })
             };
             if line_end.truncated(self.max_event_bytes) {
-                quarantined(&mut summary, "oversized_event", "event larger than source.max_event_bytes (stored truncated)", None)?;
+                quarantined(
+                    &mut summary,
+                    "oversized_event",
+                    "event larger than source.max_event_bytes (stored truncated)",
+                    None,
+                )?;
                 continue;
             }
             let event = match debezium::decode(line) {
@@ -141,7 +182,12 @@ impl Router {
             let Some(&t) = self.tables.get(table_name.as_str()) else {
                 *summary.unknown_tables.entry(table_name.clone()).or_default() += 1;
                 if self.unknown_tables == UnknownTables::Quarantine {
-                    quarantined(&mut summary, "unknown_table", "no policy names this table", Some(&table_name))?;
+                    quarantined(
+                        &mut summary,
+                        "unknown_table",
+                        "no policy names this table",
+                        Some(&table_name),
+                    )?;
                 }
                 continue;
             };
@@ -164,10 +210,17 @@ impl Router {
             }
             if malformed {
                 values.iter_mut().for_each(|v| *v = None);
-                quarantined(&mut summary, "malformed_json", "a column value is not valid JSON", Some(&table_name))?;
+                quarantined(
+                    &mut summary,
+                    "malformed_json",
+                    "a column value is not valid JSON",
+                    Some(&table_name),
+                )?;
                 continue;
             }
-            builders[t].get_or_insert_with(|| RawBatchBuilder::new(values.len())).push(event.op, event.event_ms, position, values);
+            builders[t]
+                .get_or_insert_with(|| RawBatchBuilder::new(values.len()))
+                .push(event.op, event.event_ms, position, values);
             row_lines[t].push(line_no);
         }
 
@@ -177,19 +230,33 @@ impl Router {
             let Some(builder) = builder else { continue };
             let transform = &self.transforms[t];
             let raw = builder.finish();
-            let out = transform.apply(&raw, &*self.keys, ingested_at_us).map_err(|source| WorkError::Transform {
-                table: transform.policy().table.clone(),
-                position: format!("{}:{}", chunk.stream, chunk.last_offset()),
-                source,
-            })?;
+            let out = transform
+                .apply(&raw, &*self.keys, ingested_at_us)
+                .map_err(|source| WorkError::Transform {
+                    table: transform.policy().table.clone(),
+                    position: format!("{}:{}", chunk.stream, chunk.last_offset()),
+                    source,
+                })?;
             for reject in &out.rejects {
                 let line_no = row_lines[t][reject.row];
                 let (start, end, line_end) = chunk.lines[line_no];
                 let position = &positions[line_no];
                 *summary.quarantined.entry("type_mismatch".to_string()).or_default() += 1;
                 quarantine
-                    .push("type_mismatch", reject.reason, Some(&transform.policy().table), Some(&reject.column), position, &chunk.data[start..end], line_end.len)
-                    .map_err(|_| WorkError::Quarantine { position: position.clone() })?;
+                    .push(
+                        Rejection {
+                            reason: "type_mismatch",
+                            detail: reject.reason,
+                            table: Some(&transform.policy().table),
+                            column: Some(&reject.column),
+                        },
+                        position,
+                        &chunk.data[start..end],
+                        line_end.len,
+                    )
+                    .map_err(|_| WorkError::Quarantine {
+                        position: position.clone(),
+                    })?;
             }
             if out.table.num_rows() > 0 {
                 outputs.push((t, out.table));
@@ -204,24 +271,40 @@ impl Router {
         }
         for (t, cols) in dropped.into_iter().enumerate() {
             if !cols.is_empty() {
-                summary.dropped_columns.insert(self.transforms[t].policy().table.clone(), cols.into_iter().collect());
+                summary
+                    .dropped_columns
+                    .insert(self.transforms[t].policy().table.clone(), cols.into_iter().collect());
             }
         }
         let outputs = self.skip_committed(&chunk, outputs, &mut summary)?;
         for (sink, batch) in &outputs {
             let rows = batch.num_rows() as u64;
             if *sink < n_tables {
-                *summary.rows_written.entry(self.transforms[*sink].policy().target.clone()).or_default() += rows;
+                *summary
+                    .rows_written
+                    .entry(self.transforms[*sink].policy().target.clone())
+                    .or_default() += rows;
             } else if *sink == self.vault_sink() {
                 summary.vault_rows_written += rows;
             }
         }
-        Ok(Processed { seq: chunk.seq, stream: chunk.stream.clone(), last_offset: chunk.last_offset(), outputs, summary })
+        Ok(Processed {
+            seq: chunk.seq,
+            stream: chunk.stream.clone(),
+            last_offset: chunk.last_offset(),
+            outputs,
+            summary,
+        })
     }
 
     /// After a restart, rows a sink already committed are removed from its output. Only chunks
     /// that start at or before a committed position pay for this.
-    fn skip_committed(&self, chunk: &Chunk, outputs: Vec<(usize, RecordBatch)>, summary: &mut Summary) -> Result<Vec<(usize, RecordBatch)>, ArrowError> {
+    fn skip_committed(
+        &self,
+        chunk: &Chunk,
+        outputs: Vec<(usize, RecordBatch)>,
+        summary: &mut Summary,
+    ) -> Result<Vec<(usize, RecordBatch)>, ArrowError> {
         let first = chunk.first_offset() as i64;
         let mut kept = Vec::with_capacity(outputs.len());
         for (sink, batch) in outputs {
@@ -231,8 +314,14 @@ impl Router {
                 continue;
             };
             let positions = batch.column(batch.schema().index_of("_position")?).clone();
-            let positions = positions.as_any().downcast_ref::<StringArray>().expect("_position is Utf8");
-            let keep: BooleanArray = positions.iter().map(|p| Some(offset_of(p.unwrap_or("")) > committed)).collect();
+            let positions = positions
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("_position is Utf8");
+            let keep: BooleanArray = positions
+                .iter()
+                .map(|p| Some(offset_of(p.unwrap_or("")) > committed))
+                .collect();
             let filtered = arrow_select::filter::filter_record_batch(&batch, &keep)?;
             if sink < self.transforms.len() {
                 summary.already_committed += (batch.num_rows() - filtered.num_rows()) as u64;
@@ -246,7 +335,10 @@ impl Router {
 }
 
 fn offset_of(position: &str) -> i64 {
-    position.rsplit_once(':').and_then(|(_, o)| o.parse().ok()).unwrap_or(i64::MAX)
+    position
+        .rsplit_once(':')
+        .and_then(|(_, o)| o.parse().ok())
+        .unwrap_or(i64::MAX)
 }
 
 fn arrow_select_concat(batches: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {

@@ -95,7 +95,7 @@ def test_demo_tables_match_the_source(sluice_bin, tmp_path):
     payments, customers_t = tables["payments"], customers  # noqa: F841 (duckdb reads locals)
     joined = duckdb.sql(
         "select count(*) from payments p join (select distinct id_token from customers_t) c on p.customer_id_token = c.id_token"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert joined == payments.num_rows
     for row in rows(tables["accounts"]):
         image = by_position[row["_position"]]["image"]

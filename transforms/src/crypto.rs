@@ -154,7 +154,10 @@ pub fn envelope_key_id(envelope: &[u8]) -> Result<[u8; KEY_ID_LEN], CryptoError>
     split_envelope(envelope).map(|(id, _, _)| id)
 }
 
-fn split_envelope(envelope: &[u8]) -> Result<([u8; KEY_ID_LEN], [u8; NONCE_LEN], &[u8]), CryptoError> {
+/// An envelope's key id, nonce and sealed body.
+type EnvelopeParts<'a> = ([u8; KEY_ID_LEN], [u8; NONCE_LEN], &'a [u8]);
+
+fn split_envelope(envelope: &[u8]) -> Result<EnvelopeParts<'_>, CryptoError> {
     if envelope.len() < ENVELOPE_OVERHEAD || envelope[0] != ENVELOPE_V1 {
         return Err(CryptoError::NotAnEnvelope);
     }

@@ -85,7 +85,12 @@ pub struct TableTransform {
 impl TableTransform {
     pub fn new(policy: Policy, tokenizer: &Tokenizer) -> Self {
         let sources = policy.source_columns();
-        let input_of = |c: &str| sources.iter().position(|s| s == c).expect("source columns cover every rule");
+        let input_of = |c: &str| {
+            sources
+                .iter()
+                .position(|s| s == c)
+                .expect("source columns cover every rule")
+        };
         let rules = policy
             .rules
             .iter()
@@ -98,7 +103,11 @@ impl TableTransform {
                 },
             })
             .collect();
-        let mut fields: Vec<Field> = policy.output_columns().into_iter().map(|c| Field::new(c.name, c.data_type, true)).collect();
+        let mut fields: Vec<Field> = policy
+            .output_columns()
+            .into_iter()
+            .map(|c| Field::new(c.name, c.data_type, true))
+            .collect();
         fields.extend([
             Field::new("_op", DataType::Utf8, false),
             Field::new("_subject", DataType::Utf8, false),
@@ -125,17 +134,38 @@ impl TableTransform {
         self.schema.clone()
     }
 
-    pub fn apply(&self, raw: &RawBatch, keys: &dyn KeyProvider, ingested_at_us: i64) -> Result<Transformed, TransformError> {
+    pub fn apply(
+        &self,
+        raw: &RawBatch,
+        keys: &dyn KeyProvider,
+        ingested_at_us: i64,
+    ) -> Result<Transformed, TransformError> {
         let n = raw.len();
         let mut rejects = Vec::new();
-        let subjects: Vec<Option<String>> = raw.columns[self.subject_input].iter().map(|v| v.map(|s| self.subject_tokenizer.token(s))).collect();
+        let subjects: Vec<Option<String>> = raw.columns[self.subject_input]
+            .iter()
+            .map(|v| v.map(|s| self.subject_tokenizer.token(s)))
+            .collect();
         for (row, s) in subjects.iter().enumerate() {
             if s.is_none() {
-                rejects.push(RowReject { row, column: self.policy.subject.clone(), reason: "subject column is null or missing" });
+                rejects.push(RowReject {
+                    row,
+                    column: self.policy.subject.clone(),
+                    reason: "subject column is null or missing",
+                });
             }
         }
-        let row_keys = if self.policy.needs_keys() { self.resolve_keys(&subjects, keys)? } else { vec![None; n] };
-        let ctx = RowContext { target: &self.policy.target, ops: &raw.ops, subjects: &subjects, keys: &row_keys };
+        let row_keys = if self.policy.needs_keys() {
+            self.resolve_keys(&subjects, keys)?
+        } else {
+            vec![None; n]
+        };
+        let ctx = RowContext {
+            target: &self.policy.target,
+            ops: &raw.ops,
+            subjects: &subjects,
+            keys: &row_keys,
+        };
 
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         let mut vault = VaultRowsBuilder::default();
@@ -146,7 +176,10 @@ impl TableTransform {
             match &compiled.rule.action {
                 Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, &mut errors)),
                 Action::Drop => {}
-                Action::Tokenize { .. } => columns.push(actions::tokenize::apply(compiled.tokenizer.as_ref().expect("compiled"), input)),
+                Action::Tokenize { .. } => columns.push(actions::tokenize::apply(
+                    compiled.tokenizer.as_ref().expect("compiled"),
+                    input,
+                )),
                 Action::Encrypt => columns.push(actions::encrypt::apply(&ctx, column, input)?),
                 Action::Vault => actions::vault::apply(&ctx, column, input, &mut vault)?,
                 Action::Generalize(f) => columns.push(actions::generalize::apply(f, input, &raw.event_ms, &mut errors)),
@@ -154,7 +187,11 @@ impl TableTransform {
             for d in &compiled.rule.derive {
                 columns.push(d.function.apply(input, &raw.event_ms, &mut errors));
             }
-            rejects.extend(errors.drain(..).map(|(row, reason)| RowReject { row, column: column.to_string(), reason }));
+            rejects.extend(errors.drain(..).map(|(row, reason)| RowReject {
+                row,
+                column: column.to_string(),
+                reason,
+            }));
         }
         columns.extend(meta_columns(raw, &subjects, ingested_at_us));
         let table = RecordBatch::try_new(self.schema.clone(), columns)?;
@@ -176,7 +213,11 @@ impl TableTransform {
     }
 
     /// One key lookup per distinct subject in the batch.
-    fn resolve_keys(&self, subjects: &[Option<String>], keys: &dyn KeyProvider) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
+    fn resolve_keys(
+        &self,
+        subjects: &[Option<String>],
+        keys: &dyn KeyProvider,
+    ) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
         let mut slot: HashMap<&str, usize> = HashMap::new();
         let mut distinct: Vec<&str> = Vec::new();
         for s in subjects.iter().flatten() {
@@ -186,7 +227,10 @@ impl TableTransform {
             });
         }
         let resolved = keys.subject_keys(&distinct)?;
-        Ok(subjects.iter().map(|s| s.as_deref().map(|t| resolved[slot[t]].clone())).collect())
+        Ok(subjects
+            .iter()
+            .map(|s| s.as_deref().map(|t| resolved[slot[t]].clone()))
+            .collect())
     }
 }
 
@@ -197,10 +241,10 @@ fn meta_columns(raw: &RawBatch, subjects: &[Option<String>], ingested_at_us: i64
     let mut source_ts = TimestampMicrosecondBuilder::with_capacity(n);
     let mut ingested = TimestampMicrosecondBuilder::with_capacity(n);
     let mut date = Date32Builder::with_capacity(n);
-    for i in 0..n {
-        op.append_value(raw.ops[i].code());
+    for (i, (row_op, row_subject)) in raw.ops.iter().zip(subjects).enumerate() {
+        op.append_value(row_op.code());
         // Rows without a subject are rejected and filtered out; the empty string never lands.
-        subject.append_value(subjects[i].as_deref().unwrap_or(""));
+        subject.append_value(row_subject.as_deref().unwrap_or(""));
         let ms = raw.event_ms.value(i);
         source_ts.append_value(ms.saturating_mul(1000));
         ingested.append_value(ingested_at_us);
@@ -262,14 +306,22 @@ action = "drop"
 "#;
 
     fn transform() -> TableTransform {
-        TableTransform::new(Policy::from_toml(Path::new("t.toml"), POLICY).unwrap(), &Tokenizer::new(&[5; 32]))
+        TableTransform::new(
+            Policy::from_toml(Path::new("t.toml"), POLICY).unwrap(),
+            &Tokenizer::new(&[5; 32]),
+        )
     }
 
     fn raw(rows: &[[Option<&str>; 5]]) -> RawBatch {
         let mut b = RawBatchBuilder::new(5);
         for (i, r) in rows.iter().enumerate() {
             let mut values: Vec<Option<Cow<str>>> = r.iter().map(|v| v.map(Cow::Borrowed)).collect();
-            b.push(if i == 2 { Op::Delete } else { Op::Create }, 1_700_000_000_000, &format!("f:{i}"), &mut values);
+            b.push(
+                if i == 2 { Op::Delete } else { Op::Create },
+                1_700_000_000_000,
+                &format!("f:{i}"),
+                &mut values,
+            );
         }
         b.finish()
     }
@@ -279,7 +331,13 @@ action = "drop"
         let t = transform();
         // columns in source order: id, email, national_id, balance, notes
         let raw = raw(&[
-            [Some("1"), Some("a@x.test"), Some("111-22-3333"), Some("10"), Some("secret note")],
+            [
+                Some("1"),
+                Some("a@x.test"),
+                Some("111-22-3333"),
+                Some("10"),
+                Some("secret note"),
+            ],
             [Some("2"), None, Some("222-33-4444"), Some("ten"), None],
             [Some("3"), Some("c@x.test"), None, Some("30"), None],
             [None, Some("d@x.test"), None, Some("40"), None],
@@ -287,22 +345,42 @@ action = "drop"
         let keys = TestKeys::default();
         let out = t.apply(&raw, &keys, 0).unwrap();
         assert_eq!(*keys.0.lock().unwrap(), 1, "one key lookup per batch");
-        assert_eq!(out.rejects.iter().map(|r| (r.row, r.column.as_str())).collect::<Vec<_>>(), vec![(1, "balance"), (3, "id")]);
+        assert_eq!(
+            out.rejects
+                .iter()
+                .map(|r| (r.row, r.column.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "balance"), (3, "id")]
+        );
         assert_eq!(out.table.num_rows(), 2);
         let schema = out.table.schema();
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        assert_eq!(&names[..5], &["id_token", "has_email", "national_id_enc", "balance", "_op"]);
+        assert_eq!(
+            &names[..5],
+            &["id_token", "has_email", "national_id_enc", "balance", "_op"]
+        );
         // vault: row 0 only (row 1 rejected, row 2 is a delete, row 3 rejected)
         let vault = out.vault.unwrap();
         assert_eq!(vault.num_rows(), 1);
         let subject = t.subject_tokenizer.token("1");
         let ct = vault.column(3).as_any().downcast_ref::<BinaryArray>().unwrap().value(0);
-        assert_eq!(test_key(&subject).open(ct, &field_aad("customers", "email", &subject)).unwrap(), b"a@x.test");
+        assert_eq!(
+            test_key(&subject)
+                .open(ct, &field_aad("customers", "email", &subject))
+                .unwrap(),
+            b"a@x.test"
+        );
         // the encrypted column opens only in its own place
         let enc = out.table.column(2).as_any().downcast_ref::<BinaryArray>().unwrap();
         let k = test_key(&subject);
-        assert_eq!(k.open(enc.value(0), &field_aad("customers", "national_id", &subject)).unwrap(), b"111-22-3333");
-        assert!(k.open(enc.value(0), &field_aad("customers", "email", &subject)).is_err());
+        assert_eq!(
+            k.open(enc.value(0), &field_aad("customers", "national_id", &subject))
+                .unwrap(),
+            b"111-22-3333"
+        );
+        assert!(k
+            .open(enc.value(0), &field_aad("customers", "email", &subject))
+            .is_err());
         assert!(enc.is_null(1), "row 2 had no national id");
     }
 }

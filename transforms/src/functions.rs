@@ -18,18 +18,24 @@ pub enum Function {
     /// Lower-cased part after the last `@`; null when the value is not an address.
     EmailDomain,
     /// Age at the event's time, from a date of birth, as a band label ("25-34", "65+").
-    AgeBand { bands: Vec<i64> },
+    AgeBand {
+        bands: Vec<i64>,
+    },
     Year,
     /// `"2024-Q3"`.
     Quarter,
     /// `"2024-07"`.
     Month,
     /// The first `length` characters, whitespace trimmed.
-    Prefix { length: usize },
+    Prefix {
+        length: usize,
+    },
     /// Number of characters.
     Length,
     /// Label of the half-open interval `[edge_i, edge_i+1)` a number falls in.
-    Bucket { edges: Vec<f64> },
+    Bucket {
+        edges: Vec<f64>,
+    },
 }
 
 impl Function {
@@ -206,7 +212,9 @@ pub fn parse_date(v: &str) -> Option<NaiveDate> {
         if n.abs() < MAX_EPOCH_DAYS {
             return NaiveDate::from_num_days_from_ce_opt(n as i32 + 719_163);
         }
-        return epoch_micros_from_int(n).and_then(DateTime::from_timestamp_micros).map(|t| t.date_naive());
+        return epoch_micros_from_int(n)
+            .and_then(DateTime::from_timestamp_micros)
+            .map(|t| t.date_naive());
     }
     NaiveDate::parse_from_str(v.get(..10)?, "%Y-%m-%d").ok()
 }
@@ -242,7 +250,7 @@ fn epoch_micros_from_int(n: i64) -> Option<i64> {
 
 /// Days since the epoch, as Arrow `Date32` stores them.
 pub fn epoch_days(d: NaiveDate) -> i32 {
-    (d.num_days_from_ce() - 719_163) as i32
+    d.num_days_from_ce() - 719_163
 }
 
 #[cfg(test)]
@@ -269,7 +277,15 @@ mod tests {
         let bands = vec![18, 25, 35, 45, 55, 65];
         let (out, errors) = run(
             Function::AgeBand { bands },
-            &[Some("2006-06-16"), Some("2006-06-15"), Some("1990-01-01"), Some("1940-01-01"), Some("12345"), None, Some("soon")],
+            &[
+                Some("2006-06-16"),
+                Some("2006-06-15"),
+                Some("1990-01-01"),
+                Some("1940-01-01"),
+                Some("12345"),
+                None,
+                Some("soon"),
+            ],
         );
         assert_eq!(errors, vec![(6, "not a date")]);
         // Day 12345 since the epoch is 2003-10-20: 20 years old at the event.
@@ -293,8 +309,16 @@ mod tests {
         assert_eq!(strings(&out), vec![Some("example.com".into()), None, None]);
         let (out, _) = run(Function::Prefix { length: 3 }, &[Some(" Q47 6GG")]);
         assert_eq!(strings(&out), vec![Some("Q47".into())]);
-        let (out, errors) = run(Function::Bucket { edges: vec![0.0, 1000.0, 5000.0] }, &[Some("-1"), Some("999.5"), Some("5000"), Some("x")]);
-        assert_eq!(strings(&out), vec![Some("<0".into()), Some("[0,1000)".into()), Some(">=5000".into()), None]);
+        let (out, errors) = run(
+            Function::Bucket {
+                edges: vec![0.0, 1000.0, 5000.0],
+            },
+            &[Some("-1"), Some("999.5"), Some("5000"), Some("x")],
+        );
+        assert_eq!(
+            strings(&out),
+            vec![Some("<0".into()), Some("[0,1000)".into()), Some(">=5000".into()), None]
+        );
         assert_eq!(errors, vec![(3, "not a number")]);
         let (out, _) = run(Function::Quarter, &[Some("2024-08-01"), Some("2024-02-01T10:00:00Z")]);
         assert_eq!(strings(&out), vec![Some("2024-Q3".into()), Some("2024-Q1".into())]);

@@ -14,8 +14,8 @@ pub mod raw;
 pub mod sensitive;
 pub mod vault;
 
-pub use engine::{RowReject, TableTransform, Transformed};
 pub use config_error::ConfigError;
+pub use engine::{RowReject, TableTransform, Transformed};
 pub use policy::Policy;
 pub use raw::{Op, RawBatch, RawBatchBuilder};
 pub use sensitive::Sensitive;

@@ -64,21 +64,35 @@ impl Policy {
         let err = |span: std::ops::Range<usize>, field: &str, message: String| {
             ConfigError::new(file, text, span.start, field, message)
         };
-        for (field, value) in [("table", &raw.table), ("target", &raw.target), ("subject", &raw.subject), ("token_domain", &raw.token_domain)] {
+        for (field, value) in [
+            ("table", &raw.table),
+            ("target", &raw.target),
+            ("subject", &raw.subject),
+            ("token_domain", &raw.token_domain),
+        ] {
             if value.get_ref().trim().is_empty() {
                 return Err(err(value.span(), field, "must not be empty".into()));
             }
         }
         if !is_identifier(raw.target.get_ref()) {
-            return Err(err(raw.target.span(), "target", "must be letters, digits and _ (it names a table directory)".into()));
+            return Err(err(
+                raw.target.span(),
+                "target",
+                "must be letters, digits and _ (it names a table directory)".into(),
+            ));
         }
         let mut rules = Vec::with_capacity(raw.columns.len());
         for (column, spec) in raw.columns {
             let field = format!("columns.{column}");
             let span = spec.span();
             let spec = spec.into_inner();
-            let action = parse_action(&spec, raw.token_domain.get_ref())
-                .map_err(|(at, message)| err(at.unwrap_or_else(|| span.clone()), &format!("{field}.{}", message.0), message.1))?;
+            let action = parse_action(&spec, raw.token_domain.get_ref()).map_err(|(at, message)| {
+                err(
+                    at.unwrap_or_else(|| span.clone()),
+                    &format!("{field}.{}", message.0),
+                    message.1,
+                )
+            })?;
             let mut derive = Vec::with_capacity(spec.derive.len());
             for d in spec.derive {
                 let dspan = d.span();
@@ -86,7 +100,11 @@ impl Policy {
                 let function = parse_function(&d.func, &d.params())
                     .map_err(|m| err(d.func.span(), &format!("{field}.derive.fn"), m))?;
                 if !is_identifier(&d.name) {
-                    return Err(err(dspan, &format!("{field}.derive.name"), "must be letters, digits and _".into()));
+                    return Err(err(
+                        dspan,
+                        &format!("{field}.derive.name"),
+                        "must be letters, digits and _".into(),
+                    ));
                 }
                 derive.push(Derived { name: d.name, function });
             }
@@ -96,13 +114,26 @@ impl Policy {
             });
             if let Some((name, at)) = &rename {
                 if !is_identifier(name) {
-                    return Err(err(at.clone(), &format!("{field}.as"), "must be letters, digits and _".into()));
+                    return Err(err(
+                        at.clone(),
+                        &format!("{field}.as"),
+                        "must be letters, digits and _".into(),
+                    ));
                 }
                 if matches!(action, Action::Drop | Action::Vault) {
-                    return Err(err(at.clone(), &format!("{field}.as"), format!("`{}` writes no column to rename", action.name())));
+                    return Err(err(
+                        at.clone(),
+                        &format!("{field}.as"),
+                        format!("`{}` writes no column to rename", action.name()),
+                    ));
                 }
             }
-            rules.push(ColumnRule { column, action, rename: rename.map(|r| r.0), derive });
+            rules.push(ColumnRule {
+                column,
+                action,
+                rename: rename.map(|r| r.0),
+                derive,
+            });
         }
         let policy = Policy {
             table: raw.table.into_inner(),
@@ -115,10 +146,22 @@ impl Policy {
         let mut seen = HashSet::new();
         for out in policy.output_columns() {
             if out.name.starts_with('_') {
-                return Err(ConfigError::new(file, text, find(text, &out.name), &out.name, "output names starting with `_` are reserved for metadata columns"));
+                return Err(ConfigError::new(
+                    file,
+                    text,
+                    find(text, &out.name),
+                    &out.name,
+                    "output names starting with `_` are reserved for metadata columns",
+                ));
             }
             if !seen.insert(out.name.clone()) {
-                return Err(ConfigError::new(file, text, find(text, &out.name), &out.name, "two rules write an output column of this name"));
+                return Err(ConfigError::new(
+                    file,
+                    text,
+                    find(text, &out.name),
+                    &out.name,
+                    "two rules write an output column of this name",
+                ));
             }
         }
         let _ = raw.subject;
@@ -135,7 +178,9 @@ impl Policy {
     }
 
     pub fn needs_keys(&self) -> bool {
-        self.rules.iter().any(|r| matches!(r.action, Action::Encrypt | Action::Vault))
+        self.rules
+            .iter()
+            .any(|r| matches!(r.action, Action::Encrypt | Action::Vault))
     }
 
     /// The analytic table's data columns, in order (metadata columns follow them).
@@ -143,7 +188,12 @@ impl Policy {
         let mut out = Vec::new();
         for rule in &self.rules {
             if let (Some(name), Some(data_type)) = (rule.output_name(), rule.action.output_type()) {
-                out.push(OutputColumn { name, data_type, source: rule.column.clone(), how: rule.action.describe() });
+                out.push(OutputColumn {
+                    name,
+                    data_type,
+                    source: rule.column.clone(),
+                    how: rule.action.describe(),
+                });
             }
             for d in &rule.derive {
                 out.push(OutputColumn {
@@ -172,32 +222,68 @@ fn parse_action(spec: &RawColumn, default_domain: &str) -> Result<Action, FieldE
     let at = Some(spec.action.span());
     let action = match spec.action.get_ref().as_str() {
         "keep" => {
-            let ty = spec.ty.as_ref().ok_or((at.clone(), ("type", format!("`keep` needs a type: one of {}", KeepType::NAMES.join(", ")))))?;
-            let kt = KeepType::parse(ty.get_ref())
-                .ok_or((Some(ty.span()), ("type", format!("unknown type `{}`: one of {}", ty.get_ref(), KeepType::NAMES.join(", ")))))?;
+            let ty = spec.ty.as_ref().ok_or((
+                at.clone(),
+                (
+                    "type",
+                    format!("`keep` needs a type: one of {}", KeepType::NAMES.join(", ")),
+                ),
+            ))?;
+            let kt = KeepType::parse(ty.get_ref()).ok_or((
+                Some(ty.span()),
+                (
+                    "type",
+                    format!("unknown type `{}`: one of {}", ty.get_ref(), KeepType::NAMES.join(", ")),
+                ),
+            ))?;
             Action::Keep(kt)
         }
         "drop" => Action::Drop,
         "tokenize" => Action::Tokenize {
-            domain: spec.domain.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| default_domain.to_string()),
+            domain: spec
+                .domain
+                .as_ref()
+                .map(|d| d.get_ref().clone())
+                .unwrap_or_else(|| default_domain.to_string()),
         },
         "encrypt" => Action::Encrypt,
         "vault" => Action::Vault,
         "generalize" => {
             let params = spec.params();
-            let f = params.func.ok_or((at.clone(), ("fn", format!("`generalize` needs fn: one of {}", Function::NAMES.join(", ")))))?;
+            let f = params.func.ok_or((
+                at.clone(),
+                (
+                    "fn",
+                    format!("`generalize` needs fn: one of {}", Function::NAMES.join(", ")),
+                ),
+            ))?;
             let function = parse_function(f, &params).map_err(|m| (Some(f.span()), ("fn", m)))?;
             if function == Function::IsPresent {
-                return Err((Some(f.span()), ("fn", "`is_present` is for derive; generalize would lose the column".into())));
+                return Err((
+                    Some(f.span()),
+                    (
+                        "fn",
+                        "`is_present` is for derive; generalize would lose the column".into(),
+                    ),
+                ));
             }
             Action::Generalize(function)
         }
         other => {
-            return Err((at, ("action", format!("unknown action `{other}`: one of {}", Action::NAMES.join(", ")))));
+            return Err((
+                at,
+                (
+                    "action",
+                    format!("unknown action `{other}`: one of {}", Action::NAMES.join(", ")),
+                ),
+            ));
         }
     };
     if spec.domain.is_some() && !matches!(action, Action::Tokenize { .. }) {
-        return Err((spec.domain.as_ref().map(|d| d.span()), ("domain", "only `tokenize` takes a domain".into())));
+        return Err((
+            spec.domain.as_ref().map(|d| d.span()),
+            ("domain", "only `tokenize` takes a domain".into()),
+        ));
     }
     Ok(action)
 }
@@ -232,7 +318,12 @@ fn parse_function(name: &Spanned<String>, p: &RawParams) -> Result<Function, Str
             }
             Function::Bucket { edges }
         }
-        other => return Err(format!("unknown function `{other}`: one of {}", Function::NAMES.join(", "))),
+        other => {
+            return Err(format!(
+                "unknown function `{other}`: one of {}",
+                Function::NAMES.join(", ")
+            ))
+        }
     })
 }
 
@@ -287,13 +378,23 @@ pub(super) struct RawDerive {
 
 impl RawColumn {
     fn params(&self) -> RawParams<'_> {
-        RawParams { func: self.func.as_ref(), bands: &self.bands, length: self.length, edges: &self.edges }
+        RawParams {
+            func: self.func.as_ref(),
+            bands: &self.bands,
+            length: self.length,
+            edges: &self.edges,
+        }
     }
 }
 
 impl RawDerive {
     fn params(&self) -> RawParams<'_> {
-        RawParams { func: Some(&self.func), bands: &self.bands, length: self.length, edges: &self.edges }
+        RawParams {
+            func: Some(&self.func),
+            bands: &self.bands,
+            length: self.length,
+            edges: &self.edges,
+        }
     }
 }
 
@@ -388,7 +489,15 @@ action = "drop"
         let names: Vec<String> = p.output_columns().into_iter().map(|c| c.name).collect();
         assert_eq!(
             names,
-            ["id_token", "has_email", "email_domain", "date_of_birth_age_band", "postcode_area", "national_id_enc", "balance"]
+            [
+                "id_token",
+                "has_email",
+                "email_domain",
+                "date_of_birth_age_band",
+                "postcode_area",
+                "national_id_enc",
+                "balance"
+            ]
         );
         assert!(p.needs_keys());
         assert_eq!(p.source_columns().len(), 7);
@@ -400,7 +509,11 @@ action = "drop"
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.field, "columns.balance.type");
         assert_eq!(e.line, 30);
-        assert!(e.to_string().starts_with("customers.toml:30: columns.balance.type: unknown type `int65`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("customers.toml:30: columns.balance.type: unknown type `int65`"),
+            "{e}"
+        );
 
         let e = parse(&CUSTOMERS.replace("action = \"drop\"", "action = \"shred\"")).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("columns.notes.action", 33));

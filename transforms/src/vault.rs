@@ -52,7 +52,12 @@ impl VaultRowsBuilder {
     }
 
     /// The vault batch, without rows whose source row was rejected. `None` when empty.
-    pub fn finish(self, raw: &RawBatch, rejected: &[bool], ingested_at_us: i64) -> Result<Option<RecordBatch>, ArrowError> {
+    pub fn finish(
+        self,
+        raw: &RawBatch,
+        rejected: &[bool],
+        ingested_at_us: i64,
+    ) -> Result<Option<RecordBatch>, ArrowError> {
         let kept: Vec<&VaultRow> = self.rows.iter().filter(|r| !rejected[r.row]).collect();
         if kept.is_empty() {
             return Ok(None);

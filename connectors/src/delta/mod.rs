@@ -18,11 +18,22 @@ use crate::SourcePosition;
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaSinkError {
     #[error("table {table}: {source}")]
-    Delta { table: String, source: deltalake::DeltaTableError },
+    Delta {
+        table: String,
+        source: Box<deltalake::DeltaTableError>,
+    },
     #[error("table {table}: cannot create directory {path}: {source}")]
-    Io { table: String, path: PathBuf, source: std::io::Error },
+    Io {
+        table: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; schema evolution is not supported yet: write to a new lake root or restore the policy")]
-    SchemaChanged { table: String, existing: String, wanted: String },
+    SchemaChanged {
+        table: String,
+        existing: String,
+        wanted: String,
+    },
 }
 
 /// A Delta table being appended to.
@@ -38,11 +49,32 @@ pub struct DeltaSink {
 impl DeltaSink {
     /// Opens the table at `location`, creating it with `schema` if absent. `app_prefix` scopes
     /// the `txn` application ids (the pipeline's name).
-    pub async fn open_or_create(location: &Path, name: &str, app_prefix: &str, schema: SchemaRef, partition_by: &[&str]) -> Result<Self, DeltaSinkError> {
-        let err = |source| DeltaSinkError::Delta { table: name.to_string(), source };
-        std::fs::create_dir_all(location).map_err(|source| DeltaSinkError::Io { table: name.to_string(), path: location.to_path_buf(), source })?;
-        let abs = std::fs::canonicalize(location).map_err(|source| DeltaSinkError::Io { table: name.to_string(), path: location.to_path_buf(), source })?;
-        let url = url::Url::from_directory_path(&abs).map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(abs.display().to_string())))?;
+    pub async fn open_or_create(
+        location: &Path,
+        name: &str,
+        app_prefix: &str,
+        schema: SchemaRef,
+        partition_by: &[&str],
+    ) -> Result<Self, DeltaSinkError> {
+        let err = |source| DeltaSinkError::Delta {
+            table: name.to_string(),
+            source: Box::new(source),
+        };
+        std::fs::create_dir_all(location).map_err(|source| DeltaSinkError::Io {
+            table: name.to_string(),
+            path: location.to_path_buf(),
+            source,
+        })?;
+        let abs = std::fs::canonicalize(location).map_err(|source| DeltaSinkError::Io {
+            table: name.to_string(),
+            path: location.to_path_buf(),
+            source,
+        })?;
+        let url = url::Url::from_directory_path(&abs).map_err(|_| {
+            err(deltalake::DeltaTableError::InvalidTableLocation(
+                abs.display().to_string(),
+            ))
+        })?;
         let mut table = DeltaTable::try_from_url(url).await.map_err(err)?;
         if table.version().is_none() {
             let kernel: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
@@ -57,9 +89,18 @@ impl DeltaSink {
         }
         let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
         let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-        let names = |s: &StructType| s.fields().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
+        let names = |s: &StructType| {
+            s.fields()
+                .map(|f| format!("{}:{}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         if names(&existing) != names(&wanted) {
-            return Err(DeltaSinkError::SchemaChanged { table: name.to_string(), existing: names(&existing), wanted: names(&wanted) });
+            return Err(DeltaSinkError::SchemaChanged {
+                table: name.to_string(),
+                existing: names(&existing),
+                wanted: names(&wanted),
+            });
         }
         let writer = RecordBatchWriter::for_table(&table).map_err(err)?;
         Ok(Self {
@@ -83,15 +124,24 @@ impl DeltaSink {
 
     /// Last position of `stream` committed to this table, if any.
     pub async fn committed(&self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
-        let err = |source| DeltaSinkError::Delta { table: self.name.clone(), source };
+        let err = |source| DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(source),
+        };
         let snapshot = self.table.snapshot().map_err(err)?;
-        snapshot.transaction_version(self.table.log_store().as_ref(), self.app_id(stream)).await.map_err(err)
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), self.app_id(stream))
+            .await
+            .map_err(err)
     }
 
     /// Buffers rows (accepted, not durable).
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), DeltaSinkError> {
         self.buffered_rows += batch.num_rows();
-        self.writer.write(batch).await.map_err(|source| DeltaSinkError::Delta { table: self.name.clone(), source })
+        self.writer.write(batch).await.map_err(|source| DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(source),
+        })
     }
 
     pub fn buffered_rows(&self) -> usize {
@@ -101,10 +151,16 @@ impl DeltaSink {
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     pub async fn commit(&mut self, positions: &[SourcePosition]) -> Result<u64, DeltaSinkError> {
-        let err = |source| DeltaSinkError::Delta { table: self.name.clone(), source };
+        let err = |source| DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(source),
+        };
         let adds = self.writer.flush().await.map_err(err)?;
         let actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
-        let txns = positions.iter().map(|p| Transaction::new(self.app_id(&p.stream), p.offset)).collect();
+        let txns = positions
+            .iter()
+            .map(|p| Transaction::new(self.app_id(&p.stream), p.offset))
+            .collect();
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: (!self.partition_by.is_empty()).then(|| self.partition_by.clone()),
@@ -115,7 +171,7 @@ impl DeltaSink {
             .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
-            .map_err(|e| err(e.into()))?;
+            .map_err(err)?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.buffered_rows = 0;

@@ -33,21 +33,42 @@ impl SourceFile {
 /// Lists the event files of a path: the file itself, or a directory's `.jsonl`, `.json` and
 /// `.gz` files in name order (recursively).
 pub fn list_files(root: &Path) -> Result<Vec<SourceFile>, FileSourceError> {
-    let io_err = |source| FileSourceError::Io { path: root.to_path_buf(), source };
+    let io_err = |source| FileSourceError::Io {
+        path: root.to_path_buf(),
+        source,
+    };
     let meta = std::fs::metadata(root).map_err(io_err)?;
     if meta.is_file() {
-        let stream = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        return Ok(vec![SourceFile { stream, path: root.to_path_buf() }]);
+        let stream = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Ok(vec![SourceFile {
+            stream,
+            path: root.to_path_buf(),
+        }]);
     }
     let mut files = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|source| FileSourceError::Io { path: dir.clone(), source })? {
-            let path = entry.map_err(|source| FileSourceError::Io { path: dir.clone(), source })?.path();
+        for entry in std::fs::read_dir(&dir).map_err(|source| FileSourceError::Io {
+            path: dir.clone(),
+            source,
+        })? {
+            let path = entry
+                .map_err(|source| FileSourceError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
             if path.is_dir() {
                 dirs.push(path);
             } else if is_event_file(&path) {
-                let stream = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+                let stream = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 files.push(SourceFile { stream, path });
             }
         }
@@ -91,7 +112,10 @@ impl LineReader {
     /// Opens `file` positioned at `start` (a line boundary from a committed position). Lines
     /// longer than `max_line` bytes are cut to that length (the caller quarantines them).
     pub fn open(file: &SourceFile, start: u64, max_line: usize) -> Result<Self, FileSourceError> {
-        let io_err = |source| FileSourceError::Io { path: file.path.clone(), source };
+        let io_err = |source| FileSourceError::Io {
+            path: file.path.clone(),
+            source,
+        };
         let mut raw = File::open(&file.path).map_err(io_err)?;
         let mut reader: Box<dyn BufRead + Send> = if file.gzipped() {
             let mut r = BufReader::with_capacity(1 << 20, MultiGzDecoder::new(BufReader::new(raw)));
@@ -104,7 +128,11 @@ impl LineReader {
         };
         // Make sure the stream really reached the position (a shorter file means it changed).
         let _ = reader.fill_buf();
-        Ok(Self { reader, offset: start, max_line })
+        Ok(Self {
+            reader,
+            offset: start,
+            max_line,
+        })
     }
 
     /// Reads the next line into `buf` (cleared first, newline removed). `None` at end of file.
@@ -141,7 +169,11 @@ impl LineReader {
             len -= 1;
         }
         self.offset += consumed;
-        Ok(Some(LineEnd { end_offset: self.offset, len, terminated }))
+        Ok(Some(LineEnd {
+            end_offset: self.offset,
+            len,
+            terminated,
+        }))
     }
 }
 
@@ -155,18 +187,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body = b"first\nsecond line\r\nthird-is-too-long\nlast-without-newline";
         std::fs::write(dir.path().join("a.jsonl"), body).unwrap();
-        let mut gz = flate2::write::GzEncoder::new(File::create(dir.path().join("b.jsonl.gz")).unwrap(), flate2::Compression::fast());
+        let mut gz = flate2::write::GzEncoder::new(
+            File::create(dir.path().join("b.jsonl.gz")).unwrap(),
+            flate2::Compression::fast(),
+        );
         gz.write_all(body).unwrap();
         gz.finish().unwrap();
         std::fs::write(dir.path().join("ignored.txt"), b"x").unwrap();
         let files = list_files(dir.path()).unwrap();
-        assert_eq!(files.iter().map(|f| f.stream.as_str()).collect::<Vec<_>>(), ["a.jsonl", "b.jsonl.gz"]);
+        assert_eq!(
+            files.iter().map(|f| f.stream.as_str()).collect::<Vec<_>>(),
+            ["a.jsonl", "b.jsonl.gz"]
+        );
         for f in &files {
             let mut r = LineReader::open(f, 0, 8).unwrap();
             let mut buf = Vec::new();
             let mut seen = Vec::new();
             while let Some(end) = r.next_line(&mut buf).unwrap() {
-                seen.push((String::from_utf8(buf.clone()).unwrap(), end.end_offset, end.truncated(8)));
+                seen.push((
+                    String::from_utf8(buf.clone()).unwrap(),
+                    end.end_offset,
+                    end.truncated(8),
+                ));
             }
             assert_eq!(
                 seen,

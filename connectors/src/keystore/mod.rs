@@ -43,8 +43,13 @@ impl MasterKey {
     /// one spelling, one place).
     pub fn from_hex(text: &str) -> Result<Self, KeyStoreError> {
         let bytes = hex::decode(text.trim()).map_err(|_| KeyStoreError::BadMasterKey("expected 64 hex characters"))?;
-        let material: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyStoreError::BadMasterKey("expected 32 bytes (64 hex characters)"))?;
-        let fingerprint = digest::digest(&digest::SHA256, &[b"sluice:master-id:v1\0".as_slice(), &material].concat());
+        let material: [u8; KEY_LEN] = bytes
+            .try_into()
+            .map_err(|_| KeyStoreError::BadMasterKey("expected 32 bytes (64 hex characters)"))?;
+        let fingerprint = digest::digest(
+            &digest::SHA256,
+            &[b"sluice:master-id:v1\0".as_slice(), &material].concat(),
+        );
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&fingerprint.as_ref()[..KEY_ID_LEN]);
         Ok(Self(DataKey::new(id, &material)?))
@@ -100,7 +105,9 @@ impl KeyStore {
         // keys that would silently split the lake in two.
         match store.system_key("master-check") {
             Ok(_) => Ok(store),
-            Err(KeyStoreError::Crypto(CryptoError::Authentication)) => Err(KeyStoreError::WrongMasterKey(path.to_path_buf())),
+            Err(KeyStoreError::Crypto(CryptoError::Authentication)) => {
+                Err(KeyStoreError::WrongMasterKey(path.to_path_buf()))
+            }
             Err(e) => Err(e),
         }
     }
@@ -125,7 +132,10 @@ impl KeyStore {
             let existing = system.get(name).map_err(|e| self.err(e))?.map(|g| key_id(g.value()));
             match existing {
                 Some(id) => {
-                    let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.map(|g| g.value().to_vec());
+                    let wrapped = keys
+                        .get(id.as_slice())
+                        .map_err(|e| self.err(e))?
+                        .map(|g| g.value().to_vec());
                     let wrapped = wrapped.ok_or_else(|| self.err("system key id without key"))?;
                     let material = self.master.0.open(&wrapped, &wrap_aad(&id))?;
                     let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
@@ -133,7 +143,8 @@ impl KeyStore {
                 }
                 None => {
                     let (id, material) = generate_key()?;
-                    keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice()).map_err(|e| self.err(e))?;
+                    keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice())
+                        .map_err(|e| self.err(e))?;
                     system.insert(name, id.as_slice()).map_err(|e| self.err(e))?;
                     (id, material)
                 }
@@ -176,7 +187,10 @@ impl KeyStore {
             for (slot, token) in found.iter_mut().zip(tokens) {
                 if let Some(id) = subjects.get(*token).map_err(|e| self.err(e))? {
                     let id = key_id(id.value());
-                    let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.ok_or_else(|| self.err("subject key id without key"))?;
+                    let wrapped = keys
+                        .get(id.as_slice())
+                        .map_err(|e| self.err(e))?
+                        .ok_or_else(|| self.err("subject key id without key"))?;
                     *slot = Some(Arc::new(self.master.unwrap(&id, wrapped.value())?));
                 }
             }
@@ -191,15 +205,23 @@ impl KeyStore {
                         continue;
                     }
                     // Another worker may have created it since our read.
-                    let existing = subjects.get(*token).map_err(|e| self.err(e))?.map(|g| key_id(g.value()));
+                    let existing = subjects
+                        .get(*token)
+                        .map_err(|e| self.err(e))?
+                        .map(|g| key_id(g.value()));
                     let key = match existing {
                         Some(id) => {
-                            let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?.map(|g| g.value().to_vec());
-                            self.master.unwrap(&id, &wrapped.ok_or_else(|| self.err("subject key id without key"))?)?
+                            let wrapped = keys
+                                .get(id.as_slice())
+                                .map_err(|e| self.err(e))?
+                                .map(|g| g.value().to_vec());
+                            self.master
+                                .unwrap(&id, &wrapped.ok_or_else(|| self.err("subject key id without key"))?)?
                         }
                         None => {
                             let (id, material) = generate_key()?;
-                            keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice()).map_err(|e| self.err(e))?;
+                            keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice())
+                                .map_err(|e| self.err(e))?;
                             subjects.insert(*token, id.as_slice()).map_err(|e| self.err(e))?;
                             DataKey::new(id, &material)?
                         }
@@ -232,7 +254,8 @@ impl KeyProvider for KeyStore {
                 out.push(hit);
             }
         }
-        self.hits.fetch_add((tokens.len() - missing.len()) as u64, Ordering::Relaxed);
+        self.hits
+            .fetch_add((tokens.len() - missing.len()) as u64, Ordering::Relaxed);
         self.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
         if !missing.is_empty() {
             let loaded = self.load_or_create(&missing).map_err(|e| KeyError(e.to_string()))?;
@@ -257,7 +280,10 @@ fn key_id(bytes: &[u8]) -> [u8; KEY_ID_LEN] {
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> KeyStoreError {
-    KeyStoreError::Store { path: path.to_path_buf(), message: e.to_string() }
+    KeyStoreError::Store {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -285,10 +311,17 @@ mod tests {
         let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
         let again = store.subject_keys(&["a"]).unwrap();
         assert_eq!(again[0].open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
-        assert_eq!(store.tokenizer().unwrap().domain("d").token("1"), token_a, "token key persists");
+        assert_eq!(
+            store.tokenizer().unwrap().domain("d").token("1"),
+            token_a,
+            "token key persists"
+        );
         drop(store);
         let other = MASTER.replace("00", "ff");
-        assert!(matches!(KeyStore::open(&path, MasterKey::from_hex(&other).unwrap(), 2), Err(KeyStoreError::WrongMasterKey(_))));
+        assert!(matches!(
+            KeyStore::open(&path, MasterKey::from_hex(&other).unwrap(), 2),
+            Err(KeyStoreError::WrongMasterKey(_))
+        ));
         assert!(MasterKey::from_hex("abcd").is_err());
     }
 }

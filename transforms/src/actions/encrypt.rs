@@ -13,7 +13,9 @@ pub fn apply(ctx: &RowContext<'_>, column: &str, input: &StringArray) -> Result<
     let mut b = BinaryBuilder::with_capacity(input.len(), input.value_data().len() + input.len() * ENVELOPE_OVERHEAD);
     for (i, v) in input.iter().enumerate() {
         match (v, ctx.key(i)) {
-            (Some(v), Some((key, subject))) => b.append_value(key.seal(v.as_bytes(), &field_aad(ctx.target, column, subject))?),
+            (Some(v), Some((key, subject))) => {
+                b.append_value(key.seal(v.as_bytes(), &field_aad(ctx.target, column, subject))?)
+            }
             _ => b.append_null(),
         }
     }

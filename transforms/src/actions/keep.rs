@@ -51,9 +51,16 @@ impl KeepType {
 
 /// Converts text values to the declared type; a value that does not fit is a row error.
 pub fn apply(ty: KeepType, input: &StringArray, errors: &mut Vec<RowError>) -> ArrayRef {
-    fn typed<B, T>(input: &StringArray, errors: &mut Vec<RowError>, mut builder: B, reason: &'static str, parse: impl Fn(&str) -> Option<T>, mut append: impl FnMut(&mut B, Option<T>)) -> B {
+    fn typed<B, T>(
+        input: &StringArray,
+        errors: &mut Vec<RowError>,
+        mut builder: B,
+        reason: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+        mut append: impl FnMut(&mut B, Option<T>),
+    ) -> B {
         for (i, v) in input.iter().enumerate() {
-            match v.map(|s| parse(s)) {
+            match v.map(&parse) {
                 None => append(&mut builder, None),
                 Some(Some(x)) => append(&mut builder, Some(x)),
                 Some(None) => {
@@ -67,14 +74,61 @@ pub fn apply(ty: KeepType, input: &StringArray, errors: &mut Vec<RowError>) -> A
     let n = input.len();
     match ty {
         KeepType::String => Arc::new(input.clone()),
-        KeepType::Int64 => Arc::new(typed(input, errors, Int64Builder::with_capacity(n), "not a 64-bit integer", |s| s.trim().parse::<i64>().ok(), |b, v| b.append_option(v)).finish()),
-        KeepType::Float64 => Arc::new(typed(input, errors, Float64Builder::with_capacity(n), "not a number", |s| s.trim().parse::<f64>().ok(), |b, v| b.append_option(v)).finish()),
-        KeepType::Bool => Arc::new(typed(input, errors, BooleanBuilder::with_capacity(n), "not a boolean", parse_bool, |b, v| b.append_option(v)).finish()),
-        KeepType::Date => Arc::new(typed(input, errors, Date32Builder::with_capacity(n), "not a date", |s| parse_date(s).map(epoch_days), |b, v| b.append_option(v)).finish()),
+        KeepType::Int64 => Arc::new(
+            typed(
+                input,
+                errors,
+                Int64Builder::with_capacity(n),
+                "not a 64-bit integer",
+                |s| s.trim().parse::<i64>().ok(),
+                |b, v| b.append_option(v),
+            )
+            .finish(),
+        ),
+        KeepType::Float64 => Arc::new(
+            typed(
+                input,
+                errors,
+                Float64Builder::with_capacity(n),
+                "not a number",
+                |s| s.trim().parse::<f64>().ok(),
+                |b, v| b.append_option(v),
+            )
+            .finish(),
+        ),
+        KeepType::Bool => Arc::new(
+            typed(
+                input,
+                errors,
+                BooleanBuilder::with_capacity(n),
+                "not a boolean",
+                parse_bool,
+                |b, v| b.append_option(v),
+            )
+            .finish(),
+        ),
+        KeepType::Date => Arc::new(
+            typed(
+                input,
+                errors,
+                Date32Builder::with_capacity(n),
+                "not a date",
+                |s| parse_date(s).map(epoch_days),
+                |b, v| b.append_option(v),
+            )
+            .finish(),
+        ),
         KeepType::Timestamp => Arc::new(
-            typed(input, errors, TimestampMicrosecondBuilder::with_capacity(n), "not a timestamp", parse_timestamp_micros, |b, v| b.append_option(v))
-                .finish()
-                .with_timezone("UTC"),
+            typed(
+                input,
+                errors,
+                TimestampMicrosecondBuilder::with_capacity(n),
+                "not a timestamp",
+                parse_timestamp_micros,
+                |b, v| b.append_option(v),
+            )
+            .finish()
+            .with_timezone("UTC"),
         ),
     }
 }

@@ -8,7 +8,12 @@ use crate::engine::RowContext;
 use crate::raw::Op;
 use crate::vault::VaultRowsBuilder;
 
-pub fn apply(ctx: &RowContext<'_>, column: &str, input: &StringArray, out: &mut VaultRowsBuilder) -> Result<(), CryptoError> {
+pub fn apply(
+    ctx: &RowContext<'_>,
+    column: &str,
+    input: &StringArray,
+    out: &mut VaultRowsBuilder,
+) -> Result<(), CryptoError> {
     for (i, v) in input.iter().enumerate() {
         if ctx.ops[i] == Op::Delete {
             continue;
