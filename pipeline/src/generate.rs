@@ -67,7 +67,10 @@ const START_MS: i64 = 1_704_067_200_000;
 const SPAN_MS: i64 = 30 * 86_400_000;
 
 struct Generator {
+    seed: u64,
     rng: Rng,
+    /// Owner of each account, so updates keep it.
+    account_owner: Vec<u64>,
     customers: u64,
     accounts: u64,
     payments: u64,
@@ -77,8 +80,13 @@ struct Generator {
 }
 
 impl Generator {
+    /// A customer's stable attributes come from their own stream, so updates keep them.
+    fn stable(&self, kind: u64, id: u64) -> Rng {
+        Rng(self.seed ^ kind.wrapping_mul(0xA076_1D64_78BD_642F) ^ (id + 1).wrapping_mul(0xE703_7ED1_A0B4_28DB))
+    }
+
     fn customer(&mut self, id: u64) -> Value {
-        let r = &mut self.rng;
+        let r = &mut self.stable(1, id);
         let (first, last) = (r.pick(FIRST), r.pick(LAST));
         let born_year = 1940 + r.below(66);
         let vulnerable = r.chance(8);
@@ -100,8 +108,12 @@ impl Generator {
     }
 
     fn account(&mut self, id: u64) -> Value {
-        let r = &mut self.rng;
-        let customer = r.below(self.customers);
+        if id as usize == self.account_owner.len() {
+            let owner = self.rng.below(self.customers);
+            self.account_owner.push(owner);
+        }
+        let customer = self.account_owner[id as usize];
+        let r = &mut self.stable(2, id);
         json!({
             "id": id,
             "customer_id": customer,
@@ -128,24 +140,51 @@ impl Generator {
             self.accounts += 1;
             ("accounts", "c", Value::Null, self.account(id))
         } else if roll < 19 {
+            // A customer moves, or changes email or phone.
             let id = self.rng.below(self.customers);
             let mut after = self.customer(id);
-            after["id"] = json!(id);
+            let r = &mut self.rng;
+            match r.below(3) {
+                0 => {
+                    after["email"] = json!(format!(
+                        "new.address{}@{}",
+                        r.below(1_000_000),
+                        ["example-mail.test", "post.example"][r.below(2) as usize]
+                    ))
+                }
+                1 => after["phone"] = json!(format!("+44 7{:03} {:06}", r.below(1000), r.below(1_000_000))),
+                _ => {
+                    after["street_address"] = json!(format!("{} {}", 1 + r.below(250), r.pick(STREETS)));
+                    after["postcode"] = json!(format!(
+                        "{}{} {}{}{}",
+                        r.pick(AREAS),
+                        1 + r.below(20),
+                        r.below(10),
+                        (b'A' + r.below(26) as u8) as char,
+                        (b'A' + r.below(26) as u8) as char
+                    ));
+                }
+            }
             ("customers", "u", Value::Null, after)
         } else if roll < 23 {
+            // Balances and arrears move; the account's identity does not.
             let id = self.rng.below(self.accounts);
             let mut after = self.account(id);
-            after["id"] = json!(id);
+            let r = &mut self.rng;
+            after["balance_pence"] = json!(r.below(2_000_000) as i64);
+            after["arrears_pence"] = json!(r.below(300_000) as i64);
+            after["status"] = json!(r.pick(STATUSES));
             ("accounts", "u", Value::Null, after)
         } else if roll < 60 {
             let id = self.payments;
             self.payments += 1;
+            let account = self.rng.below(self.accounts);
             let r = &mut self.rng;
             let channel = r.pick(PAY_CHANNELS);
             let after = json!({
                 "id": id,
-                "account_id": r.below(self.accounts),
-                "customer_id": r.below(self.customers),
+                "account_id": account,
+                "customer_id": self.account_owner[account as usize],
                 "amount_pence": 500 + r.below(50_000) as i64,
                 "channel": channel,
                 "card_number": if channel == "card" { Value::from(format!("4{:015}", r.below(1_000_000_000_000_000))) } else { Value::Null },
@@ -205,7 +244,9 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool) -> std::io::Re
         Box::new(BufWriter::new(file))
     };
     let mut g = Generator {
+        seed,
         rng: Rng(seed),
+        account_owner: Vec::new(),
         customers: 0,
         accounts: 0,
         payments: 0,

@@ -3,6 +3,10 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+
+// Column and table names are looked up for every event: a fast non-cryptographic hash. Keys
+// come from the source schema, so flooding it would need control of the database.
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
@@ -65,9 +69,9 @@ pub enum WorkError {
 pub struct Router {
     pub transforms: Vec<TableTransform>,
     /// Qualified source table → index into `transforms`.
-    tables: HashMap<String, usize>,
+    tables: FxHashMap<String, usize>,
     /// Per table: source column → slot in the raw batch.
-    columns: Vec<HashMap<String, usize>>,
+    columns: Vec<FxHashMap<String, usize>>,
     pub keys: Arc<KeyStore>,
     pub quarantine_key: Arc<DataKey>,
     pub unknown_tables: UnknownTables,
@@ -127,15 +131,15 @@ impl Router {
         let mut builders: Vec<Option<RawBatchBuilder>> = (0..n_tables).map(|_| None).collect();
         let mut row_lines: Vec<Vec<usize>> = vec![Vec::new(); n_tables];
         let mut scratch: Vec<Vec<Option<Cow<'_, str>>>> = self.columns.iter().map(|c| vec![None; c.len()]).collect();
-        let mut dropped: Vec<HashMap<String, u64>> = vec![HashMap::new(); n_tables];
+        let mut dropped: Vec<FxHashMap<String, u64>> = vec![FxHashMap::default(); n_tables];
         let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
-        let mut positions: Vec<String> = Vec::with_capacity(chunk.lines.len());
+        let mut position = String::new();
         let mut table_name = String::new();
 
         for (line_no, &(start, end, line_end)) in chunk.lines.iter().enumerate() {
             let line = &chunk.data[start..end];
-            positions.push(format!("{}:{}", chunk.stream, line_end.end_offset));
-            let position = positions.last().expect("just pushed").as_str();
+            write_position(&mut position, &chunk.stream, line_end.end_offset);
+            let position = position.as_str();
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -240,7 +244,7 @@ impl Router {
             for reject in &out.rejects {
                 let line_no = row_lines[t][reject.row];
                 let (start, end, line_end) = chunk.lines[line_no];
-                let position = &positions[line_no];
+                write_position(&mut position, &chunk.stream, line_end.end_offset);
                 *summary.quarantined.entry("type_mismatch".to_string()).or_default() += 1;
                 quarantine
                     .push(
@@ -250,7 +254,7 @@ impl Router {
                             table: Some(&transform.policy().table),
                             column: Some(&reject.column),
                         },
-                        position,
+                        &position,
                         &chunk.data[start..end],
                         line_end.len,
                     )
@@ -334,6 +338,14 @@ impl Router {
     }
 }
 
+/// `<stream>:<offset>`, written into a reused buffer (one per line would be an allocation).
+fn write_position(out: &mut String, stream: &str, offset: u64) {
+    use std::fmt::Write;
+    out.clear();
+    out.push_str(stream);
+    let _ = write!(out, ":{offset}");
+}
+
 fn offset_of(position: &str) -> i64 {
     position
         .rsplit_once(':')
@@ -343,4 +355,118 @@ fn offset_of(position: &str) -> i64 {
 
 fn arrow_select_concat(batches: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     arrow_select::concat::concat_batches(&vault_schema(), batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::BinaryArray;
+    use proptest::prelude::*;
+    use sluice_connectors::file::LineEnd;
+    use sluice_connectors::keystore::MasterKey;
+    use sluice_transforms::crypto::Tokenizer;
+    use sluice_transforms::Policy;
+    use std::path::Path;
+    use std::sync::OnceLock;
+
+    const POLICY: &str = r#"
+table = "public.people"
+target = "people"
+subject = "id"
+token_domain = "person"
+[columns.id]
+action = "tokenize"
+[columns.email]
+action = "vault"
+derive = [{ name = "has_email", fn = "is_present" }]
+[columns.balance]
+action = "keep"
+type = "int64"
+"#;
+
+    fn router() -> &'static Router {
+        static ROUTER: OnceLock<(tempfile::TempDir, Router)> = OnceLock::new();
+        &ROUTER
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let master = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
+                let keys = Arc::new(KeyStore::open(&dir.path().join("keys.redb"), master, 100).unwrap());
+                let policy = Policy::from_toml(Path::new("people.toml"), POLICY).unwrap();
+                let transform = TableTransform::new(policy, &Tokenizer::new(&[1; 32]));
+                let quarantine_key = keys.system_key("quarantine").unwrap();
+                let router = Router::new(
+                    vec![transform],
+                    keys,
+                    quarantine_key,
+                    UnknownTables::Skip,
+                    1 << 20,
+                    vec![HashMap::new(); 3],
+                );
+                (dir, router)
+            })
+            .1
+    }
+
+    fn chunk(lines: &[String]) -> Chunk {
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        for l in lines {
+            let start = data.len();
+            data.extend_from_slice(l.as_bytes());
+            spans.push((
+                start,
+                data.len(),
+                LineEnd {
+                    end_offset: data.len() as u64,
+                    len: l.len(),
+                    terminated: true,
+                },
+            ));
+        }
+        Chunk {
+            seq: 0,
+            stream: Arc::from("s.jsonl"),
+            data,
+            lines: spans,
+        }
+    }
+
+    fn contains(batch: &RecordBatch, needle: &str) -> bool {
+        batch.columns().iter().any(|c| {
+            if let Some(s) = c.as_any().downcast_ref::<StringArray>() {
+                s.iter().flatten().any(|v| v.contains(needle))
+            } else if let Some(b) = c.as_any().downcast_ref::<BinaryArray>() {
+                b.iter()
+                    .flatten()
+                    .any(|v| v.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            } else {
+                false
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn default_deny_holds_for_random_extra_columns(
+            extra in proptest::collection::btree_map("[a-z_]{1,12}", "[A-Za-z0-9@. -]{10,24}", 1..6),
+        ) {
+            prop_assume!(extra.keys().all(|k| !["id", "email", "balance"].contains(&k.as_str())));
+            let mut after = serde_json::json!({"id": 7, "email": "a@b.test", "balance": 12});
+            for (k, v) in &extra {
+                after[k.as_str()] = serde_json::Value::from(v.as_str());
+            }
+            let event = serde_json::json!({"op": "c", "after": after, "source": {"schema": "public", "table": "people", "ts_ms": 1}});
+            let out = router().process(chunk(&[event.to_string()]), 0).unwrap();
+            let table = out.outputs.iter().find(|(sink, _)| *sink == 0).map(|(_, b)| b).expect("a table row");
+            let names: Vec<&str> = table.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+            prop_assert_eq!(names, vec!["id_token", "has_email", "balance", "_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"]);
+            for (k, v) in &extra {
+                for (_, batch) in &out.outputs {
+                    prop_assert!(!contains(batch, v), "value of extra column {} reached an output", k);
+                }
+                prop_assert_eq!(out.summary.dropped_columns["public.people"][k], 1);
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 use arrow_select::filter::filter_record_batch;
 
 use crate::actions::{self, timestamp_type, Action};
-use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Tokenizer};
+use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
 use crate::functions::RowError;
 use crate::keys::{KeyError, KeyProvider};
 use crate::policy::{ColumnRule, Policy};
@@ -52,7 +52,7 @@ pub struct Transformed {
 pub struct RowContext<'a> {
     pub target: &'a str,
     pub ops: &'a [crate::raw::Op],
-    subjects: &'a [Option<String>],
+    subjects: &'a [Option<Token>],
     keys: &'a [Option<Arc<DataKey>>],
 }
 
@@ -71,6 +71,8 @@ struct CompiledRule {
     /// Index of the rule's column in the raw batch.
     input: usize,
     tokenizer: Option<DomainTokenizer>,
+    /// The subject column tokenized in the subject's domain: the subject tokens already are it.
+    is_subject_token: bool,
 }
 
 /// A policy compiled for one table: output schema fixed, tokenizers keyed.
@@ -101,6 +103,8 @@ impl TableTransform {
                     Action::Tokenize { domain } => Some(tokenizer.domain(domain)),
                     _ => None,
                 },
+                is_subject_token: r.column == policy.subject
+                    && matches!(&r.action, Action::Tokenize { domain } if *domain == policy.token_domain),
             })
             .collect();
         let mut fields: Vec<Field> = policy
@@ -142,7 +146,7 @@ impl TableTransform {
     ) -> Result<Transformed, TransformError> {
         let n = raw.len();
         let mut rejects = Vec::new();
-        let subjects: Vec<Option<String>> = raw.columns[self.subject_input]
+        let subjects: Vec<Option<Token>> = raw.columns[self.subject_input]
             .iter()
             .map(|v| v.map(|s| self.subject_tokenizer.token(s)))
             .collect();
@@ -176,6 +180,9 @@ impl TableTransform {
             match &compiled.rule.action {
                 Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, &mut errors)),
                 Action::Drop => {}
+                Action::Tokenize { .. } if compiled.is_subject_token => {
+                    columns.push(actions::tokenize::from_tokens(&subjects))
+                }
                 Action::Tokenize { .. } => columns.push(actions::tokenize::apply(
                     compiled.tokenizer.as_ref().expect("compiled"),
                     input,
@@ -215,7 +222,7 @@ impl TableTransform {
     /// One key lookup per distinct subject in the batch.
     fn resolve_keys(
         &self,
-        subjects: &[Option<String>],
+        subjects: &[Option<Token>],
         keys: &dyn KeyProvider,
     ) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
         let mut slot: HashMap<&str, usize> = HashMap::new();
@@ -229,12 +236,12 @@ impl TableTransform {
         let resolved = keys.subject_keys(&distinct)?;
         Ok(subjects
             .iter()
-            .map(|s| s.as_deref().map(|t| resolved[slot[t]].clone()))
+            .map(|s| s.as_ref().map(|t| resolved[slot[t.as_str()]].clone()))
             .collect())
     }
 }
 
-fn meta_columns(raw: &RawBatch, subjects: &[Option<String>], ingested_at_us: i64) -> Vec<ArrayRef> {
+fn meta_columns(raw: &RawBatch, subjects: &[Option<Token>], ingested_at_us: i64) -> Vec<ArrayRef> {
     let n = raw.len();
     let mut op = StringBuilder::with_capacity(n, n);
     let mut subject = StringBuilder::with_capacity(n, n * 32);
@@ -244,7 +251,7 @@ fn meta_columns(raw: &RawBatch, subjects: &[Option<String>], ingested_at_us: i64
     for (i, (row_op, row_subject)) in raw.ops.iter().zip(subjects).enumerate() {
         op.append_value(row_op.code());
         // Rows without a subject are rejected and filtered out; the empty string never lands.
-        subject.append_value(row_subject.as_deref().unwrap_or(""));
+        subject.append_value(row_subject.as_ref().map(Token::as_str).unwrap_or(""));
         let ms = raw.event_ms.value(i);
         source_ts.append_value(ms.saturating_mul(1000));
         ingested.append_value(ingested_at_us);
@@ -363,24 +370,23 @@ action = "drop"
         let vault = out.vault.unwrap();
         assert_eq!(vault.num_rows(), 1);
         let subject = t.subject_tokenizer.token("1");
+        let subject = subject.as_str();
         let ct = vault.column(3).as_any().downcast_ref::<BinaryArray>().unwrap().value(0);
         assert_eq!(
-            test_key(&subject)
-                .open(ct, &field_aad("customers", "email", &subject))
+            test_key(subject)
+                .open(ct, &field_aad("customers", "email", subject))
                 .unwrap(),
             b"a@x.test"
         );
         // the encrypted column opens only in its own place
         let enc = out.table.column(2).as_any().downcast_ref::<BinaryArray>().unwrap();
-        let k = test_key(&subject);
+        let k = test_key(subject);
         assert_eq!(
-            k.open(enc.value(0), &field_aad("customers", "national_id", &subject))
+            k.open(enc.value(0), &field_aad("customers", "national_id", subject))
                 .unwrap(),
             b"111-22-3333"
         );
-        assert!(k
-            .open(enc.value(0), &field_aad("customers", "email", &subject))
-            .is_err());
+        assert!(k.open(enc.value(0), &field_aad("customers", "email", subject)).is_err());
         assert!(enc.is_null(1), "row 2 had no national id");
     }
 }

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use arrow_array::builder::{BinaryBuilder, StringBuilder, TimestampMicrosecondBuilder};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{ArrayRef, BooleanArray, RecordBatch};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use arrow_select::filter::filter_record_batch;
 
 use crate::actions::timestamp_type;
 use crate::raw::RawBatch;
@@ -27,70 +28,62 @@ pub fn vault_schema() -> SchemaRef {
         .clone()
 }
 
-struct VaultRow {
-    row: usize,
-    subject: String,
-    table: String,
-    column: String,
-    envelope: Vec<u8>,
-}
-
+/// Vault rows built straight into Arrow columns; `rows` remembers each one's source row.
 #[derive(Default)]
 pub struct VaultRowsBuilder {
-    rows: Vec<VaultRow>,
+    rows: Vec<usize>,
+    subject: StringBuilder,
+    table: StringBuilder,
+    column: StringBuilder,
+    ciphertext: BinaryBuilder,
 }
 
 impl VaultRowsBuilder {
     pub fn push(&mut self, row: usize, subject: &str, table: &str, column: &str, envelope: &[u8]) {
-        self.rows.push(VaultRow {
-            row,
-            subject: subject.to_string(),
-            table: table.to_string(),
-            column: column.to_string(),
-            envelope: envelope.to_vec(),
-        });
+        self.rows.push(row);
+        self.subject.append_value(subject);
+        self.table.append_value(table);
+        self.column.append_value(column);
+        self.ciphertext.append_value(envelope);
     }
 
     /// The vault batch, without rows whose source row was rejected. `None` when empty.
     pub fn finish(
-        self,
+        mut self,
         raw: &RawBatch,
         rejected: &[bool],
         ingested_at_us: i64,
     ) -> Result<Option<RecordBatch>, ArrowError> {
-        let kept: Vec<&VaultRow> = self.rows.iter().filter(|r| !rejected[r.row]).collect();
-        if kept.is_empty() {
+        if self.rows.is_empty() {
             return Ok(None);
         }
-        let n = kept.len();
-        let mut subject = StringBuilder::with_capacity(n, n * 32);
-        let mut table = StringBuilder::with_capacity(n, n * 16);
-        let mut column = StringBuilder::with_capacity(n, n * 16);
-        let mut ciphertext = BinaryBuilder::with_capacity(n, n * 64);
+        let n = self.rows.len();
         let mut op = StringBuilder::with_capacity(n, n);
         let mut position = StringBuilder::with_capacity(n, n * 24);
         let mut source_ts = TimestampMicrosecondBuilder::with_capacity(n);
         let mut ingested = TimestampMicrosecondBuilder::with_capacity(n);
-        for r in kept {
-            subject.append_value(&r.subject);
-            table.append_value(&r.table);
-            column.append_value(&r.column);
-            ciphertext.append_value(&r.envelope);
-            op.append_value(raw.ops[r.row].code());
-            position.append_value(raw.positions.value(r.row));
-            source_ts.append_value(raw.event_ms.value(r.row).saturating_mul(1000));
+        for &row in &self.rows {
+            op.append_value(raw.ops[row].code());
+            position.append_value(raw.positions.value(row));
+            source_ts.append_value(raw.event_ms.value(row).saturating_mul(1000));
             ingested.append_value(ingested_at_us);
         }
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(subject.finish()),
-            Arc::new(table.finish()),
-            Arc::new(column.finish()),
-            Arc::new(ciphertext.finish()),
+            Arc::new(self.subject.finish()),
+            Arc::new(self.table.finish()),
+            Arc::new(self.column.finish()),
+            Arc::new(self.ciphertext.finish()),
             Arc::new(op.finish()),
             Arc::new(position.finish()),
             Arc::new(source_ts.finish().with_timezone("UTC")),
             Arc::new(ingested.finish().with_timezone("UTC")),
         ];
-        RecordBatch::try_new(vault_schema(), columns).map(Some)
+        let batch = RecordBatch::try_new(vault_schema(), columns)?;
+        if !self.rows.iter().any(|&r| rejected[r]) {
+            return Ok(Some(batch));
+        }
+        let keep: BooleanArray = self.rows.iter().map(|&r| Some(!rejected[r])).collect();
+        let batch = filter_record_batch(&batch, &keep)?;
+        Ok((batch.num_rows() > 0).then_some(batch))
     }
 }

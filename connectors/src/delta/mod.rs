@@ -5,10 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
-use arrow_schema::SchemaRef;
+use arrow_schema::{DataType, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
@@ -34,6 +37,18 @@ pub enum DeltaSinkError {
         existing: String,
         wanted: String,
     },
+}
+
+/// Snappy, and no dictionary for columns whose values never repeat (ciphertexts, positions):
+/// building one costs time and saves nothing.
+fn writer_properties(schema: &SchemaRef) -> WriterProperties {
+    let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    for field in schema.fields() {
+        if matches!(field.data_type(), DataType::Binary) || field.name() == "_position" {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        }
+    }
+    props.build()
 }
 
 /// A Delta table being appended to.
@@ -102,7 +117,9 @@ impl DeltaSink {
                 wanted: names(&wanted),
             });
         }
-        let writer = RecordBatchWriter::for_table(&table).map_err(err)?;
+        let writer = RecordBatchWriter::for_table(&table)
+            .map_err(err)?
+            .with_writer_properties(writer_properties(&schema));
         Ok(Self {
             name: name.to_string(),
             app_prefix: app_prefix.to_string(),

@@ -6,15 +6,18 @@ use std::sync::Arc;
 use arrow_array::builder::BinaryBuilder;
 use arrow_array::{Array, ArrayRef, StringArray};
 
-use crate::crypto::{field_aad, CryptoError, ENVELOPE_OVERHEAD};
+use crate::crypto::{field_aad_into, CryptoError, ENVELOPE_OVERHEAD};
 use crate::engine::RowContext;
 
 pub fn apply(ctx: &RowContext<'_>, column: &str, input: &StringArray) -> Result<ArrayRef, CryptoError> {
     let mut b = BinaryBuilder::with_capacity(input.len(), input.value_data().len() + input.len() * ENVELOPE_OVERHEAD);
+    let (mut aad, mut envelope) = (Vec::new(), Vec::new());
     for (i, v) in input.iter().enumerate() {
         match (v, ctx.key(i)) {
             (Some(v), Some((key, subject))) => {
-                b.append_value(key.seal(v.as_bytes(), &field_aad(ctx.target, column, subject))?)
+                field_aad_into(&mut aad, ctx.target, column, subject);
+                key.seal_into(v.as_bytes(), &aad, &mut envelope)?;
+                b.append_value(&envelope);
             }
             _ => b.append_null(),
         }

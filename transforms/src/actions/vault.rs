@@ -3,7 +3,7 @@
 
 use arrow_array::StringArray;
 
-use crate::crypto::{field_aad, CryptoError};
+use crate::crypto::{field_aad_into, CryptoError};
 use crate::engine::RowContext;
 use crate::raw::Op;
 use crate::vault::VaultRowsBuilder;
@@ -14,12 +14,14 @@ pub fn apply(
     input: &StringArray,
     out: &mut VaultRowsBuilder,
 ) -> Result<(), CryptoError> {
+    let (mut aad, mut envelope) = (Vec::new(), Vec::new());
     for (i, v) in input.iter().enumerate() {
         if ctx.ops[i] == Op::Delete {
             continue;
         }
         if let (Some(v), Some((key, subject))) = (v, ctx.key(i)) {
-            let envelope = key.seal(v.as_bytes(), &field_aad(ctx.target, column, subject))?;
+            field_aad_into(&mut aad, ctx.target, column, subject);
+            key.seal_into(v.as_bytes(), &aad, &mut envelope)?;
             out.push(i, subject, ctx.target, column, &envelope);
         }
     }
