@@ -10,6 +10,7 @@ bin=target/release/sluice
 rm -rf "$out" && mkdir -p "$out/events"
 "$bin" generate --events "$events" --out "$out/events/bench.jsonl"
 bytes=$(stat -c %s "$out/events/bench.jsonl")
+sync  # let the generated file reach disk first, so its write-back does not compete with the run
 cat > "$out/sluice.toml" <<TOML
 name = "bench"
 policies = ["$PWD/schemas/demo"]

@@ -93,8 +93,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
+    // The Delta kernel logs "no files in log segment" at error level while creating a table;
+    // its real failures reach us as errors anyway.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| "info,deltalake=warn,deltalake_core=error,buoyant_kernel=warn".into());
+        .unwrap_or_else(|_| "info,deltalake=warn,deltalake_core=error,buoyant_kernel=off".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -4,7 +4,8 @@
 //! and one crate gives HMAC, AEAD and a system RNG.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -84,7 +85,7 @@ static NEXT_TOKENIZER: AtomicU64 = AtomicU64::new(0);
 const TOKEN_CACHE_PER_DOMAIN: usize = 32_768;
 
 thread_local! {
-    static TOKEN_CACHE: RefCell<HashMap<u64, HashMap<Box<str>, Token>>> = RefCell::new(HashMap::new());
+    static TOKEN_CACHE: RefCell<FxHashMap<u64, FxHashMap<Box<str>, Token>>> = RefCell::new(FxHashMap::default());
 }
 
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! Applies a policy to a table's raw batch, column by column.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use arrow_array::builder::{Date32Builder, StringBuilder, TimestampMicrosecondBuilder};
@@ -225,7 +225,7 @@ impl TableTransform {
         subjects: &[Option<Token>],
         keys: &dyn KeyProvider,
     ) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
-        let mut slot: HashMap<&str, usize> = HashMap::new();
+        let mut slot: FxHashMap<&str, usize> = FxHashMap::default();
         let mut distinct: Vec<&str> = Vec::new();
         for s in subjects.iter().flatten() {
             slot.entry(s.as_str()).or_insert_with(|| {

@@ -39,13 +39,18 @@ pub enum DeltaSinkError {
     },
 }
 
-/// Snappy, and no dictionary for columns whose values never repeat (ciphertexts, positions):
-/// building one costs time and saves nothing.
+/// Snappy, but no dictionary for columns whose values never repeat (ciphertexts, positions) and
+/// no compression for ciphertext (random bytes do not compress): both cost time and save nothing.
 fn writer_properties(schema: &SchemaRef) -> WriterProperties {
     let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
     for field in schema.fields() {
-        if matches!(field.data_type(), DataType::Binary) || field.name() == "_position" {
-            props = props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        let column = ColumnPath::from(field.name().as_str());
+        if matches!(field.data_type(), DataType::Binary) {
+            props = props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_compression(column, Compression::UNCOMPRESSED);
+        } else if field.name() == "_position" {
+            props = props.set_column_dictionary_enabled(column, false);
         }
     }
     props.build()
