@@ -114,7 +114,7 @@ impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
             threads: 0,
-            chunk_events: 16_384,
+            chunk_events: 4096,
             queue_depth: 2,
         }
     }
