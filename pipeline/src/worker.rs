@@ -245,11 +245,11 @@ impl Router {
                 let line_no = row_lines[t][reject.row];
                 let (start, end, line_end) = chunk.lines[line_no];
                 write_position(&mut position, &chunk.stream, line_end.end_offset);
-                *summary.quarantined.entry("type_mismatch".to_string()).or_default() += 1;
+                *summary.quarantined.entry(reject.code.to_string()).or_default() += 1;
                 quarantine
                     .push(
                         Rejection {
-                            reason: "type_mismatch",
+                            reason: reject.code,
                             detail: reject.reason,
                             table: Some(&transform.policy().table),
                             column: Some(&reject.column),

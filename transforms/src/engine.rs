@@ -36,6 +36,9 @@ pub enum TransformError {
 pub struct RowReject {
     pub row: usize,
     pub column: String,
+    /// Stable code: `type_mismatch` (a value does not fit) or `missing_subject`.
+    pub code: &'static str,
+    /// Fixed human text, e.g. "not a date".
     pub reason: &'static str,
 }
 
@@ -155,6 +158,7 @@ impl TableTransform {
                 rejects.push(RowReject {
                     row,
                     column: self.policy.subject.clone(),
+                    code: "missing_subject",
                     reason: "subject column is null or missing",
                 });
             }
@@ -197,6 +201,7 @@ impl TableTransform {
             rejects.extend(errors.drain(..).map(|(row, reason)| RowReject {
                 row,
                 column: column.to_string(),
+                code: "type_mismatch",
                 reason,
             }));
         }
@@ -355,9 +360,9 @@ action = "drop"
         assert_eq!(
             out.rejects
                 .iter()
-                .map(|r| (r.row, r.column.as_str()))
+                .map(|r| (r.row, r.column.as_str(), r.code))
                 .collect::<Vec<_>>(),
-            vec![(1, "balance"), (3, "id")]
+            vec![(1, "balance", "type_mismatch"), (3, "id", "missing_subject")]
         );
         assert_eq!(out.table.num_rows(), 2);
         let schema = out.table.schema();
