@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sluice_transforms::Op;
+use sluice_transforms::{Op, Sensitive};
 
 /// Why an event could not be decoded. Static text: never any part of the event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -150,15 +150,14 @@ pub fn decode(line: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
 }
 
 /// The text of a JSON scalar (strings unescaped); objects and arrays stay JSON; null is `None`.
-pub fn value_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, DecodeError> {
+pub fn value_text(raw: &RawValue) -> Result<Option<Sensitive<Cow<'_, str>>>, DecodeError> {
     let s = raw.get();
-    match s.as_bytes().first() {
-        Some(b'n') => Ok(None),
-        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(s)
-            .map(Some)
-            .map_err(|_| DecodeError::Malformed),
-        _ => Ok(Some(Cow::Borrowed(s))),
-    }
+    let text = match s.as_bytes().first() {
+        Some(b'n') => return Ok(None),
+        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(s).map_err(|_| DecodeError::Malformed)?,
+        _ => Cow::Borrowed(s),
+    };
+    Ok(Some(Sensitive::new(text)))
 }
 
 #[cfg(test)]
@@ -183,7 +182,12 @@ mod tests {
                 .image
                 .0
                 .iter()
-                .map(|(k, v)| (k.to_string(), value_text(v).unwrap().map(|c| c.into_owned())))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        value_text(v).unwrap().map(|c| c.into_inner().into_owned()),
+                    )
+                })
                 .collect();
             assert_eq!(
                 cols,

@@ -17,7 +17,7 @@ use sluice_connectors::keystore::KeyStore;
 use sluice_transforms::crypto::DataKey;
 use sluice_transforms::engine::TransformError;
 use sluice_transforms::vault::vault_schema;
-use sluice_transforms::{RawBatchBuilder, TableTransform};
+use sluice_transforms::{RawBatchBuilder, Sensitive, TableTransform};
 
 use crate::config::UnknownTables;
 use crate::quarantine::{QuarantineBuilder, Rejection};
@@ -200,8 +200,9 @@ impl Router {
             let mut malformed = false;
             for (column, raw) in event.image.0 {
                 match slots.get(column.as_ref()) {
+                    // The one place a raw value is unwrapped: straight into the table's raw batch.
                     Some(&slot) => match value_text(raw) {
-                        Ok(v) => values[slot] = v,
+                        Ok(v) => values[slot] = v.map(Sensitive::into_inner),
                         Err(_) => malformed = true,
                     },
                     None => match dropped[t].get_mut(column.as_ref()) {
