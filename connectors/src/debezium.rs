@@ -60,8 +60,15 @@ impl Event<'_> {
 }
 
 /// One row image: column names with their raw JSON values, in event order.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Row<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// Column names only: a row's values must never reach a log line.
+impl std::fmt::Debug for Row<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(name, _)| name)).finish()
+    }
+}
 
 impl<'de: 'a, 'a> Deserialize<'de> for Row<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

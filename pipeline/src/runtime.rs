@@ -68,8 +68,32 @@ pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
     MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("{}: {e}", file.display())))
 }
 
+/// How the reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReaderEnd {
+    /// End of input (`--once`) or the sink loop stopped.
+    Done,
+    /// Daemon mode saw files that were not there at start.
+    NewFiles,
+}
+
 pub fn run(config: &Config, options: &RunOptions) -> Result<Summary, RunError> {
     let started = Instant::now();
+    let mut summary = Summary::default();
+    loop {
+        let (pass, end) = run_pass(config, options)?;
+        summary.merge(pass);
+        if end == ReaderEnd::Done {
+            break;
+        }
+        info!("new source files: starting a new pass from the committed positions");
+    }
+    summary.elapsed_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// One pass: open keys and sinks, read back committed positions, process until the reader ends.
+fn run_pass(config: &Config, options: &RunOptions) -> Result<(Summary, ReaderEnd), RunError> {
     let keys = Arc::new(KeyStore::open(
         &config.key_store,
         load_master_key(config)?,
@@ -165,12 +189,11 @@ pub fn run(config: &Config, options: &RunOptions) -> Result<Summary, RunError> {
     for w in workers {
         w.join().map_err(|_| RunError::WorkerLost)?;
     }
-    let mut summary = result?;
-    reader_result?;
-    summary.elapsed_seconds = started.elapsed().as_secs_f64();
+    let summary = result?;
+    let end = reader_result?;
     let (hits, misses) = keys.cache_stats();
     info!(hits, misses, "key cache");
-    Ok(summary)
+    Ok((summary, end))
 }
 
 async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<DeltaSink>, DeltaSinkError> {
@@ -205,7 +228,10 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {
     for chunk in rx {
         let now_us = chrono::Utc::now().timestamp_micros();
-        let result = router.process(chunk, now_us);
+        // A panic must surface as an error: a silently missing chunk would stall the ordered
+        // sink forever. The payload is not shown (it could quote data).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| router.process(chunk, now_us)))
+            .unwrap_or(Err(WorkError::Panicked));
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;
@@ -333,24 +359,33 @@ struct ReaderState {
 const CHUNK_BYTES: usize = 8 << 20;
 
 impl ReaderState {
-    fn read_all(mut self, tx: Sender<Chunk>, once: bool, poll: Duration) -> Result<(), RunError> {
+    fn read_all(mut self, tx: Sender<Chunk>, once: bool, poll: Duration) -> Result<ReaderEnd, RunError> {
         let mut seq = 0u64;
         let mut offsets: HashMap<String, u64> = std::mem::take(&mut self.start);
+        for f in &self.files {
+            offsets.entry(f.stream.clone()).or_insert(0);
+        }
         loop {
             for file in &self.files {
                 let start = offsets.get(&file.stream).copied().unwrap_or(0);
                 let end = match self.read_file(file, start, once, &tx, &mut seq)? {
                     Some(end) => end,
-                    None => return Ok(()), // the sink loop has stopped
+                    None => return Ok(ReaderEnd::Done), // the sink loop has stopped
                 };
                 offsets.insert(file.stream.clone(), end);
             }
             if once {
-                return Ok(());
+                return Ok(ReaderEnd::Done);
             }
             // Daemon mode on files: wait for appended lines or new files.
             std::thread::sleep(poll);
             if let Ok(files) = list_files(&self.root) {
+                // A file this run did not list at start has no committed positions loaded
+                // (it may have been ingested before and moved back): end this pass so the
+                // next one starts from what every sink has committed.
+                if files.iter().any(|f| !offsets.contains_key(&f.stream)) {
+                    return Ok(ReaderEnd::NewFiles);
+                }
                 self.files = files;
             }
         }
@@ -384,7 +419,8 @@ impl ReaderState {
             })?;
             // In daemon mode a last line without its newline may still be being written:
             // leave it for the next pass.
-            let next = next.filter(|end| end.terminated || once);
+            // A compressed file is never appended to: its last line is complete.
+            let next = next.filter(|end| end.terminated || once || file.gzipped());
             if let Some(end) = next {
                 let s = chunk.data.len();
                 chunk.data.extend_from_slice(&line);

@@ -63,6 +63,8 @@ pub enum WorkError {
     Quarantine { position: String },
     #[error("building output batches: {0}")]
     Arrow(#[from] ArrowError),
+    #[error("a worker thread panicked while sanitizing a chunk")]
+    Panicked,
 }
 
 /// Everything the workers share; immutable during a run.

@@ -257,8 +257,11 @@ fn fresh_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
     POOL.with(|pool| {
         let (bytes, used) = &mut *pool.borrow_mut();
         if *used + NONCE_LEN > bytes.len() {
-            bytes.resize(NONCE_LEN * 340, 0);
-            random().fill(bytes).map_err(|_| CryptoError::Random)?;
+            // Fill a fresh page and only then adopt it: a failed fill never leaves zeros behind
+            // that could be handed out as nonces.
+            let mut fresh = vec![0u8; NONCE_LEN * 340];
+            random().fill(&mut fresh).map_err(|_| CryptoError::Random)?;
+            *bytes = fresh;
             *used = 0;
         }
         let mut nonce = [0u8; NONCE_LEN];

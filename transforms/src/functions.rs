@@ -162,7 +162,12 @@ impl Function {
                 Ok(true)
             }
             Function::Bucket { edges } => {
-                let x: f64 = v.trim().parse().map_err(|_| "not a number")?;
+                let x: f64 = v
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|x: &f64| x.is_finite())
+                    .ok_or("not a number")?;
                 write_bucket(edges, x, out);
                 Ok(true)
             }
@@ -313,13 +318,30 @@ mod tests {
             Function::Bucket {
                 edges: vec![0.0, 1000.0, 5000.0],
             },
-            &[Some("-1"), Some("999.5"), Some("5000"), Some("x")],
+            &[
+                Some("-1"),
+                Some("999.5"),
+                Some("5000"),
+                Some("x"),
+                Some("NaN"),
+                Some("inf"),
+            ],
         );
         assert_eq!(
             strings(&out),
-            vec![Some("<0".into()), Some("[0,1000)".into()), Some(">=5000".into()), None]
+            vec![
+                Some("<0".into()),
+                Some("[0,1000)".into()),
+                Some(">=5000".into()),
+                None,
+                None,
+                None
+            ]
         );
-        assert_eq!(errors, vec![(3, "not a number")]);
+        assert_eq!(
+            errors,
+            vec![(3, "not a number"), (4, "not a number"), (5, "not a number")]
+        );
         let (out, _) = run(Function::Quarter, &[Some("2024-08-01"), Some("2024-02-01T10:00:00Z")]);
         assert_eq!(strings(&out), vec![Some("2024-Q3".into()), Some("2024-Q1".into())]);
         let (out, _) = run(Function::Month, &[Some("19905")]);

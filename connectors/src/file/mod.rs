@@ -14,6 +14,8 @@ pub enum FileSourceError {
     Io { path: PathBuf, source: io::Error },
     #[error("source {0}: no .jsonl or .jsonl.gz files found")]
     Empty(PathBuf),
+    #[error("source {path} is shorter than its committed position {position}: it was truncated or replaced; move it aside or use a new pipeline name")]
+    Shrunk { path: PathBuf, position: u64 },
 }
 
 /// One input file; `stream` is its name relative to the source root, stable across runs, and
@@ -25,7 +27,7 @@ pub struct SourceFile {
 }
 
 impl SourceFile {
-    fn gzipped(&self) -> bool {
+    pub fn gzipped(&self) -> bool {
         self.path.extension().is_some_and(|e| e == "gz")
     }
 }
@@ -117,17 +119,27 @@ impl LineReader {
             source,
         };
         let mut raw = File::open(&file.path).map_err(io_err)?;
-        let mut reader: Box<dyn BufRead + Send> = if file.gzipped() {
+        // A stream shorter than its committed position was truncated or replaced: reading on
+        // would skip or garble events, so stop and say so.
+        let shrunk = || FileSourceError::Shrunk {
+            path: file.path.clone(),
+            position: start,
+        };
+        let reader: Box<dyn BufRead + Send> = if file.gzipped() {
             let mut r = BufReader::with_capacity(1 << 20, MultiGzDecoder::new(BufReader::new(raw)));
             // Compressed streams cannot seek: decompress and discard up to the position.
-            io::copy(&mut (&mut r).take(start), &mut io::sink()).map_err(io_err)?;
+            let skipped = io::copy(&mut (&mut r).take(start), &mut io::sink()).map_err(io_err)?;
+            if skipped < start {
+                return Err(shrunk());
+            }
             Box::new(r)
         } else {
+            if raw.metadata().map_err(io_err)?.len() < start {
+                return Err(shrunk());
+            }
             raw.seek(SeekFrom::Start(start)).map_err(io_err)?;
             Box::new(BufReader::with_capacity(1 << 20, raw))
         };
-        // Make sure the stream really reached the position (a shorter file means it changed).
-        let _ = reader.fill_buf();
         Ok(Self {
             reader,
             offset: start,
@@ -141,6 +153,7 @@ impl LineReader {
         let mut len = 0usize;
         let mut consumed = 0u64;
         let mut terminated = false;
+        let mut last_byte = None;
         loop {
             let available = self.reader.fill_buf()?;
             if available.is_empty() {
@@ -153,6 +166,9 @@ impl LineReader {
                 Some(i) => (&available[..i], Some(i + 1)),
                 None => (available, None),
             };
+            if let Some(b) = chunk.last() {
+                last_byte = Some(*b);
+            }
             let room = self.max_line.saturating_sub(buf.len());
             buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
             len += chunk.len();
@@ -164,8 +180,11 @@ impl LineReader {
                 break;
             }
         }
-        if buf.last() == Some(&b'\r') && len <= self.max_line {
-            buf.pop();
+        // A CRLF line ends in `\r`: not part of the event, buffered or not.
+        if terminated && last_byte == Some(b'\r') {
+            if len <= self.max_line {
+                buf.pop();
+            }
             len -= 1;
         }
         self.offset += consumed;
@@ -222,6 +241,23 @@ mod tests {
             let mut r = LineReader::open(f, 19, 100).unwrap();
             r.next_line(&mut buf).unwrap();
             assert_eq!(buf, b"third-is-too-long");
+            assert!(matches!(
+                LineReader::open(f, body.len() as u64 + 1, 8),
+                Err(FileSourceError::Shrunk { .. })
+            ));
         }
+    }
+
+    #[test]
+    fn a_crlf_line_of_exactly_the_limit_is_not_oversized() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.jsonl"), b"12345\r\n123456\r\n").unwrap();
+        let file = &list_files(dir.path()).unwrap()[0];
+        let mut r = LineReader::open(file, 0, 5).unwrap();
+        let mut buf = Vec::new();
+        let end = r.next_line(&mut buf).unwrap().unwrap();
+        assert_eq!((buf.as_slice(), end.len, end.truncated(5)), (&b"12345"[..], 5, false));
+        let end = r.next_line(&mut buf).unwrap().unwrap();
+        assert_eq!((end.len, end.truncated(5)), (6, true));
     }
 }
