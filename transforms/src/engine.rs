@@ -182,7 +182,7 @@ impl TableTransform {
             let input = &raw.columns[compiled.input];
             let column = compiled.rule.column.as_str();
             match &compiled.rule.action {
-                Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, &mut errors)),
+                Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, compiled.rule.unit, &mut errors)),
                 Action::Drop => {}
                 Action::Tokenize { .. } if compiled.is_subject_token => {
                     columns.push(actions::tokenize::from_tokens(&subjects))
@@ -193,10 +193,16 @@ impl TableTransform {
                 )),
                 Action::Encrypt => columns.push(actions::encrypt::apply(&ctx, column, input)?),
                 Action::Vault => actions::vault::apply(&ctx, column, input, &mut vault)?,
-                Action::Generalize(f) => columns.push(actions::generalize::apply(f, input, &raw.event_ms, &mut errors)),
+                Action::Generalize(f) => columns.push(actions::generalize::apply(
+                    f,
+                    input,
+                    &raw.event_ms,
+                    compiled.rule.unit,
+                    &mut errors,
+                )),
             }
             for d in &compiled.rule.derive {
-                columns.push(d.function.apply(input, &raw.event_ms, &mut errors));
+                columns.push(d.function.apply(input, &raw.event_ms, compiled.rule.unit, &mut errors));
             }
             rejects.extend(errors.drain(..).map(|(row, reason)| RowReject {
                 row,

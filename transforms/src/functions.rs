@@ -74,7 +74,15 @@ impl Function {
     }
 
     /// Applies the function to a column. `event_ms` is each row's event time (for ages).
-    pub fn apply(&self, input: &StringArray, event_ms: &Int64Array, errors: &mut Vec<RowError>) -> ArrayRef {
+    /// Applies the function to a column. `event_ms` is each row's event time (for ages); `unit`
+    /// says how integer dates are encoded.
+    pub fn apply(
+        &self,
+        input: &StringArray,
+        event_ms: &Int64Array,
+        unit: Option<IntegerTime>,
+        errors: &mut Vec<RowError>,
+    ) -> ArrayRef {
         match self {
             Function::IsPresent => {
                 let mut b = BooleanBuilder::with_capacity(input.len());
@@ -93,7 +101,7 @@ impl Function {
             Function::Year => {
                 let mut b = Int32Builder::with_capacity(input.len());
                 for (i, v) in input.iter().enumerate() {
-                    match v.map(parse_date) {
+                    match v.map(|v| parse_date(v, unit)) {
                         None => b.append_null(),
                         Some(Some(d)) => b.append_value(d.year()),
                         Some(None) => {
@@ -113,7 +121,7 @@ impl Function {
                         continue;
                     };
                     label.clear();
-                    match self.label(v, event_ms.value(i), &mut label) {
+                    match self.label(v, event_ms.value(i), unit, &mut label) {
                         Ok(true) => b.append_value(&label),
                         Ok(false) => b.append_null(),
                         Err(reason) => {
@@ -128,7 +136,7 @@ impl Function {
     }
 
     /// Writes the text label of one present value; `Ok(false)` means null.
-    fn label(&self, v: &str, event_ms: i64, out: &mut String) -> Result<bool, &'static str> {
+    fn label(&self, v: &str, event_ms: i64, unit: Option<IntegerTime>, out: &mut String) -> Result<bool, &'static str> {
         use std::fmt::Write;
         match self {
             Function::EmailDomain => match v.rsplit_once('@') {
@@ -139,7 +147,7 @@ impl Function {
                 _ => Ok(false),
             },
             Function::AgeBand { bands } => {
-                let born = parse_date(v).ok_or("not a date")?;
+                let born = parse_date(v, unit).ok_or("not a date")?;
                 let at = DateTime::from_timestamp_millis(event_ms)
                     .ok_or("event time out of range")?
                     .date_naive();
@@ -148,12 +156,12 @@ impl Function {
                 Ok(true)
             }
             Function::Quarter => {
-                let d = parse_date(v).ok_or("not a date")?;
+                let d = parse_date(v, unit).ok_or("not a date")?;
                 let _ = write!(out, "{:04}-Q{}", d.year(), (d.month0() / 3) + 1);
                 Ok(true)
             }
             Function::Month => {
-                let d = parse_date(v).ok_or("not a date")?;
+                let d = parse_date(v, unit).ok_or("not a date")?;
                 let _ = write!(out, "{:04}-{:02}", d.year(), d.month());
                 Ok(true)
             }
@@ -204,20 +212,58 @@ fn years_between(born: NaiveDate, at: NaiveDate) -> i64 {
     years
 }
 
-/// Integers below this magnitude are Debezium `Date` values (days since the epoch).
-const MAX_EPOCH_DAYS: i64 = 1_000_000;
-/// Integers below this magnitude are milliseconds since the epoch; larger ones microseconds.
-const MAX_EPOCH_MILLIS: i64 = 100_000_000_000_000;
+/// How integer dates and times are encoded at the source (Debezium: `Date` = days,
+/// `Timestamp` = ms, `MicroTimestamp` = µs, `NanoTimestamp` = ns). Set per column with `unit`;
+/// without it the magnitude decides (see [`parse_date`]), which misreads microseconds from
+/// 1966–1973 and nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntegerTime {
+    Days,
+    Millis,
+    Micros,
+    Nanos,
+}
 
-/// A date from ISO text (`2024-07-01`, or the date part of a timestamp) or a Debezium integer
-/// (days, milliseconds or microseconds since the epoch, told apart by magnitude).
-pub fn parse_date(v: &str) -> Option<NaiveDate> {
+impl IntegerTime {
+    pub const NAMES: &'static [&'static str] = &["days", "ms", "us", "ns"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "days" => Self::Days,
+            "ms" => Self::Millis,
+            "us" => Self::Micros,
+            "ns" => Self::Nanos,
+            _ => return None,
+        })
+    }
+
+    fn to_micros(self, n: i64) -> Option<i64> {
+        match self {
+            Self::Days => n.checked_mul(86_400_000_000),
+            Self::Millis => n.checked_mul(1000),
+            Self::Micros => Some(n),
+            Self::Nanos => Some(n.div_euclid(1000)),
+        }
+    }
+
+    /// The unit an unlabelled integer is taken to be, by magnitude.
+    fn guess(n: i64, days_allowed: bool) -> Self {
+        match n.unsigned_abs() {
+            m if days_allowed && m < 1_000_000 => Self::Days,
+            m if m < 100_000_000_000_000 => Self::Millis,
+            _ => Self::Micros,
+        }
+    }
+}
+
+/// A date from ISO text (`2024-07-01`, or the date part of a timestamp) or an integer in `unit`;
+/// without a unit, integers below 1,000,000 are days, below 10^14 milliseconds, else microseconds.
+pub fn parse_date(v: &str, unit: Option<IntegerTime>) -> Option<NaiveDate> {
     let v = v.trim();
     if let Ok(n) = v.parse::<i64>() {
-        if n.abs() < MAX_EPOCH_DAYS {
-            return NaiveDate::from_num_days_from_ce_opt(n as i32 + 719_163);
-        }
-        return epoch_micros_from_int(n)
+        let unit = unit.unwrap_or_else(|| IntegerTime::guess(n, true));
+        return unit
+            .to_micros(n)
             .and_then(DateTime::from_timestamp_micros)
             .map(|t| t.date_naive());
     }
@@ -225,11 +271,12 @@ pub fn parse_date(v: &str) -> Option<NaiveDate> {
 }
 
 /// Microseconds since the epoch from RFC 3339 text, `YYYY-MM-DD HH:MM:SS[.f]` (taken as UTC),
-/// a bare date, or an integer of milliseconds or microseconds.
-pub fn parse_timestamp_micros(v: &str) -> Option<i64> {
+/// a bare date, or an integer in `unit` (without one: milliseconds below 10^14, else
+/// microseconds).
+pub fn parse_timestamp_micros(v: &str, unit: Option<IntegerTime>) -> Option<i64> {
     let v = v.trim();
     if let Ok(n) = v.parse::<i64>() {
-        return epoch_micros_from_int(n);
+        return unit.unwrap_or_else(|| IntegerTime::guess(n, false)).to_micros(n);
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(v) {
         return Some(t.timestamp_micros());
@@ -243,14 +290,6 @@ pub fn parse_timestamp_micros(v: &str) -> Option<i64> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc().timestamp_micros())
-}
-
-fn epoch_micros_from_int(n: i64) -> Option<i64> {
-    if n.abs() < MAX_EPOCH_MILLIS {
-        n.checked_mul(1000)
-    } else {
-        Some(n)
-    }
 }
 
 /// Days since the epoch, as Arrow `Date32` stores them.
@@ -268,7 +307,7 @@ mod tests {
         // 2024-06-15T00:00:00Z
         let at = Int64Array::from(vec![1_718_409_600_000; values.len()]);
         let mut errors = Vec::new();
-        let out = f.apply(&input, &at, &mut errors);
+        let out = f.apply(&input, &at, None, &mut errors);
         (out, errors)
     }
 
@@ -357,10 +396,30 @@ mod tests {
 
     #[test]
     fn timestamps_from_text_and_integers() {
-        assert_eq!(parse_timestamp_micros("1970-01-01T00:00:01Z"), Some(1_000_000));
-        assert_eq!(parse_timestamp_micros("1000"), Some(1_000_000));
-        assert_eq!(parse_timestamp_micros("1718409600000000"), Some(1_718_409_600_000_000));
-        assert_eq!(parse_timestamp_micros("1970-01-02"), Some(86_400_000_000));
-        assert_eq!(parse_timestamp_micros("yesterday"), None);
+        assert_eq!(parse_timestamp_micros("1970-01-01T00:00:01Z", None), Some(1_000_000));
+        assert_eq!(parse_timestamp_micros("1000", None), Some(1_000_000));
+        assert_eq!(
+            parse_timestamp_micros("1718409600000000", None),
+            Some(1_718_409_600_000_000)
+        );
+        assert_eq!(parse_timestamp_micros("1970-01-02", None), Some(86_400_000_000));
+        assert_eq!(parse_timestamp_micros("yesterday", None), None);
+        // 1970-03-01 in microseconds is small enough to pass for milliseconds: `unit` settles it.
+        assert_eq!(
+            parse_timestamp_micros("5097600000000", Some(IntegerTime::Micros)),
+            Some(5_097_600_000_000)
+        );
+        assert_eq!(
+            parse_timestamp_micros("5097600000000000", Some(IntegerTime::Nanos)),
+            Some(5_097_600_000_000)
+        );
+        assert_eq!(
+            parse_date("5097600000000", Some(IntegerTime::Micros)),
+            NaiveDate::from_ymd_opt(1970, 3, 1)
+        );
+        assert_eq!(
+            parse_date("59", Some(IntegerTime::Days)),
+            NaiveDate::from_ymd_opt(1970, 3, 1)
+        );
     }
 }

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use crate::actions::{Action, KeepType};
 use crate::config_error::ConfigError;
-use crate::functions::Function;
+use crate::functions::{Function, IntegerTime};
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -33,6 +33,9 @@ pub struct ColumnRule {
     /// Output column name chosen with `as`, if any.
     pub rename: Option<String>,
     pub derive: Vec<Derived>,
+    /// How integer dates and times in this column are encoded (`unit = "days"|"ms"|"us"|"ns"`);
+    /// `None`: told apart by magnitude.
+    pub unit: Option<IntegerTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -128,11 +131,26 @@ impl Policy {
                     ));
                 }
             }
+            let unit = match &spec.unit {
+                None => None,
+                Some(u) => Some(IntegerTime::parse(u.get_ref()).ok_or_else(|| {
+                    err(
+                        u.span(),
+                        &format!("{field}.unit"),
+                        format!(
+                            "unknown unit `{}`: one of {}",
+                            u.get_ref(),
+                            IntegerTime::NAMES.join(", ")
+                        ),
+                    )
+                })?),
+            };
             rules.push(ColumnRule {
                 column,
                 action,
                 rename: rename.map(|r| r.0),
                 derive,
+                unit,
             });
         }
         let policy = Policy {
@@ -363,6 +381,8 @@ pub(super) struct RawColumn {
     bands: Option<Vec<i64>>,
     length: Option<usize>,
     edges: Option<Vec<f64>>,
+    /// How integer dates/times of this column are encoded: days, ms, us, ns.
+    unit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -521,6 +541,14 @@ action = "drop"
         let e = parse(&CUSTOMERS.replace("length = 3", "lenght = 3")).unwrap_err();
         assert_eq!(e.field, "lenght");
         assert!(e.line >= 20 && e.line <= 25, "{e}");
+
+        let e = parse(&CUSTOMERS.replace(
+            "bands = [18, 25, 35, 45, 55, 65]",
+            "bands = [18, 25, 35, 45, 55, 65]\nunit = \"weeks\"",
+        ))
+        .unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("columns.date_of_birth.unit", 18));
+        assert!(e.message.contains("one of days, ms, us, ns"), "{e}");
 
         let e = parse(&CUSTOMERS.replace("fn = \"email_domain\"", "fn = \"domain\"")).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("columns.email.derive.fn", 12));

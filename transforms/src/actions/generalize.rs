@@ -3,8 +3,14 @@
 
 use arrow_array::{ArrayRef, Int64Array, StringArray};
 
-use crate::functions::{Function, RowError};
+use crate::functions::{Function, IntegerTime, RowError};
 
-pub fn apply(function: &Function, input: &StringArray, event_ms: &Int64Array, errors: &mut Vec<RowError>) -> ArrayRef {
-    function.apply(input, event_ms, errors)
+pub fn apply(
+    function: &Function,
+    input: &StringArray,
+    event_ms: &Int64Array,
+    unit: Option<IntegerTime>,
+    errors: &mut Vec<RowError>,
+) -> ArrayRef {
+    function.apply(input, event_ms, unit, errors)
 }

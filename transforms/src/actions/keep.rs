@@ -6,7 +6,7 @@ use arrow_array::builder::{BooleanBuilder, Date32Builder, Float64Builder, Int64B
 use arrow_array::{Array, ArrayRef, StringArray};
 use arrow_schema::DataType;
 
-use crate::functions::{epoch_days, parse_date, parse_timestamp_micros, RowError};
+use crate::functions::{epoch_days, parse_date, parse_timestamp_micros, IntegerTime, RowError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepType {
@@ -50,7 +50,7 @@ impl KeepType {
 }
 
 /// Converts text values to the declared type; a value that does not fit is a row error.
-pub fn apply(ty: KeepType, input: &StringArray, errors: &mut Vec<RowError>) -> ArrayRef {
+pub fn apply(ty: KeepType, input: &StringArray, unit: Option<IntegerTime>, errors: &mut Vec<RowError>) -> ArrayRef {
     fn typed<B, T>(
         input: &StringArray,
         errors: &mut Vec<RowError>,
@@ -113,7 +113,7 @@ pub fn apply(ty: KeepType, input: &StringArray, errors: &mut Vec<RowError>) -> A
                 errors,
                 Date32Builder::with_capacity(n),
                 "not a date",
-                |s| parse_date(s).map(epoch_days),
+                |s| parse_date(s, unit).map(epoch_days),
                 |b, v| b.append_option(v),
             )
             .finish(),
@@ -124,7 +124,7 @@ pub fn apply(ty: KeepType, input: &StringArray, errors: &mut Vec<RowError>) -> A
                 errors,
                 TimestampMicrosecondBuilder::with_capacity(n),
                 "not a timestamp",
-                parse_timestamp_micros,
+                |s| parse_timestamp_micros(s, unit),
                 |b, v| b.append_option(v),
             )
             .finish()
@@ -150,7 +150,7 @@ mod tests {
     fn values_that_do_not_fit_are_row_errors() {
         let input = StringArray::from(vec![Some("12"), Some("twelve"), None, Some("9223372036854775808")]);
         let mut errors = Vec::new();
-        let out = apply(KeepType::Int64, &input, &mut errors);
+        let out = apply(KeepType::Int64, &input, None, &mut errors);
         let out = out.as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(out.value(0), 12);
         assert!(out.is_null(2));
