@@ -14,4 +14,4 @@ fi
 
 cargo build --locked -p sluice
 cargo test --workspace --locked
-SLUICE_BIN="$root/target/debug/sluice" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"
+SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/sluice" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"
