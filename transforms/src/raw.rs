@@ -63,7 +63,6 @@ pub struct RawBatchBuilder {
     ops: Vec<Op>,
     event_ms: Int64Builder,
     positions: StringBuilder,
-    bytes: usize,
 }
 
 impl RawBatchBuilder {
@@ -73,7 +72,6 @@ impl RawBatchBuilder {
             ops: Vec::new(),
             event_ms: Int64Builder::new(),
             positions: StringBuilder::new(),
-            bytes: 0,
         }
     }
 
@@ -85,31 +83,21 @@ impl RawBatchBuilder {
         self.ops.is_empty()
     }
 
-    /// Approximate bytes held, for batch sizing.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Appends a row; `values[i]` belongs to column `i` and is taken (left `None`).
     pub fn push(&mut self, op: Op, event_ms: i64, position: &str, values: &mut [Option<Cow<'_, str>>]) {
         debug_assert_eq!(values.len(), self.columns.len());
         for (builder, value) in self.columns.iter_mut().zip(values.iter_mut()) {
             match value.take() {
-                Some(v) => {
-                    self.bytes += v.len();
-                    builder.append_value(v)
-                }
+                Some(v) => builder.append_value(v),
                 None => builder.append_null(),
             }
         }
         self.ops.push(op);
         self.event_ms.append_value(event_ms);
         self.positions.append_value(position);
-        self.bytes += position.len() + 16;
     }
 
     pub fn finish(&mut self) -> RawBatch {
-        self.bytes = 0;
         RawBatch {
             columns: self.columns.iter_mut().map(|b| b.finish()).collect(),
             ops: std::mem::take(&mut self.ops),

@@ -289,7 +289,7 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> KeyStoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_transforms::crypto::field_aad;
+    use sluice_transforms::crypto::{envelope_key_id, field_aad};
 
     const MASTER: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -311,6 +311,10 @@ mod tests {
         let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
         let again = store.subject_keys(&["a"]).unwrap();
         assert_eq!(again[0].open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
+        // The owner of the master key can open any envelope from its key id alone.
+        let by_id = store.key_by_id(&envelope_key_id(&envelope).unwrap()).unwrap().unwrap();
+        assert_eq!(by_id.open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
+        assert!(store.key_by_id(&[9; KEY_ID_LEN]).unwrap().is_none());
         assert_eq!(
             store.tokenizer().unwrap().domain("d").token("1"),
             token_a,
