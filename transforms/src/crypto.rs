@@ -82,7 +82,7 @@ impl std::fmt::Debug for Token {
 static NEXT_TOKENIZER: AtomicU64 = AtomicU64::new(0);
 /// Tokens remembered per domain and thread. Identifiers such as foreign keys repeat across
 /// events, and an HMAC costs two SHA-256 blocks; the bound keeps memory flat.
-const TOKEN_CACHE_PER_DOMAIN: usize = 32_768;
+const TOKEN_CACHE_PER_DOMAIN: usize = 65_536;
 
 thread_local! {
     static TOKEN_CACHE: RefCell<FxHashMap<u64, FxHashMap<Box<str>, Token>>> = RefCell::new(FxHashMap::default());
