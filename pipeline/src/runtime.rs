@@ -239,6 +239,8 @@ fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: A
     }
 }
 
+const MAX_REPORTED_DROPS: usize = 1000;
+
 /// Writes processed chunks in sequence order and commits by size and age.
 async fn sink_loop(
     config: &Config,
@@ -271,8 +273,13 @@ async fn sink_loop(
             next_seq += 1;
             for (table, cols) in &p.summary.dropped_columns {
                 for column in cols.keys() {
-                    if reported_drops.insert((table.clone(), column.clone())) {
+                    // Logged once per name; a schema that drifts without end is not logged without end.
+                    let key = (table.clone(), column.clone());
+                    if reported_drops.len() < MAX_REPORTED_DROPS && reported_drops.insert(key) {
                         warn!(table = %table, column = %column, "column not named by the policy: dropped (default deny)");
+                        if reported_drops.len() == MAX_REPORTED_DROPS {
+                            warn!("further dropped columns are counted in the summary but not logged");
+                        }
                     }
                 }
             }

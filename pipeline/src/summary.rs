@@ -35,6 +35,11 @@ impl Summary {
         add_all(&mut self.quarantined, other.quarantined);
         add_all(&mut self.unknown_tables, other.unknown_tables);
         for (table, cols) in other.dropped_columns {
+            let table = if self.dropped_columns.len() >= MAX_NAMES && !self.dropped_columns.contains_key(&table) {
+                OTHER.to_string()
+            } else {
+                table
+            };
             add_all(self.dropped_columns.entry(table).or_default(), cols);
         }
         self.already_committed += other.already_committed;
@@ -100,8 +105,36 @@ impl Summary {
     }
 }
 
+/// Distinct names kept per counter map; past it, counts go to `(other)`. Table and column
+/// names come from the source, so a drifting schema must not grow memory without bound.
+const MAX_NAMES: usize = 1000;
+const OTHER: &str = "(other)";
+
 fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
     for (k, v) in from {
-        *into.entry(k).or_default() += v;
+        let key = if into.len() >= MAX_NAMES && !into.contains_key(&k) {
+            OTHER.to_string()
+        } else {
+            k
+        };
+        *into.entry(key).or_default() += v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_of_source_names_stay_bounded() {
+        let mut total = Summary::default();
+        for i in 0..(MAX_NAMES + 50) {
+            let mut one = Summary::default();
+            one.unknown_tables.insert(format!("t{i}"), 2);
+            total.merge(one);
+        }
+        assert_eq!(total.unknown_tables.len(), MAX_NAMES + 1);
+        assert_eq!(total.unknown_tables[OTHER], 100);
+        assert_eq!(total.unknown_tables.values().sum::<u64>(), 2 * (MAX_NAMES as u64 + 50));
     }
 }
