@@ -38,18 +38,14 @@ pub fn render(config: &Config) -> String {
             "  {:<28} metadata: op, subject token, source time, position, ingest time, date partition",
             META_COLUMNS.join(",")
         );
-        let vaulted: Vec<&str> = p
-            .rules
-            .iter()
-            .filter(|r| r.action == Action::Vault)
-            .map(|r| r.column.as_str())
-            .collect();
-        let dropped: Vec<&str> = p
-            .rules
-            .iter()
-            .filter(|r| r.action == Action::Drop)
-            .map(|r| r.column.as_str())
-            .collect();
+        let columns_with = |action: Action| -> Vec<&str> {
+            p.rules
+                .iter()
+                .filter(|r| r.action == action)
+                .map(|r| r.column.as_str())
+                .collect()
+        };
+        let (vaulted, dropped) = (columns_with(Action::Vault), columns_with(Action::Drop));
         if !vaulted.is_empty() {
             let _ = writeln!(s, "  to the PII vault only (ciphertext): {}", vaulted.join(", "));
         }

@@ -156,7 +156,7 @@ impl Policy {
         let policy = Policy {
             table: raw.table.into_inner(),
             target: raw.target.into_inner(),
-            subject: raw.subject.get_ref().clone(),
+            subject: raw.subject.into_inner(),
             token_domain: raw.token_domain.into_inner(),
             rules,
         };
@@ -182,7 +182,6 @@ impl Policy {
                 ));
             }
         }
-        let _ = raw.subject;
         Ok(policy)
     }
 
