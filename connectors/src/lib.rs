@@ -3,12 +3,14 @@
 //!
 //! - [`file`]: Debezium change events in `.jsonl` / `.jsonl.gz` files (and dumped topics).
 //! - [`debezium`]: the change-event envelope decoder shared by every source.
+//! - [`kafka`]: a consumer-group source whose positions live in the lake; a publisher.
 //! - [`delta`]: Delta Lake tables, with source positions committed in the same commit.
 //! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
 
 pub mod debezium;
 pub mod delta;
 pub mod file;
+pub mod kafka;
 pub mod keystore;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in

@@ -20,7 +20,7 @@ path = "events"
 [lake]
 root = "lake"
 [keys]
-store = "keys/keystore.redb"
+store = "keys/keystore.db"
 master_key_file = "$PWD/fixtures/keys/TEST-ONLY-master.key"
 TOML
 python3 - "$bin" "$out" "$events" "$bytes" <<'PY'

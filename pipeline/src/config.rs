@@ -1,9 +1,10 @@
 //! The pipeline configuration file (`sluice.toml`). Relative paths are relative to the file.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sluice_connectors::kafka::{KafkaSettings, StartAt};
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
 
@@ -31,6 +32,7 @@ struct RawConfig {
     batch: BatchConfig,
     #[serde(default)]
     workers: WorkersConfig,
+    publish: Option<RawPublish>,
 }
 
 fn default_unknown_tables() -> UnknownTables {
@@ -41,11 +43,30 @@ fn default_unknown_tables() -> UnknownTables {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     kind: Spanned<String>,
-    path: String,
     #[serde(default = "default_max_event_bytes")]
     max_event_bytes: usize,
+    // file
+    path: Option<String>,
     #[serde(default = "default_poll_ms")]
     poll_ms: u64,
+    // kafka
+    brokers: Option<String>,
+    group_id: Option<String>,
+    topics: Option<Vec<String>>,
+    start: Option<Spanned<String>>,
+    session_timeout_ms: Option<u32>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublish {
+    kind: Spanned<String>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
 }
 
 fn default_max_event_bytes() -> usize {
@@ -120,6 +141,29 @@ impl Default for WorkersConfig {
     }
 }
 
+/// A Kafka consumer group.
+#[derive(Debug, Clone)]
+pub struct KafkaSourceConfig {
+    pub settings: KafkaSettings,
+    pub group_id: String,
+    /// Topic names, or regular expressions starting with `^`.
+    pub topics: Vec<String>,
+    pub start_at: StartAt,
+    pub session_timeout_ms: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    File { path: PathBuf, poll_ms: u64 },
+    Kafka(KafkaSourceConfig),
+}
+
+/// Where sanitized rows are also pushed, one JSON message per row keyed by subject token.
+#[derive(Debug, Clone)]
+pub enum PublishConfig {
+    Kafka { settings: KafkaSettings, topic: String },
+}
+
 /// Where the master key comes from: the environment variable wins when set.
 #[derive(Debug, Clone)]
 pub struct MasterKeySource {
@@ -133,9 +177,9 @@ pub struct Config {
     pub name: String,
     pub policies: Vec<Policy>,
     pub unknown_tables: UnknownTables,
-    pub source_path: PathBuf,
+    pub source: SourceConfig,
+    pub publish: Option<PublishConfig>,
     pub max_event_bytes: usize,
-    pub poll_ms: u64,
     pub tables_root: PathBuf,
     pub vault_path: PathBuf,
     pub quarantine_path: PathBuf,
@@ -175,16 +219,11 @@ impl Config {
                 "must be letters, digits, - and _".into(),
             ));
         }
-        if raw.source.kind.get_ref() != "file" {
-            return Err(invalid(
-                raw.source.kind.span().start,
-                "source.kind",
-                format!(
-                    "unknown source kind `{}`: this build reads `file`",
-                    raw.source.kind.get_ref()
-                ),
-            ));
-        }
+        let source = source_config(&raw.source, &resolve, &invalid)?;
+        let publish = match &raw.publish {
+            Some(p) => Some(publish_config(p, &invalid)?),
+            None => None,
+        };
         if raw.keys.master_key_file.is_none() && raw.keys.master_key_env.is_none() {
             return Err(invalid(
                 text.find("[keys]").unwrap_or(0),
@@ -244,9 +283,9 @@ impl Config {
             name: name.clone(),
             policies,
             unknown_tables: raw.unknown_tables,
-            source_path: resolve(&raw.source.path),
+            source,
+            publish,
             max_event_bytes: raw.source.max_event_bytes.max(1024),
-            poll_ms: raw.source.poll_ms,
             tables_root: root.join("tables"),
             vault_path: raw
                 .lake
@@ -271,12 +310,113 @@ impl Config {
         })
     }
 
+    /// Every Delta table a run commits to, in sink order: one per policy, the vault, the
+    /// quarantine.
+    pub fn sink_locations(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.policies.iter().map(|p| self.tables_root.join(&p.target)).collect();
+        out.push(self.vault_path.clone());
+        out.push(self.quarantine_path.clone());
+        out
+    }
+
+    /// Writes tables, vault and quarantine under another lake root (a replay `--into`).
+    pub fn redirect_lake(&mut self, root: &Path) {
+        self.tables_root = root.join("tables");
+        self.vault_path = root.join("vault");
+        self.quarantine_path = root.join("quarantine");
+    }
+
     pub fn worker_threads(&self) -> usize {
         match self.workers.threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             n => n,
         }
     }
+}
+
+fn source_config(
+    raw: &RawSource,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<SourceConfig, LoadError> {
+    let at = raw.kind.span().start;
+    let required = |value: &Option<String>, field: &str| {
+        value
+            .clone()
+            .ok_or_else(|| invalid(at, field, format!("required for source kind `{}`", raw.kind.get_ref())))
+    };
+    Ok(match raw.kind.get_ref().as_str() {
+        "file" => SourceConfig::File {
+            path: resolve(&required(&raw.path, "source.path")?),
+            poll_ms: raw.poll_ms,
+        },
+        "kafka" => {
+            let topics = raw.topics.clone().unwrap_or_default();
+            if topics.is_empty() {
+                return Err(invalid(
+                    at,
+                    "source.topics",
+                    "name at least one topic (or a ^regex)".into(),
+                ));
+            }
+            let start_at = match raw.start.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
+                None | Some(("earliest", _)) => StartAt::Earliest,
+                Some(("latest", _)) => StartAt::Latest,
+                Some((other, offset)) => {
+                    return Err(invalid(
+                        offset,
+                        "source.start",
+                        format!("`{other}`: expected `earliest` or `latest`"),
+                    ))
+                }
+            };
+            SourceConfig::Kafka(KafkaSourceConfig {
+                settings: KafkaSettings {
+                    brokers: required(&raw.brokers, "source.brokers")?,
+                    properties: raw.properties.clone(),
+                },
+                group_id: required(&raw.group_id, "source.group_id")?,
+                topics,
+                start_at,
+                session_timeout_ms: raw.session_timeout_ms.unwrap_or(10_000),
+            })
+        }
+        other => {
+            return Err(invalid(
+                at,
+                "source.kind",
+                format!("unknown source kind `{other}`: expected `file` or `kafka`"),
+            ))
+        }
+    })
+}
+
+fn publish_config(
+    raw: &RawPublish,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<PublishConfig, LoadError> {
+    let at = raw.kind.span().start;
+    let required = |value: &Option<String>, field: &str| {
+        value
+            .clone()
+            .ok_or_else(|| invalid(at, field, format!("required for publish kind `{}`", raw.kind.get_ref())))
+    };
+    Ok(match raw.kind.get_ref().as_str() {
+        "kafka" => PublishConfig::Kafka {
+            settings: KafkaSettings {
+                brokers: required(&raw.brokers, "publish.brokers")?,
+                properties: raw.properties.clone(),
+            },
+            topic: required(&raw.topic, "publish.topic")?,
+        },
+        other => {
+            return Err(invalid(
+                at,
+                "publish.kind",
+                format!("unknown publish kind `{other}`: expected `kafka`"),
+            ))
+        }
+    })
 }
 
 fn policy_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -289,4 +429,57 @@ fn policy_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(dir: &Path, text: &str) -> Result<Config, LoadError> {
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(
+            dir.join("policies/p.toml"),
+            "table = \"public.t\"\ntarget = \"t\"\nsubject = \"id\"\ntoken_domain = \"d\"\n[columns.id]\naction = \"tokenize\"\n",
+        )
+        .unwrap();
+        let file = dir.join("sluice.toml");
+        std::fs::write(&file, text).unwrap();
+        Config::load(&file)
+    }
+
+    const HEAD: &str = "name = \"p\"\npolicies = [\"policies\"]\n[lake]\nroot = \"lake\"\n[keys]\nstore = \"k.db\"\nmaster_key_env = \"K\"\n";
+
+    #[test]
+    fn kafka_source_and_publish_are_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{HEAD}[source]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\", \"^x.*\"]\nstart = \"latest\"\n[source.properties]\n\"security.protocol\" = \"SSL\"\n[publish]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"out\"\n"
+        );
+        let config = load(dir.path(), &text).unwrap();
+        let SourceConfig::Kafka(k) = &config.source else {
+            panic!("not a kafka source")
+        };
+        assert_eq!(k.topics, ["t", "^x.*"]);
+        assert_eq!(k.start_at, StartAt::Latest);
+        assert_eq!(k.settings.properties["security.protocol"], "SSL");
+        assert!(matches!(&config.publish, Some(PublishConfig::Kafka { topic, .. }) if topic == "out"));
+        assert_eq!(config.sink_locations().len(), 3);
+    }
+
+    #[test]
+    fn a_missing_or_wrong_kafka_setting_names_its_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{HEAD}[source]\nkind = \"kafka\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n");
+        let err = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            err.ends_with("sluice.toml:9: source.brokers: required for source kind `kafka`"),
+            "{err}"
+        );
+        let text = format!("{HEAD}[source]\nkind = \"kafka\"\nbrokers = \"b\"\ngroup_id = \"g\"\ntopics = [\"t\"]\nstart = \"oldest\"\n");
+        let err = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            err.ends_with("sluice.toml:13: source.start: `oldest`: expected `earliest` or `latest`"),
+            "{err}"
+        );
+    }
 }

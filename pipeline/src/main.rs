@@ -4,13 +4,17 @@ mod audit;
 mod config;
 mod generate;
 mod manifest;
+mod progress;
+mod publish;
 mod quarantine;
 mod runtime;
+mod source;
 mod summary;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -24,7 +28,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "sluice",
     version,
-    about = "Sanitize Debezium change events into Delta Lake tables and a PII vault"
+    about = "Sanitize Debezium change events (files, Kafka) into Delta Lake tables and a PII vault"
 )]
 struct Cli {
     /// Log format on stderr.
@@ -50,6 +54,28 @@ enum Command {
         #[arg(long)]
         once: bool,
         /// Also write the run summary as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+    },
+    /// Re-read a range of the Kafka topics into the live tables (idempotent: committed
+    /// positions are skipped) or, with --into, into a fresh lake root.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// `earliest`, an offset (every partition), or an RFC 3339 time (the first message of
+        /// each partition stamped at or after it).
+        #[arg(long)]
+        from: String,
+        /// `latest` (each partition's end when reached), an offset (exclusive), or an RFC 3339
+        /// time (messages stamped after it are not read).
+        #[arg(long, default_value = "latest")]
+        to: String,
+        /// Topics to replay (default: the configured ones; patterns are not replayable).
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Write tables, vault and quarantine under this directory instead of the live lake.
+        #[arg(long)]
+        into: Option<PathBuf>,
         #[arg(long)]
         summary_json: Option<PathBuf>,
     },
@@ -83,6 +109,57 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+fn open_publisher(cfg: &config::Config) -> anyhow::Result<Option<publish::Publisher>> {
+    let Some(p) = &cfg.publish else { return Ok(None) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(Some(rt.block_on(publish::Publisher::open(p))?))
+}
+
+/// Prints the summary and writes it as JSON if asked.
+fn report(cfg: &config::Config, summary: &summary::Summary, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let root = cfg
+        .tables_root
+        .parent()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+        .unwrap_or_default();
+    print!("{}", summary.render(&root.display().to_string()));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn parse_time(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+fn parse_from(text: &str) -> anyhow::Result<source::kafka::ReplayFrom> {
+    use source::kafka::ReplayFrom;
+    Ok(match text {
+        "earliest" => ReplayFrom::Earliest,
+        t => match (t.parse::<i64>(), parse_time(t)) {
+            (Ok(o), _) if o >= 0 => ReplayFrom::Offset(o),
+            (_, Some(ms)) => ReplayFrom::Time(ms),
+            _ => anyhow::bail!("--from {t}: expected earliest, an offset or an RFC 3339 time"),
+        },
+    })
+}
+
+fn parse_to(text: &str) -> anyhow::Result<source::kafka::ReplayTo> {
+    use source::kafka::ReplayTo;
+    Ok(match text {
+        "latest" => ReplayTo::Latest,
+        t => match (t.parse::<i64>(), parse_time(t)) {
+            (Ok(o), _) if o >= 0 => ReplayTo::Offset(o),
+            (_, Some(ms)) => ReplayTo::Time(ms),
+            _ => anyhow::bail!("--to {t}: expected latest, an offset or an RFC 3339 time"),
+        },
+    })
 }
 
 fn main() -> ExitCode {
@@ -132,18 +209,77 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             summary_json,
         } => {
             let cfg = config::Config::load(&config)?;
-            let summary = runtime::run(&cfg, &runtime::RunOptions { once })?;
-            let root = cfg
-                .tables_root
-                .parent()
-                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
-                .unwrap_or_default();
-            let root = root.display().to_string();
-            print!("{}", summary.render(&root));
-            if let Some(path) = summary_json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+            let publisher = open_publisher(&cfg)?;
+            let summary = match &cfg.source {
+                config::SourceConfig::File { path, poll_ms } => {
+                    let mut source = source::file::FileSource::new(
+                        path.clone(),
+                        cfg.max_event_bytes,
+                        cfg.workers.chunk_events,
+                        once,
+                        Duration::from_millis(*poll_ms),
+                    );
+                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                }
+                config::SourceConfig::Kafka(k) => {
+                    let positions = source::kafka::LakePositions {
+                        tables: cfg.sink_locations(),
+                        app_prefix: cfg.name.clone(),
+                        start_at: k.start_at,
+                    };
+                    let group = sluice_connectors::kafka::GroupSettings {
+                        group_id: k.group_id.clone(),
+                        topics: k.topics.clone(),
+                        start_at: k.start_at,
+                        session_timeout_ms: k.session_timeout_ms,
+                    };
+                    let mut source = source::kafka::group_source(
+                        &k.settings,
+                        &group,
+                        positions,
+                        cfg.max_event_bytes,
+                        cfg.workers.chunk_events,
+                        once,
+                    )?;
+                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                }
+            };
+            report(&cfg, &summary, summary_json.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            config,
+            from,
+            to,
+            topic,
+            into,
+            summary_json,
+        } => {
+            let mut cfg = config::Config::load(&config)?;
+            let config::SourceConfig::Kafka(k) = &cfg.source else {
+                anyhow::bail!("{}: replay needs a kafka source", config.display());
+            };
+            let topics = if topic.is_empty() { k.topics.clone() } else { topic };
+            if let Some(t) = topics.iter().find(|t| t.starts_with('^')) {
+                anyhow::bail!("topic pattern {t}: name the topics to replay with --topic");
             }
+            let range = source::kafka::ReplayRange {
+                topics,
+                from: parse_from(&from)?,
+                to: parse_to(&to)?,
+            };
+            let settings = k.settings.clone();
+            if let Some(root) = &into {
+                cfg.redirect_lake(root);
+            }
+            let publisher = open_publisher(&cfg)?;
+            let mut source =
+                source::kafka::replay_source(&settings, range, cfg.max_event_bytes, cfg.workers.chunk_events)?;
+            let progress = progress::Progress::start(source.events.clone());
+            let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
+            progress.finish();
+            let summary = summary?;
+            report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

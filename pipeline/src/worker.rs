@@ -33,6 +33,21 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    pub fn new(stream: Arc<str>, events: usize) -> Self {
+        Self {
+            seq: 0,
+            stream,
+            data: Vec::with_capacity(events.min(4096) * 256),
+            lines: Vec::with_capacity(events),
+        }
+    }
+
+    pub fn push(&mut self, line: &[u8], end: LineEnd) {
+        let start = self.data.len();
+        self.data.extend_from_slice(line);
+        self.lines.push((start, self.data.len(), end));
+    }
+
     pub fn last_offset(&self) -> u64 {
         self.lines.last().map(|l| l.2.end_offset).unwrap_or(0)
     }
@@ -393,7 +408,7 @@ type = "int64"
             .get_or_init(|| {
                 let dir = tempfile::tempdir().unwrap();
                 let master = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
-                let keys = Arc::new(KeyStore::open(&dir.path().join("keys.redb"), master, 100).unwrap());
+                let keys = Arc::new(KeyStore::open(&dir.path().join("keys.db"), master, 100).unwrap());
                 let policy = Policy::from_toml(Path::new("people.toml"), POLICY).unwrap();
                 let transform = TableTransform::new(policy, &Tokenizer::new(&[1; 32]));
                 let quarantine_key = keys.system_key("quarantine").unwrap();

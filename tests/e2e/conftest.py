@@ -37,29 +37,30 @@ def canary_dir():
     return path
 
 
-def write_config(tmp, events, policies, lake=None, extra=""):
-    """A pipeline config with absolute paths under `tmp`."""
+def write_config(tmp, events, policies, lake=None, extra="", source=None, name="sluice.toml"):
+    """A pipeline config with absolute paths under `tmp`; `source` replaces the file source's
+    settings (e.g. a Kafka source)."""
     lake = lake or tmp / "lake"
     policies_toml = ", ".join(json.dumps(str(p)) for p in policies)
+    source = source or f'kind = "file"\npath = {json.dumps(str(events))}'
     text = f"""
 name = "test"
 policies = [{policies_toml}]
 unknown_tables = "quarantine"
 
 [source]
-kind = "file"
-path = {json.dumps(str(events))}
+{source}
 max_event_bytes = 65536
 
 [lake]
 root = {json.dumps(str(lake))}
 
 [keys]
-store = {json.dumps(str(tmp / "keys" / "keystore.redb"))}
+store = {json.dumps(str(tmp / "keys" / "keystore.db"))}
 master_key_file = {json.dumps(str(MASTER_KEY))}
 {extra}
 """
-    path = tmp / "sluice.toml"
+    path = tmp / name
     path.write_text(text)
     return path
 
@@ -110,3 +111,25 @@ def read_delta(path):
 
 def rows(table):
     return table.to_pylist()
+
+
+def wait_until(condition, timeout, what):
+    """Polls `condition` until it holds; fails with `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -155,3 +155,43 @@ def test_the_scanner_finds_every_form_of_a_leak(sluice_bin, canary_dir, tmp_path
     assert leaked == {"upper.txt", "digits.txt", "b64.txt", "sha256.txt", "md5b64.txt", "data.parquet", "log.gz"}
     for value in (email, phone, name, note, iban, card):
         assert value not in scan.stdout, "the report must not print the values it found"
+
+
+def test_kafka_source_and_stream_sink_leak_nothing(sluice_bin, canary_dir, tmp_path):
+    """Canary events through Kafka, sanitized rows published to an output topic: the lake, the
+    published messages, the key store and the logs hold no canary value."""
+    from kafka_broker import Tansu
+
+    people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
+    lines, _ = canary_events(people)
+    broker = Tansu(tmp_path / "broker").start()
+    try:
+        broker.create_topic("bank", 2)
+        broker.create_topic("sanitized", 1)
+        broker.produce("bank", [l.encode() for l in lines], 2)
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        (policies / "people.toml").write_text(POLICY)
+        source = f'kind = "kafka"\nbrokers = "{broker.address}"\ngroup_id = "leaks"\ntopics = ["bank"]\nsession_timeout_ms = 6000'
+        publish = f'\n[publish]\nkind = "kafka"\nbrokers = "{broker.address}"\ntopic = "sanitized"\n'
+        config = write_config(tmp_path, None, [policies], source=source, extra=publish)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        result = run(sluice_bin, "--log-format", "json", "run", "--config", config, "--once",
+                     env=dict(os.environ, SLUICE_LOG="debug"))
+        (logs / "stdout.txt").write_text(result.stdout)
+        (logs / "stderr.txt").write_text(result.stderr)
+        lake = tmp_path / "lake"
+        people_rows = read_delta(lake / "tables" / "people").num_rows
+        published = broker.read_all("sanitized", 1)
+        assert len(published) == people_rows > 0, "one message per sanitized row"
+        first = json.loads(published[0])
+        assert first["_table"] == "people" and "id_token" in first and "email" not in first
+        out = tmp_path / "published"
+        out.mkdir()
+        (out / "sanitized.jsonl").write_bytes(b"\n".join(published))
+        scan = run(sluice_bin, "audit-leaks", "--values", canary_dir / "canaries.txt", lake, out, tmp_path / "keys", logs, check=False)
+        assert scan.returncode == 0, scan.stdout
+        assert "no leaks found" in scan.stdout
+    finally:
+        broker.stop(kill=True)

@@ -2,12 +2,13 @@
 //! Source positions ride in the same commit as the data (`txn` actions, as kafka-delta-ingest
 //! does), so a table's committed position is exactly the data it holds.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, StructType, Transaction};
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
@@ -30,6 +31,15 @@ pub enum DeltaSinkError {
         table: String,
         path: PathBuf,
         source: std::io::Error,
+    },
+    /// Another writer committed this stream since this one read its position (a partition
+    /// moved to another daemon): the uncommitted work must be dropped and re-read.
+    #[error("table {table}: stream {stream} was committed by another writer (expected position {expected:?}, found {found:?}); dropping uncommitted work")]
+    Fenced {
+        table: String,
+        stream: String,
+        expected: Option<i64>,
+        found: Option<i64>,
     },
     #[error("table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; schema evolution is not supported yet: write to a new lake root or restore the policy")]
     SchemaChanged {
@@ -64,6 +74,9 @@ pub struct DeltaSink {
     writer: RecordBatchWriter,
     partition_by: Vec<String>,
     buffered_rows: usize,
+    /// Per stream, the position this writer last read or committed: a commit proceeds only
+    /// if the table still holds exactly that (fencing against a second writer).
+    known: HashMap<String, Option<i64>>,
 }
 
 impl DeltaSink {
@@ -132,6 +145,7 @@ impl DeltaSink {
             writer,
             partition_by: partition_by.iter().map(|s| s.to_string()).collect(),
             buffered_rows: 0,
+            known: HashMap::new(),
         })
     }
 
@@ -144,17 +158,62 @@ impl DeltaSink {
         format!("sluice/{}/{}", self.app_prefix, stream)
     }
 
-    /// Last position of `stream` committed to this table, if any.
-    pub async fn committed(&self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
-        let err = |source| DeltaSinkError::Delta {
-            table: self.name.clone(),
-            source: Box::new(source),
-        };
-        let snapshot = self.table.snapshot().map_err(err)?;
+    /// Last position of `stream` committed to this table, if any. This writer's later commits
+    /// of the stream are fenced on it.
+    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
+        let position = self.table_position(stream).await?;
+        self.known.insert(stream.to_string(), position);
+        Ok(position)
+    }
+
+    async fn table_position(&self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
+        let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         snapshot
             .transaction_version(self.table.log_store().as_ref(), self.app_id(stream))
             .await
-            .map_err(err)
+            .map_err(|e| self.err(e))
+    }
+
+    fn err(&self, source: deltalake::DeltaTableError) -> DeltaSinkError {
+        DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Positions of `streams` in the table at `location` as it is now (`None` where the table
+    /// or the stream has none), without opening a writer.
+    pub async fn read_positions(
+        location: &Path,
+        app_prefix: &str,
+        streams: &[String],
+    ) -> Result<Vec<Option<i64>>, DeltaSinkError> {
+        let name = location.display().to_string();
+        let err = |source| DeltaSinkError::Delta {
+            table: name.clone(),
+            source: Box::new(source),
+        };
+        let Ok(abs) = std::fs::canonicalize(location) else {
+            return Ok(vec![None; streams.len()]);
+        };
+        let url = url::Url::from_directory_path(&abs)
+            .map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(name.clone())))?;
+        let table = DeltaTable::try_from_url(url).await.map_err(err)?;
+        if table.version().is_none() {
+            return Ok(vec![None; streams.len()]);
+        }
+        let snapshot = table.snapshot().map_err(err)?;
+        let mut out = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let app_id = format!("sluice/{app_prefix}/{stream}");
+            out.push(
+                snapshot
+                    .transaction_version(table.log_store().as_ref(), app_id)
+                    .await
+                    .map_err(err)?,
+            );
+        }
+        Ok(out)
     }
 
     /// Buffers rows (accepted, not durable).
@@ -164,6 +223,15 @@ impl DeltaSink {
             table: self.name.clone(),
             source: Box::new(source),
         })
+    }
+
+    fn fenced(&self, stream: &str, expected: Option<i64>, found: Option<i64>) -> DeltaSinkError {
+        DeltaSinkError::Fenced {
+            table: self.name.clone(),
+            stream: stream.to_string(),
+            expected,
+            found,
+        }
     }
 
     pub fn buffered_rows(&self) -> usize {
@@ -177,6 +245,16 @@ impl DeltaSink {
             table: self.name.clone(),
             source: Box::new(source),
         };
+        // Fencing: the table must still hold what this writer last saw of every stream it
+        // commits. A concurrent commit of the same stream after our snapshot is caught by
+        // Delta's conflict check (same `txn` app id); one before it, here.
+        for p in positions {
+            let expected = self.known.get(&p.stream).copied().flatten();
+            let found = self.table_position(&p.stream).await?;
+            if found != expected {
+                return Err(self.fenced(&p.stream, expected, found));
+            }
+        }
         let adds = self.writer.flush().await.map_err(err)?;
         let actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
         let txns = positions
@@ -192,11 +270,24 @@ impl DeltaSink {
         let finalized = CommitBuilder::from(CommitProperties::default().with_application_transactions(txns))
             .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
-            .await
-            .map_err(err)?;
+            .await;
+        let finalized = match finalized {
+            Ok(f) => f,
+            Err(deltalake::DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
+            }) => {
+                let stream = positions.first().map(|p| p.stream.clone()).unwrap_or_default();
+                let expected = self.known.get(&stream).copied().flatten();
+                return Err(self.fenced(&stream, expected, None));
+            }
+            Err(e) => return Err(err(e)),
+        };
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.buffered_rows = 0;
+        for p in positions {
+            self.known.insert(p.stream.clone(), Some(p.offset));
+        }
         Ok(version)
     }
 }

@@ -1,28 +1,28 @@
-//! The embedded key store: a single `redb` file (an ACID embedded database: crash-safe, no
-//! server) holding per-subject data keys and system keys, each wrapped (AES-256-GCM) by a
-//! master key that never touches the file. Unwrapped keys are cached in a bounded LRU.
+//! The embedded key store: one SQLite file (WAL mode) holding per-subject data keys and system
+//! keys, each wrapped (AES-256-GCM) by a master key that never touches the file. Unwrapped keys
+//! are cached in a bounded LRU.
 //!
-//! `redb` rather than a hand-rolled file: atomic multi-key commits and crash safety are what a
-//! key store needs, and it is pure Rust with no build cost worth mentioning.
+//! SQLite rather than a hand-rolled file: atomic multi-key commits, crash safety, and several
+//! daemons on one host sharing the store (file locks; the first writer of a subject's key wins
+//! and everyone reads that one). Daemons on several hosts need a networked store.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lru::LruCache;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use ring::digest;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sluice_transforms::crypto::{generate_key, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
 use sluice_transforms::keys::{KeyError, KeyProvider};
 
-/// Subject token → key id.
-const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("subject_keys");
-/// Key id → wrapped key material.
-const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys");
-/// System key name (`token`, `quarantine`, `master-check`) → key id.
-const SYSTEM: TableDefinition<&str, &[u8]> = TableDefinition::new("system_keys");
-
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subject_keys (token TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS system_keys (name TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
+";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
     #[error("key store {path}: {message}")]
@@ -71,11 +71,40 @@ fn wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
 
 pub struct KeyStore {
     path: PathBuf,
-    db: Database,
+    db: Mutex<Connection>,
     master: MasterKey,
     cache: Mutex<LruCache<String, Arc<DataKey>>>,
     hits: AtomicU64,
     misses: AtomicU64,
+}
+
+/// A key's id and its unwrapped bytes.
+type KeyMaterial = ([u8; KEY_ID_LEN], [u8; KEY_LEN]);
+
+/// Where a key is named: which table, and its key column.
+#[derive(Clone, Copy)]
+enum Names {
+    Subjects,
+    System,
+}
+
+impl Names {
+    fn select(self) -> &'static str {
+        match self {
+            Names::Subjects => {
+                "SELECT k.id, k.wrapped FROM subject_keys s JOIN keys k ON k.id = s.key_id WHERE s.token = ?1"
+            }
+            Names::System => {
+                "SELECT k.id, k.wrapped FROM system_keys s JOIN keys k ON k.id = s.key_id WHERE s.name = ?1"
+            }
+        }
+    }
+    fn insert(self) -> &'static str {
+        match self {
+            Names::Subjects => "INSERT INTO subject_keys (token, key_id) VALUES (?1, ?2)",
+            Names::System => "INSERT INTO system_keys (name, key_id) VALUES (?1, ?2)",
+        }
+    }
 }
 
 impl KeyStore {
@@ -85,17 +114,19 @@ impl KeyStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| store_err(path, e))?;
         }
-        let db = Database::create(path).map_err(|e| store_err(path, e))?;
-        let w = db.begin_write().map_err(|e| store_err(path, e))?;
-        {
-            w.open_table(SUBJECTS).map_err(|e| store_err(path, e))?;
-            w.open_table(KEYS).map_err(|e| store_err(path, e))?;
-            w.open_table(SYSTEM).map_err(|e| store_err(path, e))?;
-        }
-        w.commit().map_err(|e| store_err(path, e))?;
+        let db = Connection::open(path).map_err(|e| store_err(path, e))?;
+        // Another daemon may hold the write lock for a moment: wait rather than fail.
+        db.busy_timeout(Duration::from_secs(30))
+            .map_err(|e| store_err(path, e))?;
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| store_err(path, e))?;
+        // FULL: a key is on disk before any ciphertext made with it can be committed.
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| store_err(path, e))?;
+        db.execute_batch(SCHEMA).map_err(|e| store_err(path, e))?;
         let store = Self {
             path: path.to_path_buf(),
-            db,
+            db: Mutex::new(db),
             master,
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_capacity.max(1)).expect("max(1)"))),
             hits: AtomicU64::new(0),
@@ -114,62 +145,36 @@ impl KeyStore {
 
     /// The HMAC key for tokens, created on first use.
     pub fn tokenizer(&self) -> Result<Tokenizer, KeyStoreError> {
-        let (_, material) = self.system_material("token")?;
-        Ok(Tokenizer::new(&material))
+        let key = self.resolve(Names::System, &["token"])?.remove(0);
+        Ok(Tokenizer::new(&key.1))
     }
 
     /// A named system key (e.g. `quarantine`), created on first use.
     pub fn system_key(&self, name: &str) -> Result<Arc<DataKey>, KeyStoreError> {
-        let (id, material) = self.system_material(name)?;
+        let (id, material) = self.resolve(Names::System, &[name])?.remove(0);
         Ok(Arc::new(DataKey::new(id, &material)?))
-    }
-
-    fn system_material(&self, name: &str) -> Result<([u8; KEY_ID_LEN], [u8; KEY_LEN]), KeyStoreError> {
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
-        let result = {
-            let mut system = w.open_table(SYSTEM).map_err(|e| self.err(e))?;
-            let mut keys = w.open_table(KEYS).map_err(|e| self.err(e))?;
-            let existing = system.get(name).map_err(|e| self.err(e))?.map(|g| key_id(g.value()));
-            match existing {
-                Some(id) => {
-                    let wrapped = keys
-                        .get(id.as_slice())
-                        .map_err(|e| self.err(e))?
-                        .map(|g| g.value().to_vec());
-                    let wrapped = wrapped.ok_or_else(|| self.err("system key id without key"))?;
-                    let material = self.master.0.open(&wrapped, &wrap_aad(&id))?;
-                    let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
-                    (id, material)
-                }
-                None => {
-                    let (id, material) = generate_key()?;
-                    keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice())
-                        .map_err(|e| self.err(e))?;
-                    system.insert(name, id.as_slice()).map_err(|e| self.err(e))?;
-                    (id, material)
-                }
-            }
-        };
-        w.commit().map_err(|e| self.err(e))?;
-        Ok(result)
     }
 
     /// Any key by the id an envelope names (system or subject), for decryption by audited tools.
     pub fn key_by_id(&self, id: &[u8; KEY_ID_LEN]) -> Result<Option<DataKey>, KeyStoreError> {
-        let r = self.db.begin_read().map_err(|e| self.err(e))?;
-        let keys = r.open_table(KEYS).map_err(|e| self.err(e))?;
-        let wrapped = keys.get(id.as_slice()).map_err(|e| self.err(e))?;
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let wrapped: Option<Vec<u8>> = db
+            .query_row("SELECT wrapped FROM keys WHERE id = ?1", [id.as_slice()], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
         Ok(match wrapped {
-            Some(w) => Some(self.master.unwrap(id, w.value())?),
+            Some(w) => Some(self.master.unwrap(id, &w)?),
             None => None,
         })
     }
 
     /// Number of subject keys held.
     pub fn subject_count(&self) -> Result<u64, KeyStoreError> {
-        let r = self.db.begin_read().map_err(|e| self.err(e))?;
-        let subjects = r.open_table(SUBJECTS).map_err(|e| self.err(e))?;
-        subjects.len().map_err(|e| self.err(e))
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let n: i64 = db
+            .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
     }
 
     /// (hits, misses) of the unwrapped-key cache.
@@ -177,62 +182,57 @@ impl KeyStore {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 
-    /// Resolves keys not in the cache: read what exists, create the rest in one transaction.
-    fn load_or_create(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyStoreError> {
-        let mut found: Vec<Option<Arc<DataKey>>> = vec![None; tokens.len()];
+    /// Reads the named keys, creating the missing ones, in one write transaction: of two
+    /// daemons racing for a subject, the first commit wins and the other reads its key.
+    fn resolve(&self, names: Names, wanted: &[&str]) -> Result<Vec<KeyMaterial>, KeyStoreError> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(wanted.len());
         {
-            let r = self.db.begin_read().map_err(|e| self.err(e))?;
-            let subjects = r.open_table(SUBJECTS).map_err(|e| self.err(e))?;
-            let keys = r.open_table(KEYS).map_err(|e| self.err(e))?;
-            for (slot, token) in found.iter_mut().zip(tokens) {
-                if let Some(id) = subjects.get(*token).map_err(|e| self.err(e))? {
-                    let id = key_id(id.value());
-                    let wrapped = keys
-                        .get(id.as_slice())
-                        .map_err(|e| self.err(e))?
-                        .ok_or_else(|| self.err("subject key id without key"))?;
-                    *slot = Some(Arc::new(self.master.unwrap(&id, wrapped.value())?));
-                }
-            }
-        }
-        if found.iter().any(Option::is_none) {
-            let w = self.db.begin_write().map_err(|e| self.err(e))?;
-            {
-                let mut subjects = w.open_table(SUBJECTS).map_err(|e| self.err(e))?;
-                let mut keys = w.open_table(KEYS).map_err(|e| self.err(e))?;
-                for (slot, token) in found.iter_mut().zip(tokens) {
-                    if slot.is_some() {
-                        continue;
+            let mut select = tx.prepare_cached(names.select()).map_err(|e| self.err(e))?;
+            let mut insert_name = tx.prepare_cached(names.insert()).map_err(|e| self.err(e))?;
+            let mut insert_key = tx
+                .prepare_cached("INSERT INTO keys (id, wrapped) VALUES (?1, ?2)")
+                .map_err(|e| self.err(e))?;
+            for name in wanted {
+                let existing: Option<(Vec<u8>, Vec<u8>)> = select
+                    .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(|e| self.err(e))?;
+                let key = match existing {
+                    Some((id, wrapped)) => {
+                        let id = key_id(&id).ok_or_else(|| self.err("malformed key id"))?;
+                        let material = self.master.0.open(&wrapped, &wrap_aad(&id))?;
+                        let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
+                        (id, material)
                     }
-                    // Another worker may have created it since our read.
-                    let existing = subjects
-                        .get(*token)
-                        .map_err(|e| self.err(e))?
-                        .map(|g| key_id(g.value()));
-                    let key = match existing {
-                        Some(id) => {
-                            let wrapped = keys
-                                .get(id.as_slice())
-                                .map_err(|e| self.err(e))?
-                                .map(|g| g.value().to_vec());
-                            self.master
-                                .unwrap(&id, &wrapped.ok_or_else(|| self.err("subject key id without key"))?)?
-                        }
-                        None => {
-                            let (id, material) = generate_key()?;
-                            keys.insert(id.as_slice(), self.master.wrap(&id, &material)?.as_slice())
-                                .map_err(|e| self.err(e))?;
-                            subjects.insert(*token, id.as_slice()).map_err(|e| self.err(e))?;
-                            DataKey::new(id, &material)?
-                        }
-                    };
-                    *slot = Some(Arc::new(key));
-                }
+                    None => {
+                        let (id, material) = generate_key()?;
+                        insert_key
+                            .execute(params![id.as_slice(), self.master.wrap(&id, &material)?])
+                            .map_err(|e| self.err(e))?;
+                        insert_name
+                            .execute(params![name, id.as_slice()])
+                            .map_err(|e| self.err(e))?;
+                        (id, material)
+                    }
+                };
+                out.push(key);
             }
-            // Durable before any ciphertext made with these keys can be committed.
-            w.commit().map_err(|e| self.err(e))?;
         }
-        Ok(found.into_iter().map(|k| k.expect("every slot resolved")).collect())
+        // Durable before any ciphertext made with these keys can be committed.
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Resolves keys not in the cache.
+    fn load_or_create(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyStoreError> {
+        self.resolve(Names::Subjects, tokens)?
+            .into_iter()
+            .map(|(id, material)| Ok(Arc::new(DataKey::new(id, &material)?)))
+            .collect()
     }
 
     fn err(&self, e: impl std::fmt::Display) -> KeyStoreError {
@@ -273,10 +273,8 @@ impl KeyProvider for KeyStore {
     }
 }
 
-fn key_id(bytes: &[u8]) -> [u8; KEY_ID_LEN] {
-    let mut id = [0u8; KEY_ID_LEN];
-    id.copy_from_slice(&bytes[..KEY_ID_LEN]);
-    id
+fn key_id(bytes: &[u8]) -> Option<[u8; KEY_ID_LEN]> {
+    bytes.try_into().ok()
 }
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> KeyStoreError {
@@ -296,7 +294,7 @@ mod tests {
     #[test]
     fn keys_persist_are_per_subject_and_need_the_right_master() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.redb");
+        let path = dir.path().join("keys.db");
         let envelope;
         let token_a;
         {

@@ -1,0 +1,367 @@
+//! Kafka: a consumer-group source whose positions live in the lake, and a publisher of
+//! sanitized rows.
+//!
+//! Positions: a partition's stream is `kafka/<topic>/<partition>` and its offset the next Kafka
+//! offset to read. On every assignment the consumer starts each partition at the position the
+//! lake holds ([`StartPositions`]), not at Kafka's committed offset — that one is written after
+//! the lake commit, for lag monitoring only.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+pub use rdkafka::consumer::BaseConsumer as KafkaConsumer;
+pub use rdkafka::message::{BorrowedMessage, Message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSourceError {
+    #[error("kafka: {0}")]
+    Client(#[from] KafkaError),
+    #[error("kafka: reading start positions from the lake for {streams}: {message}")]
+    Positions { streams: String, message: String },
+    #[error("kafka: publishing sanitized rows to topic {topic}: {failed} messages not delivered")]
+    Undelivered { topic: String, failed: u64 },
+}
+
+/// The stream name of a partition (also the `txn` application id suffix).
+pub fn stream_name(topic: &str, partition: i32) -> String {
+    format!("kafka/{topic}/{partition}")
+}
+
+/// Where the lake says each stream continues, asked on every assignment. `None`: never
+/// committed (start per the `start` setting).
+pub trait StartPositions: Send + Sync + 'static {
+    fn start_offsets(&self, streams: &[String]) -> Result<Vec<Option<i64>>, String>;
+}
+
+/// Where a partition with no committed position starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    Latest,
+}
+
+/// Client settings shared by the source and the publisher.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, …), applied last.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set_log_level(RDKafkaLogLevel::Warning);
+        config
+    }
+
+    fn apply_properties(&self, config: &mut ClientConfig) {
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+    }
+}
+
+/// Rebalance handling: every assignment starts at the lake's positions, and every change of
+/// assignment bumps a generation the reader watches (it then abandons its uncommitted work).
+pub struct GroupContext {
+    positions: Box<dyn StartPositions>,
+    start_at: StartAt,
+    generation: AtomicU64,
+    failure: Mutex<Option<KafkaSourceError>>,
+}
+
+impl GroupContext {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// An error raised inside a rebalance callback, where it cannot be returned.
+    pub fn take_failure(&self) -> Option<KafkaSourceError> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn fail(&self, e: KafkaSourceError) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    fn default_offset(&self) -> Offset {
+        match self.start_at {
+            StartAt::Earliest => Offset::Beginning,
+            StartAt::Latest => Offset::End,
+        }
+    }
+}
+
+impl ClientContext for GroupContext {
+    // librdkafka's own log lines carry broker names and error codes, never message contents.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                error!(facility = fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {message}"),
+            _ => debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // The end of a partition arrives here too: not a problem.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            debug!("kafka client: {reason}");
+            return;
+        }
+        // Broker down, connection refused…: librdkafka retries with backoff by itself.
+        warn!(error = %error, "kafka client: {reason}");
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let streams: Vec<String> = parts.iter().map(|(t, p)| stream_name(t, *p)).collect();
+                match self.positions.start_offsets(&streams) {
+                    Ok(offsets) => {
+                        for ((topic, partition), offset) in parts.iter().zip(offsets) {
+                            let offset = offset.map(Offset::Offset).unwrap_or(self.default_offset());
+                            if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                                self.fail(e.into());
+                            }
+                        }
+                    }
+                    // The partitions are still taken (the protocol requires it); the reader
+                    // sees the failure before reading anything.
+                    Err(message) => self.fail(KafkaSourceError::Positions {
+                        streams: streams.join(", "),
+                        message,
+                    }),
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    self.fail(e.into());
+                }
+                info!(partitions = %streams.join(", "), "kafka: partitions assigned");
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Err(e) = consumer.unassign() {
+                    warn!(error = %e, "kafka: unassign failed");
+                }
+                info!("kafka: partitions revoked");
+            }
+            other => {
+                warn!(code = ?other, "kafka: rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Consumer-group settings.
+pub struct GroupSettings {
+    pub group_id: String,
+    /// Topic names, or regular expressions starting with `^`.
+    pub topics: Vec<String>,
+    pub start_at: StartAt,
+    pub session_timeout_ms: u32,
+}
+
+/// Joins the group and subscribes. The consumer is polled by one thread; the context reports
+/// assignments.
+pub fn group_consumer(
+    settings: &KafkaSettings,
+    group: &GroupSettings,
+    positions: Box<dyn StartPositions>,
+) -> Result<BaseConsumer<GroupContext>, KafkaSourceError> {
+    let mut config = settings.client_config();
+    config
+        .set("group.id", &group.group_id)
+        // The lake holds the positions; Kafka's committed offsets only report lag.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        // A lake position outside the log (retention deleted unread events, or the topic was
+        // recreated) must stop the pipeline, not silently jump.
+        .set("auto.offset.reset", "error")
+        .set("session.timeout.ms", group.session_timeout_ms.to_string())
+        // Prefetch is bounded: memory stays bounded however far behind the pipeline is.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("partition.assignment.strategy", "range,roundrobin");
+    settings.apply_properties(&mut config);
+    let context = GroupContext {
+        positions,
+        start_at: group.start_at,
+        generation: AtomicU64::new(0),
+        failure: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<GroupContext> = config.create_with_context(context)?;
+    let topics: Vec<&str> = group.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// A consumer outside any group, for replays: partitions are assigned explicitly.
+pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaSourceError> {
+    let mut config = settings.client_config();
+    config
+        .set("group.id", "sluice-replay")
+        .set("auto.offset.reset", "error")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("queued.max.messages.kbytes", "16384");
+    settings.apply_properties(&mut config);
+    Ok(config.create()?)
+}
+
+/// The partitions of `topic`, from the broker's metadata.
+pub fn partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, KafkaSourceError> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut out = Vec::new();
+    for t in metadata.topics() {
+        if let Some(e) = t.error() {
+            return Err(KafkaError::MetadataFetch(e.into()).into());
+        }
+        out.extend(t.partitions().iter().map(|p| p.id()));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Assigns `(topic, partition, offset)` explicitly (replays).
+pub fn assign<C: ConsumerContext>(consumer: &BaseConsumer<C>, parts: &[(String, i32, i64)]) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in parts {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.assign(&tpl)
+}
+
+/// Pauses or resumes every assigned partition (backpressure: stop fetching rather than buffer).
+pub fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: bool) -> KafkaResult<()> {
+    let assignment = consumer.assignment()?;
+    if assignment.count() == 0 {
+        return Ok(());
+    }
+    if paused {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    }
+}
+
+/// Writes the lake's positions to Kafka's offset store after a lake commit, so the usual lag
+/// tools see the group's progress. Failures (e.g. a partition moved on) only cost monitoring.
+pub fn report_progress<C: ConsumerContext>(consumer: &BaseConsumer<C>, positions: &[(String, i32, i64)]) {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in positions {
+        if tpl
+            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            debug!(error = %e, "kafka: offset commit for lag monitoring failed");
+        }
+    }
+}
+
+/// Counts deliveries that failed; checked before every lake commit.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryTracker {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, "kafka publisher: {reason}");
+    }
+}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            // The message is not shown: it is sanitized, but errors stay free of row data.
+            warn!(error = %e, "kafka publisher: delivery failed");
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Publishes sanitized rows to one topic, keyed by subject token. At least once: the rows of
+/// a batch are flushed (acknowledged by the broker) before the lake commit that covers them,
+/// so a crash in between republishes them; consumers de-duplicate on `_table` + `_position`.
+pub struct KafkaPublisher {
+    topic: String,
+    producer: ThreadedProducer<DeliveryTracker>,
+}
+
+impl KafkaPublisher {
+    pub fn new(settings: &KafkaSettings, topic: &str) -> Result<Self, KafkaSourceError> {
+        let mut config = settings.client_config();
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .set("queue.buffering.max.kbytes", "65536")
+            .set("linger.ms", "20");
+        settings.apply_properties(&mut config);
+        Ok(Self {
+            topic: topic.to_string(),
+            producer: config.create_with_context(DeliveryTracker::default())?,
+        })
+    }
+
+    /// Queues one message; waits (backpressure) while the local queue is full.
+    pub fn send(&self, key: &[u8], payload: &[u8]) -> Result<(), KafkaSourceError> {
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                // The producer's own thread drains the queue; wait for room.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until every queued message is acknowledged; fails if any was not delivered.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaSourceError> {
+        self.producer.flush(timeout)?;
+        let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
+        if failed > 0 {
+            return Err(KafkaSourceError::Undelivered {
+                topic: self.topic.clone(),
+                failed,
+            });
+        }
+        Ok(())
+    }
+}

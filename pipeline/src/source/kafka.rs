@@ -1,0 +1,504 @@
+//! Kafka topics: a consumer group for the daemon, explicit partitions for replays.
+//!
+//! Exactly once across rebalances: partitions start where the lake says (see
+//! `sluice_connectors::kafka`); when the assignment changes, the pass is abandoned — its
+//! uncommitted rows are dropped and re-read by whoever owns the partition now — and a commit
+//! that races a new owner is refused by the Delta sink's fencing.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::Offset;
+use sluice_connectors::delta::DeltaSink;
+use sluice_connectors::file::LineEnd;
+use sluice_connectors::kafka::{self as kc, GroupContext, KafkaSettings, StartAt, StartPositions};
+use sluice_connectors::SourcePosition;
+use tracing::{info, warn};
+
+use super::{ChunkSender, ProgressReporter, ReaderEnd, Sent, Source};
+use crate::runtime::RunError;
+use crate::worker::Chunk;
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    Earliest,
+    Offset(i64),
+    /// The first message of each partition stamped at or after this time (ms since epoch).
+    Time(i64),
+}
+
+/// Where a replay ends (exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayTo {
+    /// The end of each partition when the replay reaches it.
+    Latest,
+    Offset(i64),
+    /// Before the first message stamped after this time.
+    Time(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayRange {
+    pub topics: Vec<String>,
+    pub from: ReplayFrom,
+    pub to: ReplayTo,
+}
+
+/// What the reader needs of a consumer's context: its assignment and its changes.
+pub trait Membership {
+    fn generation(&self) -> u64;
+    fn take_failure(&self) -> Option<RunError>;
+}
+
+impl Membership for GroupContext {
+    fn generation(&self) -> u64 {
+        GroupContext::generation(self)
+    }
+    fn take_failure(&self) -> Option<RunError> {
+        GroupContext::take_failure(self).map(RunError::from)
+    }
+}
+
+impl Membership for DefaultConsumerContext {
+    fn generation(&self) -> u64 {
+        0
+    }
+    fn take_failure(&self) -> Option<RunError> {
+        None
+    }
+}
+
+/// Reads the lake's committed positions for a new assignment: per stream the lowest over every
+/// sink (a sink that never committed the stream means: from the beginning).
+pub struct LakePositions {
+    pub tables: Vec<PathBuf>,
+    pub app_prefix: String,
+    pub start_at: StartAt,
+}
+
+impl StartPositions for LakePositions {
+    fn start_offsets(&self, streams: &[String]) -> Result<Vec<Option<i64>>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut lowest: Vec<Option<i64>> = vec![None; streams.len()];
+        let mut missing = vec![false; streams.len()];
+        for table in &self.tables {
+            let positions = rt
+                .block_on(DeltaSink::read_positions(table, &self.app_prefix, streams))
+                .map_err(|e| e.to_string())?;
+            for (i, p) in positions.into_iter().enumerate() {
+                match p {
+                    Some(v) => lowest[i] = Some(lowest[i].map_or(v, |l| l.min(v))),
+                    None => missing[i] = true,
+                }
+            }
+        }
+        // From the earliest, a table that never saw the stream (e.g. a new policy) gets it
+        // all; from the latest, it starts where the others are.
+        Ok(lowest
+            .into_iter()
+            .zip(missing)
+            .map(|(low, missing)| {
+                if missing && self.start_at == StartAt::Earliest {
+                    None
+                } else {
+                    low
+                }
+            })
+            .collect())
+    }
+}
+
+struct Partition {
+    stream: Arc<str>,
+    chunk: Chunk,
+    /// Reached the end of the partition with nothing read since.
+    at_end: bool,
+    /// Replay: the end of the range is reached; further messages are ignored.
+    done: bool,
+    /// Replay from a time: the first message at or after it has been seen.
+    started: bool,
+}
+
+enum Mode {
+    Group,
+    Replay { range: ReplayRange, topic_index: usize },
+}
+
+pub struct KafkaSource<C: ConsumerContext + Membership + 'static> {
+    consumer: Arc<BaseConsumer<C>>,
+    mode: Mode,
+    max_event_bytes: usize,
+    chunk_events: usize,
+    once: bool,
+    /// The assignment generation this pass reads under.
+    generation: u64,
+    /// The generation whose start offsets came from the lake (set in the rebalance callback):
+    /// a later pass under the same generation must seek back to the committed positions.
+    fresh_generation: Option<u64>,
+    partitions: Vec<(String, i32)>,
+    /// A message received in the same poll as a rebalance: it belongs to the next pass.
+    carry: Vec<OwnedMessage>,
+    /// Events read (progress display).
+    pub events: Arc<AtomicU64>,
+}
+
+/// The daemon's group consumer.
+pub fn group_source(
+    settings: &KafkaSettings,
+    group: &kc::GroupSettings,
+    positions: LakePositions,
+    max_event_bytes: usize,
+    chunk_events: usize,
+    once: bool,
+) -> Result<KafkaSource<GroupContext>, RunError> {
+    let consumer = kc::group_consumer(settings, group, Box::new(positions))?;
+    Ok(KafkaSource::new(
+        consumer,
+        Mode::Group,
+        max_event_bytes,
+        chunk_events,
+        once,
+    ))
+}
+
+/// A replay of `range`, one topic per pass.
+pub fn replay_source(
+    settings: &KafkaSettings,
+    range: ReplayRange,
+    max_event_bytes: usize,
+    chunk_events: usize,
+) -> Result<KafkaSource<DefaultConsumerContext>, RunError> {
+    let consumer = kc::standalone_consumer(settings)?;
+    Ok(KafkaSource::new(
+        consumer,
+        Mode::Replay { range, topic_index: 0 },
+        max_event_bytes,
+        chunk_events,
+        true,
+    ))
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+/// Partial chunks are handed on at least this often, so a quiet topic still commits.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
+    fn new(consumer: BaseConsumer<C>, mode: Mode, max_event_bytes: usize, chunk_events: usize, once: bool) -> Self {
+        Self {
+            consumer: Arc::new(consumer),
+            mode,
+            max_event_bytes,
+            chunk_events: chunk_events.max(1),
+            once,
+            generation: 0,
+            fresh_generation: None,
+            partitions: Vec::new(),
+            carry: Vec::new(),
+            events: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Where the reading of a pass begins: replays assign explicitly; a group pass under an
+    /// assignment already read from seeks back to the committed positions.
+    fn position_partitions(&mut self, start: &HashMap<String, u64>) -> Result<(), RunError> {
+        let committed = |topic: &str, partition: i32| start.get(&kc::stream_name(topic, partition)).map(|&o| o as i64);
+        match &self.mode {
+            Mode::Replay { range, .. } => {
+                let from = match range.from {
+                    ReplayFrom::Offset(o) => o,
+                    ReplayFrom::Earliest | ReplayFrom::Time(_) => 0,
+                };
+                let parts: Vec<(String, i32, i64)> = self
+                    .partitions
+                    .iter()
+                    .map(|(t, p)| (t.clone(), *p, from.max(committed(t, *p).unwrap_or(0))))
+                    .collect();
+                kc::assign(&self.consumer, &parts).map_err(RunError::from_kafka)?;
+            }
+            Mode::Group => {
+                if self.fresh_generation == Some(self.generation) {
+                    // The rebalance callback just started these partitions at the lake's positions.
+                    self.fresh_generation = None;
+                    return Ok(());
+                }
+                self.carry.clear();
+                for (topic, partition) in &self.partitions {
+                    let offset = committed(topic, *partition)
+                        .map(Offset::Offset)
+                        .unwrap_or(Offset::Beginning);
+                    self.consumer
+                        .seek(topic, *partition, offset, Duration::from_secs(10))
+                        .map_err(RunError::from_kafka)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_partition(&self, topic: &str, partition: i32) -> Partition {
+        Partition {
+            stream: Arc::from(kc::stream_name(topic, partition)),
+            chunk: Chunk::new(Arc::from(kc::stream_name(topic, partition)), self.chunk_events),
+            at_end: false,
+            done: false,
+            started: !matches!(
+                self.mode,
+                Mode::Replay {
+                    range: ReplayRange {
+                        from: ReplayFrom::Time(_),
+                        ..
+                    },
+                    ..
+                }
+            ),
+        }
+    }
+
+    /// Adds a message to its partition's chunk; returns the chunk when full.
+    fn take_message<M: Message>(&self, parts: &mut HashMap<(String, i32), Partition>, m: &M) -> Option<Chunk> {
+        let part = parts.get_mut(&(m.topic().to_string(), m.partition()))?;
+        part.at_end = false;
+        if part.done {
+            return None;
+        }
+        if let Mode::Replay { range, .. } = &self.mode {
+            let ts = m.timestamp().to_millis();
+            if let (ReplayFrom::Time(from), false) = (range.from, part.started) {
+                if ts.is_none_or(|t| t < from) {
+                    return None;
+                }
+                part.started = true;
+            }
+            let past = match range.to {
+                ReplayTo::Offset(end) => m.offset() >= end,
+                ReplayTo::Time(end) => ts.is_some_and(|t| t > end),
+                ReplayTo::Latest => false,
+            };
+            if past {
+                part.done = true;
+                return (!part.chunk.lines.is_empty())
+                    .then(|| std::mem::replace(&mut part.chunk, Chunk::new(part.stream.clone(), self.chunk_events)));
+            }
+        }
+        self.events.fetch_add(1, Ordering::Relaxed);
+        // A tombstone (no payload) is an empty line: skipped, but its position still advances.
+        let payload = m.payload().unwrap_or_default();
+        let kept = &payload[..payload.len().min(self.max_event_bytes + 1)];
+        part.chunk.push(
+            kept,
+            LineEnd {
+                end_offset: (m.offset() + 1) as u64,
+                len: payload.len(),
+                terminated: true,
+            },
+        );
+        if let ReplayTo::Offset(end) = self.mode_to() {
+            part.done |= m.offset() + 1 >= end;
+        }
+        let full = part.chunk.lines.len() >= self.chunk_events || part.chunk.data.len() >= super::file::CHUNK_BYTES;
+        (full || part.done)
+            .then(|| std::mem::replace(&mut part.chunk, Chunk::new(part.stream.clone(), self.chunk_events)))
+    }
+
+    fn mode_to(&self) -> ReplayTo {
+        match &self.mode {
+            Mode::Replay { range, .. } => range.to,
+            Mode::Group => ReplayTo::Latest,
+        }
+    }
+
+    fn finished(&self, parts: &HashMap<(String, i32), Partition>) -> bool {
+        if !self.once || parts.is_empty() {
+            return false;
+        }
+        parts.values().all(|p| p.done || p.at_end)
+    }
+}
+
+impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
+    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+        match &mut self.mode {
+            Mode::Group => {
+                let context = self.consumer.context();
+                let generation = context.generation();
+                if generation != self.generation {
+                    self.fresh_generation = Some(generation);
+                }
+                self.generation = generation;
+                self.partitions = assigned(&self.consumer);
+            }
+            Mode::Replay { range, topic_index } => {
+                let Some(topic) = range.topics.get(*topic_index).cloned() else {
+                    self.partitions.clear();
+                    return Ok(Vec::new());
+                };
+                self.partitions = kc::partitions(&self.consumer, &topic, METADATA_TIMEOUT)?
+                    .into_iter()
+                    .map(|p| (topic.clone(), p))
+                    .collect();
+                info!(topic = %topic, partitions = self.partitions.len(), "replaying topic");
+            }
+        }
+        Ok(self.partitions.iter().map(|(t, p)| kc::stream_name(t, *p)).collect())
+    }
+
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+        if let Mode::Replay { range, topic_index } = &self.mode {
+            if *topic_index >= range.topics.len() {
+                return Ok(ReaderEnd::Done);
+            }
+        }
+        self.position_partitions(start)?;
+        let mut parts: HashMap<(String, i32), Partition> = self
+            .partitions
+            .iter()
+            .map(|(t, p)| ((t.clone(), *p), self.new_partition(t, *p)))
+            .collect();
+        let mut ready: VecDeque<Chunk> = VecDeque::new();
+        for m in std::mem::take(&mut self.carry) {
+            ready.extend(self.take_message(&mut parts, &m));
+        }
+        let mut paused = false;
+        let mut last_flush = Instant::now();
+        let mut last_error: Option<Instant> = None;
+        loop {
+            if let Some(e) = self.consumer.context().take_failure() {
+                return Err(e);
+            }
+            // Hand ready chunks on; when the workers are behind, pause fetching (the broker
+            // keeps the backlog, not our memory) and keep polling so the group sees us alive.
+            while let Some(chunk) = ready.pop_front() {
+                match out.send_within(chunk, if paused { POLL } else { Duration::ZERO }) {
+                    Sent::Yes => {}
+                    Sent::Closed => return Ok(ReaderEnd::Done),
+                    Sent::Full(chunk) => {
+                        ready.push_front(chunk);
+                        break;
+                    }
+                }
+            }
+            if ready.is_empty() == paused {
+                paused = !paused;
+                if let Err(e) = kc::set_paused(&self.consumer, paused) {
+                    warn!(error = %e, "kafka: pause/resume failed");
+                }
+            }
+            if ready.is_empty() && self.finished(&parts) {
+                let any_left = parts.values().any(|p| !p.chunk.lines.is_empty());
+                if !any_left {
+                    return Ok(self.next_topic());
+                }
+            }
+            let polled = self.consumer.poll(if paused { Duration::ZERO } else { POLL });
+            if self.consumer.context().generation() != self.generation {
+                if let Some(Ok(m)) = polled {
+                    self.carry.push(m.detach());
+                }
+                info!("kafka: assignment changed; dropping uncommitted work, it is re-read from the lake's positions");
+                out.abandon();
+                return Ok(ReaderEnd::Abandon);
+            }
+            match polled {
+                Some(Ok(m)) => ready.extend(self.take_message(&mut parts, &m)),
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    // librdkafka names the partition only; with several topics the same number
+                    // can be ambiguous, which at worst ends `--once` early (nothing is lost).
+                    for ((_, p), part) in parts.iter_mut() {
+                        if *p == partition {
+                            part.at_end = true;
+                            if self.mode_to() == ReplayTo::Latest && !matches!(self.mode, Mode::Group) {
+                                part.done = true;
+                            }
+                        }
+                    }
+                    flush_all(&mut parts, &mut ready, self.chunk_events);
+                }
+                Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                    return Err(RunError::from_kafka(e));
+                }
+                Some(Err(e)) => {
+                    // Broker unavailable and the like: librdkafka reconnects with backoff.
+                    if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        warn!(error = %e, "kafka: consume error (retrying)");
+                        last_error = Some(Instant::now());
+                    }
+                }
+                None => flush_all(&mut parts, &mut ready, self.chunk_events),
+            }
+            if last_flush.elapsed() >= FLUSH_EVERY {
+                flush_all(&mut parts, &mut ready, self.chunk_events);
+                last_flush = Instant::now();
+            }
+        }
+    }
+
+    fn progress_reporter(&self) -> Option<Arc<ProgressReporter>> {
+        if !matches!(self.mode, Mode::Group) {
+            return None;
+        }
+        let consumer = self.consumer.clone();
+        Some(Arc::new(move |positions: &[SourcePosition]| {
+            let parsed: Vec<(String, i32, i64)> = positions
+                .iter()
+                .filter_map(|p| {
+                    let rest = p.stream.strip_prefix("kafka/")?;
+                    let (topic, partition) = rest.rsplit_once('/')?;
+                    Some((topic.to_string(), partition.parse().ok()?, p.offset))
+                })
+                .collect();
+            kc::report_progress(&consumer, &parsed);
+        }))
+    }
+}
+
+impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
+    /// A replay moves to its next topic (a new pass); everything else is done.
+    fn next_topic(&mut self) -> ReaderEnd {
+        match &mut self.mode {
+            Mode::Replay { range, topic_index } => {
+                *topic_index += 1;
+                if *topic_index < range.topics.len() {
+                    ReaderEnd::NewPass
+                } else {
+                    ReaderEnd::Done
+                }
+            }
+            Mode::Group => ReaderEnd::Done,
+        }
+    }
+}
+
+fn flush_all(parts: &mut HashMap<(String, i32), Partition>, ready: &mut VecDeque<Chunk>, events: usize) {
+    for part in parts.values_mut() {
+        if !part.chunk.lines.is_empty() {
+            ready.push_back(std::mem::replace(
+                &mut part.chunk,
+                Chunk::new(part.stream.clone(), events),
+            ));
+        }
+    }
+}
+
+fn assigned<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Vec<(String, i32)> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

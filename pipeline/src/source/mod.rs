@@ -1,0 +1,105 @@
+//! Sources as the runtime sees them: each pass a source names the streams it will read, then
+//! reads them from the positions the lake holds into chunks of raw events.
+
+pub mod file;
+pub mod kafka;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
+use sluice_connectors::SourcePosition;
+
+use crate::runtime::RunError;
+use crate::worker::Chunk;
+
+/// How a reader's pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderEnd {
+    /// End of input (`--once`, replay end) or the sink loop stopped: commit and finish.
+    Done,
+    /// Commit what was read, then start a new pass from the committed positions (new files).
+    NewPass,
+    /// Drop everything uncommitted and start a new pass (the assignment of partitions
+    /// changed: another daemon may own some of them now).
+    Abandon,
+}
+
+/// Told the positions the lake committed (e.g. to report consumer lag). Must not block.
+pub type ProgressReporter = dyn Fn(&[SourcePosition]) + Send + Sync;
+
+/// What a source is asked by the runtime.
+pub trait Source: Send {
+    /// Prepares a pass and returns the streams it reads; their committed positions are read
+    /// from every sink before [`Source::read`].
+    fn begin_pass(&mut self) -> Result<Vec<String>, RunError>;
+
+    /// Reads from `start` (per stream: the lowest position any sink committed) until the pass
+    /// ends.
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError>;
+
+    /// Called by the sink loop after the lake committed `positions` (e.g. to report consumer
+    /// lag). Must not block.
+    fn progress_reporter(&self) -> Option<Arc<ProgressReporter>> {
+        None
+    }
+}
+
+/// The reader's end of the work queue: numbers chunks in reading order.
+pub struct ChunkSender {
+    tx: Sender<Chunk>,
+    seq: u64,
+    /// Set when the reader abandons the pass; the sink loop then commits nothing more.
+    pub abandoned: Arc<AtomicBool>,
+}
+
+pub enum Sent {
+    Yes,
+    /// The queue is full (backpressure); the chunk comes back.
+    Full(Chunk),
+    /// The sink loop is gone.
+    Closed,
+}
+
+impl ChunkSender {
+    pub fn new(tx: Sender<Chunk>, abandoned: Arc<AtomicBool>) -> Self {
+        Self { tx, seq: 0, abandoned }
+    }
+
+    /// Sends, waiting while the queue is full. False when the sink loop is gone.
+    pub fn send(&mut self, mut chunk: Chunk) -> bool {
+        chunk.seq = self.seq;
+        if self.tx.send(chunk).is_err() {
+            return false;
+        }
+        self.seq += 1;
+        true
+    }
+
+    /// Sends, waiting at most `wait`.
+    pub fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
+        chunk.seq = self.seq;
+        let result = if wait.is_zero() {
+            self.tx.try_send(chunk).map_err(|e| match e {
+                TrySendError::Full(c) => SendTimeoutError::Timeout(c),
+                TrySendError::Disconnected(c) => SendTimeoutError::Disconnected(c),
+            })
+        } else {
+            self.tx.send_timeout(chunk, wait)
+        };
+        match result {
+            Ok(()) => {
+                self.seq += 1;
+                Sent::Yes
+            }
+            Err(SendTimeoutError::Timeout(c)) => Sent::Full(c),
+            Err(SendTimeoutError::Disconnected(_)) => Sent::Closed,
+        }
+    }
+
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+}
