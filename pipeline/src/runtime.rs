@@ -22,6 +22,7 @@ use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
 use sluice_connectors::file::FileSourceError;
 use sluice_connectors::kafka::KafkaSourceError;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
+use sluice_connectors::kinesis::KinesisError;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
 use sluice_transforms::vault::vault_schema;
@@ -45,6 +46,8 @@ pub enum RunError {
     Source(#[from] FileSourceError),
     #[error(transparent)]
     Kafka(#[from] KafkaSourceError),
+    #[error(transparent)]
+    Kinesis(#[from] KinesisError),
     #[error("encoding rows as JSON: {0}")]
     Encode(arrow_schema::ArrowError),
     #[error(transparent)]
@@ -246,6 +249,13 @@ fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: A
 
 const MAX_REPORTED_DROPS: usize = 1000;
 
+/// The newest position read of a stream, and what its source keeps beside it (committed in the
+/// same Delta commit, e.g. a Kinesis sequence number that does not fit a `txn` version).
+struct StreamPosition {
+    offset: i64,
+    attached: Vec<SourcePosition>,
+}
+
 struct SinkLoop<'a> {
     config: &'a Config,
     router: &'a Router,
@@ -265,7 +275,7 @@ impl SinkLoop<'_> {
         let mut summary = Summary::default();
         let mut pending: BTreeMap<u64, Processed> = BTreeMap::new();
         let mut next_seq = 0u64;
-        let mut positions: BTreeMap<String, i64> = BTreeMap::new();
+        let mut positions: BTreeMap<String, StreamPosition> = BTreeMap::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut buffered_rows = 0usize;
         let mut buffered_bytes = 0usize;
@@ -306,7 +316,13 @@ impl SinkLoop<'_> {
                     }
                     sinks[sink].write(batch).await?;
                 }
-                positions.insert(p.stream.to_string(), p.last_offset as i64);
+                positions.insert(
+                    p.stream.to_string(),
+                    StreamPosition {
+                        offset: p.last_offset as i64,
+                        attached: p.attached,
+                    },
+                );
                 dirty.insert(p.stream.to_string());
                 oldest.get_or_insert_with(Instant::now);
                 summary.merge(p.summary);
@@ -334,7 +350,7 @@ impl SinkLoop<'_> {
     async fn commit_all(
         &self,
         sinks: &mut [DeltaSink],
-        positions: &BTreeMap<String, i64>,
+        positions: &BTreeMap<String, StreamPosition>,
         dirty: &mut BTreeSet<String>,
     ) -> Result<u64, RunError> {
         if dirty.is_empty() || self.abandoned.load(Ordering::SeqCst) {
@@ -350,22 +366,33 @@ impl SinkLoop<'_> {
             // After a restart a sink may already stand past what was re-read: it never moves back
             // (the re-read rows it held were filtered out), and with nothing new it is not touched.
             let before = &router.committed[i];
-            let covered: Vec<SourcePosition> = dirty
-                .iter()
-                .map(|s| SourcePosition {
-                    stream: s.clone(),
-                    offset: positions[s].max(before.get(s).copied().unwrap_or(0)),
-                })
-                .collect();
-            let advances = covered
-                .iter()
-                .any(|p| before.get(&p.stream).is_none_or(|c| p.offset > *c));
+            let mut covered = Vec::with_capacity(dirty.len());
+            let mut attached = Vec::new();
+            let mut advances = false;
+            for s in dirty.iter() {
+                let now = &positions[s];
+                match before.get(s) {
+                    Some(&b) if b >= now.offset => covered.push(SourcePosition {
+                        stream: s.clone(),
+                        offset: b,
+                    }),
+                    _ => {
+                        advances = true;
+                        covered.push(SourcePosition {
+                            stream: s.clone(),
+                            offset: now.offset,
+                        });
+                        // What a source keeps beside an offset belongs with that offset only.
+                        attached.extend(now.attached.iter().cloned());
+                    }
+                }
+            }
             if !advances && sink.buffered_rows() == 0 {
                 continue;
             }
             let rows = sink.buffered_rows();
             let started = Instant::now();
-            let version = sink.commit(&covered).await?;
+            let version = sink.commit(&covered, &attached).await?;
             commits += 1;
             info!(
                 table = sink.name(),
@@ -380,7 +407,7 @@ impl SinkLoop<'_> {
                 .iter()
                 .map(|s| SourcePosition {
                     stream: s.clone(),
-                    offset: positions[s],
+                    offset: positions[s].offset,
                 })
                 .collect();
             report(&done);

@@ -14,6 +14,7 @@ use arrow_schema::ArrowError;
 use sluice_connectors::debezium::{self, value_text};
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::keystore::KeyStore;
+use sluice_connectors::SourcePosition;
 use sluice_transforms::crypto::DataKey;
 use sluice_transforms::engine::TransformError;
 use sluice_transforms::vault::vault_schema;
@@ -30,6 +31,9 @@ pub struct Chunk {
     pub data: Vec<u8>,
     /// (start, end) of each line in `data`, and where it ended in the stream.
     pub lines: Vec<(usize, usize, LineEnd)>,
+    /// Positions the source keeps beside the stream's offset as of the last line (committed
+    /// with it; e.g. a Kinesis sequence number).
+    pub attached: Vec<SourcePosition>,
 }
 
 impl Chunk {
@@ -39,6 +43,7 @@ impl Chunk {
             stream,
             data: Vec::with_capacity(events.min(4096) * 256),
             lines: Vec::with_capacity(events),
+            attached: Vec::new(),
         }
     }
 
@@ -61,6 +66,7 @@ pub struct Processed {
     pub seq: u64,
     pub stream: Arc<str>,
     pub last_offset: u64,
+    pub attached: Vec<SourcePosition>,
     /// (sink index, rows) — see [`Sinks`](crate::runtime) for the numbering.
     pub outputs: Vec<(usize, RecordBatch)>,
     pub summary: Summary,
@@ -142,7 +148,7 @@ impl Router {
         self.transforms.len() + 1
     }
 
-    pub fn process(&self, chunk: Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
+    pub fn process(&self, mut chunk: Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
         let mut summary = Summary::default();
         let n_tables = self.transforms.len();
         let mut builders: Vec<Option<RawBatchBuilder>> = (0..n_tables).map(|_| None).collect();
@@ -314,6 +320,7 @@ impl Router {
             seq: chunk.seq,
             stream: chunk.stream.clone(),
             last_offset: chunk.last_offset(),
+            attached: std::mem::take(&mut chunk.attached),
             outputs,
             summary,
         })
@@ -446,6 +453,7 @@ type = "int64"
             stream: Arc::from("s.jsonl"),
             data,
             lines: spans,
+            attached: Vec::new(),
         }
     }
 

@@ -240,7 +240,12 @@ impl DeltaSink {
 
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
-    pub async fn commit(&mut self, positions: &[SourcePosition]) -> Result<u64, DeltaSinkError> {
+    /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
+    pub async fn commit(
+        &mut self,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<u64, DeltaSinkError> {
         let err = |source| DeltaSinkError::Delta {
             table: self.name.clone(),
             source: Box::new(source),
@@ -259,6 +264,7 @@ impl DeltaSink {
         let actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
         let txns = positions
             .iter()
+            .chain(attached)
             .map(|p| Transaction::new(self.app_id(&p.stream), p.offset))
             .collect();
         let operation = DeltaOperation::Write {

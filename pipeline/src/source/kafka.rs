@@ -22,28 +22,9 @@ use sluice_connectors::kafka::{self as kc, GroupContext, KafkaSettings, StartAt,
 use sluice_connectors::SourcePosition;
 use tracing::{info, warn};
 
-use super::{ChunkSender, ProgressReporter, ReaderEnd, Sent, Source};
+use super::{ChunkSender, ProgressReporter, ReaderEnd, ReplayFrom, ReplayTo, Sent, Source};
 use crate::runtime::RunError;
 use crate::worker::Chunk;
-
-/// Where a replay starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayFrom {
-    Earliest,
-    Offset(i64),
-    /// The first message of each partition stamped at or after this time (ms since epoch).
-    Time(i64),
-}
-
-/// Where a replay ends (exclusive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayTo {
-    /// The end of each partition when the replay reaches it.
-    Latest,
-    Offset(i64),
-    /// Before the first message stamped after this time.
-    Time(i64),
-}
 
 #[derive(Debug, Clone)]
 pub struct ReplayRange {

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod kinesis;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +30,26 @@ pub enum ReaderEnd {
 
 /// Told the positions the lake committed (e.g. to report consumer lag). Must not block.
 pub type ProgressReporter = dyn Fn(&[SourcePosition]) + Send + Sync;
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    Earliest,
+    Offset(i64),
+    /// The first message of each partition (shard) stamped at or after this time (ms since
+    /// epoch; Kinesis: arrival time).
+    Time(i64),
+}
+
+/// Where a replay ends (exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayTo {
+    /// The end of each partition when the replay reaches it.
+    Latest,
+    Offset(i64),
+    /// Before the first message stamped after this time.
+    Time(i64),
+}
 
 /// What a source is asked by the runtime.
 pub trait Source: Send {

@@ -1,0 +1,466 @@
+//! Kinesis streams: this daemon's share of the shards, read from the positions the lake holds.
+//!
+//! Several daemons: shards are split by a static rule, `worker_index` of `worker_count` — a
+//! shard belongs to the worker whose index is SHA-256(shard id) mod count. Every daemon of the
+//! pipeline runs with the same count and its own index; no two can own one shard, whatever
+//! shards they see, and no coordination is needed (changing the count needs every daemon
+//! stopped first).
+//!
+//! Resharding: a child shard is read only once all its parents are finished — their end is
+//! committed to the lake (`done`), read here, or they are gone from the stream — so the events
+//! of one key stay in order.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use sluice_connectors::delta::DeltaSink;
+use sluice_connectors::file::LineEnd;
+use sluice_connectors::kafka::StartAt;
+use sluice_connectors::kinesis::{self as kn, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
+use sluice_connectors::SourcePosition;
+use tracing::info;
+
+use super::{ChunkSender, ReaderEnd, ReplayFrom, ReplayTo, Source};
+use crate::runtime::RunError;
+use crate::worker::Chunk;
+
+pub struct KinesisSource {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    stream: String,
+    worker_index: u32,
+    worker_count: u32,
+    start_at: StartAt,
+    /// A replay into a fresh lake root: where shards start and end.
+    replay: Option<(ReplayFrom, ReplayTo)>,
+    once: bool,
+    poll: Duration,
+    max_event_bytes: usize,
+    lake: Vec<PathBuf>,
+    app_prefix: String,
+    /// Every shard listed at the start of this pass, and the ones this worker owns.
+    all: Vec<ShardInfo>,
+    owned: Vec<ShardInfo>,
+    pub events: Arc<AtomicU64>,
+}
+
+pub struct KinesisOptions {
+    pub settings: kn::KinesisSettings,
+    pub stream: String,
+    pub worker_index: u32,
+    pub worker_count: u32,
+    pub start_at: StartAt,
+    pub replay: Option<(ReplayFrom, ReplayTo)>,
+    pub once: bool,
+    pub poll: Duration,
+    pub max_event_bytes: usize,
+    pub lake: Vec<PathBuf>,
+    pub app_prefix: String,
+}
+
+/// Records per `GetRecords` call (the service allows 10,000 and 2 MB/s per shard).
+const RECORDS_PER_CALL: i32 = 2000;
+const RELIST_EVERY: Duration = Duration::from_secs(30);
+const LAG_LOG_EVERY: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Which worker owns a shard: stable whatever else the stream holds.
+pub fn owner(shard_id: &str, worker_count: u32) -> u32 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, shard_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_be_bytes(first) % u64::from(worker_count.max(1))) as u32
+}
+
+/// What the lake holds for a shard: the count of records taken, the sequence number of the last
+/// one, whether the shard was finished. From the sink that stands lowest.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct LakeShard {
+    count: i64,
+    sequence: Option<String>,
+    done: bool,
+}
+
+struct ShardState {
+    info: ShardInfo,
+    stream: Arc<str>,
+    count: i64,
+    last_sequence: Option<String>,
+    iterator: Option<String>,
+    finished: bool,
+    caught_up: bool,
+    next_call: Instant,
+    backoff: Duration,
+    lag_ms: i64,
+}
+
+impl KinesisSource {
+    pub fn new(options: KinesisOptions) -> Result<Self, RunError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RunError::Runtime)?;
+        let client = rt.block_on(kn::client(&options.settings));
+        Ok(Self {
+            rt,
+            client,
+            stream: options.stream,
+            worker_index: options.worker_index,
+            worker_count: options.worker_count,
+            start_at: options.start_at,
+            replay: options.replay,
+            once: options.once || options.replay.is_some(),
+            poll: options.poll.max(Duration::from_millis(200)),
+            max_event_bytes: options.max_event_bytes,
+            lake: options.lake,
+            app_prefix: options.app_prefix,
+            all: Vec::new(),
+            owned: Vec::new(),
+            events: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn shard_stream(&self, shard: &str) -> String {
+        kn::stream_name(&self.stream, shard)
+    }
+
+    /// The lake's state of each shard: lowest count over the sinks that have one (a sink that
+    /// never saw a shard — a new table — starts where the others are).
+    fn lake_state(&self, shards: &[String]) -> Result<HashMap<String, LakeShard>, RunError> {
+        let mut names = Vec::new();
+        for s in shards {
+            let stream = self.shard_stream(s);
+            names.push(stream.clone());
+            names.extend(kn::attached_names(&stream));
+        }
+        let per = 2 + SEQUENCE_PARTS;
+        let mut out: HashMap<String, LakeShard> = HashMap::new();
+        for table in &self.lake {
+            let values = self
+                .rt
+                .block_on(DeltaSink::read_positions(table, &self.app_prefix, &names))?;
+            for (i, shard) in shards.iter().enumerate() {
+                let v = &values[i * per..(i + 1) * per];
+                let Some(count) = v[0] else { continue };
+                let mut parts = [0i64; SEQUENCE_PARTS];
+                let mut complete = true;
+                for (p, value) in parts.iter_mut().zip(&v[1..=SEQUENCE_PARTS]) {
+                    match value {
+                        Some(x) => *p = *x,
+                        None => complete = false,
+                    }
+                }
+                let state = LakeShard {
+                    count,
+                    sequence: complete.then(|| kn::parts_to_sequence(&parts)),
+                    done: v[per - 1] == Some(1),
+                };
+                match out.get(shard) {
+                    Some(existing) if existing.count <= count => {}
+                    _ => {
+                        out.insert(shard.clone(), state);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A parent not owned here: finished when the lake says so in every sink, or when the
+    /// stream no longer lists it (expired).
+    fn parent_finished_elsewhere(&self, parent: &str) -> Result<bool, RunError> {
+        if !self.all.iter().any(|s| s.id == parent) {
+            return Ok(true);
+        }
+        let name = format!("{}@done", self.shard_stream(parent));
+        for table in &self.lake {
+            let v = self.rt.block_on(DeltaSink::read_positions(
+                table,
+                &self.app_prefix,
+                std::slice::from_ref(&name),
+            ))?;
+            if v[0] != Some(1) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn starting_point(&self, state: &ShardState) -> StartingPoint {
+        if let Some(seq) = &state.last_sequence {
+            return StartingPoint::After(seq.clone());
+        }
+        match self.replay {
+            Some((ReplayFrom::Time(ms), _)) => StartingPoint::AtTimestamp(ms),
+            Some(_) => StartingPoint::TrimHorizon,
+            None => match self.start_at {
+                StartAt::Earliest => StartingPoint::TrimHorizon,
+                StartAt::Latest => StartingPoint::Latest,
+            },
+        }
+    }
+
+    /// One `GetRecords` round on a shard; returns a chunk to send, if any.
+    fn poll_shard(&self, state: &mut ShardState) -> Result<Option<Chunk>, RunError> {
+        if state.iterator.is_none() {
+            let start = self.starting_point(state);
+            state.iterator =
+                self.rt
+                    .block_on(kn::shard_iterator(&self.client, &self.stream, &state.info.id, &start))?;
+            if state.iterator.is_none() {
+                return Ok(self.finish(state));
+            }
+        }
+        let iterator = state.iterator.clone().unwrap_or_default();
+        let fetched = self
+            .rt
+            .block_on(kn::get_records(&self.client, &self.stream, &iterator, RECORDS_PER_CALL))?;
+        match fetched {
+            Fetched::Throttled => {
+                state.backoff = (state.backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
+                state.next_call = Instant::now() + state.backoff;
+                Ok(None)
+            }
+            Fetched::Expired => {
+                state.iterator = None;
+                Ok(None)
+            }
+            Fetched::Records {
+                records,
+                next,
+                millis_behind_latest,
+            } => {
+                state.backoff = Duration::ZERO;
+                state.lag_ms = millis_behind_latest.unwrap_or(0);
+                state.caught_up = records.is_empty() && state.lag_ms == 0;
+                if records.is_empty() {
+                    state.next_call = Instant::now() + self.poll;
+                } else {
+                    // At most 5 reads per second per shard.
+                    state.next_call = Instant::now() + Duration::from_millis(200);
+                }
+                let mut chunk = Chunk::new(state.stream.clone(), records.len());
+                for record in &records {
+                    if let Some((_, ReplayTo::Time(end))) = self.replay {
+                        let arrival = record
+                            .approximate_arrival_timestamp()
+                            .map(|t| t.to_millis().unwrap_or(0));
+                        if arrival.is_some_and(|t| t > end) {
+                            state.finished = true;
+                            break;
+                        }
+                    }
+                    state.count += 1;
+                    state.last_sequence = Some(record.sequence_number().to_string());
+                    let data = record.data().as_ref();
+                    let kept = &data[..data.len().min(self.max_event_bytes + 1)];
+                    chunk.push(
+                        kept,
+                        LineEnd {
+                            end_offset: state.count as u64,
+                            len: data.len(),
+                            terminated: true,
+                        },
+                    );
+                    self.events.fetch_add(1, Ordering::Relaxed);
+                }
+                state.iterator = next;
+                if state.finished {
+                    return Ok(Some(chunk)
+                        .filter(|c| !c.lines.is_empty())
+                        .map(|c| self.attach(state, c, false)));
+                }
+                if state.iterator.is_none() {
+                    // Closed and fully read: the end is committed with the last records.
+                    let mut chunk = chunk;
+                    state.count += 1;
+                    chunk.push(
+                        b"",
+                        LineEnd {
+                            end_offset: state.count as u64,
+                            len: 0,
+                            terminated: true,
+                        },
+                    );
+                    state.finished = true;
+                    return Ok(Some(self.attach(state, chunk, true)));
+                }
+                Ok((!chunk.lines.is_empty()).then(|| self.attach(state, chunk, false)))
+            }
+        }
+    }
+
+    /// A shard with no iterator (nothing left to read): its end is committed.
+    fn finish(&self, state: &mut ShardState) -> Option<Chunk> {
+        state.finished = true;
+        state.count += 1;
+        let mut chunk = Chunk::new(state.stream.clone(), 1);
+        chunk.push(
+            b"",
+            LineEnd {
+                end_offset: state.count as u64,
+                len: 0,
+                terminated: true,
+            },
+        );
+        Some(self.attach(state, chunk, true))
+    }
+
+    /// The sequence number (and end) committed beside the count.
+    fn attach(&self, state: &ShardState, mut chunk: Chunk, done: bool) -> Chunk {
+        let names = kn::attached_names(&state.stream);
+        if let Some(parts) = state.last_sequence.as_deref().and_then(kn::sequence_to_parts) {
+            for (name, value) in names.iter().zip(parts) {
+                chunk.attached.push(SourcePosition {
+                    stream: name.clone(),
+                    offset: value,
+                });
+            }
+        }
+        chunk.attached.push(SourcePosition {
+            stream: names[SEQUENCE_PARTS].clone(),
+            offset: i64::from(done),
+        });
+        chunk
+    }
+}
+
+impl Source for KinesisSource {
+    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+        self.all = self.rt.block_on(kn::list_shards(&self.client, &self.stream))?;
+        self.owned = self
+            .all
+            .iter()
+            .filter(|s| owner(&s.id, self.worker_count) == self.worker_index)
+            .cloned()
+            .collect();
+        info!(
+            stream = %self.stream,
+            shards = self.all.len(),
+            owned = self.owned.len(),
+            worker = self.worker_index,
+            of = self.worker_count,
+            "kinesis: shards of this worker"
+        );
+        Ok(self.owned.iter().map(|s| self.shard_stream(&s.id)).collect())
+    }
+
+    fn read(&mut self, _start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+        let ids: Vec<String> = self.owned.iter().map(|s| s.id.clone()).collect();
+        let lake = self.lake_state(&ids)?;
+        let mut shards: Vec<ShardState> = Vec::with_capacity(self.owned.len());
+        for info in &self.owned {
+            let at = lake.get(&info.id).cloned().unwrap_or_default();
+            if at.count > 0 && at.sequence.is_none() && !at.done {
+                return Err(RunError::Kinesis(kn::KinesisError::Api {
+                    stream: self.stream.clone(),
+                    message: format!("shard {}: the lake holds a count without its sequence number", info.id),
+                }));
+            }
+            shards.push(ShardState {
+                info: info.clone(),
+                stream: Arc::from(self.shard_stream(&info.id)),
+                count: at.count,
+                last_sequence: at.sequence,
+                iterator: None,
+                finished: at.done,
+                caught_up: false,
+                next_call: Instant::now(),
+                backoff: Duration::ZERO,
+                lag_ms: 0,
+            });
+        }
+        let owned_ids: HashSet<String> = ids.into_iter().collect();
+        let mut parents_ready: HashSet<String> = HashSet::new();
+        let mut listed = Instant::now();
+        let mut lag_logged = Instant::now();
+        let mut finished_before = shards.iter().filter(|s| s.finished).count();
+        loop {
+            let mut sent_any = false;
+            for i in 0..shards.len() {
+                if shards[i].finished || shards[i].next_call > Instant::now() {
+                    continue;
+                }
+                let id = shards[i].info.id.clone();
+                if !parents_ready.contains(&id) {
+                    let mut ready = true;
+                    for parent in &shards[i].info.parents {
+                        let done_here = shards.iter().any(|s| &s.info.id == parent && s.finished);
+                        if !(done_here || (!owned_ids.contains(parent) && self.parent_finished_elsewhere(parent)?)) {
+                            ready = false;
+                        }
+                    }
+                    if !ready {
+                        shards[i].next_call = Instant::now() + self.poll.max(Duration::from_secs(1));
+                        continue;
+                    }
+                    parents_ready.insert(id);
+                }
+                let was_finished = shards[i].finished;
+                let polled = self.poll_shard(&mut shards[i])?;
+                if shards[i].finished && !was_finished {
+                    // Its children need not wait for their next turn.
+                    let parent = shards[i].info.id.clone();
+                    for child in shards.iter_mut().filter(|c| c.info.parents.contains(&parent)) {
+                        child.next_call = Instant::now();
+                    }
+                }
+                if let Some(chunk) = polled {
+                    sent_any = true;
+                    // Blocking here is the backpressure: no `GetRecords` until the workers
+                    // take more; the stream keeps the backlog.
+                    if !out.send(chunk) {
+                        return Ok(ReaderEnd::Done);
+                    }
+                }
+            }
+            if lag_logged.elapsed() >= LAG_LOG_EVERY {
+                lag_logged = Instant::now();
+                let lag = shards.iter().map(|s| s.lag_ms).max().unwrap_or(0);
+                info!(stream = %self.stream, millis_behind_latest = lag, "kinesis lag");
+            }
+            // A shard that finished may have children this pass has not listed (resharding).
+            let finished_now = shards.iter().filter(|s| s.finished).count();
+            if finished_now > finished_before || listed.elapsed() >= RELIST_EVERY {
+                finished_before = finished_now;
+                listed = Instant::now();
+                let now = self.rt.block_on(kn::list_shards(&self.client, &self.stream))?;
+                let known: HashSet<&str> = self.all.iter().map(|s| s.id.as_str()).collect();
+                if now.iter().any(|s| !known.contains(s.id.as_str())) {
+                    info!(stream = %self.stream, "kinesis: new shards (resharding): starting a new pass");
+                    return Ok(ReaderEnd::NewPass);
+                }
+            }
+            if self.once {
+                let finished_here = |p: &String| shards.iter().any(|x| &x.info.id == p && x.finished);
+                // Done when every open shard is caught up, or waits on a parent another worker
+                // owns. A shard whose parents all finished here is about to be read: not done.
+                let done = shards.iter().filter(|s| !s.finished).all(|s| {
+                    if parents_ready.contains(&s.info.id) {
+                        s.caught_up
+                    } else {
+                        s.info.parents.iter().any(|p| !owned_ids.contains(p))
+                            && !s.info.parents.iter().all(finished_here)
+                    }
+                });
+                if done {
+                    return Ok(ReaderEnd::Done);
+                }
+            }
+            if !sent_any {
+                // Nothing came: wait for the earliest shard's next allowed call.
+                let next = shards
+                    .iter()
+                    .filter(|s| !s.finished)
+                    .map(|s| s.next_call)
+                    .min()
+                    .unwrap_or_else(|| Instant::now() + self.poll);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(self.poll));
+            }
+        }
+    }
+}
