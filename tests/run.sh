@@ -28,11 +28,19 @@ moto_port="$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind((
 moto_pid=$!
 trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
 export SLUICE_S3_ENDPOINT="http://127.0.0.1:$moto_port"
-for _ in $(seq 1 100); do
-  if "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$SLUICE_S3_ENDPOINT')" 2>/dev/null; then break; fi
-  kill -0 "$moto_pid" || { echo "moto_server failed to start" >&2; exit 1; }
-  sleep 0.2
-done
+# Wait (at most 30 s) until it answers.
+"$venv/bin/python" - "$SLUICE_S3_ENDPOINT" <<'PY'
+import sys, time, urllib.request
+deadline = time.monotonic() + 30
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1]).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("moto_server did not answer within 30 s")
+        time.sleep(0.2)
+PY
 
 cargo build --locked -p sluice
 cargo test --workspace --locked

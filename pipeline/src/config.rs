@@ -405,6 +405,7 @@ fn source_config(
                 ));
             }
             let start_at = start_at(raw, invalid)?;
+            reject_managed_properties(&raw.properties, at, "source.properties", invalid)?;
             SourceConfig::Kafka(KafkaSourceConfig {
                 settings: KafkaSettings {
                     brokers: required(&raw.brokers, "source.brokers")?,
@@ -424,6 +425,39 @@ fn source_config(
             ))
         }
     })
+}
+
+/// librdkafka settings sluice sets itself: overriding them would break exactly-once (offsets
+/// from Kafka instead of the lake, cooperative rebalancing under an eager handler).
+const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
+    "partition.assignment.strategy",
+    "group.protocol",
+    "transactional.id",
+];
+
+fn reject_managed_properties(
+    properties: &BTreeMap<String, String>,
+    at: usize,
+    field: &str,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<(), LoadError> {
+    match properties
+        .keys()
+        .find(|k| MANAGED_KAFKA_PROPERTIES.contains(&k.as_str()))
+    {
+        Some(k) => Err(invalid(
+            at,
+            field,
+            format!("`{k}` is set by sluice and cannot be overridden"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn start_at(raw: &RawSource, invalid: &dyn Fn(usize, &str, String) -> LoadError) -> Result<StartAt, LoadError> {

@@ -136,12 +136,6 @@ fn kinesis_source(
     })?)
 }
 
-fn open_publisher(cfg: &config::Config) -> anyhow::Result<Option<publish::Publisher>> {
-    let Some(p) = &cfg.publish else { return Ok(None) };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    Ok(Some(rt.block_on(publish::Publisher::open(p))?))
-}
-
 /// Prints the summary and writes it as JSON if asked.
 fn report(cfg: &config::Config, summary: &summary::Summary, json: Option<&std::path::Path>) -> anyhow::Result<()> {
     let root = cfg
@@ -234,7 +228,6 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             summary_json,
         } => {
             let cfg = config::Config::load(&config)?;
-            let publisher = open_publisher(&cfg)?;
             let summary = match &cfg.source {
                 config::SourceConfig::File { path, poll_ms } => {
                     let mut source = source::file::FileSource::new(
@@ -244,7 +237,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         once,
                         Duration::from_millis(*poll_ms),
                     );
-                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                    runtime::run(&cfg, &mut source)?
                 }
                 config::SourceConfig::Kafka(k) => {
                     let positions = source::kafka::LakePositions {
@@ -266,11 +259,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         cfg.workers.chunk_events,
                         once,
                     )?;
-                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                    runtime::run(&cfg, &mut source)?
                 }
                 config::SourceConfig::Kinesis(k) => {
                     let mut source = kinesis_source(&cfg, k, k.stream.clone(), None, once)?;
-                    runtime::run(&cfg, &mut source, publisher.as_ref())?
+                    runtime::run(&cfg, &mut source)?
                 }
             };
             report(&cfg, &summary, summary_json.as_deref())?;
@@ -290,7 +283,6 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(root) = &into {
                 cfg.redirect_lake(root);
             }
-            let publisher = open_publisher(&cfg)?;
             let summary = match cfg.source.clone() {
                 config::SourceConfig::Kafka(k) => {
                     if stream.is_some() {
@@ -308,7 +300,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         cfg.workers.chunk_events,
                     )?;
                     let progress = progress::Progress::start(source.events.clone());
-                    let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
+                    let summary = runtime::run(&cfg, &mut source);
                     progress.finish();
                     summary?
                 }
@@ -322,7 +314,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     let name = stream.unwrap_or_else(|| k.stream.clone());
                     let mut source = kinesis_source(&cfg, &k, name, Some((from, to)), true)?;
                     let progress = progress::Progress::start(source.events.clone());
-                    let summary = runtime::run(&cfg, &mut source, publisher.as_ref());
+                    let summary = runtime::run(&cfg, &mut source);
                     progress.finish();
                     summary?
                 }

@@ -82,11 +82,22 @@ pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
 
 /// Runs passes until the source is done. A pass ends early when the source asks for a new
 /// one (new files, a changed partition assignment) or a sink is fenced by another writer.
-pub fn run(config: &Config, source: &mut dyn Source, publisher: Option<&Publisher>) -> Result<Summary, RunError> {
+pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError> {
     let started = Instant::now();
     let mut summary = Summary::default();
+    // One async runtime for the whole run: the sinks and a publisher's pooled connections
+    // live across passes.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    let publisher = match &config.publish {
+        Some(p) => Some(rt.block_on(Publisher::open(p))?),
+        None => None,
+    };
     loop {
-        match run_pass(config, source, publisher) {
+        match run_pass(config, source, publisher.as_ref(), &rt) {
             Ok((pass, ReaderEnd::Abandon)) => summary.commits += pass.commits,
             Ok((pass, end)) => {
                 summary.merge(pass);
@@ -110,6 +121,7 @@ fn run_pass(
     config: &Config,
     source: &mut dyn Source,
     publisher: Option<&Publisher>,
+    rt: &tokio::runtime::Runtime,
 ) -> Result<(Summary, ReaderEnd), RunError> {
     let keys = Arc::new(KeyStore::open(
         &config.key_store,
@@ -124,11 +136,6 @@ fn run_pass(
         .map(|p| TableTransform::new(p.clone(), &tokenizer))
         .collect();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(RunError::Runtime)?;
     let mut sinks = rt.block_on(open_sinks(config, &transforms))?;
     let streams = source.begin_pass()?;
 
@@ -143,15 +150,14 @@ fn run_pass(
         }
         committed.push(positions);
     }
+    // A stream some sink never committed is absent: its source starts it from the beginning
+    // (or wherever its settings say), not from an offset.
     let start: HashMap<String, u64> = streams
         .iter()
-        .map(|stream| {
-            let lowest = committed
-                .iter()
-                .map(|c| c.get(stream).copied().unwrap_or(0))
-                .min()
-                .unwrap_or(0);
-            (stream.clone(), lowest.max(0) as u64)
+        .filter_map(|stream| {
+            let positions: Option<Vec<i64>> = committed.iter().map(|c| c.get(stream).copied()).collect();
+            let lowest = positions?.into_iter().min()?;
+            Some((stream.clone(), lowest.max(0) as u64))
         })
         .collect();
     for (stream, offset) in &start {
@@ -169,14 +175,18 @@ fn run_pass(
         committed,
     ));
     let threads = config.worker_threads();
-    let depth = threads * config.workers.queue_depth.max(1);
-    let (chunk_tx, chunk_rx) = bounded::<Chunk>(depth);
-    let (done_tx, done_rx) = bounded::<Result<Processed, WorkError>>(depth);
+    // Chunks in flight (queued, in a worker, or waiting to be written in order) are bounded
+    // by permits the sink returns as it writes: a slow chunk cannot make the others pile up.
+    let in_flight = threads * config.workers.queue_depth.max(1) + threads;
+    let (chunk_tx, chunk_rx) = bounded::<Chunk>(in_flight);
+    let (done_tx, done_rx) = bounded::<Result<Processed, WorkError>>(in_flight);
+    let (permit_tx, permit_rx) = bounded::<()>(in_flight);
     let abandoned = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let reporter = source.progress_reporter();
 
     let (result, reader_result) = std::thread::scope(|scope| {
-        let mut out = ChunkSender::new(chunk_tx, abandoned.clone());
+        let mut out = ChunkSender::new(chunk_tx, permit_tx, abandoned.clone(), stop.clone());
         let reader = std::thread::Builder::new()
             .name("sluice-reader".into())
             .spawn_scoped(scope, move || source.read(&start, &mut out))
@@ -195,9 +205,11 @@ fn run_pass(
             abandoned: &abandoned,
             publisher,
             reporter: reporter.as_deref(),
+            permits: permit_rx,
         };
         let result = rt.block_on(sink.run(&mut sinks, done_rx));
-        // On error the receivers are gone: workers and reader see closed channels and stop.
+        // The reader may be waiting on a quiet source, not on the queue: tell it to stop.
+        stop.store(true, Ordering::SeqCst);
         (result, reader.join())
     });
     let reader_result = reader_result.map_err(|_| RunError::WorkerLost)?;
@@ -262,6 +274,8 @@ struct SinkLoop<'a> {
     abandoned: &'a AtomicBool,
     publisher: Option<&'a Publisher>,
     reporter: Option<&'a ProgressReporter>,
+    /// One permit back to the reader per chunk written.
+    permits: Receiver<()>,
 }
 
 impl SinkLoop<'_> {
@@ -296,6 +310,7 @@ impl SinkLoop<'_> {
             }
             while let Some(p) = pending.remove(&next_seq) {
                 next_seq += 1;
+                let _ = self.permits.try_recv();
                 for (table, cols) in &p.summary.dropped_columns {
                     for column in cols.keys() {
                         // Logged once per name; a schema that drifts without end is not logged without end.

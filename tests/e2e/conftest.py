@@ -133,3 +133,33 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The demo policies and the tables they write, for tests that feed generated demo events.
+DEMO_POLICIES = REPO / "schemas" / "demo"
+DEMO_TARGETS = {"public.customers": "customers", "public.accounts": "accounts", "public.payments": "payments",
+                "public.contact_attempts": "contact_attempts"}
+
+
+def demo_events(sluice_bin, tmp_path, n, seed):
+    """`n` generated demo events, one JSON document (bytes) each."""
+    path = tmp_path / f"events-{seed}.jsonl"
+    run(sluice_bin, "generate", "--events", n, "--seed", seed, "--out", path)
+    return [line for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def target_of(event):
+    """The demo table an event's row lands in."""
+    src = json.loads(event)["source"]
+    return DEMO_TARGETS[f"{src['schema']}.{src['table']}"]
+
+
+def assert_exactly_once(lake, expected):
+    """Per target table, the rows carry exactly the expected positions, none twice."""
+    import collections
+
+    for target, positions in expected.items():
+        got = read_delta(lake / "tables" / target).column("_position").to_pylist()
+        duplicates = [p for p, n in collections.Counter(got).items() if n > 1]
+        assert not duplicates, f"{target}: {len(duplicates)} events written twice"
+        assert set(got) == set(positions), f"{target}: {len(set(positions) - set(got))} lost, {len(set(got) - set(positions))} unexpected"

@@ -4,24 +4,16 @@ output scanned for leaks. Every check reads the lake with Python deltalake."""
 
 import collections
 import json
+import shutil
 import signal
 import subprocess
 
 import deltalake
 
-from conftest import REPO, read_delta, run, wait_until, write_config
+from conftest import DEMO_POLICIES, DEMO_TARGETS, assert_exactly_once, demo_events, read_delta, run, target_of, wait_until, write_config
 from kafka_broker import Tansu
 
-POLICIES = REPO / "schemas" / "demo"
-TARGETS = {"public.customers": "customers", "public.accounts": "accounts", "public.payments": "payments",
-           "public.contact_attempts": "contact_attempts"}
 TOPIC = "crm"
-
-
-def demo_events(sluice_bin, tmp_path, n, seed):
-    path = tmp_path / f"events-{seed}.jsonl"
-    run(sluice_bin, "generate", "--events", n, "--seed", seed, "--out", path)
-    return [line for line in path.read_bytes().splitlines() if line.strip()]
 
 
 def kafka_source(broker, group="sluice-test", topics=(TOPIC,)):
@@ -32,24 +24,18 @@ def kafka_source(broker, group="sluice-test", topics=(TOPIC,)):
 FAST_COMMITS = "[batch]\nmax_age_ms = 300\n\n[workers]\nthreads = 2\nchunk_events = 100\n"
 
 
-def table_of(value):
-    doc = json.loads(value)
-    src = doc["source"]
-    return f"{src['schema']}.{src['table']}"
-
-
 def expected_positions(values, placed):
     """Per target table, the positions its rows must carry: kafka/<topic>/<partition>:<offset + 1>."""
     out = collections.defaultdict(list)
     for value, (partition, offset, _) in zip(values, placed):
-        out[TARGETS[table_of(value)]].append(f"kafka/{TOPIC}/{partition}:{offset + 1}")
+        out[target_of(value)].append(f"kafka/{TOPIC}/{partition}:{offset + 1}")
     return out
 
 
 def committed(lake, stream):
     """The position every sink of the lake has committed for `stream` (the lowest), or -1."""
     lowest = None
-    for table in [lake / "tables" / t for t in TARGETS.values()] + [lake / "vault", lake / "quarantine"]:
+    for table in [lake / "tables" / t for t in DEMO_TARGETS.values()] + [lake / "vault", lake / "quarantine"]:
         try:
             version = deltalake.DeltaTable(str(table)).transaction_version(f"sluice/test/{stream}")
         except Exception:
@@ -66,14 +52,6 @@ def caught_up(lake, placed):
     return all(committed(lake, f"kafka/{TOPIC}/{p}") >= end for p, end in ends.items())
 
 
-def assert_exactly_once(lake, expected):
-    for target, positions in expected.items():
-        got = read_delta(lake / "tables" / target).column("_position").to_pylist()
-        duplicates = [p for p, n in collections.Counter(got).items() if n > 1]
-        assert not duplicates, f"{target}: {len(duplicates)} events written twice"
-        assert set(got) == set(positions), f"{target}: {len(set(positions) - set(got))} lost, {len(set(got) - set(positions))} unexpected"
-
-
 def daemon(sluice_bin, config, log):
     return subprocess.Popen([str(sluice_bin), "--log-format", "json", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
@@ -86,7 +64,7 @@ def test_two_daemons_in_a_group_one_killed_exactly_once(sluice_bin, tmp_path):
         broker.create_topic(TOPIC, 3)
         first = demo_events(sluice_bin, tmp_path, 3000, 1)
         placed = broker.produce(TOPIC, first, 3)
-        config = write_config(tmp_path, None, [POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
+        config = write_config(tmp_path, None, [DEMO_POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
         a = daemon(sluice_bin, config, tmp_path / "a.log")
         b = daemon(sluice_bin, config, tmp_path / "b.log")
         lake = tmp_path / "lake"
@@ -116,7 +94,7 @@ def test_broker_restart_mid_stream_loses_nothing(sluice_bin, tmp_path):
         broker.create_topic(TOPIC, 2)
         first = demo_events(sluice_bin, tmp_path, 1500, 3)
         placed = broker.produce(TOPIC, first, 2)
-        config = write_config(tmp_path, None, [POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
+        config = write_config(tmp_path, None, [DEMO_POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
         proc = daemon(sluice_bin, config, tmp_path / "daemon.log")
         lake = tmp_path / "lake"
         wait_until(lambda: committed(lake, f"kafka/{TOPIC}/0") > 0, 120, "a first commit")
@@ -142,15 +120,21 @@ def test_replay_by_offset_and_by_time_and_into_live_tables(sluice_bin, tmp_path)
         values = demo_events(sluice_bin, tmp_path, 1200, 5)
         t0 = 1_750_000_000_000
         placed = broker.produce(TOPIC, values, 2, first_ts=t0)
-        config = write_config(tmp_path, None, [POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
+        config = write_config(tmp_path, None, [DEMO_POLICIES], source=kafka_source(broker), extra=FAST_COMMITS)
         lake = tmp_path / "lake"
         run(sluice_bin, "run", "--config", config, "--once")
         assert_exactly_once(lake, expected_positions(values, placed))
-        before = {t: read_delta(lake / "tables" / t).num_rows for t in TARGETS.values()}
+        before = {t: read_delta(lake / "tables" / t).num_rows for t in DEMO_TARGETS.values()}
+
+        # A table that lacks what the others hold is refilled from the start; the others gain nothing.
+        shutil.rmtree(lake / "tables" / "payments")
+        run(sluice_bin, "run", "--config", config, "--once")
+        assert_exactly_once(lake, expected_positions(values, placed))
+        assert {t: read_delta(lake / "tables" / t).num_rows for t in DEMO_TARGETS.values()} == before
 
         # Into the live tables: every position is already committed, nothing is added.
         run(sluice_bin, "replay", "--config", config, "--from", "earliest", "--summary-json", tmp_path / "live.json")
-        assert {t: read_delta(lake / "tables" / t).num_rows for t in TARGETS.values()} == before
+        assert {t: read_delta(lake / "tables" / t).num_rows for t in DEMO_TARGETS.values()} == before
         assert sum(json.loads((tmp_path / "live.json").read_text())["rows_written"].values()) == 0
 
         # By offset, into a fresh root: offsets [100, 250) of every partition.

@@ -34,12 +34,11 @@ pub enum DeltaSinkError {
     },
     /// Another writer committed this stream since this one read its position (a partition
     /// moved to another daemon): the uncommitted work must be dropped and re-read.
-    #[error("table {table}: stream {stream} was committed by another writer (expected position {expected:?}, found {found:?}); dropping uncommitted work")]
+    #[error("table {table}: stream {stream} was committed by another writer since this one read it at {expected:?}; dropping uncommitted work")]
     Fenced {
         table: String,
         stream: String,
         expected: Option<i64>,
-        found: Option<i64>,
     },
     #[error("table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; schema evolution is not supported yet: write to a new lake root or restore the policy")]
     SchemaChanged {
@@ -193,8 +192,16 @@ impl DeltaSink {
             table: name.clone(),
             source: Box::new(source),
         };
-        let Ok(abs) = std::fs::canonicalize(location) else {
-            return Ok(vec![None; streams.len()]);
+        let abs = match std::fs::canonicalize(location) {
+            Ok(abs) => abs,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![None; streams.len()]),
+            Err(source) => {
+                return Err(DeltaSinkError::Io {
+                    table: name.clone(),
+                    path: location.to_path_buf(),
+                    source,
+                })
+            }
         };
         let url = url::Url::from_directory_path(&abs)
             .map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(name.clone())))?;
@@ -225,12 +232,11 @@ impl DeltaSink {
         })
     }
 
-    fn fenced(&self, stream: &str, expected: Option<i64>, found: Option<i64>) -> DeltaSinkError {
+    fn fenced(&self, stream: &str, expected: Option<i64>) -> DeltaSinkError {
         DeltaSinkError::Fenced {
             table: self.name.clone(),
             stream: stream.to_string(),
             expected,
-            found,
         }
     }
 
@@ -252,12 +258,13 @@ impl DeltaSink {
         };
         // Fencing: the table must still hold what this writer last saw of every stream it
         // commits. A concurrent commit of the same stream after our snapshot is caught by
-        // Delta's conflict check (same `txn` app id); one before it, here.
+        // Delta's conflict check (same `txn` app id). One that reached our snapshot through an
+        // earlier commit of ours (retried past it), here.
         for p in positions {
             let expected = self.known.get(&p.stream).copied().flatten();
             let found = self.table_position(&p.stream).await?;
             if found != expected {
-                return Err(self.fenced(&p.stream, expected, found));
+                return Err(self.fenced(&p.stream, expected));
             }
         }
         let adds = self.writer.flush().await.map_err(err)?;
@@ -284,7 +291,7 @@ impl DeltaSink {
             }) => {
                 let stream = positions.first().map(|p| p.stream.clone()).unwrap_or_default();
                 let expected = self.known.get(&stream).copied().flatten();
-                return Err(self.fenced(&stream, expected, None));
+                return Err(self.fenced(&stream, expected));
             }
             Err(e) => return Err(err(e)),
         };

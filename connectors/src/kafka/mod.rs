@@ -250,10 +250,10 @@ pub fn partitions<C: ConsumerContext>(
 }
 
 /// Assigns `(topic, partition, offset)` explicitly (replays).
-pub fn assign<C: ConsumerContext>(consumer: &BaseConsumer<C>, parts: &[(String, i32, i64)]) -> KafkaResult<()> {
+pub fn assign<C: ConsumerContext>(consumer: &BaseConsumer<C>, parts: &[(String, i32, Offset)]) -> KafkaResult<()> {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, offset) in parts {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        tpl.add_partition_offset(topic, *partition, *offset)?;
     }
     consumer.assign(&tpl)
 }

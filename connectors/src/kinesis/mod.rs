@@ -5,7 +5,8 @@
 //! the lake has taken from the shard. A sequence number (up to 128 bits, written as up to 56
 //! decimal digits) does not fit a Delta `txn` version, so it is committed beside the count in
 //! the same commit, split into [`SEQUENCE_PARTS`] `txn` entries of 15 digits
-//! ([`sequence_to_parts`]); a finished shard gets a `done` entry.
+//! ([`sequence_to_parts`]); so is the sequence number of the first record the lake took (the
+//! base every count is relative to); a finished shard gets a `done` entry.
 
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use aws_sdk_kinesis::Client;
 pub enum KinesisError {
     #[error("kinesis stream {stream}: {message}")]
     Api { stream: String, message: String },
-    #[error("kinesis stream {stream}, shard {shard}: sequence number of {digits} digits is longer than supported")]
+    #[error("kinesis stream {stream}, shard {shard}: a sequence number of {digits} characters is not a decimal of at most 60 digits")]
     SequenceTooLong {
         stream: String,
         shard: String,
@@ -57,12 +58,32 @@ pub fn stream_name(stream: &str, shard: &str) -> String {
 pub const SEQUENCE_PARTS: usize = 4;
 const PART_DIGITS: usize = 15;
 
-/// The `txn` names kept beside a shard's count: its sequence number parts, then `done`.
-pub fn attached_names(shard_stream: &str) -> Vec<String> {
-    (0..SEQUENCE_PARTS)
-        .map(|i| format!("{shard_stream}@seq{i}"))
-        .chain(std::iter::once(format!("{shard_stream}@done")))
-        .collect()
+/// The `txn` names kept beside a shard's count.
+pub struct AttachedNames {
+    /// The last record's sequence number, in parts.
+    pub sequence: [String; SEQUENCE_PARTS],
+    /// The first record's sequence number (count 1), in parts.
+    pub base: [String; SEQUENCE_PARTS],
+    /// 1 once the shard is closed and fully read.
+    pub done: String,
+}
+
+impl AttachedNames {
+    pub fn of(shard_stream: &str) -> Self {
+        Self {
+            sequence: std::array::from_fn(|i| format!("{shard_stream}@seq{i}")),
+            base: std::array::from_fn(|i| format!("{shard_stream}@base{i}")),
+            done: format!("{shard_stream}@done"),
+        }
+    }
+
+    /// All of them: sequence parts, base parts, done.
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.sequence
+            .iter()
+            .chain(&self.base)
+            .chain(std::iter::once(&self.done))
+    }
 }
 
 /// A decimal sequence number as [`SEQUENCE_PARTS`] numbers of 15 digits (most significant
@@ -136,6 +157,7 @@ pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>
 pub enum StartingPoint {
     TrimHorizon,
     Latest,
+    At(String),
     After(String),
     /// Milliseconds since the epoch.
     AtTimestamp(i64),
@@ -151,6 +173,9 @@ pub async fn shard_iterator(
     let request = match start {
         StartingPoint::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
         StartingPoint::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+        StartingPoint::At(seq) => request
+            .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+            .starting_sequence_number(seq),
         StartingPoint::After(seq) => request
             .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
             .starting_sequence_number(seq),

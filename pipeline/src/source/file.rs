@@ -96,6 +96,9 @@ impl Source for FileSource {
             }
             // Daemon mode on files: wait for appended lines or new files.
             std::thread::sleep(self.poll);
+            if out.stopped() {
+                return Ok(ReaderEnd::Done);
+            }
             if let Ok(files) = list_files(&self.root) {
                 // A file this pass did not list at start has no committed positions loaded
                 // (it may have been ingested before and moved back): end this pass so the

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
 use sluice_connectors::delta::DeltaSink;
@@ -128,8 +128,8 @@ pub struct KafkaSource<C: ConsumerContext + Membership + 'static> {
     /// a later pass under the same generation must seek back to the committed positions.
     fresh_generation: Option<u64>,
     partitions: Vec<(String, i32)>,
-    /// A message received in the same poll as a rebalance: it belongs to the next pass.
-    carry: Vec<OwnedMessage>,
+    /// Where a group's partition the lake never saw starts.
+    start_at: StartAt,
     /// Events read (progress display).
     pub events: Arc<AtomicU64>,
 }
@@ -147,6 +147,7 @@ pub fn group_source(
     Ok(KafkaSource::new(
         consumer,
         Mode::Group,
+        group.start_at,
         max_event_bytes,
         chunk_events,
         once,
@@ -164,6 +165,7 @@ pub fn replay_source(
     Ok(KafkaSource::new(
         consumer,
         Mode::Replay { range, topic_index: 0 },
+        StartAt::Earliest,
         max_event_bytes,
         chunk_events,
         true,
@@ -176,7 +178,14 @@ const POLL: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
-    fn new(consumer: BaseConsumer<C>, mode: Mode, max_event_bytes: usize, chunk_events: usize, once: bool) -> Self {
+    fn new(
+        consumer: BaseConsumer<C>,
+        mode: Mode,
+        start_at: StartAt,
+        max_event_bytes: usize,
+        chunk_events: usize,
+        once: bool,
+    ) -> Self {
         Self {
             consumer: Arc::new(consumer),
             mode,
@@ -186,7 +195,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
             generation: 0,
             fresh_generation: None,
             partitions: Vec::new(),
-            carry: Vec::new(),
+            start_at,
             events: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -197,14 +206,20 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
         let committed = |topic: &str, partition: i32| start.get(&kc::stream_name(topic, partition)).map(|&o| o as i64);
         match &self.mode {
             Mode::Replay { range, .. } => {
-                let from = match range.from {
-                    ReplayFrom::Offset(o) => o,
-                    ReplayFrom::Earliest | ReplayFrom::Time(_) => 0,
-                };
-                let parts: Vec<(String, i32, i64)> = self
+                // Where the lake (live, or an interrupted `--into`) already holds a position,
+                // the replay continues from it: starting later would leave a gap, earlier is
+                // filtered anyway.
+                let parts: Vec<(String, i32, Offset)> = self
                     .partitions
                     .iter()
-                    .map(|(t, p)| (t.clone(), *p, from.max(committed(t, *p).unwrap_or(0))))
+                    .map(|(t, p)| {
+                        let offset = match (committed(t, *p), range.from) {
+                            (Some(c), _) => Offset::Offset(c),
+                            (None, ReplayFrom::Offset(o)) => Offset::Offset(o),
+                            (None, ReplayFrom::Earliest | ReplayFrom::Time(_)) => Offset::Beginning,
+                        };
+                        (t.clone(), *p, offset)
+                    })
                     .collect();
                 kc::assign(&self.consumer, &parts).map_err(RunError::from_kafka)?;
             }
@@ -214,11 +229,12 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
                     self.fresh_generation = None;
                     return Ok(());
                 }
-                self.carry.clear();
                 for (topic, partition) in &self.partitions {
-                    let offset = committed(topic, *partition)
-                        .map(Offset::Offset)
-                        .unwrap_or(Offset::Beginning);
+                    let offset = match (committed(topic, *partition), self.start_at) {
+                        (Some(c), _) => Offset::Offset(c),
+                        (None, StartAt::Earliest) => Offset::Beginning,
+                        (None, StartAt::Latest) => Offset::End,
+                    };
                     self.consumer
                         .seek(topic, *partition, offset, Duration::from_secs(10))
                         .map_err(RunError::from_kafka)?;
@@ -228,22 +244,25 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
         Ok(())
     }
 
-    fn new_partition(&self, topic: &str, partition: i32) -> Partition {
+    fn new_partition(&self, topic: &str, partition: i32, resumed: bool) -> Partition {
         Partition {
             stream: Arc::from(kc::stream_name(topic, partition)),
             chunk: Chunk::new(Arc::from(kc::stream_name(topic, partition)), self.chunk_events),
             at_end: false,
             done: false,
-            started: !matches!(
-                self.mode,
-                Mode::Replay {
-                    range: ReplayRange {
-                        from: ReplayFrom::Time(_),
+            // A replay from a time skips to the first message at or after it, unless it resumes
+            // from a committed position (the filter was applied before that).
+            started: resumed
+                || !matches!(
+                    self.mode,
+                    Mode::Replay {
+                        range: ReplayRange {
+                            from: ReplayFrom::Time(_),
+                            ..
+                        },
                         ..
-                    },
-                    ..
-                }
-            ),
+                    }
+                ),
         }
     }
 
@@ -345,11 +364,15 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         let mut parts: HashMap<(String, i32), Partition> = self
             .partitions
             .iter()
-            .map(|(t, p)| ((t.clone(), *p), self.new_partition(t, *p)))
+            .map(|(t, p)| {
+                let resumed = start.contains_key(&kc::stream_name(t, *p));
+                ((t.clone(), *p), self.new_partition(t, *p, resumed))
+            })
             .collect();
         let mut ready: VecDeque<Chunk> = VecDeque::new();
-        for m in std::mem::take(&mut self.carry) {
-            ready.extend(self.take_message(&mut parts, &m));
+        // A pass that ended while paused leaves librdkafka's pause in place across assignments.
+        if let Err(e) = kc::set_paused(&self.consumer, false) {
+            warn!(error = %e, "kafka: resume failed");
         }
         let mut paused = false;
         let mut last_flush = Instant::now();
@@ -357,6 +380,9 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         loop {
             if let Some(e) = self.consumer.context().take_failure() {
                 return Err(e);
+            }
+            if out.stopped() {
+                return Ok(ReaderEnd::Done);
             }
             // Hand ready chunks on; when the workers are behind, pause fetching (the broker
             // keeps the backlog, not our memory) and keep polling so the group sees us alive.
@@ -383,10 +409,8 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 }
             }
             let polled = self.consumer.poll(if paused { Duration::ZERO } else { POLL });
+            // A rebalance is served inside `poll`, which then returns no message.
             if self.consumer.context().generation() != self.generation {
-                if let Some(Ok(m)) = polled {
-                    self.carry.push(m.detach());
-                }
                 info!("kafka: assignment changed; dropping uncommitted work, it is re-read from the lake's positions");
                 out.abandon();
                 return Ok(ReaderEnd::Abandon);
@@ -406,7 +430,19 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                     }
                     flush_all(&mut parts, &mut ready, self.chunk_events);
                 }
-                Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                // A position outside the log, or batches this build cannot decode: reading on
+                // would skip events, so stop.
+                Some(Err(e))
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::AutoOffsetReset
+                                | RDKafkaErrorCode::NotImplemented
+                                | RDKafkaErrorCode::BadCompression
+                                | RDKafkaErrorCode::UnsupportedCompressionType
+                        )
+                    ) =>
+                {
                     return Err(RunError::from_kafka(e));
                 }
                 Some(Err(e)) => {

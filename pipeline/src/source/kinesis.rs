@@ -20,7 +20,7 @@ use aws_sdk_kinesis::Client;
 use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::kafka::StartAt;
-use sluice_connectors::kinesis::{self as kn, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
+use sluice_connectors::kinesis::{self as kn, AttachedNames, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
 use sluice_connectors::SourcePosition;
 use tracing::info;
 
@@ -76,20 +76,28 @@ pub fn owner(shard_id: &str, worker_count: u32) -> u32 {
     (u64::from_be_bytes(first) % u64::from(worker_count.max(1))) as u32
 }
 
-/// What the lake holds for a shard: the count of records taken, the sequence number of the last
-/// one, whether the shard was finished. From the sink that stands lowest.
+/// What the lake holds for a shard: the count of records taken, the sequence numbers of the
+/// last and of the first one, whether the shard was finished. From the sink that stands lowest.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct LakeShard {
     count: i64,
     sequence: Option<String>,
+    base: Option<String>,
     done: bool,
+    /// Some sink holds nothing of the shard while another does (a crash during the shard's
+    /// first commit, or a table added later): it must be fed from the base.
+    missing_somewhere: bool,
 }
 
 struct ShardState {
     info: ShardInfo,
     stream: Arc<str>,
+    names: AttachedNames,
     count: i64,
+    /// Where reading starts when nothing was read in this pass yet.
+    initial: StartingPoint,
     last_sequence: Option<String>,
+    base: Option<String>,
     iterator: Option<String>,
     finished: bool,
     caught_up: bool,
@@ -128,36 +136,40 @@ impl KinesisSource {
         kn::stream_name(&self.stream, shard)
     }
 
-    /// The lake's state of each shard: lowest count over the sinks that have one (a sink that
-    /// never saw a shard — a new table — starts where the others are).
+    /// The lake's state of each shard: the lowest count over the sinks that have one.
     fn lake_state(&self, shards: &[String]) -> Result<HashMap<String, LakeShard>, RunError> {
         let mut names = Vec::new();
         for s in shards {
             let stream = self.shard_stream(s);
             names.push(stream.clone());
-            names.extend(kn::attached_names(&stream));
+            names.extend(AttachedNames::of(&stream).all().cloned());
         }
-        let per = 2 + SEQUENCE_PARTS;
+        let per = 2 + 2 * SEQUENCE_PARTS;
+        let parts = |v: &[Option<i64>]| -> Option<String> {
+            let mut parts = [0i64; SEQUENCE_PARTS];
+            for (p, value) in parts.iter_mut().zip(v) {
+                *p = (*value)?;
+            }
+            Some(kn::parts_to_sequence(&parts))
+        };
         let mut out: HashMap<String, LakeShard> = HashMap::new();
+        let mut missing: HashSet<String> = HashSet::new();
         for table in &self.lake {
             let values = self
                 .rt
                 .block_on(DeltaSink::read_positions(table, &self.app_prefix, &names))?;
             for (i, shard) in shards.iter().enumerate() {
                 let v = &values[i * per..(i + 1) * per];
-                let Some(count) = v[0] else { continue };
-                let mut parts = [0i64; SEQUENCE_PARTS];
-                let mut complete = true;
-                for (p, value) in parts.iter_mut().zip(&v[1..=SEQUENCE_PARTS]) {
-                    match value {
-                        Some(x) => *p = *x,
-                        None => complete = false,
-                    }
-                }
+                let Some(count) = v[0] else {
+                    missing.insert(shard.clone());
+                    continue;
+                };
                 let state = LakeShard {
                     count,
-                    sequence: complete.then(|| kn::parts_to_sequence(&parts)),
+                    sequence: parts(&v[1..=SEQUENCE_PARTS]),
+                    base: parts(&v[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]),
                     done: v[per - 1] == Some(1),
+                    missing_somewhere: false,
                 };
                 match out.get(shard) {
                     Some(existing) if existing.count <= count => {}
@@ -165,6 +177,11 @@ impl KinesisSource {
                         out.insert(shard.clone(), state);
                     }
                 }
+            }
+        }
+        for shard in missing {
+            if let Some(state) = out.get_mut(&shard) {
+                state.missing_somewhere = true;
             }
         }
         Ok(out)
@@ -191,9 +208,14 @@ impl KinesisSource {
     }
 
     fn starting_point(&self, state: &ShardState) -> StartingPoint {
-        if let Some(seq) = &state.last_sequence {
-            return StartingPoint::After(seq.clone());
+        match &state.last_sequence {
+            Some(seq) => StartingPoint::After(seq.clone()),
+            None => state.initial.clone(),
         }
+    }
+
+    /// Where a shard the lake never saw starts.
+    fn fresh_start(&self) -> StartingPoint {
         match self.replay {
             Some((ReplayFrom::Time(ms), _)) => StartingPoint::AtTimestamp(ms),
             Some(_) => StartingPoint::TrimHorizon,
@@ -212,7 +234,8 @@ impl KinesisSource {
                 self.rt
                     .block_on(kn::shard_iterator(&self.client, &self.stream, &state.info.id, &start))?;
             if state.iterator.is_none() {
-                return Ok(self.finish(state));
+                let chunk = Chunk::new(state.stream.clone(), 1);
+                return self.end_of_shard(state, chunk).map(Some);
             }
         }
         let iterator = state.iterator.clone().unwrap_or_default();
@@ -254,8 +277,25 @@ impl KinesisSource {
                             break;
                         }
                     }
+                    if state.count == 0 {
+                        if let StartingPoint::At(base) = &state.initial {
+                            // Counts only line up if the re-read starts exactly at the base.
+                            if record.sequence_number() != base {
+                                return Err(RunError::Kinesis(kn::KinesisError::Api {
+                                    stream: self.stream.clone(),
+                                    message: format!(
+                                        "shard {}: the records a table lacks have expired from the stream; rebuild it with `sluice replay --into`",
+                                        state.info.id
+                                    ),
+                                }));
+                            }
+                        }
+                    }
                     state.count += 1;
                     state.last_sequence = Some(record.sequence_number().to_string());
+                    if state.base.is_none() {
+                        state.base = state.last_sequence.clone();
+                    }
                     let data = record.data().as_ref();
                     let kept = &data[..data.len().min(self.max_event_bytes + 1)];
                     chunk.push(
@@ -270,35 +310,29 @@ impl KinesisSource {
                 }
                 state.iterator = next;
                 if state.finished {
-                    return Ok(Some(chunk)
-                        .filter(|c| !c.lines.is_empty())
-                        .map(|c| self.attach(state, c, false)));
+                    // The end of a replay's range, not of the shard.
+                    return if chunk.lines.is_empty() {
+                        Ok(None)
+                    } else {
+                        self.attach(state, chunk, false).map(Some)
+                    };
                 }
                 if state.iterator.is_none() {
                     // Closed and fully read: the end is committed with the last records.
-                    let mut chunk = chunk;
-                    state.count += 1;
-                    chunk.push(
-                        b"",
-                        LineEnd {
-                            end_offset: state.count as u64,
-                            len: 0,
-                            terminated: true,
-                        },
-                    );
-                    state.finished = true;
-                    return Ok(Some(self.attach(state, chunk, true)));
+                    return self.end_of_shard(state, chunk).map(Some);
                 }
-                Ok((!chunk.lines.is_empty()).then(|| self.attach(state, chunk, false)))
+                if chunk.lines.is_empty() {
+                    return Ok(None);
+                }
+                self.attach(state, chunk, false).map(Some)
             }
         }
     }
 
-    /// A shard with no iterator (nothing left to read): its end is committed.
-    fn finish(&self, state: &mut ShardState) -> Option<Chunk> {
+    /// Closes a shard in the lake: one position past its last record, marked done.
+    fn end_of_shard(&self, state: &mut ShardState, mut chunk: Chunk) -> Result<Chunk, RunError> {
         state.finished = true;
         state.count += 1;
-        let mut chunk = Chunk::new(state.stream.clone(), 1);
         chunk.push(
             b"",
             LineEnd {
@@ -307,25 +341,36 @@ impl KinesisSource {
                 terminated: true,
             },
         );
-        Some(self.attach(state, chunk, true))
+        self.attach(state, chunk, true)
     }
 
-    /// The sequence number (and end) committed beside the count.
-    fn attach(&self, state: &ShardState, mut chunk: Chunk, done: bool) -> Chunk {
-        let names = kn::attached_names(&state.stream);
-        if let Some(parts) = state.last_sequence.as_deref().and_then(kn::sequence_to_parts) {
-            for (name, value) in names.iter().zip(parts) {
-                chunk.attached.push(SourcePosition {
-                    stream: name.clone(),
-                    offset: value,
-                });
+    /// The sequence numbers (and end) committed beside the count.
+    fn attach(&self, state: &ShardState, mut chunk: Chunk, done: bool) -> Result<Chunk, RunError> {
+        let to_parts = |sequence: &str| {
+            kn::sequence_to_parts(sequence).ok_or_else(|| kn::KinesisError::SequenceTooLong {
+                stream: self.stream.clone(),
+                shard: state.info.id.clone(),
+                digits: sequence.len(),
+            })
+        };
+        for (names, sequence) in [
+            (&state.names.sequence, &state.last_sequence),
+            (&state.names.base, &state.base),
+        ] {
+            if let Some(sequence) = sequence {
+                for (name, value) in names.iter().zip(to_parts(sequence)?) {
+                    chunk.attached.push(SourcePosition {
+                        stream: name.clone(),
+                        offset: value,
+                    });
+                }
             }
         }
         chunk.attached.push(SourcePosition {
-            stream: names[SEQUENCE_PARTS].clone(),
+            stream: state.names.done.clone(),
             offset: i64::from(done),
         });
-        chunk
+        Ok(chunk)
     }
 }
 
@@ -355,24 +400,41 @@ impl Source for KinesisSource {
         let mut shards: Vec<ShardState> = Vec::with_capacity(self.owned.len());
         for info in &self.owned {
             let at = lake.get(&info.id).cloned().unwrap_or_default();
-            if at.count > 0 && at.sequence.is_none() && !at.done {
-                return Err(RunError::Kinesis(kn::KinesisError::Api {
-                    stream: self.stream.clone(),
-                    message: format!("shard {}: the lake holds a count without its sequence number", info.id),
-                }));
-            }
-            shards.push(ShardState {
+            let stream = self.shard_stream(&info.id);
+            let mut state = ShardState {
                 info: info.clone(),
-                stream: Arc::from(self.shard_stream(&info.id)),
+                stream: Arc::from(stream.as_str()),
+                names: AttachedNames::of(&stream),
                 count: at.count,
-                last_sequence: at.sequence,
+                initial: self.fresh_start(),
+                last_sequence: at.sequence.clone(),
+                base: at.base.clone(),
                 iterator: None,
                 finished: at.done,
                 caught_up: false,
                 next_call: Instant::now(),
                 backoff: Duration::ZERO,
                 lag_ms: 0,
-            });
+            };
+            if at.missing_somewhere || (at.count > 0 && at.sequence.is_none() && !at.done) {
+                // Counts are relative to the shard's first record: re-read from it, and every
+                // sink keeps only what it lacks.
+                let Some(base) = at.base else {
+                    return Err(RunError::Kinesis(kn::KinesisError::Api {
+                        stream: self.stream.clone(),
+                        message: format!(
+                            "shard {}: a table lacks records the lake's other tables hold, and the lake has no base sequence number to re-read them from",
+                            info.id
+                        ),
+                    }));
+                };
+                info!(shard = %info.id, "kinesis: a table is behind on this shard: re-reading it from its first record");
+                state.count = 0;
+                state.finished = false;
+                state.last_sequence = None;
+                state.initial = StartingPoint::At(base);
+            }
+            shards.push(state);
         }
         let owned_ids: HashSet<String> = ids.into_iter().collect();
         let mut parents_ready: HashSet<String> = HashSet::new();
@@ -380,6 +442,9 @@ impl Source for KinesisSource {
         let mut lag_logged = Instant::now();
         let mut finished_before = shards.iter().filter(|s| s.finished).count();
         loop {
+            if out.stopped() {
+                return Ok(ReaderEnd::Done);
+            }
             let mut sent_any = false;
             for i in 0..shards.len() {
                 if shards[i].finished || shards[i].next_call > Instant::now() {
@@ -461,6 +526,29 @@ impl Source for KinesisSource {
                     .unwrap_or_else(|| Instant::now() + self.poll);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()).min(self.poll));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner;
+
+    #[test]
+    fn every_shard_has_exactly_one_owner_and_work_is_spread() {
+        let shards: Vec<String> = (0..200).map(|i| format!("shardId-{i:012}")).collect();
+        for count in [1, 2, 3, 5] {
+            let mut per_worker = vec![0; count as usize];
+            for s in &shards {
+                let o = owner(s, count);
+                assert!(o < count);
+                assert_eq!(o, owner(s, count), "stable");
+                per_worker[o as usize] += 1;
+            }
+            assert!(
+                per_worker.iter().all(|n| *n >= 200 / count as usize / 2),
+                "{per_worker:?}"
+            );
         }
     }
 }

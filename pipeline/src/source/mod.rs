@@ -68,12 +68,16 @@ pub trait Source: Send {
     }
 }
 
-/// The reader's end of the work queue: numbers chunks in reading order.
+/// The reader's end of the work queue: numbers chunks in reading order, and holds a permit per
+/// chunk in flight (returned by the sink loop as it writes them).
 pub struct ChunkSender {
     tx: Sender<Chunk>,
+    permits: Sender<()>,
     seq: u64,
     /// Set when the reader abandons the pass; the sink loop then commits nothing more.
     pub abandoned: Arc<AtomicBool>,
+    /// Set when the sink loop has stopped: a reader waiting on a quiet source ends its pass.
+    stop: Arc<AtomicBool>,
 }
 
 pub enum Sent {
@@ -85,39 +89,55 @@ pub enum Sent {
 }
 
 impl ChunkSender {
-    pub fn new(tx: Sender<Chunk>, abandoned: Arc<AtomicBool>) -> Self {
-        Self { tx, seq: 0, abandoned }
-    }
-
-    /// Sends, waiting while the queue is full. False when the sink loop is gone.
-    pub fn send(&mut self, mut chunk: Chunk) -> bool {
-        chunk.seq = self.seq;
-        if self.tx.send(chunk).is_err() {
-            return false;
+    pub fn new(tx: Sender<Chunk>, permits: Sender<()>, abandoned: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Self {
+        Self {
+            tx,
+            permits,
+            seq: 0,
+            abandoned,
+            stop,
         }
-        self.seq += 1;
-        true
     }
 
-    /// Sends, waiting at most `wait`.
+    /// Whether the sink loop has stopped (the pass is over).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Sends, waiting while too many chunks are in flight. False when the sink loop is gone.
+    pub fn send(&mut self, mut chunk: Chunk) -> bool {
+        loop {
+            match self.send_within(chunk, Duration::from_millis(200)) {
+                Sent::Yes => return true,
+                Sent::Closed => return false,
+                Sent::Full(_) if self.stopped() => return false,
+                Sent::Full(c) => chunk = c,
+            }
+        }
+    }
+
+    /// Sends, waiting at most `wait` for a permit.
     pub fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
-        chunk.seq = self.seq;
-        let result = if wait.is_zero() {
-            self.tx.try_send(chunk).map_err(|e| match e {
-                TrySendError::Full(c) => SendTimeoutError::Timeout(c),
-                TrySendError::Disconnected(c) => SendTimeoutError::Disconnected(c),
+        let permit = if wait.is_zero() {
+            self.permits.try_send(()).map_err(|e| match e {
+                TrySendError::Full(()) => SendTimeoutError::Timeout(()),
+                TrySendError::Disconnected(()) => SendTimeoutError::Disconnected(()),
             })
         } else {
-            self.tx.send_timeout(chunk, wait)
+            self.permits.send_timeout((), wait)
         };
-        match result {
-            Ok(()) => {
-                self.seq += 1;
-                Sent::Yes
-            }
-            Err(SendTimeoutError::Timeout(c)) => Sent::Full(c),
-            Err(SendTimeoutError::Disconnected(_)) => Sent::Closed,
+        match permit {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(())) => return Sent::Full(chunk),
+            Err(SendTimeoutError::Disconnected(())) => return Sent::Closed,
         }
+        chunk.seq = self.seq;
+        // Never blocks for long: the queue holds as many chunks as there are permits.
+        if self.tx.send(chunk).is_err() {
+            return Sent::Closed;
+        }
+        self.seq += 1;
+        Sent::Yes
     }
 
     pub fn abandon(&self) {
