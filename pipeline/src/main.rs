@@ -299,7 +299,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         cfg.max_event_bytes,
                         cfg.workers.chunk_events,
                     )?;
-                    let progress = progress::Progress::start(source.events.clone());
+                    let behind = progress::Behind::Messages(source.lag());
+                    let progress = progress::Progress::start(source.events.clone(), behind);
                     let summary = runtime::run(&cfg, &mut source);
                     progress.finish();
                     summary?
@@ -313,7 +314,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     }
                     let name = stream.unwrap_or_else(|| k.stream.clone());
                     let mut source = kinesis_source(&cfg, &k, name, Some((from, to)), true)?;
-                    let progress = progress::Progress::start(source.events.clone());
+                    let behind = progress::Behind::Millis(source.behind_ms.clone());
+                    let progress = progress::Progress::start(source.events.clone(), behind);
                     let summary = runtime::run(&cfg, &mut source);
                     progress.finish();
                     summary?

@@ -7,7 +7,8 @@
 //! the lake commit, for lag monitoring only.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
@@ -74,6 +76,81 @@ impl KafkaSettings {
     }
 }
 
+/// Consumer lag (messages behind the partitions' high watermarks, summed over the assigned
+/// partitions), from librdkafka's statistics: the watermarks come with every fetch, so this
+/// needs no extra request. -1 until the first statistics arrive.
+#[derive(Clone)]
+pub struct Lag(Arc<AtomicI64>);
+
+impl Default for Lag {
+    fn default() -> Self {
+        Self(Arc::new(AtomicI64::new(-1)))
+    }
+}
+
+impl Lag {
+    pub fn get(&self) -> Option<u64> {
+        u64::try_from(self.0.load(Ordering::Relaxed)).ok()
+    }
+
+    fn record(&self, statistics: &Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.0.store(lag, Ordering::Relaxed);
+    }
+}
+
+/// How often librdkafka reports statistics (the lag).
+const STATISTICS_INTERVAL_MS: &str = "1000";
+
+/// A consumer outside any group: its lag only.
+#[derive(Default)]
+pub struct StandaloneContext {
+    pub lag: Lag,
+}
+
+impl ClientContext for StandaloneContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        self.lag.record(&statistics);
+    }
+}
+
+impl ConsumerContext for StandaloneContext {}
+
+// librdkafka's own log lines carry broker names and error codes, never message contents.
+fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            error!(facility = fac, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {message}"),
+        _ => debug!(facility = fac, "librdkafka: {message}"),
+    }
+}
+
+fn log_client_error(error: KafkaError, reason: &str) {
+    // The end of a partition arrives here too: not a problem.
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+        debug!("kafka client: {reason}");
+        return;
+    }
+    // Broker down, connection refused…: librdkafka retries with backoff by itself.
+    warn!(error = %error, "kafka client: {reason}");
+}
+
 /// Rebalance handling: every assignment starts at the lake's positions, and every change of
 /// assignment bumps a generation the reader watches (it then abandons its uncommitted work).
 pub struct GroupContext {
@@ -81,6 +158,7 @@ pub struct GroupContext {
     start_at: StartAt,
     generation: AtomicU64,
     failure: Mutex<Option<KafkaSourceError>>,
+    pub lag: Lag,
 }
 
 impl GroupContext {
@@ -106,25 +184,16 @@ impl GroupContext {
 }
 
 impl ClientContext for GroupContext {
-    // librdkafka's own log lines carry broker names and error codes, never message contents.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                error!(facility = fac, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {message}"),
-            _ => debug!(facility = fac, "librdkafka: {message}"),
-        }
+        log_librdkafka(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        // The end of a partition arrives here too: not a problem.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
-            debug!("kafka client: {reason}");
-            return;
-        }
-        // Broker down, connection refused…: librdkafka retries with backoff by itself.
-        warn!(error = %error, "kafka client: {reason}");
+        log_client_error(error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        self.lag.record(&statistics);
     }
 }
 
@@ -203,6 +272,7 @@ pub fn group_consumer(
         .set("session.timeout.ms", group.session_timeout_ms.to_string())
         // Prefetch is bounded: memory stays bounded however far behind the pipeline is.
         .set("queued.max.messages.kbytes", "16384")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set("partition.assignment.strategy", "range,roundrobin");
     settings.apply_properties(&mut config);
     let context = GroupContext {
@@ -210,6 +280,7 @@ pub fn group_consumer(
         start_at: group.start_at,
         generation: AtomicU64::new(0),
         failure: Mutex::new(None),
+        lag: Lag::default(),
     };
     let consumer: BaseConsumer<GroupContext> = config.create_with_context(context)?;
     let topics: Vec<&str> = group.topics.iter().map(String::as_str).collect();
@@ -218,7 +289,7 @@ pub fn group_consumer(
 }
 
 /// A consumer outside any group, for replays: partitions are assigned explicitly.
-pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaSourceError> {
+pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer<StandaloneContext>, KafkaSourceError> {
     let mut config = settings.client_config();
     config
         .set("group.id", "sluice-replay")
@@ -226,9 +297,10 @@ pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, Kaf
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set("queued.max.messages.kbytes", "16384");
     settings.apply_properties(&mut config);
-    Ok(config.create()?)
+    Ok(config.create_with_context(StandaloneContext::default())?)
 }
 
 /// The partitions of `topic`, from the broker's metadata.

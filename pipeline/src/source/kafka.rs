@@ -11,14 +11,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
 use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
-use sluice_connectors::kafka::{self as kc, GroupContext, KafkaSettings, StartAt, StartPositions};
+use sluice_connectors::kafka::{
+    self as kc, GroupContext, KafkaSettings, Lag, StandaloneContext, StartAt, StartPositions,
+};
 use sluice_connectors::SourcePosition;
 use tracing::{info, warn};
 
@@ -37,6 +39,7 @@ pub struct ReplayRange {
 pub trait Membership {
     fn generation(&self) -> u64;
     fn take_failure(&self) -> Option<RunError>;
+    fn lag(&self) -> &Lag;
 }
 
 impl Membership for GroupContext {
@@ -46,14 +49,20 @@ impl Membership for GroupContext {
     fn take_failure(&self) -> Option<RunError> {
         GroupContext::take_failure(self).map(RunError::from)
     }
+    fn lag(&self) -> &Lag {
+        &self.lag
+    }
 }
 
-impl Membership for DefaultConsumerContext {
+impl Membership for StandaloneContext {
     fn generation(&self) -> u64 {
         0
     }
     fn take_failure(&self) -> Option<RunError> {
         None
+    }
+    fn lag(&self) -> &Lag {
+        &self.lag
     }
 }
 
@@ -160,7 +169,7 @@ pub fn replay_source(
     range: ReplayRange,
     max_event_bytes: usize,
     chunk_events: usize,
-) -> Result<KafkaSource<DefaultConsumerContext>, RunError> {
+) -> Result<KafkaSource<StandaloneContext>, RunError> {
     let consumer = kc::standalone_consumer(settings)?;
     Ok(KafkaSource::new(
         consumer,
@@ -176,6 +185,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 /// Partial chunks are handed on at least this often, so a quiet topic still commits.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+const LAG_LOG_EVERY: Duration = Duration::from_secs(30);
+/// How long the reader may wait for the workers before pausing its partitions and polling on.
+const PAUSE_AFTER: Duration = Duration::from_secs(5);
 
 impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
     fn new(
@@ -376,6 +388,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         }
         let mut paused = false;
         let mut last_flush = Instant::now();
+        let mut lag_logged = Instant::now();
         let mut last_error: Option<Instant> = None;
         loop {
             if let Some(e) = self.consumer.context().take_failure() {
@@ -384,10 +397,13 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
             if out.stopped() {
                 return Ok(ReaderEnd::Done);
             }
-            // Hand ready chunks on; when the workers are behind, pause fetching (the broker
-            // keeps the backlog, not our memory) and keep polling so the group sees us alive.
+            // Hand ready chunks on. While the workers are behind, not polling is the
+            // backpressure: librdkafka stops fetching when its bounded prefetch is full. A stall
+            // longer than PAUSE_AFTER pauses the partitions instead (the broker keeps the
+            // backlog) so that polling, and with it the group membership, can go on. Pausing
+            // at once would throw the prefetch away and wait for a new fetch each time.
             while let Some(chunk) = ready.pop_front() {
-                match out.send_within(chunk, if paused { POLL } else { Duration::ZERO }) {
+                match out.send_within(chunk, if paused { POLL } else { PAUSE_AFTER }) {
                     Sent::Yes => {}
                     Sent::Closed => return Ok(ReaderEnd::Done),
                     Sent::Full(chunk) => {
@@ -458,6 +474,12 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 flush_all(&mut parts, &mut ready, self.chunk_events);
                 last_flush = Instant::now();
             }
+            if lag_logged.elapsed() >= LAG_LOG_EVERY {
+                lag_logged = Instant::now();
+                if let Some(lag) = self.consumer.context().lag().get() {
+                    info!(messages_behind = lag, "kafka lag");
+                }
+            }
         }
     }
 
@@ -481,6 +503,11 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
 }
 
 impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
+    /// Messages behind the high watermarks of this consumer's partitions.
+    pub fn lag(&self) -> Lag {
+        self.consumer.context().lag().clone()
+    }
+
     /// A replay moves to its next topic (a new pass); everything else is done.
     fn next_topic(&mut self) -> ReaderEnd {
         match &mut self.mode {

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,8 @@ pub struct KinesisSource {
     all: Vec<ShardInfo>,
     owned: Vec<ShardInfo>,
     pub events: Arc<AtomicU64>,
+    /// `MillisBehindLatest`, the largest over this worker's shards (-1: not read yet).
+    pub behind_ms: Arc<AtomicI64>,
 }
 
 pub struct KinesisOptions {
@@ -129,6 +131,7 @@ impl KinesisSource {
             all: Vec::new(),
             owned: Vec::new(),
             events: Arc::new(AtomicU64::new(0)),
+            behind_ms: Arc::new(AtomicI64::new(-1)),
         })
     }
 
@@ -483,9 +486,15 @@ impl Source for KinesisSource {
                     }
                 }
             }
+            let lag = shards
+                .iter()
+                .filter(|s| !s.finished)
+                .map(|s| s.lag_ms)
+                .max()
+                .unwrap_or(0);
+            self.behind_ms.store(lag, Ordering::Relaxed);
             if lag_logged.elapsed() >= LAG_LOG_EVERY {
                 lag_logged = Instant::now();
-                let lag = shards.iter().map(|s| s.lag_ms).max().unwrap_or(0);
                 info!(stream = %self.stream, millis_behind_latest = lag, "kinesis lag");
             }
             // A shard that finished may have children this pass has not listed (resharding).
