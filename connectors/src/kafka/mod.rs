@@ -76,9 +76,9 @@ impl KafkaSettings {
     }
 }
 
-/// Consumer lag (messages behind the partitions' high watermarks, summed over the assigned
-/// partitions), from librdkafka's statistics: the watermarks come with every fetch, so this
-/// needs no extra request. -1 until the first statistics arrive.
+/// Consumer lag (messages between what was read and the partitions' high watermarks, summed
+/// over the partitions being fetched), from librdkafka's statistics: the watermarks come with
+/// every fetch, so this needs no extra request. -1 while unknown.
 #[derive(Clone)]
 pub struct Lag(Arc<AtomicI64>);
 
@@ -94,13 +94,23 @@ impl Lag {
     }
 
     fn record(&self, statistics: &Statistics) {
-        let lag: i64 = statistics
+        // Behind what this consumer has read (high watermark − next offset to hand out), over
+        // the partitions it is fetching now; Kafka's own `consumer_lag` needs committed offsets,
+        // which replays never write.
+        let lags: Vec<i64> = statistics
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
+            .filter(|p| p.partition >= 0 && p.fetch_state == "active")
+            .filter_map(|p| {
+                if p.hi_offset >= 0 && p.app_offset >= 0 {
+                    Some((p.hi_offset - p.app_offset).max(0))
+                } else {
+                    (p.consumer_lag >= 0).then_some(p.consumer_lag)
+                }
+            })
+            .collect();
+        let lag = if lags.is_empty() { -1 } else { lags.iter().sum() };
         self.0.store(lag, Ordering::Relaxed);
     }
 }
@@ -173,6 +183,21 @@ impl GroupContext {
 
     fn fail(&self, e: KafkaSourceError) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    /// Where each stream starts per the lake (as on assignment), for a pass that must seek back.
+    pub fn start_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, KafkaSourceError> {
+        let offsets = self
+            .positions
+            .start_offsets(streams)
+            .map_err(|message| KafkaSourceError::Positions {
+                streams: streams.join(", "),
+                message,
+            })?;
+        Ok(offsets
+            .into_iter()
+            .map(|o| o.map(Offset::Offset).unwrap_or(self.default_offset()))
+            .collect())
     }
 
     fn default_offset(&self) -> Offset {

@@ -40,6 +40,8 @@ pub trait Membership {
     fn generation(&self) -> u64;
     fn take_failure(&self) -> Option<RunError>;
     fn lag(&self) -> &Lag;
+    /// Where the lake says each stream continues (group consumers only).
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError>;
 }
 
 impl Membership for GroupContext {
@@ -52,6 +54,9 @@ impl Membership for GroupContext {
     fn lag(&self) -> &Lag {
         &self.lag
     }
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError> {
+        Ok(self.start_offsets(streams)?)
+    }
 }
 
 impl Membership for StandaloneContext {
@@ -63,6 +68,9 @@ impl Membership for StandaloneContext {
     }
     fn lag(&self) -> &Lag {
         &self.lag
+    }
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError> {
+        Ok(vec![Offset::Beginning; streams.len()])
     }
 }
 
@@ -137,8 +145,6 @@ pub struct KafkaSource<C: ConsumerContext + Membership + 'static> {
     /// a later pass under the same generation must seek back to the committed positions.
     fresh_generation: Option<u64>,
     partitions: Vec<(String, i32)>,
-    /// Where a group's partition the lake never saw starts.
-    start_at: StartAt,
     /// Events read (progress display).
     pub events: Arc<AtomicU64>,
 }
@@ -156,7 +162,6 @@ pub fn group_source(
     Ok(KafkaSource::new(
         consumer,
         Mode::Group,
-        group.start_at,
         max_event_bytes,
         chunk_events,
         once,
@@ -174,7 +179,6 @@ pub fn replay_source(
     Ok(KafkaSource::new(
         consumer,
         Mode::Replay { range, topic_index: 0 },
-        StartAt::Earliest,
         max_event_bytes,
         chunk_events,
         true,
@@ -190,14 +194,7 @@ const LAG_LOG_EVERY: Duration = Duration::from_secs(30);
 const PAUSE_AFTER: Duration = Duration::from_secs(5);
 
 impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
-    fn new(
-        consumer: BaseConsumer<C>,
-        mode: Mode,
-        start_at: StartAt,
-        max_event_bytes: usize,
-        chunk_events: usize,
-        once: bool,
-    ) -> Self {
+    fn new(consumer: BaseConsumer<C>, mode: Mode, max_event_bytes: usize, chunk_events: usize, once: bool) -> Self {
         Self {
             consumer: Arc::new(consumer),
             mode,
@@ -207,7 +204,6 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
             generation: 0,
             fresh_generation: None,
             partitions: Vec::new(),
-            start_at,
             events: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -241,12 +237,11 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
                     self.fresh_generation = None;
                     return Ok(());
                 }
-                for (topic, partition) in &self.partitions {
-                    let offset = match (committed(topic, *partition), self.start_at) {
-                        (Some(c), _) => Offset::Offset(c),
-                        (None, StartAt::Earliest) => Offset::Beginning,
-                        (None, StartAt::Latest) => Offset::End,
-                    };
+                // The same rule as on assignment (a stream some table lacks starts where the
+                // lake says, not at an offset of ours).
+                let streams: Vec<String> = self.partitions.iter().map(|(t, p)| kc::stream_name(t, *p)).collect();
+                let offsets = self.consumer.context().lake_offsets(&streams)?;
+                for ((topic, partition), offset) in self.partitions.iter().zip(offsets) {
                     self.consumer
                         .seek(topic, *partition, offset, Duration::from_secs(10))
                         .map_err(RunError::from_kafka)?;
@@ -402,8 +397,9 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
             // longer than PAUSE_AFTER pauses the partitions instead (the broker keeps the
             // backlog) so that polling, and with it the group membership, can go on. Pausing
             // at once would throw the prefetch away and wait for a new fetch each time.
+            let deadline = Instant::now() + if paused { POLL } else { PAUSE_AFTER };
             while let Some(chunk) = ready.pop_front() {
-                match out.send_within(chunk, if paused { POLL } else { PAUSE_AFTER }) {
+                match out.send_within(chunk, deadline.saturating_duration_since(Instant::now())) {
                     Sent::Yes => {}
                     Sent::Closed => return Ok(ReaderEnd::Done),
                     Sent::Full(chunk) => {

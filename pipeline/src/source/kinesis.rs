@@ -101,6 +101,8 @@ struct ShardState {
     last_sequence: Option<String>,
     base: Option<String>,
     iterator: Option<String>,
+    /// Commit only the shard's end (it closed without records).
+    end_only: bool,
     finished: bool,
     caught_up: bool,
     next_call: Instant,
@@ -157,6 +159,7 @@ impl KinesisSource {
         };
         let mut out: HashMap<String, LakeShard> = HashMap::new();
         let mut missing: HashSet<String> = HashSet::new();
+        let mut bases: HashMap<String, String> = HashMap::new();
         for table in &self.lake {
             let values = self
                 .rt
@@ -167,10 +170,14 @@ impl KinesisSource {
                     missing.insert(shard.clone());
                     continue;
                 };
+                let base = parts(&v[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]);
+                if let Some(b) = &base {
+                    bases.insert(shard.clone(), b.clone());
+                }
                 let state = LakeShard {
                     count,
                     sequence: parts(&v[1..=SEQUENCE_PARTS]),
-                    base: parts(&v[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]),
+                    base,
                     done: v[per - 1] == Some(1),
                     missing_somewhere: false,
                 };
@@ -185,6 +192,12 @@ impl KinesisSource {
         for shard in missing {
             if let Some(state) = out.get_mut(&shard) {
                 state.missing_somewhere = true;
+            }
+        }
+        // The base is the same in every sink that has one.
+        for (shard, base) in bases {
+            if let Some(state) = out.get_mut(&shard) {
+                state.base.get_or_insert(base);
             }
         }
         Ok(out)
@@ -231,6 +244,10 @@ impl KinesisSource {
 
     /// One `GetRecords` round on a shard; returns a chunk to send, if any.
     fn poll_shard(&self, state: &mut ShardState) -> Result<Option<Chunk>, RunError> {
+        if state.end_only {
+            let chunk = Chunk::new(state.stream.clone(), 1);
+            return self.end_of_shard(state, chunk).map(Some);
+        }
         if state.iterator.is_none() {
             let start = self.starting_point(state);
             state.iterator =
@@ -262,7 +279,8 @@ impl KinesisSource {
             } => {
                 state.backoff = Duration::ZERO;
                 state.lag_ms = millis_behind_latest.unwrap_or(0);
-                state.caught_up = records.is_empty() && state.lag_ms == 0;
+                // At the end as of now: 0 ms behind, and not a full page (more may be waiting).
+                state.caught_up = state.lag_ms == 0 && records.len() < RECORDS_PER_CALL as usize;
                 if records.is_empty() {
                     state.next_call = Instant::now() + self.poll;
                 } else {
@@ -296,7 +314,8 @@ impl KinesisSource {
                     }
                     state.count += 1;
                     state.last_sequence = Some(record.sequence_number().to_string());
-                    if state.base.is_none() {
+                    if state.count == 1 {
+                        // The record every count is relative to.
                         state.base = state.last_sequence.clone();
                     }
                     let data = record.data().as_ref();
@@ -413,15 +432,24 @@ impl Source for KinesisSource {
                 last_sequence: at.sequence.clone(),
                 base: at.base.clone(),
                 iterator: None,
+                end_only: false,
                 finished: at.done,
                 caught_up: false,
                 next_call: Instant::now(),
                 backoff: Duration::ZERO,
                 lag_ms: 0,
             };
-            if at.missing_somewhere || (at.count > 0 && at.sequence.is_none() && !at.done) {
+            let refill = at.missing_somewhere && (self.start_at == StartAt::Earliest || self.replay.is_some());
+            if refill && at.done && at.base.is_none() {
+                // A shard that closed without a record: only its end is missing.
+                state.count = 0;
+                state.finished = false;
+                state.last_sequence = None;
+                state.end_only = true;
+            } else if refill || (at.count > 0 && at.sequence.is_none() && !at.done) {
                 // Counts are relative to the shard's first record: re-read from it, and every
-                // sink keeps only what it lacks.
+                // sink keeps only what it lacks. (With `start = "latest"` a table that lacks a
+                // shard starts where the others are, as with Kafka.)
                 let Some(base) = at.base else {
                     return Err(RunError::Kinesis(kn::KinesisError::Api {
                         stream: self.stream.clone(),
