@@ -3,9 +3,10 @@
 //! ```text
 //! reader ──chunks──▶ workers (N) ──processed──▶ sink loop: reorder, write, commit
 //! ```
-//! Both channels are bounded: when the sink is slow, workers block, then the reader blocks
-//! (a Kafka reader pauses its partitions). Memory is bounded by the chunk size × queue depth
-//! plus the commit thresholds.
+//! Chunks in flight (queued, in a worker, or waiting to be written in order) are bounded by
+//! permits the sink loop returns as it writes: when the sink is slow the reader waits (a Kafka
+//! reader, after a while, pauses its partitions and keeps polling). Memory is bounded by the
+//! chunk size × chunks in flight plus the commit thresholds.
 //!
 //! Exactly once: every sink (each analytic table, the vault, the quarantine) commits its rows
 //! together with the source positions they cover, in one Delta commit. On start every sink's

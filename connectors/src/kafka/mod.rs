@@ -21,9 +21,6 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-pub use rdkafka::consumer::BaseConsumer as KafkaConsumer;
-pub use rdkafka::message::{BorrowedMessage, Message};
-
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
     #[error("kafka: {0}")]
@@ -56,7 +53,8 @@ pub enum StartAt {
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
     pub brokers: String,
-    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, …), applied last.
+    /// Extra librdkafka properties (e.g. `fetch.max.bytes`), applied last; the ones sluice
+    /// manages are refused by the config loader. This build has no TLS/SASL.
     pub properties: BTreeMap<String, String>,
 }
 
