@@ -363,11 +363,7 @@ fn source_config(
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<SourceConfig, LoadError> {
     let at = raw.kind.span().start;
-    let required = |value: &Option<String>, field: &str| {
-        value
-            .clone()
-            .ok_or_else(|| invalid(at, field, format!("required for source kind `{}`", raw.kind.get_ref())))
-    };
+    let required = |value: &Option<String>, field: &str| required(value, field, "source", &raw.kind, invalid);
     Ok(match raw.kind.get_ref().as_str() {
         "file" => SourceConfig::File {
             path: resolve(&required(&raw.path, "source.path")?),
@@ -460,6 +456,23 @@ fn reject_managed_properties(
     }
 }
 
+/// A setting the section's `kind` needs; the error points at the `kind` line.
+fn required(
+    value: &Option<String>,
+    field: &str,
+    section: &str,
+    kind: &Spanned<String>,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<String, LoadError> {
+    value.clone().ok_or_else(|| {
+        invalid(
+            kind.span().start,
+            field,
+            format!("required for {section} kind `{}`", kind.get_ref()),
+        )
+    })
+}
+
 fn start_at(raw: &RawSource, invalid: &dyn Fn(usize, &str, String) -> LoadError) -> Result<StartAt, LoadError> {
     match raw.start.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
         None | Some(("earliest", _)) => Ok(StartAt::Earliest),
@@ -477,11 +490,7 @@ fn publish_config(
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<PublishConfig, LoadError> {
     let at = raw.kind.span().start;
-    let required = |value: &Option<String>, field: &str| {
-        value
-            .clone()
-            .ok_or_else(|| invalid(at, field, format!("required for publish kind `{}`", raw.kind.get_ref())))
-    };
+    let required = |value: &Option<String>, field: &str| required(value, field, "publish", &raw.kind, invalid);
     Ok(match raw.kind.get_ref().as_str() {
         "kafka" => PublishConfig::Kafka {
             settings: KafkaSettings {

@@ -157,28 +157,53 @@ fn parse_time(text: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// A replay bound: the keyword (`earliest`/`latest`), a non-negative offset or an RFC 3339 time.
+enum Bound {
+    Keyword,
+    Offset(i64),
+    Time(i64),
+}
+
+fn parse_bound(flag: &str, keyword: &str, text: &str) -> anyhow::Result<Bound> {
+    if text == keyword {
+        return Ok(Bound::Keyword);
+    }
+    match (text.parse::<i64>(), parse_time(text)) {
+        (Ok(o), _) if o >= 0 => Ok(Bound::Offset(o)),
+        (_, Some(ms)) => Ok(Bound::Time(ms)),
+        _ => anyhow::bail!("{flag} {text}: expected {keyword}, an offset or an RFC 3339 time"),
+    }
+}
+
 fn parse_from(text: &str) -> anyhow::Result<source::ReplayFrom> {
     use source::ReplayFrom;
-    Ok(match text {
-        "earliest" => ReplayFrom::Earliest,
-        t => match (t.parse::<i64>(), parse_time(t)) {
-            (Ok(o), _) if o >= 0 => ReplayFrom::Offset(o),
-            (_, Some(ms)) => ReplayFrom::Time(ms),
-            _ => anyhow::bail!("--from {t}: expected earliest, an offset or an RFC 3339 time"),
-        },
+    Ok(match parse_bound("--from", "earliest", text)? {
+        Bound::Keyword => ReplayFrom::Earliest,
+        Bound::Offset(o) => ReplayFrom::Offset(o),
+        Bound::Time(ms) => ReplayFrom::Time(ms),
     })
 }
 
 fn parse_to(text: &str) -> anyhow::Result<source::ReplayTo> {
     use source::ReplayTo;
-    Ok(match text {
-        "latest" => ReplayTo::Latest,
-        t => match (t.parse::<i64>(), parse_time(t)) {
-            (Ok(o), _) if o >= 0 => ReplayTo::Offset(o),
-            (_, Some(ms)) => ReplayTo::Time(ms),
-            _ => anyhow::bail!("--to {t}: expected latest, an offset or an RFC 3339 time"),
-        },
+    Ok(match parse_bound("--to", "latest", text)? {
+        Bound::Keyword => ReplayTo::Latest,
+        Bound::Offset(o) => ReplayTo::Offset(o),
+        Bound::Time(ms) => ReplayTo::Time(ms),
     })
+}
+
+/// Runs a replay with its progress line.
+fn run_with_progress(
+    cfg: &config::Config,
+    source: &mut dyn source::Source,
+    events: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    behind: progress::Behind,
+) -> Result<summary::Summary, runtime::RunError> {
+    let progress = progress::Progress::start(events, behind);
+    let summary = runtime::run(cfg, source);
+    progress.finish();
+    summary
 }
 
 fn main() -> ExitCode {
@@ -300,10 +325,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         cfg.workers.chunk_events,
                     )?;
                     let behind = progress::Behind::Messages(source.lag());
-                    let progress = progress::Progress::start(source.events.clone(), behind);
-                    let summary = runtime::run(&cfg, &mut source);
-                    progress.finish();
-                    summary?
+                    let events = source.events.clone();
+                    run_with_progress(&cfg, &mut source, events, behind)?
                 }
                 config::SourceConfig::Kinesis(k) => {
                     if !topic.is_empty() {
@@ -315,10 +338,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     let name = stream.unwrap_or_else(|| k.stream.clone());
                     let mut source = kinesis_source(&cfg, &k, name, Some((from, to)), true)?;
                     let behind = progress::Behind::Millis(source.behind_ms.clone());
-                    let progress = progress::Progress::start(source.events.clone(), behind);
-                    let summary = runtime::run(&cfg, &mut source);
-                    progress.finish();
-                    summary?
+                    let events = source.events.clone();
+                    run_with_progress(&cfg, &mut source, events, behind)?
                 }
                 config::SourceConfig::File { .. } => {
                     anyhow::bail!("{}: replay needs a kafka or kinesis source", config.display())

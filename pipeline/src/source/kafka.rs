@@ -118,6 +118,8 @@ impl StartPositions for LakePositions {
 }
 
 struct Partition {
+    topic: String,
+    partition: i32,
     stream: Arc<str>,
     chunk: Chunk,
     /// Reached the end of the partition with nothing read since.
@@ -252,9 +254,12 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
     }
 
     fn new_partition(&self, topic: &str, partition: i32, resumed: bool) -> Partition {
+        let stream: Arc<str> = Arc::from(kc::stream_name(topic, partition));
         Partition {
-            stream: Arc::from(kc::stream_name(topic, partition)),
-            chunk: Chunk::new(Arc::from(kc::stream_name(topic, partition)), self.chunk_events),
+            topic: topic.to_string(),
+            partition,
+            chunk: Chunk::new(stream.clone(), self.chunk_events),
+            stream,
             at_end: false,
             done: false,
             // A replay from a time skips to the first message at or after it, unless it resumes
@@ -274,8 +279,12 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
     }
 
     /// Adds a message to its partition's chunk; returns the chunk when full.
-    fn take_message<M: Message>(&self, parts: &mut HashMap<(String, i32), Partition>, m: &M) -> Option<Chunk> {
-        let part = parts.get_mut(&(m.topic().to_string(), m.partition()))?;
+    fn take_message<M: Message>(&self, parts: &mut [Partition], m: &M) -> Option<Chunk> {
+        // A consumer holds few partitions: a scan, comparing numbers first, costs less per
+        // message than building a key to hash.
+        let part = parts
+            .iter_mut()
+            .find(|p| p.partition == m.partition() && p.topic == m.topic())?;
         part.at_end = false;
         if part.done {
             return None;
@@ -326,11 +335,11 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
         }
     }
 
-    fn finished(&self, parts: &HashMap<(String, i32), Partition>) -> bool {
+    fn finished(&self, parts: &[Partition]) -> bool {
         if !self.once || parts.is_empty() {
             return false;
         }
-        parts.values().all(|p| p.done || p.at_end)
+        parts.iter().all(|p| p.done || p.at_end)
     }
 }
 
@@ -368,13 +377,10 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
             }
         }
         self.position_partitions(start)?;
-        let mut parts: HashMap<(String, i32), Partition> = self
+        let mut parts: Vec<Partition> = self
             .partitions
             .iter()
-            .map(|(t, p)| {
-                let resumed = start.contains_key(&kc::stream_name(t, *p));
-                ((t.clone(), *p), self.new_partition(t, *p, resumed))
-            })
+            .map(|(t, p)| self.new_partition(t, *p, start.contains_key(&kc::stream_name(t, *p))))
             .collect();
         let mut ready: VecDeque<Chunk> = VecDeque::new();
         // A pass that ended while paused leaves librdkafka's pause in place across assignments.
@@ -415,7 +421,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 }
             }
             if ready.is_empty() && self.finished(&parts) {
-                let any_left = parts.values().any(|p| !p.chunk.lines.is_empty());
+                let any_left = parts.iter().any(|p| !p.chunk.lines.is_empty());
                 if !any_left {
                     return Ok(self.next_topic());
                 }
@@ -432,13 +438,10 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     // librdkafka names the partition only; with several topics the same number
                     // can be ambiguous, which at worst ends `--once` early (nothing is lost).
-                    for ((_, p), part) in parts.iter_mut() {
-                        if *p == partition {
-                            part.at_end = true;
-                            if self.mode_to() == ReplayTo::Latest && !matches!(self.mode, Mode::Group) {
-                                part.done = true;
-                            }
-                        }
+                    let replay_to_end = self.mode_to() == ReplayTo::Latest && !matches!(self.mode, Mode::Group);
+                    for part in parts.iter_mut().filter(|p| p.partition == partition) {
+                        part.at_end = true;
+                        part.done |= replay_to_end;
                     }
                     flush_all(&mut parts, &mut ready, self.chunk_events);
                 }
@@ -520,8 +523,8 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
     }
 }
 
-fn flush_all(parts: &mut HashMap<(String, i32), Partition>, ready: &mut VecDeque<Chunk>, events: usize) {
-    for part in parts.values_mut() {
+fn flush_all(parts: &mut [Partition], ready: &mut VecDeque<Chunk>, events: usize) {
+    for part in parts.iter_mut() {
         if !part.chunk.lines.is_empty() {
             ready.push_back(std::mem::replace(
                 &mut part.chunk,
