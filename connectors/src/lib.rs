@@ -5,6 +5,7 @@
 //! - [`debezium`]: the change-event envelope decoder shared by every source.
 //! - [`kafka`]: a consumer-group source whose positions live in the lake; a publisher.
 //! - [`kinesis`]: shards of a Kinesis stream, positions in the lake; a publisher.
+//! - [`postgres`]: logical replication (pgoutput) and snapshots of PostgreSQL tables.
 //! - [`delta`]: Delta Lake tables, with source positions committed in the same commit.
 //! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
 
@@ -14,6 +15,7 @@ pub mod file;
 pub mod kafka;
 pub mod keystore;
 pub mod kinesis;
+pub mod postgres;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in
 /// it. Committed inside the data commit, never before.

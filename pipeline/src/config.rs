@@ -34,6 +34,7 @@ struct RawConfig {
     #[serde(default)]
     workers: WorkersConfig,
     publish: Option<RawPublish>,
+    raw_stream: Option<RawPublish>,
 }
 
 fn default_unknown_tables() -> UnknownTables {
@@ -64,6 +65,16 @@ struct RawSource {
     endpoint: Option<String>,
     worker_index: Option<u32>,
     worker_count: Option<u32>,
+    // postgres
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password_env: Option<String>,
+    database: Option<String>,
+    slot: Option<String>,
+    publication: Option<String>,
+    spool_dir: Option<String>,
+    heartbeat_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,11 +184,28 @@ pub struct KinesisSourceConfig {
     pub poll_ms: u64,
 }
 
+/// A PostgreSQL database captured through logical replication.
+#[derive(Debug, Clone)]
+pub struct PostgresSourceConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The environment variable that holds the password (never the config file).
+    pub password_env: String,
+    pub database: String,
+    pub slot: String,
+    pub publication: String,
+    /// Encrypted snapshot spools.
+    pub spool_dir: PathBuf,
+    pub heartbeat_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     File { path: PathBuf, poll_ms: u64 },
     Kafka(KafkaSourceConfig),
     Kinesis(KinesisSourceConfig),
+    Postgres(PostgresSourceConfig),
 }
 
 /// Where sanitized rows are also pushed, one JSON message per row keyed by subject token.
@@ -202,6 +230,9 @@ pub struct Config {
     pub unknown_tables: UnknownTables,
     pub source: SourceConfig,
     pub publish: Option<PublishConfig>,
+    /// Where `sluice capture` pushes raw (unsanitized) change events instead of writing the
+    /// lake: a topic or stream inside the trusted zone, for a separate worker pool.
+    pub raw_stream: Option<PublishConfig>,
     pub max_event_bytes: usize,
     pub tables_root: PathBuf,
     pub vault_path: PathBuf,
@@ -242,9 +273,13 @@ impl Config {
                 "must be letters, digits, - and _".into(),
             ));
         }
-        let source = source_config(&raw.source, &resolve, &invalid)?;
+        let source = source_config(&raw.source, name, &resolve(&raw.keys.store), &resolve, &invalid)?;
         let publish = match &raw.publish {
-            Some(p) => Some(publish_config(p, &invalid)?),
+            Some(p) => Some(publish_config(p, "publish", &invalid)?),
+            None => None,
+        };
+        let raw_stream = match &raw.raw_stream {
+            Some(p) => Some(publish_config(p, "raw_stream", &invalid)?),
             None => None,
         };
         if raw.keys.master_key_file.is_none() && raw.keys.master_key_env.is_none() {
@@ -308,6 +343,7 @@ impl Config {
             unknown_tables: raw.unknown_tables,
             source,
             publish,
+            raw_stream,
             max_event_bytes: raw.source.max_event_bytes.max(1024),
             tables_root: root.join("tables"),
             vault_path: raw
@@ -359,6 +395,8 @@ impl Config {
 
 fn source_config(
     raw: &RawSource,
+    name: &str,
+    key_store: &Path,
     resolve: &dyn Fn(&str) -> PathBuf,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<SourceConfig, LoadError> {
@@ -413,11 +451,42 @@ fn source_config(
                 session_timeout_ms: raw.session_timeout_ms.unwrap_or(10_000),
             })
         }
+        "postgres" => {
+            // Slot and publication names: lower-case letters, digits and underscores.
+            let default_name = format!("sluice_{}", name.to_ascii_lowercase().replace('-', "_"));
+            let slot = raw.slot.clone().unwrap_or_else(|| default_name.clone());
+            if slot.is_empty()
+                || !slot
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(invalid(
+                    at,
+                    "source.slot",
+                    format!("`{slot}`: slot names take lower-case letters, digits and underscores"),
+                ));
+            }
+            SourceConfig::Postgres(PostgresSourceConfig {
+                host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                port: raw.port.unwrap_or(5432),
+                user: required(&raw.user, "source.user")?,
+                password_env: raw.password_env.clone().unwrap_or_else(|| "PGPASSWORD".into()),
+                database: required(&raw.database, "source.database")?,
+                publication: raw.publication.clone().unwrap_or(default_name),
+                slot,
+                spool_dir: raw
+                    .spool_dir
+                    .as_deref()
+                    .map(resolve)
+                    .unwrap_or_else(|| key_store.parent().unwrap_or(Path::new(".")).join("spool")),
+                heartbeat_ms: raw.heartbeat_ms.unwrap_or(10_000).max(100),
+            })
+        }
         other => {
             return Err(invalid(
                 at,
                 "source.kind",
-                format!("unknown source kind `{other}`: expected `file`, `kafka` or `kinesis`"),
+                format!("unknown source kind `{other}`: expected `file`, `kafka`, `kinesis` or `postgres`"),
             ))
         }
     })
@@ -485,32 +554,36 @@ fn start_at(raw: &RawSource, invalid: &dyn Fn(usize, &str, String) -> LoadError)
     }
 }
 
+/// A `[publish]` or `[raw_stream]` section: a Kafka topic or a Kinesis stream.
 fn publish_config(
     raw: &RawPublish,
+    section: &str,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<PublishConfig, LoadError> {
     let at = raw.kind.span().start;
-    let required = |value: &Option<String>, field: &str| required(value, field, "publish", &raw.kind, invalid);
+    let required = |value: &Option<String>, field: &str| {
+        required(value, &format!("{section}.{field}"), section, &raw.kind, invalid)
+    };
     Ok(match raw.kind.get_ref().as_str() {
         "kafka" => PublishConfig::Kafka {
             settings: KafkaSettings {
-                brokers: required(&raw.brokers, "publish.brokers")?,
+                brokers: required(&raw.brokers, "brokers")?,
                 properties: raw.properties.clone(),
             },
-            topic: required(&raw.topic, "publish.topic")?,
+            topic: required(&raw.topic, "topic")?,
         },
         "kinesis" => PublishConfig::Kinesis {
             settings: KinesisSettings {
                 region: raw.region.clone(),
                 endpoint: raw.endpoint.clone(),
             },
-            stream: required(&raw.stream, "publish.stream")?,
+            stream: required(&raw.stream, "stream")?,
         },
         other => {
             return Err(invalid(
                 at,
-                "publish.kind",
-                format!("unknown publish kind `{other}`: expected `kafka` or `kinesis`"),
+                &format!("{section}.kind"),
+                format!("unknown {section} kind `{other}`: expected `kafka` or `kinesis`"),
             ))
         }
     })

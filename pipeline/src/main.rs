@@ -7,6 +7,7 @@ mod manifest;
 mod progress;
 mod publish;
 mod quarantine;
+mod raw_capture;
 mod runtime;
 mod source;
 mod summary;
@@ -51,6 +52,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// Stop at the end of the input (otherwise keep polling for new events).
+        #[arg(long)]
+        once: bool,
+        /// Also write the run summary as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+    },
+    /// Capture a PostgreSQL database from beside it (`[source] kind = "postgres"`): snapshot
+    /// the policy tables, then stream every committed change through logical replication.
+    Capture {
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop once every change committed before the start is in the lake.
         #[arg(long)]
         once: bool,
         /// Also write the run summary as JSON to this file.
@@ -112,6 +125,42 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+fn postgres_source(
+    cfg: &config::Config,
+    p: &config::PostgresSourceConfig,
+    once: bool,
+) -> anyhow::Result<source::postgres::PostgresSource> {
+    let keys = sluice_connectors::keystore::KeyStore::open(&cfg.key_store, runtime::load_master_key(cfg)?, 16)?;
+    let tables = cfg
+        .policies
+        .iter()
+        .map(|policy| match policy.table.split_once('.') {
+            Some((schema, table)) => (schema.to_string(), table.to_string()),
+            None => ("public".to_string(), policy.table.clone()),
+        })
+        .collect();
+    Ok(source::postgres::PostgresSource::new(
+        source::postgres::PostgresOptions {
+            settings: sluice_connectors::postgres::PgSettings {
+                host: p.host.clone(),
+                port: p.port,
+                user: p.user.clone(),
+                password: std::env::var(&p.password_env).unwrap_or_default(),
+                database: p.database.clone(),
+                slot: p.slot.clone(),
+                publication: p.publication.clone(),
+            },
+            name: cfg.name.clone(),
+            tables,
+            spool_dir: p.spool_dir.clone(),
+            spool_key: keys.system_key("snapshot-spool")?,
+            chunk_events: cfg.workers.chunk_events,
+            heartbeat: Duration::from_millis(p.heartbeat_ms),
+            once,
+        },
+    )?)
 }
 
 fn kinesis_source(
@@ -290,7 +339,31 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     let mut source = kinesis_source(&cfg, k, k.stream.clone(), None, once)?;
                     runtime::run(&cfg, &mut source)?
                 }
+                config::SourceConfig::Postgres(p) => runtime::run(&cfg, &mut postgres_source(&cfg, p, once)?)?,
             };
+            report(&cfg, &summary, summary_json.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capture {
+            config,
+            once,
+            summary_json,
+        } => {
+            let cfg = config::Config::load(&config)?;
+            let config::SourceConfig::Postgres(p) = &cfg.source else {
+                anyhow::bail!("{}: capture needs [source] kind = \"postgres\"", config.display());
+            };
+            let mut source = postgres_source(&cfg, p, once)?;
+            if let Some(target) = &cfg.raw_stream {
+                let checkpoint = p.spool_dir.join(format!("{}.raw-positions.json", p.slot));
+                let summary = raw_capture::run_raw(&mut source, target, &checkpoint)?;
+                println!(
+                    "sluice raw capture: {} events pushed unsanitized to the raw stream, {} checkpoints",
+                    summary.events, summary.checkpoints
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let summary = runtime::run(&cfg, &mut source)?;
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -341,7 +414,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     let events = source.events.clone();
                     run_with_progress(&cfg, &mut source, events, behind)?
                 }
-                config::SourceConfig::File { .. } => {
+                config::SourceConfig::File { .. } | config::SourceConfig::Postgres(_) => {
                     anyhow::bail!("{}: replay needs a kafka or kinesis source", config.display())
                 }
             };

@@ -35,15 +35,19 @@ impl Publisher {
 
     /// Queues the rows of `batch` (a sanitized table's rows).
     pub async fn publish(&self, table: &str, batch: &RecordBatch) -> Result<(), RunError> {
-        let rows = rows_as_json(table, batch)?;
+        self.publish_messages(rows_as_json(table, batch)?).await
+    }
+
+    /// Queues (key, payload) messages as they are.
+    pub async fn publish_messages(&self, messages: Vec<(String, Vec<u8>)>) -> Result<(), RunError> {
         match self {
             Publisher::Kafka(p) => {
-                for (key, payload) in &rows {
+                for (key, payload) in &messages {
                     p.send(key.as_bytes(), payload)?;
                 }
             }
             // Each call returns once every record is accepted: nothing left to flush.
-            Publisher::Kinesis(p) => p.put(rows).await?,
+            Publisher::Kinesis(p) => p.put(messages).await?,
         }
         Ok(())
     }

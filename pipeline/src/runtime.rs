@@ -24,6 +24,7 @@ use sluice_connectors::file::FileSourceError;
 use sluice_connectors::kafka::KafkaSourceError;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
 use sluice_connectors::kinesis::KinesisError;
+use sluice_connectors::postgres::PgError;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
 use sluice_transforms::vault::vault_schema;
@@ -49,6 +50,10 @@ pub enum RunError {
     Kafka(#[from] KafkaSourceError),
     #[error(transparent)]
     Kinesis(#[from] KinesisError),
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error("snapshot spool {0}")]
+    Spool(String),
     #[error("encoding rows as JSON: {0}")]
     Encode(arrow_schema::ArrowError),
     #[error(transparent)]
@@ -295,12 +300,19 @@ impl SinkLoop<'_> {
         let mut buffered_rows = 0usize;
         let mut buffered_bytes = 0usize;
         let mut oldest: Option<Instant> = None;
+        // Commits happen only between source transactions (see `Chunk::boundary`).
+        let mut at_boundary = true;
         let mut reported_drops: BTreeSet<(String, String)> = BTreeSet::new();
         let max_age = Duration::from_millis(config.batch.max_age_ms.max(1));
         let n_tables = self.router.transforms.len();
 
         loop {
-            let wait = oldest.map(|t| max_age.saturating_sub(t.elapsed())).unwrap_or(max_age);
+            let wait = match oldest {
+                // Inside a transaction the commit waits for its end, not for the clock.
+                Some(_) if !at_boundary => max_age,
+                Some(t) => max_age.saturating_sub(t.elapsed()),
+                None => max_age,
+            };
             let received = match done.recv_timeout(wait) {
                 Ok(r) => Some(r?),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -342,12 +354,13 @@ impl SinkLoop<'_> {
                 dirty.insert(p.stream.to_string());
                 oldest.get_or_insert_with(Instant::now);
                 summary.merge(p.summary);
-                if buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes {
+                at_boundary = p.boundary;
+                if at_boundary && (buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes) {
                     summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
                     (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
                 }
             }
-            if oldest.is_some_and(|t| t.elapsed() >= max_age) {
+            if at_boundary && oldest.is_some_and(|t| t.elapsed() >= max_age) {
                 summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
                 (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
             }
@@ -358,7 +371,10 @@ impl SinkLoop<'_> {
         if !pending.is_empty() {
             return Err(RunError::WorkerLost);
         }
-        summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
+        // A pass that ends inside a transaction leaves it uncommitted: it is read again.
+        if at_boundary {
+            summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
+        }
         Ok(summary)
     }
 

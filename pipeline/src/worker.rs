@@ -34,6 +34,9 @@ pub struct Chunk {
     /// Positions the source keeps beside the stream's offset as of the last line (committed
     /// with it; e.g. a Kinesis sequence number).
     pub attached: Vec<SourcePosition>,
+    /// Whether the last line ends a source transaction: the sink commits only after such a
+    /// chunk, so a PostgreSQL transaction is never split across lake commits.
+    pub boundary: bool,
 }
 
 impl Chunk {
@@ -44,6 +47,7 @@ impl Chunk {
             data: Vec::with_capacity(events.min(4096) * 256),
             lines: Vec::with_capacity(events),
             attached: Vec::new(),
+            boundary: true,
         }
     }
 
@@ -67,6 +71,7 @@ pub struct Processed {
     pub stream: Arc<str>,
     pub last_offset: u64,
     pub attached: Vec<SourcePosition>,
+    pub boundary: bool,
     /// (sink index, rows) — see [`Sinks`](crate::runtime) for the numbering.
     pub outputs: Vec<(usize, RecordBatch)>,
     pub summary: Summary,
@@ -219,6 +224,25 @@ impl Router {
                 continue;
             };
             let slots = &self.columns[t];
+            if let Some(column) = event.unavailable.iter().find(|c| slots.contains_key(c.as_ref())) {
+                *summary.quarantined.entry("unavailable_value".to_string()).or_default() += 1;
+                quarantine
+                    .push(
+                        Rejection {
+                            reason: "unavailable_value",
+                            detail: "the capture could not carry a column the policy names (unsupported PostgreSQL type, or an unchanged TOAST value without the old row)",
+                            table: Some(&table_name),
+                            column: Some(column),
+                        },
+                        position,
+                        line,
+                        line_end.len,
+                    )
+                    .map_err(|_| WorkError::Quarantine {
+                        position: position.to_string(),
+                    })?;
+                continue;
+            }
             let values = &mut scratch[t];
             let mut malformed = false;
             for (column, raw) in event.image.0 {
@@ -321,6 +345,7 @@ impl Router {
             stream: chunk.stream.clone(),
             last_offset: chunk.last_offset(),
             attached: std::mem::take(&mut chunk.attached),
+            boundary: chunk.boundary,
             outputs,
             summary,
         })
@@ -454,6 +479,7 @@ type = "int64"
             data,
             lines: spans,
             attached: Vec::new(),
+            boundary: true,
         }
     }
 
@@ -469,6 +495,24 @@ type = "int64"
                 false
             }
         })
+    }
+
+    #[test]
+    fn a_policy_column_the_capture_could_not_carry_quarantines_the_event_and_truncates_land() {
+        let lines = [
+            // `email` is named by the policy but was unavailable: never a row with it missing.
+            r#"{"op":"u","after":{"id":7,"balance":3},"source":{"schema":"public","table":"people","ts_ms":1,"sluice_unavailable":["email"]}}"#.to_string(),
+            // An unavailable column no policy names changes nothing.
+            r#"{"op":"u","after":{"id":8,"email":"c@d.test","balance":4},"source":{"schema":"public","table":"people","ts_ms":1,"sluice_unavailable":["geom"]}}"#.to_string(),
+            r#"{"op":"t","before":null,"after":null,"source":{"schema":"public","table":"people","ts_ms":1}}"#.to_string(),
+        ];
+        let out = router().process(chunk(&lines), 0).unwrap();
+        assert_eq!(out.summary.quarantined["unavailable_value"], 1);
+        let table = out.outputs.iter().find(|(sink, _)| *sink == 0).map(|(_, b)| b).expect("table rows");
+        let ops = table.column_by_name("_op").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(ops.iter().flatten().collect::<Vec<_>>(), vec!["u", "t"]);
+        let subjects = table.column_by_name("_subject").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(subjects.value(1), "", "a truncate has no subject");
     }
 
     proptest! {

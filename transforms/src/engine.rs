@@ -13,7 +13,7 @@ use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
 use crate::functions::RowError;
 use crate::keys::{KeyError, KeyProvider};
 use crate::policy::{ColumnRule, Policy};
-use crate::raw::RawBatch;
+use crate::raw::{Op, RawBatch};
 use crate::vault::VaultRowsBuilder;
 
 /// Metadata columns every analytic table carries after its data columns.
@@ -154,7 +154,7 @@ impl TableTransform {
             .map(|v| v.map(|s| self.subject_tokenizer.token(s)))
             .collect();
         for (row, s) in subjects.iter().enumerate() {
-            if s.is_none() {
+            if s.is_none() && raw.ops[row] != Op::Truncate {
                 rejects.push(RowReject {
                     row,
                     column: self.policy.subject.clone(),
@@ -261,7 +261,7 @@ fn meta_columns(raw: &RawBatch, subjects: &[Option<Token>], ingested_at_us: i64)
     let mut date = Date32Builder::with_capacity(n);
     for (i, (row_op, row_subject)) in raw.ops.iter().zip(subjects).enumerate() {
         op.append_value(row_op.code());
-        // Rows without a subject are rejected and filtered out; the empty string never lands.
+        // Rows without a subject are rejected and filtered out, except truncates, which have none.
         subject.append_value(row_subject.as_ref().map(Token::as_str).unwrap_or(""));
         let ms = raw.event_ms.value(i);
         source_ts.append_value(ms.saturating_mul(1000));

@@ -14,6 +14,8 @@ pub enum Op {
     /// Snapshot read.
     Read,
     Delete,
+    /// The table was emptied (PostgreSQL TRUNCATE): a row with no values and no subject.
+    Truncate,
 }
 
 impl Op {
@@ -23,6 +25,7 @@ impl Op {
             "u" => Op::Update,
             "r" => Op::Read,
             "d" => Op::Delete,
+            "t" => Op::Truncate,
             _ => return None,
         })
     }
@@ -33,6 +36,7 @@ impl Op {
             Op::Update => "u",
             Op::Read => "r",
             Op::Delete => "d",
+            Op::Truncate => "t",
         }
     }
 }

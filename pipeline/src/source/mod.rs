@@ -4,6 +4,7 @@
 pub mod file;
 pub mod kafka;
 pub mod kinesis;
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
