@@ -4,7 +4,9 @@
 # Installs Debian's server when no server binaries are present (idempotent).
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
 if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq postgresql >/dev/null
   pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 fi
 pg_dir="$(mktemp -d "${TMPDIR:-/tmp}/sluice-pg.XXXXXX")"

@@ -132,6 +132,11 @@ fn postgres_source(
     p: &config::PostgresSourceConfig,
     once: bool,
 ) -> anyhow::Result<source::postgres::PostgresSource> {
+    // Raw mode writes no lake: its positions are its own checkpoint's.
+    let snapshot_sinks = match cfg.raw_stream {
+        Some(_) => Vec::new(),
+        None => snapshot_sinks(cfg),
+    };
     let keys = sluice_connectors::keystore::KeyStore::open(&cfg.key_store, runtime::load_master_key(cfg)?, 16)?;
     let tables = cfg
         .policies
@@ -159,8 +164,19 @@ fn postgres_source(
             chunk_events: cfg.workers.chunk_events,
             heartbeat: Duration::from_millis(p.heartbeat_ms),
             once,
+            snapshot_sinks,
+            app_prefix: cfg.name.clone(),
         },
     )?)
+}
+
+/// Per policy table, the Delta tables its rows can land in: its own, the vault, the quarantine.
+fn snapshot_sinks(cfg: &config::Config) -> Vec<Vec<PathBuf>> {
+    let locations = cfg.sink_locations();
+    let n = cfg.policies.len();
+    (0..n)
+        .map(|i| vec![locations[i].clone(), locations[n].clone(), locations[n + 1].clone()])
+        .collect()
 }
 
 fn kinesis_source(

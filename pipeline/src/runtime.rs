@@ -355,9 +355,17 @@ impl SinkLoop<'_> {
                 oldest.get_or_insert_with(Instant::now);
                 summary.merge(p.summary);
                 at_boundary = p.boundary;
-                if at_boundary && (buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes) {
-                    summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
-                    (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
+                if buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes {
+                    if at_boundary {
+                        summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
+                        (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
+                    } else {
+                        // Inside a large source transaction: files now, the commit at its end.
+                        for sink in sinks.iter_mut() {
+                            sink.spill().await?;
+                        }
+                        (buffered_rows, buffered_bytes) = (0, 0);
+                    }
                 }
             }
             if at_boundary && oldest.is_some_and(|t| t.elapsed() >= max_age) {

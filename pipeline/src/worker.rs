@@ -508,10 +508,25 @@ type = "int64"
         ];
         let out = router().process(chunk(&lines), 0).unwrap();
         assert_eq!(out.summary.quarantined["unavailable_value"], 1);
-        let table = out.outputs.iter().find(|(sink, _)| *sink == 0).map(|(_, b)| b).expect("table rows");
-        let ops = table.column_by_name("_op").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let table = out
+            .outputs
+            .iter()
+            .find(|(sink, _)| *sink == 0)
+            .map(|(_, b)| b)
+            .expect("table rows");
+        let ops = table
+            .column_by_name("_op")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         assert_eq!(ops.iter().flatten().collect::<Vec<_>>(), vec!["u", "t"]);
-        let subjects = table.column_by_name("_subject").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let subjects = table
+            .column_by_name("_subject")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         assert_eq!(subjects.value(1), "", "a truncate has no subject");
     }
 

@@ -385,3 +385,37 @@ def test_raw_mode_pushes_debezium_events_to_kafka_for_a_separate_worker_pool(slu
         ops[r["id"]].append(r["_op"])
     assert {k: sorted(v) for k, v in ops.items()} == {i: sorted(["r", "u"] if i <= 5 else ["r", "d"] if i == 6 else ["r"]) for i in range(1, 51)}
     assert "card_number" not in read_delta(tmp_path / "lake" / "tables" / "orders").schema.names
+
+
+def test_a_large_transaction_lands_whole_and_a_table_added_later_gets_only_its_own_snapshot(sluice_bin, pg, tmp_path):
+    pg.execute(SCHEMA)
+    pg.execute("INSERT INTO orders (member_id, amount, status, card_number) SELECT 'cust-' || g, g, 'new', '4111' FROM generate_series(1, 3000) g")
+    # Small batches: the transaction below spans many of them (files spilled, one commit).
+    config = pg_config(tmp_path, pg, policies=("orders.toml",), extra="max_rows = 500\n[workers]\nchunk_events = 200\n")
+    catch_up(sluice_bin, config)
+    path = tmp_path / "lake" / "tables" / "orders"
+    import deltalake
+    v0 = deltalake.DeltaTable(str(path)).version()
+    pg.execute("UPDATE orders SET status = 'paid'")
+    catch_up(sluice_bin, config)
+    table = deltalake.DeltaTable(str(path))
+    updates = [r for r in table.to_pyarrow_table().to_pylist() if r["_op"] == "u"]
+    assert len(updates) == 3000 and len({r["_position"] for r in updates}) == 1
+    position = updates[0]["_position"]
+    for v in range(v0 + 1, table.version() + 1):
+        at = [r for r in deltalake.DeltaTable(str(path), version=v).to_pyarrow_table().to_pylist() if r["_position"] == position]
+        assert len(at) in (0, 3000), f"version {v} holds part of the transaction ({len(at)} rows)"
+
+    # A second policy table: the publication must be widened by hand (the error says how).
+    config = pg_config(tmp_path, pg, policies=("orders.toml", "members.toml"))
+    err = run(sluice_bin, "capture", "--config", config, "--once", check=False)
+    assert err.returncode != 0 and "ALTER PUBLICATION sluice_pgtest SET TABLE" in err.stderr, err.stderr
+    pg.execute("ALTER PUBLICATION sluice_pgtest ADD TABLE members")
+    pg.execute("INSERT INTO members SELECT g, 'cust-' || g, NULL, NULL, 'gold', g, 'b', '{}', NULL, NULL FROM generate_series(1, 40) g")
+    pg.execute("UPDATE orders SET status = 'shipped' WHERE id <= 10")
+    catch_up(sluice_bin, config)
+    orders = lake_rows(tmp_path, "orders")
+    assert collections.Counter(r["_op"] for r in orders) == {"r": 3000, "u": 3010}, "orders were not read again"
+    members = lake_rows(tmp_path, "members")
+    assert sorted(r["id"] for r in members if r["_op"] == "r") == list(range(1, 41))
+    assert len(members) == 40

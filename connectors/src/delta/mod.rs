@@ -76,6 +76,9 @@ pub struct DeltaSink {
     /// Per stream, the position this writer last read or committed: a commit proceeds only
     /// if the table still holds exactly that (fencing against a second writer).
     known: HashMap<String, Option<i64>>,
+    /// Parquet files written by [`DeltaSink::spill`] and not committed yet: invisible to
+    /// readers until the commit that adds them (orphans after a crash, removed by VACUUM).
+    spilled: Vec<deltalake::kernel::Add>,
 }
 
 impl DeltaSink {
@@ -145,6 +148,7 @@ impl DeltaSink {
             partition_by: partition_by.iter().map(|s| s.to_string()).collect(),
             buffered_rows: 0,
             known: HashMap::new(),
+            spilled: Vec::new(),
         })
     }
 
@@ -244,6 +248,17 @@ impl DeltaSink {
         self.buffered_rows
     }
 
+    /// Writes the buffered rows out as Parquet files without committing them, so a source
+    /// transaction larger than memory can wait for its end: the next commit adds the files.
+    pub async fn spill(&mut self) -> Result<(), DeltaSinkError> {
+        let adds = self.writer.flush().await.map_err(|source| DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(source),
+        })?;
+        self.spilled.extend(adds);
+        Ok(())
+    }
+
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
@@ -268,7 +283,7 @@ impl DeltaSink {
             }
         }
         let adds = self.writer.flush().await.map_err(err)?;
-        let actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+        let actions: Vec<Action> = self.spilled.drain(..).chain(adds).map(Action::Add).collect();
         let txns = positions
             .iter()
             .chain(attached)

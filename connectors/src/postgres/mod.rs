@@ -16,7 +16,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use values::{TableShape, TypeCatalog, TypeRow, SESSION_OPTIONS};
 
 /// How to reach the database, and the slot and publication sluice reads through.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgSettings {
     pub host: String,
     pub port: u16,
@@ -27,21 +27,32 @@ pub struct PgSettings {
     pub publication: String,
 }
 
+/// The password is never printed.
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("connecting to PostgreSQL at {host}:{port} (database `{database}`, user `{user}`): {source}")]
+    #[error("connecting to PostgreSQL at {host}:{port} (database `{database}`, user `{user}`): {reason}")]
     Connect {
         host: String,
         port: u16,
         database: String,
         user: String,
-        source: tokio_postgres::Error,
+        reason: String,
     },
-    #[error("PostgreSQL: {what}: {source}")]
-    Sql {
-        what: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("PostgreSQL: {what}: {reason}")]
+    Sql { what: String, reason: String },
     #[error("PostgreSQL has wal_level = {found}; logical replication needs wal_level = logical (set it in postgresql.conf and restart the server)")]
     WalLevel { found: String },
     #[error("role `{role}` may not replicate: ALTER ROLE {role} WITH REPLICATION (or connect as a role that has it)")]
@@ -83,9 +94,21 @@ pub enum PgError {
     Protocol { what: &'static str },
 }
 
+/// A server error as its SQLSTATE and primary message only: DETAIL and HINT can quote row
+/// values (`Key (email)=(…)`), which must never reach a log.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     let what = what.into();
-    move |source| PgError::Sql { what, source }
+    move |e| PgError::Sql {
+        what,
+        reason: describe(&e),
+    }
 }
 
 pub fn quote_ident(name: &str) -> String {
@@ -114,16 +137,16 @@ pub async fn connect(s: &PgSettings) -> Result<Client, PgError> {
         .application_name("sluice")
         .connect(NoTls)
         .await
-        .map_err(|source| PgError::Connect {
+        .map_err(|e| PgError::Connect {
             host: s.host.clone(),
             port: s.port,
             database: s.database.clone(),
             user: s.user.clone(),
-            source,
+            reason: describe(&e),
         })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "PostgreSQL control connection ended");
+            tracing::warn!(error = %describe(&e), "PostgreSQL control connection ended");
         }
     });
     Ok(client)
@@ -138,6 +161,9 @@ async fn one_value(client: &Client, query: &str, what: &'static str) -> Result<O
     }
     Ok(None)
 }
+
+/// How long start-up waits for a slot another (possibly just killed) session holds.
+const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What start-up found about the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,14 +227,25 @@ pub async fn prepare(client: &Client, s: &PgSettings, tables: &[(String, String)
     }
     ensure_publication(client, s, tables).await?;
 
-    let slot = client
-        .query_opt(
-            "SELECT plugin, database, active::text, coalesce(active_pid::text, ''), \
-             coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&s.slot],
-        )
-        .await
-        .map_err(sql("reading the replication slot"))?;
+    // A daemon killed a moment ago may still hold the slot until its walsender notices: wait a
+    // little before calling the slot busy.
+    let deadline = std::time::Instant::now() + SLOT_RELEASE_WAIT;
+    let slot = loop {
+        let slot = client
+            .query_opt(
+                "SELECT plugin, database, active::text, coalesce(active_pid::text, ''), \
+                 coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&s.slot],
+            )
+            .await
+            .map_err(sql("reading the replication slot"))?;
+        match slot {
+            Some(row) if row.get::<_, String>(2) == "true" && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => break other,
+        }
+    };
     let Some(slot) = slot else {
         return Ok(SlotState::Missing);
     };
@@ -401,8 +438,9 @@ impl Snapshot {
 }
 
 /// Opens a REPEATABLE READ, read-only transaction (on `exported`, the slot's snapshot, when
-/// given) and returns its snapshot.
-pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<Snapshot, PgError> {
+/// given) and returns its snapshot and the WAL insert position read after it: a transaction
+/// whose commit record lies at or past that position cannot be one the snapshot saw.
+pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<(Snapshot, u64), PgError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
@@ -418,9 +456,33 @@ pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<S
         .ok_or(PgError::Protocol {
             what: "pg_current_snapshot",
         })?;
-    Snapshot::parse(&text).ok_or(PgError::Protocol {
+    let snapshot = Snapshot::parse(&text).ok_or(PgError::Protocol {
         what: "pg_current_snapshot",
-    })
+    })?;
+    let insert = one_value(
+        client,
+        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text",
+        "reading the WAL insert position",
+    )
+    .await?
+    .and_then(|t| t.parse::<u64>().ok())
+    .ok_or(PgError::Protocol {
+        what: "pg_current_wal_insert_lsn",
+    })?;
+    Ok((snapshot, insert))
+}
+
+/// Moves an idle slot forward to `lsn` (what every sink committed), e.g. after a `--once` run
+/// ended before acknowledging its last commit.
+pub async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<(), PgError> {
+    client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&slot, &lsn_text(lsn)],
+        )
+        .await
+        .map_err(sql("advancing the replication slot"))?;
+    Ok(())
 }
 
 /// Streams `COPY (SELECT columns FROM table) TO STDOUT` (text format) line by line.
@@ -513,7 +575,7 @@ pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
     .with_application_name(format!("sluice:{}", s.slot))
     .with_status_interval(std::time::Duration::from_secs(1))
     .with_wakeup_interval(std::time::Duration::from_secs(5))
-    .with_buffer_size(4096)
+    .with_buffer_size(256)
 }
 
 /// Starts streaming the slot from `start_lsn` (0: from the slot's confirmed position).
@@ -531,19 +593,15 @@ pub async fn start_stream(s: &PgSettings, start_lsn: u64) -> Result<ReplicationC
     Ok(client)
 }
 
-/// Writes a non-transactional logical message into the WAL; it comes back on the stream in
-/// WAL order, so every transaction committed before it has been received when it arrives.
-pub async fn emit_marker(client: &Client) -> Result<u64, PgError> {
-    let text = one_value(
-        client,
-        "SELECT pg_logical_emit_message(false, 'sluice', 'marker')::text",
-        "writing a marker message",
-    )
-    .await?
-    .ok_or(PgError::Protocol { what: "marker" })?;
-    Lsn::parse(&text)
-        .map(Lsn::as_u64)
-        .map_err(|_| PgError::Protocol { what: "marker" })
+/// Writes a non-transactional logical message (prefix `sluice`, this content) into the WAL; it
+/// comes back on the stream in WAL order, so every transaction committed before it has been
+/// received when it arrives.
+pub async fn emit_marker(client: &Client, content: &str) -> Result<(), PgError> {
+    client
+        .execute("SELECT pg_logical_emit_message(false, 'sluice', $1::text)", &[&content])
+        .await
+        .map_err(sql("writing a marker message"))?;
+    Ok(())
 }
 
 /// Bytes of WAL the slot holds back on the server.

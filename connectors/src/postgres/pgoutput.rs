@@ -5,12 +5,23 @@
 //! Errors carry message and field names only, never a value.
 
 /// A tuple column as pgoutput sends it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Datum<'a> {
     Null,
     /// An unchanged TOASTed value the server did not send (`u`).
     UnchangedToast,
     Text(&'a [u8]),
+}
+
+/// Lengths only: a value must never reach a log line or a panic message.
+impl std::fmt::Debug for Datum<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Datum::Null => f.write_str("Null"),
+            Datum::UnchangedToast => f.write_str("UnchangedToast"),
+            Datum::Text(t) => write!(f, "Text({} bytes)", t.len()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::postgres::pgoutput::{self, Datum, Message};
 use sluice_connectors::postgres::values::{parse_copy_line, write_event, EventSource, TableShape, TypeCatalog};
@@ -59,6 +60,12 @@ pub struct PostgresOptions {
     pub heartbeat: Duration,
     /// Stop once every change committed before the start has been taken.
     pub once: bool,
+    /// Per table (in `tables` order), the Delta tables its snapshot rows land in (its own
+    /// table, the vault, the quarantine), and the pipeline's position prefix: a table's
+    /// snapshot is done when those hold it, whatever tables added later lack. Empty when
+    /// nothing is written to the lake (raw mode).
+    pub snapshot_sinks: Vec<Vec<PathBuf>>,
+    pub app_prefix: String,
 }
 
 pub struct PostgresSource {
@@ -83,6 +90,9 @@ pub struct PostgresSource {
 struct SpoolMeta {
     /// The transactions the snapshot saw.
     snapshot: Snapshot,
+    /// The WAL insert position read after the snapshot: a transaction committed at or past it
+    /// is not in the snapshot.
+    snapshot_lsn: u64,
     rows: u64,
     /// When the snapshot was read (the rows' event time).
     read_ms: i64,
@@ -91,8 +101,9 @@ struct SpoolMeta {
 /// A relation of the stream.
 struct Relation {
     shape: TableShape,
-    /// The snapshot the table's rows were read under: its transactions are already in.
-    seen: Option<Snapshot>,
+    /// The snapshot the table's rows were read under (and the WAL position read after it):
+    /// its transactions are already in.
+    seen: Option<(Snapshot, u64)>,
 }
 
 struct Txn {
@@ -100,6 +111,8 @@ struct Txn {
     lsn: u64,
     commit_ms: i64,
     emitted: bool,
+    /// Already in every sink: its changes are not sent again.
+    done: bool,
 }
 
 impl PostgresSource {
@@ -136,16 +149,16 @@ impl PostgresSource {
     }
 
     fn spool_paths(&self, (schema, table): &(String, String)) -> (PathBuf, PathBuf) {
-        let name: String = format!("{schema}.{table}")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        // Escaped so that no two (schema, table) pairs share a file name.
+        let escape = |s: &str| -> String {
+            s.chars()
+                .map(|c| match c {
+                    c if c.is_ascii_alphanumeric() || c == '_' => c.to_string(),
+                    c => format!("%{:X}", c as u32),
+                })
+                .collect()
+        };
+        let name = format!("{}.{}", escape(schema), escape(table));
         let dir = self.o.spool_dir.join(&self.o.settings.slot);
         (dir.join(format!("{name}.meta.json")), dir.join(format!("{name}.spool")))
     }
@@ -161,9 +174,26 @@ impl PostgresSource {
         }
     }
 
+    /// Rows of table `i`'s snapshot that every table it lands in holds (without lake tables,
+    /// raw mode: what `start` says).
+    fn snapshot_taken(&self, i: usize, start: &HashMap<String, u64>) -> Result<u64, RunError> {
+        let stream = [self.snapshot_stream(&self.o.tables[i])];
+        if self.o.snapshot_sinks.is_empty() {
+            return Ok(start.get(&stream[0]).copied().unwrap_or(0));
+        }
+        let mut lowest = u64::MAX;
+        for location in &self.o.snapshot_sinks[i] {
+            let held = self
+                .rt
+                .block_on(DeltaSink::read_positions(location, &self.o.app_prefix, &stream))?;
+            lowest = lowest.min(held[0].map_or(0, |p| p.max(0) as u64));
+        }
+        Ok(if lowest == u64::MAX { 0 } else { lowest })
+    }
+
     fn frame_aad(&self, table: &(String, String), frame: u64) -> Vec<u8> {
         format!(
-            "sluice-spool\0{}\0{}.{}\0{frame}",
+            "sluice-spool\0{}\0{}\0{}\0{frame}",
             self.o.settings.slot, table.0, table.1
         )
         .into_bytes()
@@ -173,7 +203,7 @@ impl PostgresSource {
     fn build_spools(&mut self, tables: &[(String, String)]) -> Result<(), RunError> {
         let control = self.control.as_ref().expect("connected in begin_pass");
         let exported = self.created.as_ref().map(|(_, name)| name.clone());
-        let snapshot = self.rt.block_on(pg::begin_snapshot(control, exported.as_deref()))?;
+        let (snapshot, snapshot_lsn) = self.rt.block_on(pg::begin_snapshot(control, exported.as_deref()))?;
         let read_ms = chrono::Utc::now().timestamp_millis();
         for table in tables {
             let shape = self
@@ -182,6 +212,14 @@ impl PostgresSource {
             let (meta_path, spool_path) = self.spool_paths(table);
             let dir = spool_path.parent().expect("spool dir");
             std::fs::create_dir_all(dir).map_err(|e| RunError::Spool(format!("{}: {e}", dir.display())))?;
+            // An earlier meta must never be paired with the spool written now.
+            match std::fs::remove_file(&meta_path) {
+                Ok(()) => File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| RunError::Spool(format!("{}: {e}", dir.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RunError::Spool(format!("{}: {e}", meta_path.display()))),
+            }
             let partial = spool_path.with_extension("spool.partial");
             let io = |e: std::io::Error| RunError::Spool(format!("{}: {e}", partial.display()));
             let mut file = BufWriter::new(File::create(&partial).map_err(io)?);
@@ -233,6 +271,7 @@ impl PostgresSource {
             // The meta file is what marks a spool complete: written last, atomically.
             let meta = SpoolMeta {
                 snapshot: snapshot.clone(),
+                snapshot_lsn,
                 rows,
                 read_ms,
             };
@@ -246,9 +285,9 @@ impl PostgresSource {
         }
         self.rt
             .block_on(control.batch_execute("COMMIT"))
-            .map_err(|source| PgError::Sql {
+            .map_err(|e| PgError::Sql {
                 what: "ending the snapshot transaction".into(),
-                source,
+                reason: pg::describe(&e),
             })?;
         // The exported snapshot is no longer needed: close the slot's creating session.
         // (Dropping a session that never started replication ends it.)
@@ -276,8 +315,15 @@ impl PostgresSource {
         }
         let mut ordinal = frame * FRAME_ROWS;
         let mut sealed = Vec::new();
+        let size = file.get_ref().metadata().map_err(io)?.len();
         while ordinal < meta.rows {
             let len = read_len(&mut file).map_err(io)?;
+            if u64::from(len) > size.saturating_sub(file.stream_position().map_err(io)?) {
+                return Err(RunError::Spool(format!(
+                    "{}: frame {frame} is cut short",
+                    path.display()
+                )));
+            }
             sealed.resize(len as usize, 0);
             file.read_exact(&mut sealed).map_err(io)?;
             let plain = self
@@ -326,24 +372,57 @@ impl PostgresSource {
     async fn stream(
         &mut self,
         start_lsn: u64,
-        seen: HashMap<String, Snapshot>,
+        seen: HashMap<String, (Snapshot, u64)>,
+        out: &mut ChunkSender,
+    ) -> Result<ReaderEnd, RunError> {
+        let mut client = pg::start_stream(&self.o.settings, start_lsn).await?;
+        let result = self.stream_events(&mut client, start_lsn, seen, out).await;
+        // Release the slot before a next pass (or process) wants it.
+        client.stop();
+        let _ = client.shutdown().await;
+        result
+    }
+
+    async fn stream_events(
+        &mut self,
+        client: &mut ReplicationClient,
+        start_lsn: u64,
+        seen: HashMap<String, (Snapshot, u64)>,
         out: &mut ChunkSender,
     ) -> Result<ReaderEnd, RunError> {
         let control = self.control.as_ref().expect("connected in begin_pass");
         let settings = &self.o.settings;
-        let mut client = pg::start_stream(settings, start_lsn).await?;
         let replication = |source| PgError::Replication {
             slot: settings.slot.clone(),
             source,
         };
         info!(slot = %settings.slot, from = %pg::lsn_text(start_lsn), "streaming changes");
-        let once_target = match self.o.once {
-            true => Some(pg::emit_marker(control).await?),
-            false => None,
-        };
+        // `--once` ends at a marker of its own, written now.
+        let end_marker = format!(
+            "end-of-once {}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        );
+        if self.o.once {
+            pg::emit_marker(control, &end_marker).await?;
+        }
         let stream: Arc<str> = Arc::from(self.stream_name().as_str());
         let new_chunk = || Chunk::new(stream.clone(), self.o.chunk_events);
         let mut chunk = new_chunk();
+        // A chunk is handed over at a transaction's end once it holds `chunk_events`; a larger
+        // transaction is cut, before a row so that its last chunk is never empty, at this size.
+        let cut_at = self.o.chunk_events.saturating_mul(4).max(1);
+        let events = &self.events;
+        macro_rules! hand_over {
+            () => {
+                if !chunk.lines.is_empty() {
+                    events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
+                    if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
+                        return Ok(ReaderEnd::Done);
+                    }
+                }
+            };
+        }
         let mut relations: HashMap<u32, Relation> = HashMap::new();
         let mut txn: Option<Txn> = None;
         let mut line = Vec::with_capacity(1024);
@@ -366,7 +445,7 @@ impl PostgresSource {
             let now = Instant::now();
             if now >= next_marker {
                 next_marker = now + self.o.heartbeat;
-                if let Err(e) = pg::emit_marker(control).await {
+                if let Err(e) = pg::emit_marker(control, "heartbeat").await {
                     warn!(error = %e, "could not write the heartbeat marker");
                 }
             }
@@ -385,12 +464,9 @@ impl PostgresSource {
             }
             let event = match tokio::time::timeout(Duration::from_millis(100), client.recv()).await {
                 Err(_) => {
-                    // Quiet: hand over what a finished transaction left in the chunk.
-                    if txn.is_none() && !chunk.lines.is_empty() {
-                        self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
-                        if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
-                            return Ok(ReaderEnd::Done);
-                        }
+                    // Quiet: hand over what finished transactions left in the chunk.
+                    if txn.is_none() {
+                        hand_over!();
                     }
                     continue;
                 }
@@ -415,6 +491,8 @@ impl PostgresSource {
                         lsn: final_lsn.as_u64(),
                         commit_ms,
                         emitted: false,
+                        // Sent again after a restart at its commit LSN: every sink holds it.
+                        done: final_lsn.as_u64() <= start_lsn,
                     });
                 }
                 ReplicationEvent::Commit { .. } => {
@@ -425,10 +503,7 @@ impl PostgresSource {
                     }
                     chunk.boundary = true;
                     if chunk.lines.len() >= self.o.chunk_events || chunk.data.len() >= CHUNK_BYTES {
-                        self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
-                        if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
-                            return Ok(ReaderEnd::Done);
-                        }
+                        hand_over!();
                     }
                 }
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
@@ -454,14 +529,24 @@ impl PostgresSource {
                         }
                         .into());
                     };
+                    if t.done {
+                        continue;
+                    }
                     for id in relation_ids {
                         let rel = relations.get(&id).ok_or_else(|| PgError::UnknownRelation {
                             relation: id,
                             lsn: at(),
                         })?;
-                        if rel.seen.as_ref().is_some_and(|s| s.saw(t.xid)) {
+                        if rel
+                            .seen
+                            .as_ref()
+                            .is_some_and(|(snapshot, lsn)| t.lsn < *lsn && snapshot.saw(t.xid))
+                        {
                             skipped_seen += 1;
                             continue;
+                        }
+                        if chunk.lines.len() >= cut_at || chunk.data.len() >= CHUNK_BYTES {
+                            hand_over!();
                         }
                         line.clear();
                         let source = EventSource {
@@ -493,22 +578,13 @@ impl PostgresSource {
                         chunk.boundary = false;
                         t.emitted = true;
                     }
-                    if chunk.lines.len() >= self.o.chunk_events || chunk.data.len() >= CHUNK_BYTES {
-                        self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
-                        if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
-                            return Ok(ReaderEnd::Done);
-                        }
-                    }
                 }
-                ReplicationEvent::Message { prefix, lsn, .. } if prefix == "sluice" && txn.is_none() => {
+                ReplicationEvent::Message {
+                    prefix, lsn, content, ..
+                } if prefix == "sluice" && txn.is_none() => {
                     // Every transaction committed before the marker has arrived.
-                    if !chunk.lines.is_empty() {
-                        self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
-                        if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
-                            return Ok(ReaderEnd::Done);
-                        }
-                    }
-                    if once_target.is_some_and(|target| lsn.as_u64() >= target) {
+                    hand_over!();
+                    if self.o.once && content.as_ref() == end_marker.as_bytes() {
                         return Ok(ReaderEnd::Done);
                     }
                     // Nothing in flight: the WAL up to the marker holds nothing left to take.
@@ -530,7 +606,7 @@ async fn relation(
     reported: &mut HashSet<(String, String)>,
     control: &Client,
     r: pgoutput::Relation,
-    seen: &HashMap<String, Snapshot>,
+    seen: &HashMap<String, (Snapshot, u64)>,
     relations: &mut HashMap<u32, Relation>,
 ) -> Result<(), RunError> {
     if r.columns.iter().any(|c| types.kind(c.type_oid).is_none()) {
@@ -630,11 +706,15 @@ impl Source for PostgresSource {
                 .into());
             }
         }
-        // A spool is removed once every sink holds its rows. A table whose rows no sink holds
-        // any more (its lake tables were recreated) is read again under a new snapshot.
+        // How much of each table's snapshot the tables it lands in hold (not `start`: a table
+        // added to the pipeline later lacks every other table's snapshot, and needs none).
+        let taken: Vec<u64> = (0..tables.len())
+            .map(|i| self.snapshot_taken(i, start))
+            .collect::<Result<_, _>>()?;
+        // A spool is removed once those hold its rows. A table whose rows none holds any more
+        // (its lake tables were recreated) is read again under a new snapshot.
         let mut missing: Vec<(String, String)> = Vec::new();
-        for (table, meta) in tables.iter().zip(&metas) {
-            let taken = start.get(&self.snapshot_stream(table)).copied().unwrap_or(0);
+        for ((table, meta), &taken) in tables.iter().zip(&metas).zip(&taken) {
             match meta {
                 None => missing.push(table.clone()),
                 Some(m) if taken < m.rows && !self.spool_paths(table).1.exists() => {
@@ -657,9 +737,10 @@ impl Source for PostgresSource {
             drop(self.created.take());
         }
         let mut seen = HashMap::new();
-        for (table, meta) in tables.iter().zip(&metas) {
+        for ((table, meta), &taken) in tables.iter().zip(&metas).zip(&taken) {
             let meta = meta.as_ref().expect("every spool exists now");
-            let taken = start.get(&self.snapshot_stream(table)).copied().unwrap_or(0);
+            // A table just re-read under a new snapshot starts again from its first row.
+            let taken = if missing.contains(table) { 0 } else { taken };
             if taken < meta.rows {
                 if !self.feed_spool(table, meta, taken, out)? {
                     return Ok(ReaderEnd::Done);
@@ -671,10 +752,21 @@ impl Source for PostgresSource {
                     let _ = std::fs::remove_file(&spool);
                 }
             }
-            seen.insert(format!("{}.{}", table.0, table.1), meta.snapshot.clone());
+            seen.insert(
+                format!("{}.{}", table.0, table.1),
+                (meta.snapshot.clone(), meta.snapshot_lsn),
+            );
         }
         let start_lsn = start.get(&self.stream_name()).copied().unwrap_or(0);
         self.durable.fetch_max(start_lsn, Ordering::SeqCst);
+        // What every sink committed and a run that ended (`--once`) did not acknowledge yet.
+        if let SlotState::Ready { confirmed_flush } = self.slot {
+            if start_lsn > confirmed_flush {
+                let control = self.control.as_ref().expect("connected in begin_pass");
+                self.rt
+                    .block_on(pg::advance_slot(control, &self.o.settings.slot, start_lsn))?;
+            }
+        }
         let rt = self.rt.clone();
         rt.block_on(self.stream(start_lsn, seen, out))
     }
