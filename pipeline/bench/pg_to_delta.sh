@@ -5,11 +5,13 @@
 # while the daemon streams them. Reports the source write rate, changes/s captured into the
 # lake, replication lag (time from a WAL position being written to the slot confirming it, i.e.
 # the lake commit plus the acknowledgement), the slot's retained WAL and the daemon's peak RSS.
-# Usage: pipeline/bench/pg_to_delta.sh [ROWS] [UPDATES]   (needs tests/run.sh's .venv)
+# Usage: pipeline/bench/pg_to_delta.sh [ROWS] [UPDATES] [RATE]   (needs tests/run.sh's .venv)
+# RATE paces the write load at that many changes/s (default 0: as fast as the server goes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rows=${1:-1000000}
 updates=${2:-1000000}
+rate=${3:-0}
 out=${BENCH_DIR:-target/bench-pg}
 venv=$PWD/.venv
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
@@ -19,11 +21,11 @@ rm -rf "$out" && mkdir -p "$out"
 # shellcheck source=tests/postgres.sh
 . tests/postgres.sh
 trap stop_postgres EXIT
-"$venv/bin/python" - "$bin" "$out" "$rows" "$updates" "$PWD" <<'PY'
+"$venv/bin/python" - "$bin" "$out" "$rows" "$updates" "$PWD" "$rate" <<'PY'
 import os, statistics, subprocess, sys, threading, time
 import psycopg
 
-bin_path, out, rows, updates, repo = sys.argv[1], os.path.abspath(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+bin_path, out, rows, updates, repo, rate = sys.argv[1], os.path.abspath(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 params = dict(host=os.environ["SLUICE_PG_HOST"], port=int(os.environ["SLUICE_PG_PORT"]),
               user=os.environ["SLUICE_PG_USER"], password=os.environ["SLUICE_PG_PASSWORD"])
 with psycopg.connect(dbname="postgres", autocommit=True, **params) as c:
@@ -116,8 +118,10 @@ try:
     samples, done = [], threading.Event()
     def load():
         with psycopg.connect(dbname="bench", autocommit=False, **params) as w:
-            n = 0
+            n, began = 0, time.monotonic()
             while n < updates:
+                if rate and n / rate > time.monotonic() - began:
+                    time.sleep(n / rate - (time.monotonic() - began))  # pacing the load, not a wait
                 lo = n % rows + 1
                 with w.cursor() as cur:
                     cur.execute("UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id BETWEEN %s AND %s", (lo, lo + 999))

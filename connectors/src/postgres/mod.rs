@@ -573,7 +573,7 @@ pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
     .with_start_lsn(Lsn::from_u64(start_lsn))
     .with_options(SESSION_OPTIONS)
     .with_application_name(format!("sluice:{}", s.slot))
-    .with_status_interval(std::time::Duration::from_secs(1))
+    .with_status_interval(std::time::Duration::from_millis(250))
     .with_wakeup_interval(std::time::Duration::from_secs(5))
     .with_buffer_size(256)
 }
