@@ -58,12 +58,12 @@ pub fn run_raw(source: &mut PostgresSource, target: &PublishConfig, checkpoint: 
         let (chunk_tx, chunk_rx) = bounded::<Chunk>(IN_FLIGHT_CHUNKS);
         let (permit_tx, permit_rx) = bounded::<()>(IN_FLIGHT_CHUNKS);
         let stop = Arc::new(AtomicBool::new(false));
-        let source: &mut PostgresSource = source;
+        let reading: &mut PostgresSource = &mut *source;
         let (result, reader) = std::thread::scope(|scope| {
             let mut out = ChunkSender::new(chunk_tx, permit_tx, Arc::new(AtomicBool::new(false)), stop.clone());
             let reader = std::thread::Builder::new()
                 .name("sluice-reader".into())
-                .spawn_scoped(scope, move || source.read(&start, &mut out))
+                .spawn_scoped(scope, move || reading.read(&start, &mut out))
                 .expect("spawn reader");
             let mut save = |positions: &BTreeMap<String, u64>| -> Result<(), RunError> {
                 rt.block_on(publisher.flush())?;
@@ -121,6 +121,7 @@ pub fn run_raw(source: &mut PostgresSource, target: &PublishConfig, checkpoint: 
         let end = reader.map_err(|_| RunError::WorkerLost)??;
         result?;
         if end == ReaderEnd::Done {
+            source.finish();
             info!(events = summary.events, "raw capture finished");
             return Ok(summary);
         }

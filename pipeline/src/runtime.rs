@@ -118,6 +118,7 @@ pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError
             Err(e) => return Err(e),
         }
     }
+    source.finish();
     summary.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -300,8 +301,10 @@ impl SinkLoop<'_> {
         let mut buffered_rows = 0usize;
         let mut buffered_bytes = 0usize;
         let mut oldest: Option<Instant> = None;
-        // Commits happen only between source transactions (see `Chunk::boundary`).
+        // Commits happen only between source transactions (see `Chunk::boundary`); files
+        // spilled inside one are committed as soon as it ends.
         let mut at_boundary = true;
+        let mut spilled = false;
         let mut reported_drops: BTreeSet<(String, String)> = BTreeSet::new();
         let max_age = Duration::from_millis(config.batch.max_age_ms.max(1));
         let n_tables = self.router.transforms.len();
@@ -355,22 +358,22 @@ impl SinkLoop<'_> {
                 oldest.get_or_insert_with(Instant::now);
                 summary.merge(p.summary);
                 at_boundary = p.boundary;
-                if buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes {
-                    if at_boundary {
-                        summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
-                        (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
-                    } else {
-                        // Inside a large source transaction: files now, the commit at its end.
-                        for sink in sinks.iter_mut() {
-                            sink.spill().await?;
-                        }
-                        (buffered_rows, buffered_bytes) = (0, 0);
+                let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes;
+                let aged = oldest.is_some_and(|t| t.elapsed() >= max_age);
+                if at_boundary && (full || spilled || aged) {
+                    summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
+                    (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, None, false);
+                } else if full {
+                    // Inside a large source transaction: files now, the commit at its end.
+                    for sink in sinks.iter_mut() {
+                        sink.spill().await?;
                     }
+                    (buffered_rows, buffered_bytes, spilled) = (0, 0, true);
                 }
             }
             if at_boundary && oldest.is_some_and(|t| t.elapsed() >= max_age) {
                 summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
-                (buffered_rows, buffered_bytes, oldest) = (0, 0, None);
+                (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, None, false);
             }
         }
         if self.abandoned.load(Ordering::SeqCst) {

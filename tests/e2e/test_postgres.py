@@ -304,6 +304,11 @@ def test_clear_errors_for_replica_identity_privilege_and_a_busy_slot(sluice_bin,
     try:
         wait_until(lambda: pg.execute("SELECT active FROM pg_replication_slots WHERE database = current_database()") == [(True,)], 60, "the first daemon streaming")
         err = run(sluice_bin, "capture", "--config", config, "--once", check=False)
+        assert err.returncode != 0 and "another capture of slot `sluice_pgtest` is running" in err.stderr, err.stderr
+        # Elsewhere (another spool directory, another host): the server says the slot is busy.
+        (tmp_path / "elsewhere").mkdir()
+        elsewhere = pg_config(tmp_path / "elsewhere", pg)
+        err = run(sluice_bin, "capture", "--config", elsewhere, "--once", check=False)
         assert err.returncode != 0 and "is in use by another connection" in err.stderr, err.stderr
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -401,6 +406,10 @@ def test_a_large_transaction_lands_whole_and_a_table_added_later_gets_only_its_o
     table = deltalake.DeltaTable(str(path))
     updates = [r for r in table.to_pyarrow_table().to_pylist() if r["_op"] == "u"]
     assert len(updates) == 3000 and len({r["_position"] for r in updates}) == 1
+    # A `--once` run acknowledges its last commit: the slot holds no WAL the lake already has.
+    committed = table.transaction_version("sluice/pgtest/pg/sluice_pgtest")
+    confirmed = pg.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE database = current_database()")
+    assert committed and int(confirmed[0][0]) >= committed
     position = updates[0]["_position"]
     for v in range(v0 + 1, table.version() + 1):
         at = [r for r in deltalake.DeltaTable(str(path), version=v).to_pyarrow_table().to_pylist() if r["_position"] == position]

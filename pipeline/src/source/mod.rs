@@ -67,6 +67,10 @@ pub trait Source: Send {
     fn progress_reporter(&self) -> Option<Arc<ProgressReporter>> {
         None
     }
+
+    /// Called once the run is over and everything read is committed (e.g. to acknowledge the
+    /// last commit to the source). Must not fail the run.
+    fn finish(&mut self) {}
 }
 
 /// The reader's end of the work queue: numbers chunks in reading order, and holds a permit per

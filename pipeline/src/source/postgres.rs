@@ -43,6 +43,8 @@ use super::{ChunkSender, ProgressReporter, ReaderEnd, Source};
 use crate::runtime::RunError;
 use crate::worker::Chunk;
 
+/// A chunk this old is handed over at the next transaction end, full or not.
+const HAND_OVER_AFTER: Duration = Duration::from_millis(100);
 /// Rows per encrypted spool frame.
 const FRAME_ROWS: u64 = 1024;
 /// Microseconds between the Unix and the PostgreSQL epoch (2000-01-01).
@@ -84,6 +86,8 @@ pub struct PostgresSource {
     reported: HashSet<(String, String)>,
     /// `schema.table` → primary-key columns (raw events are keyed by them).
     pub primary_keys: HashMap<String, Vec<String>>,
+    /// Held for the process's life: one capture per slot and spool directory.
+    lock: Option<File>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -137,6 +141,7 @@ impl PostgresSource {
             events: Arc::new(AtomicU64::new(0)),
             reported: HashSet::new(),
             primary_keys: HashMap::new(),
+            lock: None,
         })
     }
 
@@ -144,8 +149,13 @@ impl PostgresSource {
         format!("pg/{}", self.o.settings.slot)
     }
 
-    fn snapshot_stream(&self, (schema, table): &(String, String)) -> String {
-        format!("pg/{}/snapshot/{schema}.{table}", self.o.settings.slot)
+    /// A table's snapshot stream, qualified by the snapshot (its WAL position): positions of an
+    /// earlier snapshot of the table can never be applied to a later one's rows.
+    fn snapshot_stream(&self, (schema, table): &(String, String), meta: &SpoolMeta) -> String {
+        format!(
+            "pg/{}/snapshot/{schema}.{table}@{:X}",
+            self.o.settings.slot, meta.snapshot_lsn
+        )
     }
 
     fn spool_paths(&self, (schema, table): &(String, String)) -> (PathBuf, PathBuf) {
@@ -174,26 +184,43 @@ impl PostgresSource {
         }
     }
 
-    /// Rows of table `i`'s snapshot that every table it lands in holds (without lake tables,
-    /// raw mode: what `start` says).
-    fn snapshot_taken(&self, i: usize, start: &HashMap<String, u64>) -> Result<u64, RunError> {
-        let stream = [self.snapshot_stream(&self.o.tables[i])];
+    /// How many rows of `stream` the tables table `i` lands in hold: (fewest, most). Without
+    /// lake tables (raw mode) what `start` says.
+    fn held(&self, i: usize, stream: &str, start: &HashMap<String, u64>) -> Result<(u64, u64), RunError> {
         if self.o.snapshot_sinks.is_empty() {
-            return Ok(start.get(&stream[0]).copied().unwrap_or(0));
+            let n = start.get(stream).copied().unwrap_or(0);
+            return Ok((n, n));
         }
-        let mut lowest = u64::MAX;
+        let (mut fewest, mut most) = (u64::MAX, 0);
         for location in &self.o.snapshot_sinks[i] {
-            let held = self
-                .rt
-                .block_on(DeltaSink::read_positions(location, &self.o.app_prefix, &stream))?;
-            lowest = lowest.min(held[0].map_or(0, |p| p.max(0) as u64));
+            let held = self.rt.block_on(DeltaSink::read_positions(
+                location,
+                &self.o.app_prefix,
+                &[stream.to_string()],
+            ))?;
+            let n = held[0].map_or(0, |p| p.max(0) as u64);
+            (fewest, most) = (fewest.min(n), most.max(n));
         }
-        Ok(if lowest == u64::MAX { 0 } else { lowest })
+        Ok((fewest.min(most), most))
     }
 
-    fn frame_aad(&self, table: &(String, String), frame: u64) -> Vec<u8> {
+    /// Whether table `i`'s own lake table holds any of `stream` (never in raw mode: no lake).
+    fn own_table_holds(&self, i: usize, stream: &str) -> Result<bool, RunError> {
+        let Some(location) = self.o.snapshot_sinks.get(i).and_then(|s| s.first()) else {
+            return Ok(false);
+        };
+        let held = self.rt.block_on(DeltaSink::read_positions(
+            location,
+            &self.o.app_prefix,
+            &[stream.to_string()],
+        ))?;
+        Ok(held[0].is_some())
+    }
+
+    /// Binds a frame to its slot, table, snapshot and place in the spool.
+    fn frame_aad(&self, table: &(String, String), snapshot_lsn: u64, frame: u64) -> Vec<u8> {
         format!(
-            "sluice-spool\0{}\0{}\0{}\0{frame}",
+            "sluice-spool\0{}\0{}\0{}\0{snapshot_lsn:X}\0{frame}",
             self.o.settings.slot, table.0, table.1
         )
         .into_bytes()
@@ -236,7 +263,7 @@ impl PostgresSource {
             let key = self.o.spool_key.clone();
             let seal = |frame: &mut Vec<u8>, index: u64, file: &mut BufWriter<File>| -> std::io::Result<()> {
                 let sealed = key
-                    .seal(frame, &self.frame_aad(table, index))
+                    .seal(frame, &self.frame_aad(table, snapshot_lsn, index))
                     .map_err(|_| std::io::Error::other("spool encryption failed"))?;
                 file.write_all(&(sealed.len() as u32).to_be_bytes())?;
                 file.write_all(&sealed)?;
@@ -306,7 +333,7 @@ impl PostgresSource {
         let (_, path) = self.spool_paths(table);
         let io = |e: std::io::Error| RunError::Spool(format!("{}: {e}", path.display()));
         let mut file = BufReader::new(File::open(&path).map_err(io)?);
-        let stream: Arc<str> = Arc::from(self.snapshot_stream(table).as_str());
+        let stream: Arc<str> = Arc::from(self.snapshot_stream(table, meta).as_str());
         let mut chunk = Chunk::new(stream.clone(), self.o.chunk_events);
         let mut frame = from / FRAME_ROWS;
         for _ in 0..frame {
@@ -329,7 +356,7 @@ impl PostgresSource {
             let plain = self
                 .o
                 .spool_key
-                .open(&sealed, &self.frame_aad(table, frame))
+                .open(&sealed, &self.frame_aad(table, meta.snapshot_lsn, frame))
                 .map_err(|_| RunError::Spool(format!("{}: frame {frame} does not decrypt", path.display())))?;
             for line in plain.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                 ordinal += 1;
@@ -412,9 +439,13 @@ impl PostgresSource {
         // A chunk is handed over at a transaction's end once it holds `chunk_events`; a larger
         // transaction is cut, before a row so that its last chunk is never empty, at this size.
         let cut_at = self.o.chunk_events.saturating_mul(4).max(1);
+        // When the chunk got its first line: a transaction's end hands over a chunk that old,
+        // so a steady trickle of small transactions does not wait for the chunk to fill.
+        let mut chunk_since: Option<Instant> = None;
         let events = &self.events;
         macro_rules! hand_over {
             () => {
+                chunk_since = None;
                 if !chunk.lines.is_empty() {
                     events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
                     if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
@@ -502,7 +533,10 @@ impl PostgresSource {
                         }
                     }
                     chunk.boundary = true;
-                    if chunk.lines.len() >= self.o.chunk_events || chunk.data.len() >= CHUNK_BYTES {
+                    if chunk.lines.len() >= self.o.chunk_events
+                        || chunk.data.len() >= CHUNK_BYTES
+                        || chunk_since.is_some_and(|t| t.elapsed() >= HAND_OVER_AFTER)
+                    {
                         hand_over!();
                     }
                 }
@@ -576,6 +610,7 @@ impl PostgresSource {
                             },
                         );
                         chunk.boundary = false;
+                        chunk_since.get_or_insert_with(Instant::now);
                         t.emitted = true;
                     }
                 }
@@ -656,6 +691,21 @@ fn read_len(file: &mut impl Read) -> std::io::Result<u32> {
 
 impl Source for PostgresSource {
     fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+        if self.lock.is_none() {
+            let dir = self.o.spool_dir.join(&self.o.settings.slot);
+            let path = dir.join("lock");
+            let fail = |e: std::io::Error| RunError::Spool(format!("{}: {e}", path.display()));
+            std::fs::create_dir_all(&dir).map_err(fail)?;
+            let file = File::create(&path).map_err(fail)?;
+            file.try_lock().map_err(|_| {
+                RunError::Spool(format!(
+                    "{}: another capture of slot `{}` is running",
+                    path.display(),
+                    self.o.settings.slot
+                ))
+            })?;
+            self.lock = Some(file);
+        }
         let settings = self.o.settings.clone();
         let tables = self.o.tables.clone();
         let (control, slot, types, keys) = self.rt.block_on(async {
@@ -679,7 +729,14 @@ impl Source for PostgresSource {
             let (session, snapshot, _) = self.rt.block_on(pg::create_slot(&settings))?;
             self.created = Some((session, snapshot));
         }
-        let mut streams: Vec<String> = self.o.tables.iter().map(|t| self.snapshot_stream(t)).collect();
+        // The snapshot streams of the spools that exist; a snapshot read in this pass has a
+        // stream no table holds yet.
+        let mut streams = Vec::new();
+        for table in &self.o.tables {
+            if let Some(meta) = self.read_meta(table)? {
+                streams.push(self.snapshot_stream(table, &meta));
+            }
+        }
         streams.push(self.stream_name());
         Ok(streams)
     }
@@ -687,18 +744,31 @@ impl Source for PostgresSource {
     fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
         let tables = self.o.tables.clone();
         let mut metas: Vec<Option<SpoolMeta>> = tables.iter().map(|t| self.read_meta(t)).collect::<Result<_, _>>()?;
+        let change_stream = self.stream_name();
+        // Per table: (fewest, most) rows of its snapshot the tables it lands in hold, and
+        // whether its own table holds any of the change stream (it was captured before).
+        let mut taken = Vec::with_capacity(tables.len());
+        let mut captured = Vec::with_capacity(tables.len());
+        for (i, meta) in metas.iter().enumerate() {
+            taken.push(match meta {
+                Some(m) => self.held(i, &self.snapshot_stream(&tables[i], m), start)?,
+                None => (0, 0),
+            });
+            captured.push(self.own_table_holds(i, &change_stream)?);
+        }
         if self.created.is_some() {
             // A new slot cannot continue what an earlier one captured.
-            let lost = if start.contains_key(&self.stream_name()) {
-                Some("the change stream".to_string())
-            } else {
-                tables
-                    .iter()
-                    .zip(&metas)
-                    .find(|(_, m)| m.is_some())
-                    .map(|(t, _)| format!("the snapshot of {}.{}", t.0, t.1))
+            let lost = tables
+                .iter()
+                .zip(&metas)
+                .zip(&captured)
+                .find(|((_, m), &c)| m.is_some() || c);
+            let what = match lost {
+                Some(((t, _), _)) => Some(format!("{}.{}", t.0, t.1)),
+                None if start.contains_key(&change_stream) => Some("the change stream".to_string()),
+                None => None,
             };
-            if let Some(what) = lost {
+            if let Some(what) = what {
                 return Err(PgError::SlotLost {
                     slot: self.o.settings.slot.clone(),
                     what,
@@ -706,23 +776,27 @@ impl Source for PostgresSource {
                 .into());
             }
         }
-        // How much of each table's snapshot the tables it lands in hold (not `start`: a table
-        // added to the pipeline later lacks every other table's snapshot, and needs none).
-        let taken: Vec<u64> = (0..tables.len())
-            .map(|i| self.snapshot_taken(i, start))
-            .collect::<Result<_, _>>()?;
-        // A spool is removed once those hold its rows. A table whose rows none holds any more
-        // (its lake tables were recreated) is read again under a new snapshot.
+        // Which tables need a (new) snapshot. A spool is removed once every table it lands in
+        // holds it: a snapshot is read again only if none of them holds any of it; a part
+        // missing somewhere cannot be refilled (other tables would get its rows twice).
         let mut missing: Vec<(String, String)> = Vec::new();
-        for ((table, meta), &taken) in tables.iter().zip(&metas).zip(&taken) {
+        for (((table, meta), &(fewest, most)), &was_captured) in tables.iter().zip(&metas).zip(&taken).zip(&captured) {
+            let name = format!("{}.{}", table.0, table.1);
             match meta {
+                None if was_captured => {
+                    return Err(RunError::Spool(format!(
+                        "{name}: captured before, but its snapshot record in {} is gone; \
+                         restore the spool directory, or recreate the pipeline's tables to start over",
+                        self.o.spool_dir.display()
+                    )))
+                }
                 None => missing.push(table.clone()),
-                Some(m) if taken < m.rows && !self.spool_paths(table).1.exists() => {
-                    if taken > 0 {
+                Some(m) if fewest < m.rows && !self.spool_paths(table).1.exists() => {
+                    if most > 0 {
                         return Err(RunError::Spool(format!(
-                            "{}.{}: the lake holds {taken} of the snapshot's {} rows but the spool is gone; \
-                             recreate the pipeline's tables to read the table again",
-                            table.0, table.1, m.rows
+                            "{name}: some of the lake's tables hold {most} of the snapshot's {} rows, \
+                             others {fewest}, and the spool is gone; recreate the pipeline's tables to start over",
+                            m.rows
                         )));
                     }
                     missing.push(table.clone());
@@ -737,9 +811,9 @@ impl Source for PostgresSource {
             drop(self.created.take());
         }
         let mut seen = HashMap::new();
-        for ((table, meta), &taken) in tables.iter().zip(&metas).zip(&taken) {
+        for ((table, meta), &(taken, _)) in tables.iter().zip(&metas).zip(&taken) {
             let meta = meta.as_ref().expect("every spool exists now");
-            // A table just re-read under a new snapshot starts again from its first row.
+            // A table just read under a new snapshot starts from its first row.
             let taken = if missing.contains(table) { 0 } else { taken };
             if taken < meta.rows {
                 if !self.feed_spool(table, meta, taken, out)? {
@@ -769,6 +843,21 @@ impl Source for PostgresSource {
         }
         let rt = self.rt.clone();
         rt.block_on(self.stream(start_lsn, seen, out))
+    }
+
+    /// A run that ended (`--once`) acknowledges its last commit on the now idle slot, so the
+    /// server does not keep the WAL until the next run.
+    fn finish(&mut self) {
+        let durable = self.durable.load(Ordering::SeqCst);
+        let (Some(control), true) = (self.control.as_ref(), durable > 0) else {
+            return;
+        };
+        if let Err(e) = self
+            .rt
+            .block_on(pg::advance_slot(control, &self.o.settings.slot, durable))
+        {
+            warn!(error = %e, "could not acknowledge the last commit to the slot");
+        }
     }
 
     fn progress_reporter(&self) -> Option<Arc<ProgressReporter>> {
