@@ -100,8 +100,12 @@ try:
     import deltalake
     table_path = f"{out}/lake/tables/accounts"
     def snapshot_committed():
+        # The snapshot's stream is named after it (its WAL position, in the spool's meta).
         try:
-            return deltalake.DeltaTable(table_path).transaction_version("sluice/bench/pg/sluice_bench/snapshot/public.accounts") or 0
+            import json
+            meta = json.load(open(f"{out}/keys/spool/sluice_bench/public.accounts.meta.json"))
+            app_id = f"sluice/bench/pg/sluice_bench/snapshot/public.accounts@{meta['snapshot_lsn']:X}"
+            return deltalake.DeltaTable(table_path).transaction_version(app_id) or 0
         except Exception:
             return 0
     t0 = time.monotonic()
