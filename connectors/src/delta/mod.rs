@@ -77,7 +77,8 @@ pub struct DeltaSink {
     /// if the table still holds exactly that (fencing against a second writer).
     known: HashMap<String, Option<i64>>,
     /// Parquet files written by [`DeltaSink::spill`] and not committed yet: invisible to
-    /// readers until the commit that adds them (orphans after a crash, removed by VACUUM).
+    /// readers until the commit that adds them (orphans after a crash, which only a full-mode
+    /// VACUUM removes).
     spilled: Vec<deltalake::kernel::Add>,
 }
 
