@@ -475,14 +475,28 @@ pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<(
 /// Moves an idle slot forward to `lsn` (what every sink committed), e.g. after a `--once` run
 /// ended before acknowledging its last commit.
 pub async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<(), PgError> {
-    client
-        .execute(
-            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-            &[&slot, &lsn_text(lsn)],
-        )
-        .await
-        .map_err(sql("advancing the replication slot"))?;
-    Ok(())
+    // Never backwards (heartbeats may have moved it further); a session that just ended may
+    // hold the slot for a moment.
+    let deadline = std::time::Instant::now() + SLOT_RELEASE_WAIT;
+    loop {
+        let advanced = client
+            .execute(
+                "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                &[&slot, &lsn_text(lsn)],
+            )
+            .await;
+        match advanced {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(sql("advancing the replication slot")(e)),
+        }
+    }
 }
 
 /// Streams `COPY (SELECT columns FROM table) TO STDOUT` (text format) line by line.
