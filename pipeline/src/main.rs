@@ -45,31 +45,27 @@ enum LogFormat {
     Json,
 }
 
+/// What `run` and `capture` take.
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Stop at the end of the input (capture: once every change committed before the start is
+    /// in the lake); otherwise keep running as a daemon.
+    #[arg(long)]
+    once: bool,
+    /// Also write the run summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the pipeline: read events, sanitize, commit tables, vault and quarantine.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        /// Stop at the end of the input (otherwise keep polling for new events).
-        #[arg(long)]
-        once: bool,
-        /// Also write the run summary as JSON to this file.
-        #[arg(long)]
-        summary_json: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Capture a PostgreSQL database from beside it (`[source] kind = "postgres"`): snapshot
     /// the policy tables, then stream every committed change through logical replication.
-    Capture {
-        #[arg(long)]
-        config: PathBuf,
-        /// Stop once every change committed before the start is in the lake.
-        #[arg(long)]
-        once: bool,
-        /// Also write the run summary as JSON to this file.
-        #[arg(long)]
-        summary_json: Option<PathBuf>,
-    },
+    Capture(RunArgs),
     /// Re-read a range of the Kafka topics or the Kinesis stream into the live tables
     /// (idempotent: committed positions are skipped) or, with --into, into a fresh lake root.
     Replay {
@@ -312,11 +308,11 @@ fn init_logging(format: LogFormat) {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run {
+        Command::Run(RunArgs {
             config,
             once,
             summary_json,
-        } => {
+        }) => {
             let cfg = config::Config::load(&config)?;
             let summary = match &cfg.source {
                 config::SourceConfig::File { path, poll_ms } => {
@@ -360,11 +356,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Capture {
+        Command::Capture(RunArgs {
             config,
             once,
             summary_json,
-        } => {
+        }) => {
             let cfg = config::Config::load(&config)?;
             let config::SourceConfig::Postgres(p) = &cfg.source else {
                 anyhow::bail!("{}: capture needs [source] kind = \"postgres\"", config.display());

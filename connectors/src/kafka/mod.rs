@@ -117,24 +117,32 @@ impl Lag {
 const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// A consumer outside any group: its lag only.
+/// librdkafka's logs and errors through `tracing`, and its statistics into the context's `lag`
+/// (the same for every consumer context; a macro because `ClientContext` is not ours).
+macro_rules! client_context_with_lag {
+    ($context:ty) => {
+        impl ClientContext for $context {
+            fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+                log_librdkafka(level, fac, message);
+            }
+
+            fn error(&self, error: KafkaError, reason: &str) {
+                log_client_error(error, reason);
+            }
+
+            fn stats(&self, statistics: Statistics) {
+                self.lag.record(&statistics);
+            }
+        }
+    };
+}
+
 #[derive(Default)]
 pub struct StandaloneContext {
     pub lag: Lag,
 }
 
-impl ClientContext for StandaloneContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log_librdkafka(level, fac, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(error, reason);
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        self.lag.record(&statistics);
-    }
-}
+client_context_with_lag!(StandaloneContext);
 
 impl ConsumerContext for StandaloneContext {}
 
@@ -206,19 +214,7 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log_librdkafka(level, fac, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(error, reason);
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        self.lag.record(&statistics);
-    }
-}
+client_context_with_lag!(GroupContext);
 
 impl ConsumerContext for GroupContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {

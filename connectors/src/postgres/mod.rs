@@ -536,7 +536,7 @@ pub async fn copy_table(
 
 /// Creates the slot on a replication session and returns the session (which must stay open
 /// and idle while the exported snapshot is read) with the snapshot's name.
-pub async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String, u64), PgError> {
+pub async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String), PgError> {
     let replication_error = |source| PgError::Replication {
         slot: s.slot.clone(),
         source,
@@ -570,7 +570,7 @@ pub async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String, u
         .as_u64();
     let snapshot = text(2)?;
     tracing::info!(slot = %s.slot, consistent_point = %Lsn::from_u64(consistent), "created replication slot");
-    Ok((session, snapshot, consistent))
+    Ok((session, snapshot))
 }
 
 pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {

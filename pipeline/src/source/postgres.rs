@@ -81,7 +81,6 @@ pub struct PostgresSource {
     types: TypeCatalog,
     /// Highest commit LSN every sink has committed.
     durable: Arc<AtomicU64>,
-    pub events: Arc<AtomicU64>,
     /// Unmapped column types already reported (once per table and column).
     reported: HashSet<(String, String)>,
     /// `schema.table` → primary-key columns (raw events are keyed by them).
@@ -138,7 +137,6 @@ impl PostgresSource {
             created: None,
             types: TypeCatalog::default(),
             durable: Arc::new(AtomicU64::new(0)),
-            events: Arc::new(AtomicU64::new(0)),
             reported: HashSet::new(),
             primary_keys: HashMap::new(),
             lock: None,
@@ -371,14 +369,14 @@ impl PostgresSource {
                         terminated: true,
                     },
                 );
-                if chunk.lines.len() >= self.o.chunk_events || chunk.data.len() >= CHUNK_BYTES {
-                    self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
-                    if !out.send(std::mem::replace(
+                let full = chunk.lines.len() >= self.o.chunk_events || chunk.data.len() >= CHUNK_BYTES;
+                if full
+                    && !out.send(std::mem::replace(
                         &mut chunk,
                         Chunk::new(stream.clone(), self.o.chunk_events),
-                    )) {
-                        return Ok(false);
-                    }
+                    ))
+                {
+                    return Ok(false);
                 }
             }
             frame += 1;
@@ -390,7 +388,6 @@ impl PostgresSource {
                 meta.rows
             )));
         }
-        self.events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
         Ok(chunk.lines.is_empty() || out.send(chunk))
     }
 
@@ -442,12 +439,10 @@ impl PostgresSource {
         // When the chunk got its first line: a transaction's end hands over a chunk that old,
         // so a steady trickle of small transactions does not wait for the chunk to fill.
         let mut chunk_since: Option<Instant> = None;
-        let events = &self.events;
         macro_rules! hand_over {
             () => {
                 chunk_since = None;
                 if !chunk.lines.is_empty() {
-                    events.fetch_add(chunk.lines.len() as u64, Ordering::Relaxed);
                     if !out.send(std::mem::replace(&mut chunk, new_chunk())) {
                         return Ok(ReaderEnd::Done);
                     }
@@ -726,7 +721,7 @@ impl Source for PostgresSource {
         self.types = types;
         self.slot = slot;
         if slot == SlotState::Missing {
-            let (session, snapshot, _) = self.rt.block_on(pg::create_slot(&settings))?;
+            let (session, snapshot) = self.rt.block_on(pg::create_slot(&settings))?;
             self.created = Some((session, snapshot));
         }
         // The snapshot streams of the spools that exist; a snapshot read in this pass has a
