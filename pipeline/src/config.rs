@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sluice_connectors::kafka::{KafkaSettings, StartAt};
+use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
@@ -103,16 +104,32 @@ struct RawLake {
     root: String,
     vault: Option<String>,
     quarantine: Option<String>,
+    audit: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKeys {
-    store: String,
+    kind: Option<Spanned<String>>,
+    // sqlite
+    store: Option<String>,
+    // postgres
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password_env: Option<String>,
+    database: Option<String>,
+    schema: Option<String>,
     master_key_file: Option<String>,
     master_key_env: Option<String>,
     #[serde(default = "default_cache")]
     cache_capacity: usize,
+    #[serde(default = "default_erasure_refresh_ms")]
+    erasure_refresh_ms: u64,
+}
+
+fn default_erasure_refresh_ms() -> u64 {
+    sluice_connectors::keystore::DEFAULT_ERASURE_REFRESH.as_millis() as u64
 }
 
 fn default_cache() -> usize {
@@ -237,9 +254,13 @@ pub struct Config {
     pub tables_root: PathBuf,
     pub vault_path: PathBuf,
     pub quarantine_path: PathBuf,
-    pub key_store: PathBuf,
+    pub key_store: KeyStoreLocation,
     pub master_key: MasterKeySource,
     pub key_cache: usize,
+    /// How often running daemons re-read the tombstones of erased subjects.
+    pub erasure_refresh: std::time::Duration,
+    /// The append-only Delta table of erasure receipts.
+    pub audit_path: PathBuf,
     pub batch: BatchConfig,
     pub workers: WorkersConfig,
 }
@@ -273,7 +294,13 @@ impl Config {
                 "must be letters, digits, - and _".into(),
             ));
         }
-        let source = source_config(&raw.source, name, &resolve(&raw.keys.store), &resolve, &invalid)?;
+        let key_store = key_store_config(&raw.keys, &text, &resolve, &invalid)?;
+        // Spools default to a directory beside the embedded key store (or the config file).
+        let spool_base = match &key_store {
+            KeyStoreLocation::Sqlite(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            KeyStoreLocation::Postgres(_) => base.clone(),
+        };
+        let source = source_config(&raw.source, name, &spool_base, &resolve, &invalid)?;
         let publish = match &raw.publish {
             Some(p) => Some(publish_config(p, "publish", &invalid)?),
             None => None,
@@ -358,7 +385,14 @@ impl Config {
                 .as_deref()
                 .map(resolve)
                 .unwrap_or_else(|| root.join("quarantine")),
-            key_store: resolve(&raw.keys.store),
+            key_store,
+            erasure_refresh: std::time::Duration::from_millis(raw.keys.erasure_refresh_ms),
+            audit_path: raw
+                .lake
+                .audit
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| root.join("audit").join("erasures")),
             master_key: MasterKeySource {
                 file: raw.keys.master_key_file.as_deref().map(resolve),
                 env: raw.keys.master_key_env,
@@ -396,7 +430,7 @@ impl Config {
 fn source_config(
     raw: &RawSource,
     name: &str,
-    key_store: &Path,
+    spool_base: &Path,
     resolve: &dyn Fn(&str) -> PathBuf,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<SourceConfig, LoadError> {
@@ -478,7 +512,7 @@ fn source_config(
                     .spool_dir
                     .as_deref()
                     .map(resolve)
-                    .unwrap_or_else(|| key_store.parent().unwrap_or(Path::new(".")).join("spool")),
+                    .unwrap_or_else(|| spool_base.join("spool")),
                 heartbeat_ms: raw.heartbeat_ms.unwrap_or(10_000).max(100),
             })
         }
@@ -490,6 +524,43 @@ fn source_config(
             ))
         }
     })
+}
+
+fn key_store_config(
+    raw: &RawKeys,
+    text: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<KeyStoreLocation, LoadError> {
+    let at = raw
+        .kind
+        .as_ref()
+        .map(|k| k.span().start)
+        .unwrap_or_else(|| text.find("[keys]").unwrap_or(0));
+    let kind = raw.kind.as_ref().map(|k| k.get_ref().as_str()).unwrap_or("sqlite");
+    let required = |v: &Option<String>, field: &str| {
+        v.clone()
+            .ok_or_else(|| invalid(at, field, format!("required for `kind = \"{kind}\"`")))
+    };
+    match kind {
+        "sqlite" => Ok(KeyStoreLocation::Sqlite(resolve(&required(&raw.store, "keys.store")?))),
+        "postgres" => {
+            let password_env = raw.password_env.clone().unwrap_or_else(|| "PGPASSWORD".into());
+            Ok(KeyStoreLocation::Postgres(PgKeyStoreSettings {
+                host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                port: raw.port.unwrap_or(5432),
+                user: required(&raw.user, "keys.user")?,
+                password: std::env::var(&password_env).unwrap_or_default(),
+                database: required(&raw.database, "keys.database")?,
+                schema: raw.schema.clone().unwrap_or_else(|| "sluice_keys".into()),
+            }))
+        }
+        other => Err(invalid(
+            at,
+            "keys.kind",
+            format!("unknown key store kind `{other}`: expected `sqlite` or `postgres`"),
+        )),
+    }
 }
 
 /// librdkafka settings sluice sets itself: overriding them would break exactly-once (offsets

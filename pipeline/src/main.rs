@@ -2,6 +2,7 @@
 
 mod audit;
 mod config;
+mod forget;
 mod generate;
 mod manifest;
 mod progress;
@@ -91,6 +92,42 @@ enum Command {
         #[arg(long)]
         summary_json: Option<PathBuf>,
     },
+    /// Right to be forgotten: destroy the subjects' keys, remove their rows from every table,
+    /// the vault and the quarantine (files physically deleted), verify, and write a receipt to
+    /// the audit table. Prints the receipt (JSON); exits 1 if the verification found anything.
+    /// Interrupted, the same command resumes the job.
+    Forget {
+        #[arg(long)]
+        config: PathBuf,
+        /// A subject id as the source has it (repeatable). It shows in the process list: for
+        /// anything but a test prefer --subjects-file.
+        #[arg(long = "subject")]
+        subjects: Vec<String>,
+        /// One subject id per line (a CSV's first column; a header `id`, `subject` or
+        /// `subject_id` and lines starting with `#` are skipped).
+        #[arg(long)]
+        subjects_file: Option<PathBuf>,
+        /// Token domain of the ids (default: the policies' one subject domain).
+        #[arg(long)]
+        domain: Option<String>,
+        /// The request's reference (e.g. a ticket number): names the job, so rerunning it resumes.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Who asked (recorded in the receipt).
+        #[arg(long, default_value = "sluice forget")]
+        requested_by: String,
+        /// Show what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also write the receipt to this file.
+        #[arg(long)]
+        receipt_json: Option<PathBuf>,
+        /// Milliseconds to wait after destroying the keys before rewriting the tables, so that
+        /// running daemons see the tombstones and commit the rows they hold (default:
+        /// keys.erasure_refresh_ms + batch.max_age_ms; 0 when no daemon writes this lake).
+        #[arg(long)]
+        settle_ms: Option<u64>,
+    },
     /// Validate the configuration and print the release manifest: every output column of every
     /// table, the action that produced it, and what is dropped.
     Check {
@@ -133,7 +170,7 @@ fn postgres_source(
         Some(_) => Vec::new(),
         None => snapshot_sinks(cfg),
     };
-    let keys = sluice_connectors::keystore::KeyStore::open(&cfg.key_store, runtime::load_master_key(cfg)?, 16)?;
+    let keys = runtime::open_key_store(cfg, 16)?;
     let tables = cfg
         .policies
         .iter()
@@ -449,6 +486,48 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             eprintln!("wrote {written} events to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Forget {
+            config,
+            mut subjects,
+            subjects_file,
+            domain,
+            request_id,
+            requested_by,
+            dry_run,
+            receipt_json,
+            settle_ms,
+        } => {
+            let cfg = config::Config::load(&config)?;
+            if let Some(file) = subjects_file {
+                let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+                subjects.extend(subjects_from_lines(&text));
+            }
+            let receipt = forget::forget(
+                &cfg,
+                forget::ForgetRequest {
+                    subjects,
+                    domain,
+                    request_id,
+                    requested_by,
+                    dry_run,
+                    settle: match settle_ms {
+                        Some(ms) => Duration::from_millis(ms),
+                        None => cfg.erasure_refresh + Duration::from_millis(cfg.batch.max_age_ms),
+                    },
+                },
+                &[],
+            )?;
+            let text = serde_json::to_string_pretty(&receipt)?;
+            println!("{text}");
+            if let Some(path) = receipt_json {
+                std::fs::write(&path, &text).with_context(|| path.display().to_string())?;
+            }
+            Ok(if receipt.verification.passed || dry_run {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::AuditLeaks { values, paths } => {
             let report = audit::scan(&values, &paths)?;
             print!("{}", report.render());
@@ -459,4 +538,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Subject ids from a file: one per line, a CSV's first column; comments and a header skipped.
+fn subjects_from_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let first = line.split(',').next().unwrap_or("").trim().trim_matches('"');
+            let header = i == 0 && matches!(first.to_ascii_lowercase().as_str(), "id" | "subject" | "subject_id");
+            (!first.is_empty() && !first.starts_with('#') && !header).then(|| first.to_string())
+        })
+        .collect()
 }

@@ -86,6 +86,14 @@ pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
     MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("{}: {e}", file.display())))
 }
 
+/// The configured key store, caching up to `cache` unwrapped keys.
+pub fn open_key_store(config: &Config, cache: usize) -> Result<KeyStore, RunError> {
+    Ok(
+        KeyStore::open(&config.key_store, load_master_key(config)?, cache)?
+            .with_erasure_refresh(config.erasure_refresh),
+    )
+}
+
 /// Runs passes until the source is done. A pass ends early when the source asks for a new
 /// one (new files, a changed partition assignment) or a sink is fenced by another writer.
 pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError> {
@@ -130,11 +138,7 @@ fn run_pass(
     publisher: Option<&Publisher>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(Summary, ReaderEnd), RunError> {
-    let keys = Arc::new(KeyStore::open(
-        &config.key_store,
-        load_master_key(config)?,
-        config.key_cache,
-    )?);
+    let keys = Arc::new(open_key_store(config, config.key_cache)?);
     let tokenizer = keys.tokenizer()?;
     let quarantine_key = keys.system_key("quarantine")?;
     let transforms: Vec<TableTransform> = config
@@ -235,10 +239,32 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
     let mut sinks = Vec::with_capacity(locations.len());
     for (t, location) in transforms.iter().zip(&locations) {
         let target = &t.policy().target;
-        sinks.push(DeltaSink::open_or_create(location, target, &config.name, t.schema(), &[PARTITION_COLUMN]).await?);
+        sinks.push(
+            DeltaSink::open_or_create(
+                location,
+                target,
+                &config.name,
+                t.schema(),
+                &[PARTITION_COLUMN],
+                &t.stats_columns(),
+            )
+            .await?,
+        );
     }
     let n = transforms.len();
-    sinks.push(DeltaSink::open_or_create(&locations[n], "vault", &config.name, vault_schema(), &[]).await?);
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // No statistics on subject tokens, ciphertexts or positions (see `open_or_create`).
+    sinks.push(
+        DeltaSink::open_or_create(
+            &locations[n],
+            "vault",
+            &config.name,
+            vault_schema(),
+            &[],
+            &names(&["table", "column", "_op", "_source_ts", "_ingested_at"]),
+        )
+        .await?,
+    );
     sinks.push(
         DeltaSink::open_or_create(
             &locations[n + 1],
@@ -246,6 +272,7 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             &config.name,
             quarantine_schema(),
             &[crate::quarantine::PARTITION_COLUMN],
+            &names(&["reason", "detail", "table", "column", "event_bytes", "_ingested_at"]),
         )
         .await?,
     );

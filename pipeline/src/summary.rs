@@ -21,6 +21,8 @@ pub struct Summary {
     pub dropped_columns: BTreeMap<String, BTreeMap<String, u64>>,
     /// Rows re-read after a restart whose table had already committed them.
     pub already_committed: u64,
+    /// Rows of erased subjects (right to be forgotten) dropped: a replay never resurrects them.
+    pub erased_subject_rows: u64,
     /// Delta commits made.
     pub commits: u64,
     pub elapsed_seconds: f64,
@@ -43,6 +45,7 @@ impl Summary {
             add_all(self.dropped_columns.entry(table).or_default(), cols);
         }
         self.already_committed += other.already_committed;
+        self.erased_subject_rows += other.erased_subject_rows;
         self.commits += other.commits;
     }
 
@@ -71,6 +74,13 @@ impl Summary {
             "  already committed  {:>10}   (re-read after a restart, skipped)",
             self.already_committed
         );
+        if self.erased_subject_rows > 0 {
+            let _ = writeln!(
+                s,
+                "  erased subjects    {:>10}   (rows of forgotten subjects, dropped)",
+                self.erased_subject_rows
+            );
+        }
         let _ = writeln!(s, "  rows written");
         for (t, n) in &self.rows_written {
             let _ = writeln!(s, "    {t:<22}{n:>10}");

@@ -289,6 +289,7 @@ impl Router {
                     position: format!("{}:{}", chunk.stream, chunk.last_offset()),
                     source,
                 })?;
+            summary.erased_subject_rows += out.erased_rows as u64;
             for reject in &out.rejects {
                 let line_no = row_lines[t][reject.row];
                 let (start, end, line_end) = chunk.lines[line_no];
@@ -413,7 +414,7 @@ mod tests {
     use arrow_array::BinaryArray;
     use proptest::prelude::*;
     use sluice_connectors::file::LineEnd;
-    use sluice_connectors::keystore::MasterKey;
+    use sluice_connectors::keystore::{KeyStoreLocation, MasterKey};
     use sluice_transforms::crypto::Tokenizer;
     use sluice_transforms::Policy;
     use std::path::Path;
@@ -440,7 +441,9 @@ type = "int64"
             .get_or_init(|| {
                 let dir = tempfile::tempdir().unwrap();
                 let master = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
-                let keys = Arc::new(KeyStore::open(&dir.path().join("keys.db"), master, 100).unwrap());
+                let keys = Arc::new(
+                    KeyStore::open(&KeyStoreLocation::Sqlite(dir.path().join("keys.db")), master, 100).unwrap(),
+                );
                 let policy = Policy::from_toml(Path::new("people.toml"), POLICY).unwrap();
                 let transform = TableTransform::new(policy, &Tokenizer::new(&[1; 32]));
                 let quarantine_key = keys.system_key("quarantine").unwrap();

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import subprocess
+import uuid
 
 import pytest
 
@@ -163,3 +164,34 @@ def assert_exactly_once(lake, expected):
         duplicates = [p for p, n in collections.Counter(got).items() if n > 1]
         assert not duplicates, f"{target}: {len(duplicates)} events written twice"
         assert set(got) == set(positions), f"{target}: {len(set(positions) - set(got))} lost, {len(set(got) - set(positions))} unexpected"
+
+
+@pytest.fixture
+def pg():
+    """A fresh database on the test cluster; its slots are dropped afterwards."""
+    if not os.environ.get("SLUICE_PG_PORT"):
+        require_or_skip("no PostgreSQL server (SLUICE_PG_HOST/PORT/USER/PASSWORD, started by tests/run.sh)")
+    import psycopg
+
+    params = dict(host=os.environ["SLUICE_PG_HOST"], port=int(os.environ["SLUICE_PG_PORT"]),
+                  user=os.environ["SLUICE_PG_USER"], password=os.environ["SLUICE_PG_PASSWORD"])
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+
+    class Db:
+        database = name
+
+        def connect(self, **kw):
+            return psycopg.connect(dbname=name, **{"autocommit": True, **params, **kw})
+
+        def execute(self, sql, args=None):
+            with self.connect() as c:
+                cur = c.execute(sql, args)
+                return cur.fetchall() if cur.description else None
+
+    yield Db()
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
+        admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = %s AND active", (name,))
+        admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s AND NOT active", (name,))
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

@@ -49,6 +49,8 @@ pub struct Transformed {
     pub vault: Option<RecordBatch>,
     /// One entry per rejected row, in row order.
     pub rejects: Vec<RowReject>,
+    /// Rows of erased subjects: dropped, neither written nor quarantined.
+    pub erased_rows: usize,
 }
 
 /// What actions see of each row besides the column itself.
@@ -141,6 +143,19 @@ impl TableTransform {
         self.schema.clone()
     }
 
+    /// Columns whose per-file minimum and maximum may be kept in the table's log: all but those
+    /// linking a row to a person (tokens, ciphertexts, `_subject`, `_position`, and what the
+    /// policy's erasure blanks). The log is history an erasure does not rewrite.
+    pub fn stats_columns(&self) -> Vec<String> {
+        let linking = self.policy.linking_columns();
+        self.schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| !linking.contains(n) && !matches!(n.as_str(), "_subject" | "_position" | PARTITION_COLUMN))
+            .collect()
+    }
+
     pub fn apply(
         &self,
         raw: &RawBatch,
@@ -163,11 +178,26 @@ impl TableTransform {
                 });
             }
         }
-        let row_keys = if self.policy.needs_keys() {
-            self.resolve_keys(&subjects, keys)?
-        } else {
-            vec![None; n]
-        };
+        let (distinct, slot_of) = distinct_subjects(&subjects);
+        let erased_subject = keys.erased_subjects(&distinct)?;
+        let mut row_keys = vec![None; n];
+        if self.policy.needs_keys() {
+            let resolved = keys.subject_keys(&distinct)?;
+            for (row, slot) in slot_of.iter().enumerate() {
+                if let Some(slot) = slot {
+                    row_keys[row] = resolved[*slot].clone();
+                }
+            }
+        }
+        // A subject erased since the last tombstone refresh has no key any more: as erased.
+        let erased: Vec<bool> = slot_of
+            .iter()
+            .zip(&row_keys)
+            .map(|(slot, key)| match slot {
+                Some(slot) => erased_subject[*slot] || (self.policy.needs_keys() && key.is_none()),
+                None => false,
+            })
+            .collect();
         let ctx = RowContext {
             target: &self.policy.target,
             ops: &raw.ops,
@@ -214,42 +244,48 @@ impl TableTransform {
         columns.extend(meta_columns(raw, &subjects, ingested_at_us));
         let table = RecordBatch::try_new(self.schema.clone(), columns)?;
 
+        // An erased subject's rows go nowhere (not even the quarantine); a value error in one
+        // of them is not reported either.
+        rejects.retain(|r| !erased[r.row]);
         rejects.sort_by_key(|r| r.row);
         rejects.dedup_by_key(|r| r.row);
-        let mut rejected = vec![false; n];
+        let mut dropped = erased;
         for r in &rejects {
-            rejected[r.row] = true;
+            dropped[r.row] = true;
         }
-        let vault = vault.finish(raw, &rejected, ingested_at_us)?;
-        let table = if rejects.is_empty() {
-            table
-        } else {
-            let keep: BooleanArray = rejected.iter().map(|r| Some(!r)).collect();
+        let erased_rows = dropped.iter().filter(|d| **d).count() - rejects.len();
+        let vault = vault.finish(raw, &dropped, ingested_at_us)?;
+        let table = if dropped.iter().any(|d| *d) {
+            let keep: BooleanArray = dropped.iter().map(|d| Some(!d)).collect();
             filter_record_batch(&table, &keep)?
+        } else {
+            table
         };
-        Ok(Transformed { table, vault, rejects })
+        Ok(Transformed {
+            table,
+            vault,
+            rejects,
+            erased_rows,
+        })
     }
+}
 
-    /// One key lookup per distinct subject in the batch.
-    fn resolve_keys(
-        &self,
-        subjects: &[Option<Token>],
-        keys: &dyn KeyProvider,
-    ) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
-        let mut slot: FxHashMap<&str, usize> = FxHashMap::default();
-        let mut distinct: Vec<&str> = Vec::new();
-        for s in subjects.iter().flatten() {
-            slot.entry(s.as_str()).or_insert_with(|| {
-                distinct.push(s.as_str());
-                distinct.len() - 1
-            });
-        }
-        let resolved = keys.subject_keys(&distinct)?;
-        Ok(subjects
-            .iter()
-            .map(|s| s.as_ref().map(|t| resolved[slot[t.as_str()]].clone()))
-            .collect())
-    }
+/// The distinct subject tokens of a batch (one key lookup each), and each row's index into them.
+fn distinct_subjects(subjects: &[Option<Token>]) -> (Vec<&str>, Vec<Option<usize>>) {
+    let mut slot: FxHashMap<&str, usize> = FxHashMap::default();
+    let mut distinct: Vec<&str> = Vec::new();
+    let slots = subjects
+        .iter()
+        .map(|s| {
+            s.as_ref().map(|t| {
+                *slot.entry(t.as_str()).or_insert_with(|| {
+                    distinct.push(t.as_str());
+                    distinct.len() - 1
+                })
+            })
+        })
+        .collect();
+    (distinct, slots)
 }
 
 fn meta_columns(raw: &RawBatch, subjects: &[Option<Token>], ingested_at_us: i64) -> Vec<ArrayRef> {
@@ -290,12 +326,20 @@ mod tests {
     use std::sync::Mutex;
 
     /// Keys derived from the subject token, for tests only.
+    /// `tombstoned`: erased per the tombstones; `keyless`: erased after the last tombstone
+    /// refresh (the store has no key any more).
     #[derive(Default)]
-    struct TestKeys(Mutex<usize>);
+    struct TestKeys(Mutex<usize>, Vec<String>, Vec<String>);
     impl KeyProvider for TestKeys {
-        fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyError> {
+        fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
             *self.0.lock().unwrap() += 1;
-            Ok(tokens.iter().map(|t| Arc::new(test_key(t))).collect())
+            Ok(tokens
+                .iter()
+                .map(|t| (!self.2.iter().any(|k| k == t)).then(|| Arc::new(test_key(t))))
+                .collect())
+        }
+        fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyError> {
+            Ok(tokens.iter().map(|t| self.1.iter().any(|e| e == t)).collect())
         }
     }
     fn test_key(token: &str) -> DataKey {
@@ -399,5 +443,28 @@ action = "drop"
         );
         assert!(k.open(enc.value(0), &field_aad("customers", "email", subject)).is_err());
         assert!(enc.is_null(1), "row 2 had no national id");
+    }
+
+    #[test]
+    fn rows_of_erased_subjects_go_nowhere() {
+        let t = transform();
+        let token = |id: &str| t.subject_tokenizer.token(id).as_str().to_string();
+        let raw = raw(&[
+            [Some("1"), Some("a@x.test"), Some("111"), Some("bad"), None],
+            [Some("2"), Some("b@x.test"), Some("222"), Some("20"), None],
+            [Some("3"), Some("c@x.test"), None, Some("30"), None],
+            [Some("4"), Some("d@x.test"), Some("444"), Some("40"), None],
+        ]);
+        let keys = TestKeys(Mutex::new(0), vec![token("1")], vec![token("4")]);
+        let out = t.apply(&raw, &keys, 0).unwrap();
+        assert_eq!(out.erased_rows, 2, "tombstoned and keyless subjects");
+        assert!(out.rejects.is_empty(), "an erased row's bad value is not quarantined");
+        let subjects = out.table.column_by_name("_subject").unwrap();
+        let subjects = subjects.as_any().downcast_ref::<StringArray>().unwrap();
+        let kept: Vec<&str> = subjects.iter().flatten().collect();
+        assert_eq!(kept, vec![token("2"), token("3")]);
+        let vault = out.vault.unwrap();
+        let vault_subjects = vault.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(vault_subjects.iter().flatten().collect::<Vec<_>>(), vec![token("2")]);
     }
 }

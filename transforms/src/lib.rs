@@ -16,6 +16,6 @@ pub mod vault;
 
 pub use config_error::ConfigError;
 pub use engine::{RowReject, TableTransform, Transformed};
-pub use policy::Policy;
+pub use policy::{Erasure, Policy};
 pub use raw::{Op, RawBatch, RawBatchBuilder};
 pub use sensitive::Sensitive;

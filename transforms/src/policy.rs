@@ -24,6 +24,19 @@ pub struct Policy {
     /// Token domain of the subject (and default domain of `tokenize`).
     pub token_domain: String,
     pub rules: Vec<ColumnRule>,
+    /// What a right-to-be-forgotten job does to this table's rows of an erased subject.
+    pub erasure: Erasure,
+}
+
+/// What erasure does to a subject's rows in an analytic table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Erasure {
+    /// The rows are deleted (and the files that held them removed).
+    #[default]
+    Delete,
+    /// The rows stay for statistics, unlinked: every `tokenize` and `encrypt` column, `_subject`
+    /// and `_position` are blanked, and so are the listed output columns (quasi-identifiers).
+    Anonymize { also_blank: Vec<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +172,7 @@ impl Policy {
             subject: raw.subject.into_inner(),
             token_domain: raw.token_domain.into_inner(),
             rules,
+            erasure: Erasure::Delete,
         };
         // Output names must be unique and must not take the `_` prefix of metadata columns.
         let mut seen = HashSet::new();
@@ -182,7 +196,57 @@ impl Policy {
                 ));
             }
         }
+        let mut policy = policy;
+        if let Some(erasure) = raw.erasure {
+            let erasure = erasure.into_inner();
+            policy.erasure = match erasure.mode.get_ref().as_str() {
+                "delete" if erasure.blank.is_empty() => Erasure::Delete,
+                "delete" => {
+                    return Err(err(
+                        erasure.blank[0].span(),
+                        "erasure.blank",
+                        "only `mode = \"anonymize\"` blanks columns".into(),
+                    ))
+                }
+                "anonymize" => {
+                    for b in &erasure.blank {
+                        if !seen.contains(b.get_ref()) {
+                            return Err(err(
+                                b.span(),
+                                "erasure.blank",
+                                format!("`{}` is not an output column of this policy", b.get_ref()),
+                            ));
+                        }
+                    }
+                    Erasure::Anonymize {
+                        also_blank: erasure.blank.into_iter().map(Spanned::into_inner).collect(),
+                    }
+                }
+                other => {
+                    return Err(err(
+                        erasure.mode.span(),
+                        "erasure.mode",
+                        format!("unknown mode `{other}`: `delete` or `anonymize`"),
+                    ))
+                }
+            };
+        }
         Ok(policy)
+    }
+
+    /// Output columns erasure blanks in `anonymize` mode: those that link a row to a person
+    /// (tokens, ciphertexts) and the listed quasi-identifiers.
+    pub fn linking_columns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|r| matches!(r.action, Action::Tokenize { .. } | Action::Encrypt))
+            .filter_map(|r| r.output_name())
+            .collect();
+        if let Erasure::Anonymize { also_blank } = &self.erasure {
+            out.extend(also_blank.iter().cloned());
+        }
+        out
     }
 
     /// Columns read from events: every column a rule names, and the subject.
@@ -353,6 +417,15 @@ struct RawPolicy {
     token_domain: Spanned<String>,
     #[serde(default)]
     columns: ordered::Columns,
+    erasure: Option<Spanned<RawErasure>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawErasure {
+    mode: Spanned<String>,
+    #[serde(default)]
+    blank: Vec<Spanned<String>>,
 }
 
 /// Parameters of a function, borrowed from a column rule or a derive entry.
@@ -551,6 +624,32 @@ action = "drop"
 
         let e = parse(&CUSTOMERS.replace("fn = \"email_domain\"", "fn = \"domain\"")).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("columns.email.derive.fn", 12));
+    }
+
+    #[test]
+    fn erasure_mode_is_delete_unless_anonymize_is_chosen() {
+        assert_eq!(parse(CUSTOMERS).unwrap().erasure, Erasure::Delete);
+        let anonymize = format!("{CUSTOMERS}\n[erasure]\nmode = \"anonymize\"\nblank = [\"postcode_area\"]\n");
+        let policy = parse(&anonymize).unwrap();
+        assert_eq!(
+            policy.erasure,
+            Erasure::Anonymize {
+                also_blank: vec!["postcode_area".into()]
+            }
+        );
+        assert_eq!(
+            policy.linking_columns(),
+            vec!["id_token", "national_id_enc", "postcode_area"]
+        );
+        let lines = CUSTOMERS.lines().count();
+        let e = parse(&format!(
+            "{CUSTOMERS}\n[erasure]\nmode = \"anonymize\"\nblank = [\"email\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("erasure.blank", lines + 4));
+        assert!(e.message.contains("not an output column"), "{e}");
+        let e = parse(&format!("{CUSTOMERS}\n[erasure]\nmode = \"shred\"\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("erasure.mode", lines + 3));
     }
 
     #[test]

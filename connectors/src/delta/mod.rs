@@ -19,6 +19,8 @@ use deltalake::DeltaTable;
 
 use crate::SourcePosition;
 
+pub mod erase;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaSinkError {
     #[error("table {table}: {source}")]
@@ -84,13 +86,16 @@ pub struct DeltaSink {
 
 impl DeltaSink {
     /// Opens the table at `location`, creating it with `schema` if absent. `app_prefix` scopes
-    /// the `txn` application ids (the pipeline's name).
+    /// the `txn` application ids (the pipeline's name). Only `stats_columns` get per-file
+    /// minimum/maximum statistics in the log: the log is history that erasure cannot rewrite,
+    /// so columns that link a row to a person (tokens, ciphertexts, positions) get none.
     pub async fn open_or_create(
         location: &Path,
         name: &str,
         app_prefix: &str,
         schema: SchemaRef,
         partition_by: &[&str],
+        stats_columns: &[String],
     ) -> Result<Self, DeltaSinkError> {
         let err = |source| DeltaSinkError::Delta {
             table: name.to_string(),
@@ -119,6 +124,10 @@ impl DeltaSink {
                 .with_table_name(name)
                 .with_columns(kernel.fields().cloned())
                 .with_partition_columns(partition_by.iter().map(|s| s.to_string()))
+                .with_configuration_property(
+                    deltalake::TableProperty::DataSkippingStatsColumns,
+                    Some(stats_columns.join(",")),
+                )
                 .with_save_mode(SaveMode::Ignore)
                 .await
                 .map_err(err)?;
@@ -197,23 +206,9 @@ impl DeltaSink {
             table: name.clone(),
             source: Box::new(source),
         };
-        let abs = match std::fs::canonicalize(location) {
-            Ok(abs) => abs,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![None; streams.len()]),
-            Err(source) => {
-                return Err(DeltaSinkError::Io {
-                    table: name.clone(),
-                    path: location.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        let url = url::Url::from_directory_path(&abs)
-            .map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(name.clone())))?;
-        let table = DeltaTable::try_from_url(url).await.map_err(err)?;
-        if table.version().is_none() {
+        let Some(table) = open_existing(location, &name).await? else {
             return Ok(vec![None; streams.len()]);
-        }
+        };
         let snapshot = table.snapshot().map_err(err)?;
         let mut out = Vec::with_capacity(streams.len());
         for stream in streams {
@@ -260,6 +255,21 @@ impl DeltaSink {
         Ok(())
     }
 
+    /// Fencing: the table must still hold what this writer last saw of every stream it
+    /// commits. A concurrent commit of the same stream after our snapshot is caught by Delta's
+    /// conflict check (same `txn` app id). One that reached our snapshot through an earlier
+    /// commit of ours (retried past it), or that came in while we caught up, here.
+    async fn check_fences(&self, positions: &[SourcePosition]) -> Result<(), DeltaSinkError> {
+        for p in positions {
+            let expected = self.known.get(&p.stream).copied().flatten();
+            let found = self.table_position(&p.stream).await?;
+            if found != expected {
+                return Err(self.fenced(&p.stream, expected));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
@@ -272,20 +282,10 @@ impl DeltaSink {
             table: self.name.clone(),
             source: Box::new(source),
         };
-        // Fencing: the table must still hold what this writer last saw of every stream it
-        // commits. A concurrent commit of the same stream after our snapshot is caught by
-        // Delta's conflict check (same `txn` app id). One that reached our snapshot through an
-        // earlier commit of ours (retried past it), here.
-        for p in positions {
-            let expected = self.known.get(&p.stream).copied().flatten();
-            let found = self.table_position(&p.stream).await?;
-            if found != expected {
-                return Err(self.fenced(&p.stream, expected));
-            }
-        }
+        self.check_fences(positions).await?;
         let adds = self.writer.flush().await.map_err(err)?;
         let actions: Vec<Action> = self.spilled.drain(..).chain(adds).map(Action::Add).collect();
-        let txns = positions
+        let txns: Vec<Transaction> = positions
             .iter()
             .chain(attached)
             .map(|p| Transaction::new(self.app_id(&p.stream), p.offset))
@@ -295,21 +295,34 @@ impl DeltaSink {
             partition_by: (!self.partition_by.is_empty()).then(|| self.partition_by.clone()),
             predicate: None,
         };
-        let snapshot = self.table.snapshot().map_err(err)?;
-        let finalized = CommitBuilder::from(CommitProperties::default().with_application_transactions(txns))
-            .with_actions(actions)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await;
-        let finalized = match finalized {
-            Ok(f) => f,
-            Err(deltalake::DeltaTableError::Transaction {
-                source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
-            }) => {
-                let stream = positions.first().map(|p| p.stream.clone()).unwrap_or_default();
-                let expected = self.known.get(&stream).copied().flatten();
-                return Err(self.fenced(&stream, expected));
+        let mut caught_up = false;
+        let finalized = loop {
+            let snapshot = self.table.snapshot().map_err(err)?;
+            let attempt = CommitBuilder::from(CommitProperties::default().with_application_transactions(txns.clone()))
+                .with_actions(actions.clone())
+                .build(Some(snapshot), self.table.log_store(), operation.clone())
+                .await;
+            match attempt {
+                Ok(f) => break f,
+                Err(deltalake::DeltaTableError::Transaction {
+                    source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
+                }) => {
+                    let stream = positions.first().map(|p| p.stream.clone()).unwrap_or_default();
+                    let expected = self.known.get(&stream).copied().flatten();
+                    return Err(self.fenced(&stream, expected));
+                }
+                // An erasure job (`sluice forget`) removed files this writer's snapshot holds.
+                // Our commit only appends: catch up with the table and commit again.
+                Err(deltalake::DeltaTableError::Transaction {
+                    source: TransactionError::CommitConflict(CommitConflictError::ConcurrentDeleteRead),
+                }) if !caught_up => {
+                    caught_up = true;
+                    tracing::info!(table = %self.name, "files were removed under this writer (an erasure): catching up before committing");
+                    self.table.update_incremental(None).await.map_err(err)?;
+                    self.check_fences(positions).await?;
+                }
+                Err(e) => return Err(err(e)),
             }
-            Err(e) => return Err(err(e)),
         };
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
@@ -319,4 +332,30 @@ impl DeltaSink {
         }
         Ok(version)
     }
+}
+
+/// The table at `location` as it is now; `None` where there is no table (yet).
+pub(crate) async fn open_existing(location: &Path, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let abs = match std::fs::canonicalize(location) {
+        Ok(abs) => abs,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DeltaSinkError::Io {
+                table: name.to_string(),
+                path: location.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let url = url::Url::from_directory_path(&abs)
+        .map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(name.to_string())))?;
+    let table = DeltaTable::try_from_url(url).await.map_err(err)?;
+    if table.version().is_none() {
+        return Ok(None);
+    }
+    Ok(Some(table))
 }

@@ -1,38 +1,59 @@
-//! The embedded key store: one SQLite file (WAL mode) holding per-subject data keys and system
-//! keys, each wrapped (AES-256-GCM) by a master key that never touches the file. Unwrapped keys
-//! are cached in a bounded LRU.
+//! The key store: per-subject data keys and system keys, each wrapped (AES-256-GCM) by a master
+//! key that never touches the store; tombstones of erased subjects; the state of erasure jobs.
+//! Unwrapped keys are cached in a bounded LRU.
 //!
-//! SQLite rather than a hand-rolled file: atomic multi-key commits, crash safety, and several
-//! daemons on one host sharing the store (file locks; the first writer of a subject's key wins
-//! and everyone reads that one). Daemons on several hosts need a networked store.
+//! Two backends with one schema: an embedded SQLite file (several daemons on one host share it)
+//! and PostgreSQL (daemons on several hosts, backed up and replicated like any database). Both
+//! commit a batch of new keys, and an erasure's key destruction with its tombstones, in one
+//! transaction.
 
+mod postgres;
+mod sqlite;
+
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use ring::digest;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sluice_transforms::crypto::{generate_key, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
 use sluice_transforms::keys::{KeyError, KeyProvider};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS subject_keys (token TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS system_keys (name TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
-";
+pub use self::postgres::PgKeyStoreSettings;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
-    #[error("key store {path}: {message}")]
-    Store { path: PathBuf, message: String },
+    #[error("key store {location}: {message}")]
+    Store { location: String, message: String },
     #[error("key store {0}: the master key does not match the one this store was created with")]
-    WrongMasterKey(PathBuf),
+    WrongMasterKey(String),
     #[error("master key: {0}")]
     BadMasterKey(&'static str),
     #[error("key store: {0}")]
     Crypto(#[from] CryptoError),
+}
+
+/// Where the keys live.
+#[derive(Debug, Clone)]
+pub enum KeyStoreLocation {
+    Sqlite(PathBuf),
+    Postgres(PgKeyStoreSettings),
+}
+
+impl std::fmt::Display for KeyStoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyStoreLocation::Sqlite(path) => write!(f, "{}", path.display()),
+            KeyStoreLocation::Postgres(s) => write!(
+                f,
+                "postgres://{}@{}:{}/{} (schema {})",
+                s.user, s.host, s.port, s.database, s.schema
+            ),
+        }
+    }
 }
 
 /// The key-encryption key. Never written anywhere; read from a file or the environment.
@@ -59,9 +80,18 @@ impl MasterKey {
         self.0.seal(material, &wrap_aad(key_id))
     }
 
-    fn unwrap(&self, key_id: &[u8; KEY_ID_LEN], wrapped: &[u8]) -> Result<DataKey, CryptoError> {
-        let material = self.0.open(wrapped, &wrap_aad(key_id))?;
-        DataKey::new(*key_id, &material)
+    fn unwrap_material(&self, key_id: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, KeyStoreError> {
+        let id: [u8; KEY_ID_LEN] = key_id.try_into().map_err(|_| CryptoError::KeyLength)?;
+        let material = self.0.open(wrapped, &wrap_aad(&id))?;
+        let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
+        Ok((id, material))
+    }
+
+    /// A fresh key and its wrapped form, for a backend to store.
+    fn mint(&self) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError> {
+        let (id, material) = generate_key()?;
+        let wrapped = self.wrap(&id, &material)?;
+        Ok(((id, material), wrapped))
     }
 }
 
@@ -69,66 +99,86 @@ fn wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
     [b"sluice:keywrap:v1\0".as_slice(), key_id].concat()
 }
 
-pub struct KeyStore {
-    path: PathBuf,
-    db: Mutex<Connection>,
-    master: MasterKey,
-    cache: Mutex<LruCache<String, Arc<DataKey>>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
-}
-
 /// A key's id and its unwrapped bytes.
 type KeyMaterial = ([u8; KEY_ID_LEN], [u8; KEY_LEN]);
 
-/// Where a key is named: which table, and its key column.
-#[derive(Clone, Copy)]
+/// Which name table a key is looked up in.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Names {
     Subjects,
     System,
 }
 
-impl Names {
-    fn select(self) -> &'static str {
-        match self {
-            Names::Subjects => {
-                "SELECT k.id, k.wrapped FROM subject_keys s JOIN keys k ON k.id = s.key_id WHERE s.token = ?1"
-            }
-            Names::System => {
-                "SELECT k.id, k.wrapped FROM system_keys s JOIN keys k ON k.id = s.key_id WHERE s.name = ?1"
-            }
-        }
-    }
-    fn insert(self) -> &'static str {
-        match self {
-            Names::Subjects => "INSERT INTO subject_keys (token, key_id) VALUES (?1, ?2)",
-            Names::System => "INSERT INTO system_keys (name, key_id) VALUES (?1, ?2)",
-        }
-    }
+/// What an erasure job destroyed in the key store (the same on a rerun).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeysDestroyed {
+    /// Subject data keys the job deleted.
+    pub keys: u64,
+    /// Tombstones the job wrote (a subject erased by an earlier job keeps that job's).
+    pub tombstones: u64,
 }
 
-impl KeyStore {
-    /// Opens (or creates) the store at `path`. `cache_capacity` bounds the unwrapped keys kept
-    /// in memory.
-    pub fn open(path: &Path, master: MasterKey, cache_capacity: usize) -> Result<Self, KeyStoreError> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| store_err(path, e))?;
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(Box<postgres::PgStore>),
+}
+
+/// Dispatches one call to the backend in use.
+macro_rules! backend {
+    ($self:expr, $db:ident => $call:expr) => {{
+        let mut guard = $self.db.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *guard {
+            Backend::Sqlite($db) => $call,
+            Backend::Postgres($db) => $call,
         }
-        let db = Connection::open(path).map_err(|e| store_err(path, e))?;
-        // Another daemon may hold the write lock for a moment: wait rather than fail.
-        db.busy_timeout(Duration::from_secs(30))
-            .map_err(|e| store_err(path, e))?;
-        db.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| store_err(path, e))?;
-        // FULL: a key is on disk before any ciphertext made with it can be committed.
-        db.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| store_err(path, e))?;
-        db.execute_batch(SCHEMA).map_err(|e| store_err(path, e))?;
+    }};
+}
+
+/// Tombstones known to this process, refreshed at most every `refresh`.
+struct ErasedSet {
+    tokens: HashSet<String>,
+    last_seq: i64,
+    refreshed: Option<Instant>,
+}
+
+pub struct KeyStore {
+    location: String,
+    db: Mutex<Backend>,
+    master: MasterKey,
+    cache: Mutex<LruCache<String, Arc<DataKey>>>,
+    erased: Mutex<ErasedSet>,
+    refresh: Duration,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// How long a running daemon may keep using a key after an erasure destroyed it, and go on
+/// accepting the erased subject's events from its cache: the tombstones are re-read this often.
+pub const DEFAULT_ERASURE_REFRESH: Duration = Duration::from_secs(10);
+
+impl KeyStore {
+    /// Opens (or creates) the store. `cache_capacity` bounds the unwrapped keys kept in memory.
+    pub fn open(location: &KeyStoreLocation, master: MasterKey, cache_capacity: usize) -> Result<Self, KeyStoreError> {
+        let name = location.to_string();
+        let backend = match location {
+            KeyStoreLocation::Sqlite(path) => {
+                Backend::Sqlite(sqlite::SqliteStore::open(path).map_err(|m| store_err(&name, m))?)
+            }
+            KeyStoreLocation::Postgres(s) => {
+                Backend::Postgres(Box::new(postgres::PgStore::open(s).map_err(|m| store_err(&name, m))?))
+            }
+        };
         let store = Self {
-            path: path.to_path_buf(),
-            db: Mutex::new(db),
+            location: name,
+            db: Mutex::new(backend),
             master,
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_capacity.max(1)).expect("max(1)"))),
+            erased: Mutex::new(ErasedSet {
+                tokens: HashSet::new(),
+                last_seq: 0,
+                refreshed: None,
+            }),
+            refresh: DEFAULT_ERASURE_REFRESH,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         };
@@ -137,44 +187,60 @@ impl KeyStore {
         match store.system_key("master-check") {
             Ok(_) => Ok(store),
             Err(KeyStoreError::Crypto(CryptoError::Authentication)) => {
-                Err(KeyStoreError::WrongMasterKey(path.to_path_buf()))
+                Err(KeyStoreError::WrongMasterKey(store.location.clone()))
             }
             Err(e) => Err(e),
         }
     }
 
+    /// How often tombstones are re-read (the bound on a cached key outliving its erasure).
+    pub fn with_erasure_refresh(mut self, refresh: Duration) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
     /// The HMAC key for tokens, created on first use.
     pub fn tokenizer(&self) -> Result<Tokenizer, KeyStoreError> {
-        let key = self.resolve(Names::System, &["token"])?.remove(0);
+        let key = self
+            .resolve(Names::System, &["token"])?
+            .remove(0)
+            .expect("system keys are never erased");
         Ok(Tokenizer::new(&key.1))
     }
 
     /// A named system key (e.g. `quarantine`), created on first use.
     pub fn system_key(&self, name: &str) -> Result<Arc<DataKey>, KeyStoreError> {
-        let (id, material) = self.resolve(Names::System, &[name])?.remove(0);
+        let (id, material) = self
+            .resolve(Names::System, &[name])?
+            .remove(0)
+            .expect("system keys are never erased");
         Ok(Arc::new(DataKey::new(id, &material)?))
     }
 
     /// Any key by the id an envelope names (system or subject), for decryption by audited tools.
     pub fn key_by_id(&self, id: &[u8; KEY_ID_LEN]) -> Result<Option<DataKey>, KeyStoreError> {
-        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let wrapped: Option<Vec<u8>> = db
-            .query_row("SELECT wrapped FROM keys WHERE id = ?1", [id.as_slice()], |r| r.get(0))
-            .optional()
-            .map_err(|e| self.err(e))?;
-        Ok(match wrapped {
-            Some(w) => Some(self.master.unwrap(id, &w)?),
-            None => None,
-        })
+        let wrapped = backend!(self, db => db.wrapped_by_id(id.as_slice())).map_err(|m| self.err(m))?;
+        match wrapped {
+            Some(w) => {
+                let (id, material) = self.master.unwrap_material(id, &w)?;
+                Ok(Some(DataKey::new(id, &material)?))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Number of subject keys held.
     pub fn subject_count(&self) -> Result<u64, KeyStoreError> {
-        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let n: i64 = db
-            .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        Ok(n as u64)
+        backend!(self, db => db.subject_count()).map_err(|m| self.err(m))
+    }
+
+    /// The subjects among `tokens` that hold a key now.
+    pub fn subjects_with_keys(&self, tokens: &[String]) -> Result<Vec<String>, KeyStoreError> {
+        backend!(self, db => db.subjects_with_keys(tokens)).map_err(|m| self.err(m))
     }
 
     /// (hits, misses) of the unwrapped-key cache.
@@ -182,66 +248,90 @@ impl KeyStore {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 
-    /// Reads the named keys, creating the missing ones, in one write transaction: of two
-    /// daemons racing for a subject, the first commit wins and the other reads its key.
-    fn resolve(&self, names: Names, wanted: &[&str]) -> Result<Vec<KeyMaterial>, KeyStoreError> {
-        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = db
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::with_capacity(wanted.len());
+    /// Crypto-shredding: in one transaction, deletes the subjects' data keys and records their
+    /// tombstones (token, job, time — never the raw id), then makes the deleted bytes
+    /// unrecoverable from the store's own files where the backend allows (SQLite: secure
+    /// delete and a truncating WAL checkpoint; PostgreSQL: VACUUM of the key tables).
+    pub fn erase_subjects(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
+        let destroyed = backend!(self, db => db.erase(job_id, tokens, now_ms)).map_err(|m| self.err(m))?;
         {
-            let mut select = tx.prepare_cached(names.select()).map_err(|e| self.err(e))?;
-            let mut insert_name = tx.prepare_cached(names.insert()).map_err(|e| self.err(e))?;
-            let mut insert_key = tx
-                .prepare_cached("INSERT INTO keys (id, wrapped) VALUES (?1, ?2)")
-                .map_err(|e| self.err(e))?;
-            for name in wanted {
-                let existing: Option<(Vec<u8>, Vec<u8>)> = select
-                    .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(|e| self.err(e))?;
-                let key = match existing {
-                    Some((id, wrapped)) => {
-                        let id = key_id(&id).ok_or_else(|| self.err("malformed key id"))?;
-                        let material = self.master.0.open(&wrapped, &wrap_aad(&id))?;
-                        let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
-                        (id, material)
-                    }
-                    None => {
-                        let (id, material) = generate_key()?;
-                        insert_key
-                            .execute(params![id.as_slice(), self.master.wrap(&id, &material)?])
-                            .map_err(|e| self.err(e))?;
-                        insert_name
-                            .execute(params![name, id.as_slice()])
-                            .map_err(|e| self.err(e))?;
-                        (id, material)
-                    }
-                };
-                out.push(key);
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for t in tokens {
+                cache.pop(t);
             }
         }
-        // Durable before any ciphertext made with these keys can be committed.
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        backend!(self, db => db.purge_deleted()).map_err(|m| self.err(m))?;
+        Ok(destroyed)
     }
 
-    /// Resolves keys not in the cache.
-    fn load_or_create(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyStoreError> {
-        self.resolve(Names::Subjects, tokens)?
-            .into_iter()
-            .map(|(id, material)| Ok(Arc::new(DataKey::new(id, &material)?)))
+    /// The saved state of an erasure job (JSON), if any.
+    pub fn job_state(&self, job_id: &str) -> Result<Option<String>, KeyStoreError> {
+        backend!(self, db => db.job_state(job_id)).map_err(|m| self.err(m))
+    }
+
+    /// Saves an erasure job's state (JSON) durably.
+    pub fn save_job_state(&self, job_id: &str, state: &str, now_ms: i64) -> Result<(), KeyStoreError> {
+        backend!(self, db => db.save_job_state(job_id, state, now_ms)).map_err(|m| self.err(m))
+    }
+
+    /// Whether each token has been erased, from the tombstones as of at most `refresh` ago.
+    pub fn erased(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyStoreError> {
+        let mut erased = self.erased.lock().unwrap_or_else(|p| p.into_inner());
+        if erased.refreshed.is_none_or(|at| at.elapsed() >= self.refresh) {
+            let fresh = backend!(self, db => db.tombstones_since(erased.last_seq)).map_err(|m| self.err(m))?;
+            if !fresh.is_empty() {
+                // A key cached before its erasure must not outlive this refresh.
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                for (seq, token) in fresh {
+                    cache.pop(&token);
+                    erased.last_seq = erased.last_seq.max(seq);
+                    erased.tokens.insert(token);
+                }
+            }
+            erased.refreshed = Some(Instant::now());
+        }
+        Ok(tokens.iter().map(|t| erased.tokens.contains(*t)).collect())
+    }
+
+    /// Reads the named keys, creating the missing ones, in one write transaction: of two
+    /// daemons racing for a subject, the first commit wins and the other reads its key. A
+    /// subject with a tombstone gets `None`: an erased subject never gets a new key.
+    fn resolve(&self, names: Names, wanted: &[&str]) -> Result<Vec<Option<KeyMaterial>>, KeyStoreError> {
+        let rows = backend!(self, db => db.resolve(names, wanted, &|| self.master.mint())).map_err(|e| match e {
+            ResolveError::Store(m) => self.err(m),
+            ResolveError::Key(k) => k,
+        })?;
+        rows.into_iter()
+            .map(|row| match row {
+                Resolved::Existing(id, wrapped) => self.master.unwrap_material(&id, &wrapped).map(Some),
+                Resolved::Created(material) => Ok(Some(material)),
+                Resolved::Erased => Ok(None),
+            })
             .collect()
     }
 
     fn err(&self, e: impl std::fmt::Display) -> KeyStoreError {
-        store_err(&self.path, e)
+        store_err(&self.location, e)
     }
 }
 
+/// One name's key as a backend found or made it.
+enum Resolved {
+    Existing(Vec<u8>, Vec<u8>),
+    Created(KeyMaterial),
+    Erased,
+}
+
+enum ResolveError {
+    Store(String),
+    Key(KeyStoreError),
+}
+
+/// Makes a new key: its material and wrapped form.
+type Mint<'a> = &'a dyn Fn() -> Result<(KeyMaterial, Vec<u8>), KeyStoreError>;
+
 impl KeyProvider for KeyStore {
-    fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Arc<DataKey>>, KeyError> {
+    fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
         let mut out: Vec<Option<Arc<DataKey>>> = Vec::with_capacity(tokens.len());
         let mut missing: Vec<&str> = Vec::new();
         {
@@ -257,29 +347,34 @@ impl KeyProvider for KeyStore {
         self.hits
             .fetch_add((tokens.len() - missing.len()) as u64, Ordering::Relaxed);
         self.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
-        if !missing.is_empty() {
-            let loaded = self.load_or_create(&missing).map_err(|e| KeyError(e.to_string()))?;
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let mut loaded = loaded.into_iter();
-            for (slot, t) in out.iter_mut().zip(tokens) {
-                if slot.is_none() {
-                    let key = loaded.next().expect("one loaded key per miss");
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let loaded = self
+            .resolve(Names::Subjects, &missing)
+            .map_err(|e| KeyError(e.to_string()))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = loaded.into_iter();
+        for (slot, t) in out.iter_mut().zip(tokens) {
+            if slot.is_none() {
+                if let Some((id, material)) = loaded.next().expect("one result per miss") {
+                    let key = Arc::new(DataKey::new(id, &material).map_err(|e| KeyError(e.to_string()))?);
                     cache.put(t.to_string(), key.clone());
                     *slot = Some(key);
                 }
             }
         }
-        Ok(out.into_iter().map(|k| k.expect("filled")).collect())
+        Ok(out)
+    }
+
+    fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyError> {
+        self.erased(tokens).map_err(|e| KeyError(e.to_string()))
     }
 }
 
-fn key_id(bytes: &[u8]) -> Option<[u8; KEY_ID_LEN]> {
-    bytes.try_into().ok()
-}
-
-fn store_err(path: &Path, e: impl std::fmt::Display) -> KeyStoreError {
+fn store_err(location: &str, e: impl std::fmt::Display) -> KeyStoreError {
     KeyStoreError::Store {
-        path: path.to_path_buf(),
+        location: location.to_string(),
         message: e.to_string(),
     }
 }
@@ -291,6 +386,15 @@ mod tests {
 
     const MASTER: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
+    fn open(path: &std::path::Path) -> KeyStore {
+        KeyStore::open(
+            &KeyStoreLocation::Sqlite(path.to_path_buf()),
+            MasterKey::from_hex(MASTER).unwrap(),
+            2,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn keys_persist_are_per_subject_and_need_the_right_master() {
         let dir = tempfile::tempdir().unwrap();
@@ -298,17 +402,18 @@ mod tests {
         let envelope;
         let token_a;
         {
-            let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
+            let store = open(&path);
             let keys = store.subject_keys(&["a", "b", "a"]).unwrap();
+            let keys: Vec<_> = keys.into_iter().map(Option::unwrap).collect();
             assert_eq!(keys[0].id(), keys[2].id());
             assert_ne!(keys[0].id(), keys[1].id());
             envelope = keys[0].seal(b"secret", &field_aad("t", "c", "a")).unwrap();
             token_a = store.tokenizer().unwrap().domain("d").token("1");
             assert_eq!(store.subject_count().unwrap(), 2);
         }
-        let store = KeyStore::open(&path, MasterKey::from_hex(MASTER).unwrap(), 2).unwrap();
-        let again = store.subject_keys(&["a"]).unwrap();
-        assert_eq!(again[0].open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
+        let store = open(&path);
+        let again = store.subject_keys(&["a"]).unwrap().remove(0).unwrap();
+        assert_eq!(again.open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
         // The owner of the master key can open any envelope from its key id alone.
         let by_id = store.key_by_id(&envelope_key_id(&envelope).unwrap()).unwrap().unwrap();
         assert_eq!(by_id.open(&envelope, &field_aad("t", "c", "a")).unwrap(), b"secret");
@@ -321,9 +426,65 @@ mod tests {
         drop(store);
         let other = MASTER.replace("00", "ff");
         assert!(matches!(
-            KeyStore::open(&path, MasterKey::from_hex(&other).unwrap(), 2),
+            KeyStore::open(
+                &KeyStoreLocation::Sqlite(path.clone()),
+                MasterKey::from_hex(&other).unwrap(),
+                2
+            ),
             Err(KeyStoreError::WrongMasterKey(_))
         ));
         assert!(MasterKey::from_hex("abcd").is_err());
+    }
+
+    #[test]
+    fn erasure_destroys_the_key_everywhere_and_blocks_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let store = open(&path).with_erasure_refresh(Duration::ZERO);
+        let key = store.subject_keys(&["gone", "kept"]).unwrap();
+        let id = *key[0].as_ref().unwrap().id();
+        let envelope = key[0].as_ref().unwrap().seal(b"secret", b"ctx").unwrap();
+        // The wrapped key as stored, to look for its bytes in the files afterwards.
+        let wrapped = match &mut *store.db.lock().unwrap() {
+            Backend::Sqlite(db) => db.wrapped_by_id(&id).unwrap().unwrap(),
+            Backend::Postgres(_) => unreachable!(),
+        };
+        assert_eq!(store.erased(&["gone"]).unwrap(), vec![false]);
+
+        let destroyed = store.erase_subjects("job-1", &["gone".to_string()], 1).unwrap();
+        assert_eq!(destroyed, KeysDestroyed { keys: 1, tombstones: 1 });
+        // Idempotent: a rerun reports what the job destroyed; another job finds nothing.
+        assert_eq!(
+            store.erase_subjects("job-1", &["gone".to_string()], 2).unwrap(),
+            KeysDestroyed { keys: 1, tombstones: 1 }
+        );
+        assert_eq!(
+            store.erase_subjects("job-2", &["gone".to_string()], 3).unwrap(),
+            KeysDestroyed::default()
+        );
+        assert!(store.key_by_id(&id).unwrap().is_none());
+        assert_eq!(store.erased(&["gone", "kept"]).unwrap(), vec![true, false]);
+        let after = store.subject_keys(&["gone", "kept"]).unwrap();
+        assert!(after[0].is_none(), "an erased subject never gets a new key");
+        assert!(after[1].is_some());
+        assert!(store.key_by_id(&envelope_key_id(&envelope).unwrap()).unwrap().is_none());
+        drop(store);
+        for file in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(file.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(wrapped.len()).any(|w| w == wrapped.as_slice()),
+                "the wrapped key's bytes are gone from the store's files"
+            );
+        }
+    }
+
+    #[test]
+    fn job_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("keys.db"));
+        assert_eq!(store.job_state("j").unwrap(), None);
+        store.save_job_state("j", "{\"step\":1}", 5).unwrap();
+        store.save_job_state("j", "{\"step\":2}", 6).unwrap();
+        assert_eq!(store.job_state("j").unwrap().as_deref(), Some("{\"step\":2}"));
     }
 }

@@ -1,0 +1,280 @@
+//! The PostgreSQL backend: the same tables in a schema of their own, so daemons on several hosts
+//! share keys and tombstones, and an erasure's key destruction and tombstones commit together.
+
+use postgres::{Client, NoTls};
+
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved};
+use crate::postgres::describe;
+
+/// Where the PostgreSQL key store is. The password comes from the environment, never a file.
+#[derive(Clone)]
+pub struct PgKeyStoreSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    /// Schema holding the key store's tables (created if absent).
+    pub schema: String,
+}
+
+impl std::fmt::Debug for PgKeyStoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PgKeyStoreSettings({}@{}:{}/{} schema {}, password hidden)",
+            self.user, self.host, self.port, self.database, self.schema
+        )
+    }
+}
+
+/// Serializes key creation across daemons: two creating the same subject's key at once would
+/// otherwise both mint one (a unique violation, or worse two keys in flight).
+const KEY_CREATION_LOCK: i64 = 0x736c_7569_6365_6b73; // "sluiceks"
+
+pub(super) struct PgStore {
+    client: Client,
+    schema: String,
+}
+
+fn e(err: postgres::Error) -> String {
+    describe(&err)
+}
+
+impl PgStore {
+    pub(super) fn open(s: &PgKeyStoreSettings) -> Result<Self, String> {
+        if s.schema.is_empty()
+            || !s
+                .schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!("schema `{}`: use lower-case letters, digits and _", s.schema));
+        }
+        let mut client = postgres::Config::new()
+            .host(&s.host)
+            .port(s.port)
+            .user(&s.user)
+            .password(&s.password)
+            .dbname(&s.database)
+            .application_name("sluice-keystore")
+            // "relation already exists, skipping" and the like are not worth a log line.
+            .options("-c client_min_messages=warning")
+            .connect(NoTls)
+            .map_err(e)?;
+        let schema = &s.schema;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS {schema}.keys (id BYTEA PRIMARY KEY, wrapped BYTEA NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {schema}.subject_keys (token TEXT PRIMARY KEY, key_id BYTEA NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {schema}.system_keys (name TEXT PRIMARY KEY, key_id BYTEA NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {schema}.tombstones (seq BIGSERIAL PRIMARY KEY, token TEXT NOT NULL UNIQUE,
+                                                                 job_id TEXT NOT NULL, erased_at_ms BIGINT NOT NULL,
+                                                                 key_destroyed BOOLEAN NOT NULL);
+                 CREATE TABLE IF NOT EXISTS {schema}.erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL,
+                                                                   updated_at_ms BIGINT NOT NULL);"
+            ))
+            .map_err(e)?;
+        Ok(Self {
+            client,
+            schema: schema.clone(),
+        })
+    }
+
+    pub(super) fn resolve(
+        &mut self,
+        names: Names,
+        wanted: &[&str],
+        mint: Mint<'_>,
+    ) -> Result<Vec<Resolved>, ResolveError> {
+        let store = |err: postgres::Error| ResolveError::Store(describe(&err));
+        let s = &self.schema;
+        let (table, column) = match names {
+            Names::Subjects => ("subject_keys", "token"),
+            Names::System => ("system_keys", "name"),
+        };
+        let select = format!("SELECT k.id, k.wrapped, n.{column} FROM {s}.{table} n JOIN {s}.keys k ON k.id = n.key_id WHERE n.{column} = ANY($1)");
+        let mut found = std::collections::HashMap::new();
+        let wanted_owned: Vec<String> = wanted.iter().map(|w| w.to_string()).collect();
+        // Most lookups find every key: read without locking first.
+        for row in self.client.query(&select, &[&wanted_owned]).map_err(store)? {
+            found.insert(
+                row.get::<_, String>(2),
+                (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)),
+            );
+        }
+        if found.len() == wanted.iter().collect::<std::collections::HashSet<_>>().len() {
+            return Ok(wanted
+                .iter()
+                .map(|w| {
+                    let (id, wrapped) = found[*w].clone();
+                    Resolved::Existing(id, wrapped)
+                })
+                .collect());
+        }
+        let mut tx = self.client.transaction().map_err(store)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
+            .map_err(store)?;
+        found.clear();
+        for row in tx.query(&select, &[&wanted_owned]).map_err(store)? {
+            found.insert(
+                row.get::<_, String>(2),
+                (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)),
+            );
+        }
+        let erased: std::collections::HashSet<String> = if names == Names::Subjects {
+            tx.query(
+                &format!("SELECT token FROM {s}.tombstones WHERE token = ANY($1)"),
+                &[&wanted_owned],
+            )
+            .map_err(store)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect()
+        } else {
+            Default::default()
+        };
+        let insert_key = format!("INSERT INTO {s}.keys (id, wrapped) VALUES ($1, $2)");
+        let insert_name = format!("INSERT INTO {s}.{table} ({column}, key_id) VALUES ($1, $2)");
+        let mut created = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            out.push(if let Some((id, wrapped)) = found.get(*w) {
+                Resolved::Existing(id.clone(), wrapped.clone())
+            } else if erased.contains(*w) {
+                Resolved::Erased
+            } else if let Some(material) = created.get(*w) {
+                Resolved::Created(*material)
+            } else {
+                let (material, wrapped) = mint().map_err(ResolveError::Key)?;
+                tx.execute(&insert_key, &[&material.0.as_slice(), &wrapped])
+                    .map_err(store)?;
+                tx.execute(&insert_name, &[w, &material.0.as_slice()]).map_err(store)?;
+                created.insert(w.to_string(), material);
+                Resolved::Created(material)
+            });
+        }
+        // Durable (synchronous_commit as the server has it) before ciphertext made with these
+        // keys can be committed to the lake.
+        tx.commit().map_err(store)?;
+        Ok(out)
+    }
+
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT wrapped FROM {}.keys WHERE id = $1", self.schema),
+                &[&id],
+            )
+            .map_err(e)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) fn subject_count(&mut self) -> Result<u64, String> {
+        let row = self
+            .client
+            .query_one(&format!("SELECT count(*) FROM {}.subject_keys", self.schema), &[])
+            .map_err(e)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, String> {
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT token FROM {}.subject_keys WHERE token = ANY($1)", self.schema),
+                &[&tokens],
+            )
+            .map_err(e)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    pub(super) fn erase(&mut self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, String> {
+        let s = self.schema.clone();
+        let mut tx = self.client.transaction().map_err(e)?;
+        // The key-creation lock: no key for these subjects can be minted between the delete
+        // and the commit, and erasures commit their tombstones in `seq` order (daemons read
+        // tombstones by increasing `seq`).
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
+            .map_err(e)?;
+        tx.execute(
+            &format!(
+                "WITH gone AS (DELETE FROM {s}.subject_keys WHERE token = ANY($1) RETURNING token, key_id),
+                      keys AS (DELETE FROM {s}.keys WHERE id IN (SELECT key_id FROM gone))
+                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed)
+                 SELECT t, $2, $3, t IN (SELECT token FROM gone) FROM unnest($1::text[]) t
+                 ON CONFLICT (token) DO NOTHING"
+            ),
+            &[&tokens, &job_id, &now_ms],
+        )
+        .map_err(e)?;
+        // Counted from the job's tombstones, so a rerun reports what the job destroyed.
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(*) FILTER (WHERE key_destroyed) FROM {s}.tombstones WHERE job_id = $1"
+                ),
+                &[&job_id],
+            )
+            .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(KeysDestroyed {
+            tombstones: row.get::<_, i64>(0) as u64,
+            keys: row.get::<_, i64>(1) as u64,
+        })
+    }
+
+    /// Dead row versions keep a deleted key's bytes in the table's pages until VACUUM prunes
+    /// them. (WAL archives and base backups of this database keep them as long as they are
+    /// kept: give them a retention shorter than the erasure deadline.)
+    pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
+        // One statement each: VACUUM cannot run inside a (multi-statement) transaction.
+        for table in ["keys", "subject_keys"] {
+            self.client
+                .batch_execute(&format!("VACUUM {}.{table}", self.schema))
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<(i64, String)>, String> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT seq, token FROM {}.tombstones WHERE seq > $1 ORDER BY seq",
+                    self.schema
+                ),
+                &[&seq],
+            )
+            .map_err(e)?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT state FROM {}.erasure_jobs WHERE job_id = $1", self.schema),
+                &[&job_id],
+            )
+            .map_err(e)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), String> {
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.erasure_jobs (job_id, state, updated_at_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, updated_at_ms = excluded.updated_at_ms",
+                    self.schema
+                ),
+                &[&job_id, &state, &now_ms],
+            )
+            .map(|_| ())
+            .map_err(e)
+    }
+}

@@ -1,0 +1,215 @@
+//! The embedded backend: one SQLite file in WAL mode. Several daemons on one host share it
+//! (file locks, `BEGIN IMMEDIATE`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subject_keys (token TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS system_keys (name TEXT PRIMARY KEY, key_id BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE,
+                                       job_id TEXT NOT NULL, erased_at_ms INTEGER NOT NULL,
+                                       key_destroyed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
+";
+
+pub(super) struct SqliteStore {
+    db: Connection,
+}
+
+impl SqliteStore {
+    pub(super) fn open(path: &Path) -> Result<Self, String> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let db = Connection::open(path).map_err(|e| e.to_string())?;
+        // Another daemon may hold the write lock for a moment: wait rather than fail.
+        db.busy_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| e.to_string())?;
+        // FULL: a key is on disk before any ciphertext made with it can be committed.
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| e.to_string())?;
+        // A destroyed key's bytes are overwritten in the page, not left in free space.
+        db.pragma_update(None, "secure_delete", "ON")
+            .map_err(|e| e.to_string())?;
+        db.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        Ok(Self { db })
+    }
+
+    pub(super) fn resolve(
+        &mut self,
+        names: Names,
+        wanted: &[&str],
+        mint: Mint<'_>,
+    ) -> Result<Vec<Resolved>, ResolveError> {
+        let store = |e: rusqlite::Error| ResolveError::Store(e.to_string());
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store)?;
+        let mut out = Vec::with_capacity(wanted.len());
+        {
+            let (select, insert_name) = match names {
+                Names::Subjects => (
+                    "SELECT k.id, k.wrapped FROM subject_keys s JOIN keys k ON k.id = s.key_id WHERE s.token = ?1",
+                    "INSERT INTO subject_keys (token, key_id) VALUES (?1, ?2)",
+                ),
+                Names::System => (
+                    "SELECT k.id, k.wrapped FROM system_keys s JOIN keys k ON k.id = s.key_id WHERE s.name = ?1",
+                    "INSERT INTO system_keys (name, key_id) VALUES (?1, ?2)",
+                ),
+            };
+            let mut select = tx.prepare_cached(select).map_err(store)?;
+            let mut insert_name = tx.prepare_cached(insert_name).map_err(store)?;
+            let mut insert_key = tx
+                .prepare_cached("INSERT INTO keys (id, wrapped) VALUES (?1, ?2)")
+                .map_err(store)?;
+            let mut tombstone = tx
+                .prepare_cached("SELECT 1 FROM tombstones WHERE token = ?1")
+                .map_err(store)?;
+            for name in wanted {
+                let existing: Option<(Vec<u8>, Vec<u8>)> = select
+                    .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(store)?;
+                out.push(match existing {
+                    Some((id, wrapped)) => Resolved::Existing(id, wrapped),
+                    None if names == Names::Subjects && tombstone.exists([name]).map_err(store)? => Resolved::Erased,
+                    None => {
+                        let (material, wrapped) = mint().map_err(ResolveError::Key)?;
+                        insert_key
+                            .execute(params![material.0.as_slice(), wrapped])
+                            .map_err(store)?;
+                        insert_name
+                            .execute(params![name, material.0.as_slice()])
+                            .map_err(store)?;
+                        Resolved::Created(material)
+                    }
+                });
+            }
+        }
+        // Durable before any ciphertext made with these keys can be committed.
+        tx.commit().map_err(store)?;
+        Ok(out)
+    }
+
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        self.db
+            .query_row("SELECT wrapped FROM keys WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(|e| e.to_string())
+    }
+
+    pub(super) fn subject_count(&mut self) -> Result<u64, String> {
+        let n: i64 = self
+            .db
+            .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        Ok(n as u64)
+    }
+
+    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, String> {
+        let mut select = self
+            .db
+            .prepare_cached("SELECT 1 FROM subject_keys WHERE token = ?1")
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for t in tokens {
+            if select.exists([t]).map_err(|e| e.to_string())? {
+                out.push(t.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn erase(&mut self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, String> {
+        let e = |e: rusqlite::Error| e.to_string();
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(e)?;
+        let destroyed = {
+            let mut delete_key = tx
+                .prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")
+                .map_err(e)?;
+            let mut delete_name = tx
+                .prepare_cached("DELETE FROM subject_keys WHERE token = ?1")
+                .map_err(e)?;
+            let mut tombstone = tx
+                .prepare_cached(
+                    "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (token) DO NOTHING",
+                )
+                .map_err(e)?;
+            for t in tokens {
+                let keys = delete_key.execute([t]).map_err(e)?;
+                delete_name.execute([t]).map_err(e)?;
+                tombstone.execute(params![t, job_id, now_ms, keys > 0]).map_err(e)?;
+            }
+            // Counted from the job's tombstones, so a rerun reports what the job destroyed.
+            tx.query_row(
+                "SELECT count(*), coalesce(sum(key_destroyed), 0) FROM tombstones WHERE job_id = ?1",
+                [job_id],
+                |r| {
+                    Ok(KeysDestroyed {
+                        tombstones: r.get::<_, i64>(0)? as u64,
+                        keys: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .map_err(e)?
+        };
+        tx.commit().map_err(e)?;
+        Ok(destroyed)
+    }
+
+    /// Old page images of a deleted key live on in the WAL until it is checkpointed and
+    /// truncated; secure_delete has already zeroed them in the database file.
+    pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
+        let busy: i64 = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if busy != 0 {
+            return Err("another process holds the key store open: its WAL could not be truncated; stop the daemons sharing it or rerun the job (erasure is idempotent)".into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<(i64, String)>, String> {
+        let mut select = self
+            .db
+            .prepare_cached("SELECT seq, token FROM tombstones WHERE seq > ?1 ORDER BY seq")
+            .map_err(|e| e.to_string())?;
+        let rows = select
+            .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+
+    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {
+        self.db
+            .query_row("SELECT state FROM erasure_jobs WHERE job_id = ?1", [job_id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| e.to_string())
+    }
+
+    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), String> {
+        self.db
+            .execute(
+                "INSERT INTO erasure_jobs (job_id, state, updated_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, updated_at_ms = excluded.updated_at_ms",
+                params![job_id, state, now_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

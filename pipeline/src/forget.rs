@@ -1,0 +1,698 @@
+//! `sluice forget`: right-to-be-forgotten jobs (GDPR Art. 17).
+//!
+//! A job, for one subject or a batch, in steps that each survive kill -9 (the job's state lives
+//! in the key store, saved before and after every step; a rerun of the same command resumes):
+//!
+//! 1. **Crypto-shredding**: the subjects' data keys are deleted and their tombstones written in
+//!    one key-store transaction. Every `encrypt`/`vault` value of theirs — in any table, any
+//!    older version, any backup or copy — is undecryptable from then on; no new key is ever
+//!    made for them, and running daemons drop their events (within `keys.erasure_refresh_ms`).
+//! 2. **Tables**: per analytic table (its policy's `[erasure]` mode: delete, or anonymize), the
+//!    vault and the quarantine, the files holding the subjects' rows are rewritten without them
+//!    in one commit, and the old files are deleted physically.
+//! 3. **Verification**: every Parquet file under every table (current, older and orphaned) and
+//!    the key store are scanned again for the subjects.
+//! 4. **Receipt**: one row in the append-only audit table (tokens, never ids), printed.
+//!
+//! Aggregates computed from the tables (hourly pre-aggregations) register an [`ErasureHook`]
+//! to be recomputed without the subjects.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sluice_connectors::delta::erase::{token_matcher, ErasureTarget, RowMatcher, TableErasure, Treatment};
+use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
+use sluice_connectors::keystore::{KeyStore, KeyStoreError};
+use sluice_connectors::SourcePosition;
+use sluice_transforms::actions::timestamp_type;
+use sluice_transforms::crypto::{canonical_identifier, DataKey};
+use sluice_transforms::{Erasure, Policy};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::quarantine::event_aad;
+use crate::runtime::{self, RunError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Keys(#[from] KeyStoreError),
+    #[error(transparent)]
+    Table(#[from] DeltaSinkError),
+    #[error("{0}")]
+    Request(String),
+    #[error("job {0}: its saved state is unreadable ({1}); it was written by another version?")]
+    State(String, String),
+}
+
+/// Something computed from the tables that must be rebuilt without erased subjects (hourly
+/// pre-aggregations register here). Called after the tables are rewritten, before the receipt.
+pub trait ErasureHook {
+    fn name(&self) -> &str;
+    /// Recomputes what depended on the subjects' rows; returns a line for the receipt.
+    fn after_erasure(&self, subject_tokens: &[String]) -> Result<String, String>;
+}
+
+pub struct ForgetRequest {
+    /// Raw subject ids (as the source has them). Held in memory only: tokenized at once.
+    pub subjects: Vec<String>,
+    /// Token domain of the ids; defaults to the one domain every policy's subject shares.
+    pub domain: Option<String>,
+    /// The request's reference (ticket number); the job id derives from it or the subjects.
+    pub request_id: Option<String>,
+    /// Who or what asked (recorded in the receipt).
+    pub requested_by: String,
+    pub dry_run: bool,
+    /// How long after the keys are destroyed the tables are rewritten: running daemons see
+    /// the tombstones and commit the rows they sanitized before.
+    pub settle: std::time::Duration,
+}
+
+/// Outcome of one table, as recorded in the receipt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableReceipt {
+    /// `delete`, `anonymize` (analytic tables), `vault`, `quarantine`.
+    pub mode: String,
+    pub rows_removed: u64,
+    pub rows_anonymized: u64,
+    pub files_scanned: u64,
+    pub files_removed: u64,
+    pub files_written: u64,
+    pub bytes_rewritten: u64,
+    /// Table version of the erasure commit (unknown when the job was resumed after it).
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Verification {
+    pub passed: bool,
+    /// What was still found (table and file names, counts: never values).
+    pub findings: Vec<String>,
+}
+
+/// The receipt: what the job did. Printed, and written to the audit table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Receipt {
+    pub job_id: String,
+    pub request_id: String,
+    pub requested_by: String,
+    pub dry_run: bool,
+    pub token_domain: String,
+    pub subject_tokens: Vec<String>,
+    pub started_at: String,
+    pub finished_at: String,
+    pub keys_destroyed: u64,
+    pub tombstones_written: u64,
+    pub tables: BTreeMap<String, TableReceipt>,
+    pub hooks: Vec<String>,
+    pub verification: Verification,
+}
+
+/// A job's saved progress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct JobState {
+    receipt: Receipt,
+    /// Raised each time a finished job whose verification found something is run again.
+    attempt: u32,
+    /// When the keys were destroyed and the tombstones written.
+    shredded_at_ms: Option<i64>,
+    /// Per table, what earlier attempts did (this attempt's numbers are added to them).
+    earlier: BTreeMap<String, TableReceipt>,
+    /// Per table: the files its erasure commit removes, saved just before that commit.
+    pending_removal: BTreeMap<String, Vec<String>>,
+    tables_done: Vec<String>,
+    hooks_done: bool,
+    verification_done: bool,
+    audit_written: bool,
+}
+
+/// One table the job goes through.
+struct Target {
+    name: String,
+    location: std::path::PathBuf,
+    matcher: RowMatcher,
+    treatment: Treatment,
+    mode: &'static str,
+}
+
+/// Files no table version holds are deleted only when older than this (Delta's default
+/// deleted-file retention): a younger one may be a running writer's transaction in flight.
+const ORPHAN_MIN_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Test hook: `SLUICE_FAILPOINT=<step>` aborts the process at that step (like kill -9), so
+/// the tests can interrupt a job at every step deterministically.
+fn failpoint(step: &str) {
+    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|at| at == step) {
+        std::process::abort();
+    }
+}
+
+pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureHook>]) -> Result<Receipt, ForgetError> {
+    if request.subjects.is_empty() {
+        return Err(ForgetError::Request("no subject given".into()));
+    }
+    let domain = match &request.domain {
+        Some(d) => d.clone(),
+        None => {
+            let domains: HashSet<&str> = config.policies.iter().map(|p| p.token_domain.as_str()).collect();
+            if domains.len() != 1 {
+                let mut list: Vec<&str> = domains.into_iter().collect();
+                list.sort();
+                return Err(ForgetError::Request(format!(
+                    "the policies' subjects have several token domains ({}): choose one with --domain",
+                    list.join(", ")
+                )));
+            }
+            domains.into_iter().next().expect("one").to_string()
+        }
+    };
+    let keys = runtime::open_key_store(config, 16)?;
+    let subject_tokenizer = keys.tokenizer()?.domain(&domain);
+    let mut tokens: Vec<String> = request
+        .subjects
+        .iter()
+        .map(|s| subject_tokenizer.token(s.trim()).as_str().to_string())
+        .collect();
+    tokens.sort();
+    tokens.dedup();
+    let job_id = match &request.request_id {
+        Some(r) => format!("req-{}", short_hash(r)),
+        None => format!("subjects-{}", short_hash(&tokens.join(","))),
+    };
+    let mut state: JobState = match keys.job_state(&job_id)? {
+        Some(text) if !request.dry_run => {
+            serde_json::from_str(&text).map_err(|e| ForgetError::State(job_id.clone(), e.to_string()))?
+        }
+        _ => JobState::default(),
+    };
+    if state.audit_written && state.receipt.verification.passed {
+        info!(job = %job_id, "this erasure job finished before; printing its receipt");
+        return Ok(state.receipt);
+    }
+    if state.audit_written {
+        // Finished, but the verification found something: go through the tables again.
+        info!(job = %job_id, "the job's verification found rows left; running it again");
+        state = JobState {
+            attempt: state.attempt + 1,
+            shredded_at_ms: state.shredded_at_ms,
+            earlier: state.receipt.tables.clone(),
+            receipt: Receipt {
+                tables: state.receipt.tables.clone(),
+                ..state.receipt
+            },
+            ..JobState::default()
+        };
+    } else if state.receipt.job_id.is_empty() {
+        state.attempt = 1;
+        state.receipt = Receipt {
+            job_id: job_id.clone(),
+            request_id: request.request_id.clone().unwrap_or_default(),
+            requested_by: request.requested_by.clone(),
+            token_domain: domain.clone(),
+            subject_tokens: tokens.clone(),
+            started_at: iso(now_ms()),
+            ..Receipt::default()
+        };
+    } else if state.receipt.subject_tokens != tokens {
+        return Err(ForgetError::Request(format!(
+            "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
+        )));
+    } else {
+        info!(job = %job_id, "resuming an interrupted erasure job");
+    }
+    state.receipt.dry_run = request.dry_run;
+    let save = |state: &JobState| -> Result<(), ForgetError> {
+        if request.dry_run {
+            return Ok(());
+        }
+        let text = serde_json::to_string(state).expect("job state serializes");
+        Ok(keys.save_job_state(&job_id, &text, now_ms())?)
+    };
+    save(&state)?;
+
+    // 1. Crypto-shredding first: from here on nothing new of theirs can be encrypted, and
+    //    daemons drop their events. Idempotent, so every run does it (a key some daemon minted
+    //    while an earlier run was killed is destroyed too).
+    if request.dry_run {
+        state.receipt.keys_destroyed = keys.subjects_with_keys(&tokens)?.len() as u64;
+    } else {
+        let destroyed = keys.erase_subjects(&job_id, &tokens, now_ms())?;
+        state.receipt.keys_destroyed = destroyed.keys;
+        state.receipt.tombstones_written = destroyed.tombstones;
+        let shredded_at = *state.shredded_at_ms.get_or_insert_with(now_ms);
+        save(&state)?;
+        info!(job = %job_id, keys = destroyed.keys, "subject keys destroyed");
+        failpoint("after-shred");
+        // Running daemons may hold rows of theirs sanitized before they saw the tombstones:
+        // wait until those are committed, so the tables below include them.
+        let settle_until = shredded_at + request.settle.as_millis() as i64;
+        let wait = settle_until - now_ms();
+        if wait > 0 && state.tables_done.is_empty() {
+            info!(job = %job_id, seconds = wait as f64 / 1000.0, "waiting for running daemons to see the tombstones and commit what they hold");
+            std::thread::sleep(std::time::Duration::from_millis(wait as u64));
+        }
+    }
+
+    // 2. Tables.
+    let targets = targets(config, &keys, &domain, &tokens, &request.subjects)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    let app_id = |target: &str| format!("sluice/{}/erasure/{}/{}/{}", config.name, job_id, state.attempt, target);
+    let bar = progress_bar(&rt, &targets, &app_id)?;
+    for target in &targets {
+        if state.tables_done.contains(&target.name) {
+            continue;
+        }
+        let Some(mut table) = rt.block_on(ErasureTarget::open(
+            &target.location,
+            &target.name,
+            app_id(&target.name),
+        ))?
+        else {
+            state.tables_done.push(target.name.clone());
+            continue;
+        };
+        state.receipt.tables.entry(target.name.clone()).or_default().mode = target.mode.to_string();
+        if rt.block_on(table.committed())? {
+            // Killed between the commit and the deletion of the old files: delete them now.
+            let paths = state.pending_removal.get(&target.name).cloned().unwrap_or_default();
+            rt.block_on(table.delete_files(&paths))?;
+        } else {
+            let mut prepared =
+                rt.block_on(table.prepare(&target.matcher, &target.treatment, request.dry_run, &|n| bar.inc(n)))?;
+            let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
+            let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
+            record(receipt, &base, &prepared.outcome, &target.treatment);
+            if !request.dry_run && !prepared.outcome.files_removed.is_empty() {
+                // Saved before the commit: a job killed right after it finds the files to
+                // delete, and the numbers for its receipt, here.
+                state
+                    .pending_removal
+                    .insert(target.name.clone(), prepared.outcome.files_removed.clone());
+                save(&state)?;
+                failpoint(&format!("before-commit:{}", target.name));
+                rt.block_on(table.commit(&mut prepared))?;
+                failpoint(&format!("after-commit:{}", target.name));
+                rt.block_on(table.delete_files(&prepared.outcome.files_removed))?;
+                state.receipt.tables.entry(target.name.clone()).or_default().version = prepared.outcome.version;
+            }
+            let result = &prepared.outcome;
+            info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
+        }
+        if !request.dry_run {
+            state.tables_done.push(target.name.clone());
+            save(&state)?;
+            failpoint(&format!("after-table:{}", target.name));
+        }
+    }
+    bar.finish_and_clear();
+    if request.dry_run {
+        state.receipt.finished_at = iso(now_ms());
+        state.receipt.verification.findings = vec!["dry run: nothing was changed".into()];
+        return Ok(state.receipt);
+    }
+    if !state.hooks_done {
+        state.receipt.hooks.clear();
+        for hook in hooks {
+            let line = hook
+                .after_erasure(&tokens)
+                .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
+            state.receipt.hooks.push(format!("{}: {line}", hook.name()));
+        }
+        state.hooks_done = true;
+        save(&state)?;
+    }
+
+    // 3. Verification.
+    if !state.verification_done {
+        let mut findings = Vec::new();
+        for target in &targets {
+            let Some(table) = rt.block_on(ErasureTarget::open(
+                &target.location,
+                &target.name,
+                app_id(&target.name),
+            ))?
+            else {
+                continue;
+            };
+            let active: HashSet<String> = table.active_files()?.into_iter().collect();
+            let mut orphans = Vec::new();
+            for (path, matched, modified_ms) in rt.block_on(table.scan_all_files(&target.matcher))? {
+                if matched == 0 {
+                    continue;
+                }
+                if active.contains(&path) {
+                    // A current row of theirs: written after the rewrite by a daemon that had
+                    // not yet seen the tombstones. Running the job again erases it.
+                    findings.push(format!("{}: {matched} rows in {path}", target.name));
+                } else if now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
+                    orphans.push(path);
+                } else {
+                    findings.push(format!(
+                        "{}: {matched} rows in {path}, a file no table version holds, written less than 7 days ago (possibly a writer's transaction in flight): it is deleted by a run of this job after that",
+                        target.name
+                    ));
+                }
+            }
+            if !orphans.is_empty() {
+                let removed = rt.block_on(table.delete_files(&orphans))?;
+                state
+                    .receipt
+                    .tables
+                    .entry(target.name.clone())
+                    .or_default()
+                    .files_removed += removed;
+                warn!(table = %target.name, files = removed, "removed orphaned data files holding erased subjects");
+            }
+        }
+        let left = keys.subjects_with_keys(&tokens)?;
+        if !left.is_empty() {
+            findings.push(format!("key store: {} subject keys still present", left.len()));
+        }
+        state.receipt.verification = Verification {
+            passed: findings.is_empty(),
+            findings,
+        };
+        state.receipt.finished_at = iso(now_ms());
+        state.verification_done = true;
+        save(&state)?;
+        failpoint("after-verify");
+    }
+
+    // 4. The audit record (its own commit marks it written: a rerun adds no second row).
+    let stream = format!("erasure-audit/{job_id}/{}", state.attempt);
+    let mut audit = rt.block_on(DeltaSink::open_or_create(
+        &config.audit_path,
+        "erasure_audit",
+        &config.name,
+        audit_schema(),
+        &[],
+        &["job_id", "request_id", "started_at", "finished_at", "verified"].map(String::from),
+    ))?;
+    if rt.block_on(audit.committed(&stream))?.is_none() {
+        rt.block_on(audit.write(audit_row(&state.receipt)))?;
+        rt.block_on(audit.commit(&[SourcePosition { stream, offset: 1 }], &[]))?;
+    }
+    failpoint("after-audit");
+    state.audit_written = true;
+    save(&state)?;
+    Ok(state.receipt)
+}
+
+/// One table's erasure in its receipt: earlier attempts' numbers plus this one's. Set, not
+/// added to: a job killed after preparing a table prepares it again on its rerun.
+fn record(receipt: &mut TableReceipt, earlier: &TableReceipt, result: &TableErasure, treatment: &Treatment) {
+    let (removed, anonymized) = match treatment {
+        Treatment::Delete => (result.rows_matched, 0),
+        Treatment::Blank(_) => (0, result.rows_matched),
+    };
+    receipt.rows_removed = earlier.rows_removed + removed;
+    receipt.rows_anonymized = earlier.rows_anonymized + anonymized;
+    receipt.files_scanned = earlier.files_scanned + result.files_scanned;
+    receipt.files_removed = earlier.files_removed + result.files_removed.len() as u64;
+    receipt.files_written = earlier.files_written + result.files_added;
+    receipt.bytes_rewritten = earlier.bytes_rewritten + result.bytes_read + result.bytes_written;
+}
+
+/// The analytic tables of the domain's policies, the vault and the quarantine.
+fn targets(
+    config: &Config,
+    keys: &KeyStore,
+    domain: &str,
+    tokens: &[String],
+    raw_ids: &[String],
+) -> Result<Vec<Target>, ForgetError> {
+    let set: HashSet<String> = tokens.iter().cloned().collect();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for policy in config.policies.iter().filter(|p| p.token_domain == domain) {
+        if !seen.insert(policy.target.clone()) {
+            continue;
+        }
+        let (treatment, mode) = match &policy.erasure {
+            Erasure::Delete => (Treatment::Delete, "delete"),
+            Erasure::Anonymize { .. } => {
+                let mut blank = policy.linking_columns();
+                blank.extend(["_subject".to_string(), "_position".to_string()]);
+                (Treatment::Blank(blank), "anonymize")
+            }
+        };
+        out.push(Target {
+            name: policy.target.clone(),
+            location: config.tables_root.join(&policy.target),
+            matcher: token_matcher("_subject", set.clone()),
+            treatment,
+            mode,
+        });
+    }
+    out.push(Target {
+        name: "vault".into(),
+        location: config.vault_path.clone(),
+        matcher: token_matcher("subject_token", set),
+        treatment: Treatment::Delete,
+        mode: "vault",
+    });
+    out.push(Target {
+        name: "quarantine".into(),
+        location: config.quarantine_path.clone(),
+        matcher: quarantine_matcher(keys.system_key("quarantine")?, &config.policies, raw_ids),
+        treatment: Treatment::Delete,
+        mode: "quarantine",
+    });
+    Ok(out)
+}
+
+/// Quarantined events hold the raw event, encrypted under the quarantine key: an event is the
+/// subjects' when, decrypted, the subject column of its table's policy (in its row images)
+/// holds one of their ids; for a table without a policy, any policy's subject column name; for
+/// an event that is not JSON, when an id appears in it as a whole word.
+fn quarantine_matcher(key: Arc<DataKey>, policies: &[Policy], raw_ids: &[String]) -> RowMatcher {
+    let subject_of: HashMap<String, String> = policies.iter().map(|p| (p.table.clone(), p.subject.clone())).collect();
+    let any_subject: HashSet<String> = policies.iter().map(|p| p.subject.clone()).collect();
+    let ids: HashSet<String> = raw_ids
+        .iter()
+        .map(|i| canonical_identifier(i.trim()).into_owned())
+        .collect();
+    RowMatcher {
+        columns: vec!["_position".into(), "event_enc".into()],
+        matches: Box::new(move |batch: &RecordBatch| {
+            let positions = batch
+                .column_by_name("_position")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .ok_or("quarantine: _position is not text")?;
+            let events = batch
+                .column_by_name("event_enc")
+                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
+                .ok_or("quarantine: event_enc is not binary")?;
+            let mut out = Vec::with_capacity(batch.num_rows());
+            for i in 0..batch.num_rows() {
+                let Ok(event) = key.open(events.value(i), &event_aad(positions.value(i))) else {
+                    return Err(format!(
+                        "quarantine: the event at {} does not decrypt",
+                        positions.value(i)
+                    ));
+                };
+                out.push(Some(event_names_subject(&event, &subject_of, &any_subject, &ids)));
+            }
+            Ok(BooleanArray::from(out))
+        }),
+    }
+}
+
+fn event_names_subject(
+    event: &[u8],
+    subject_of: &HashMap<String, String>,
+    any_subject: &HashSet<String>,
+    ids: &HashSet<String>,
+) -> bool {
+    use serde_json::Value;
+    let holds_id = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => ids.contains(canonical_identifier(s).as_ref()),
+        Some(Value::Number(n)) => ids.contains(&n.to_string()),
+        _ => false,
+    };
+    let Ok(doc) = serde_json::from_slice::<Value>(event) else {
+        let text = String::from_utf8_lossy(event).to_lowercase();
+        return ids.iter().any(|id| contains_word(&text, &id.to_lowercase()));
+    };
+    // The Kafka Connect JSON converter's envelope, or the bare change event.
+    let change = match doc.get("payload") {
+        Some(p) if doc.get("op").is_none() => p,
+        _ => &doc,
+    };
+    let source = change.get("source");
+    let table = source.and_then(|s| {
+        let schema = s.get("schema").or_else(|| s.get("db"))?.as_str()?;
+        Some(format!("{schema}.{}", s.get("table")?.as_str()?))
+    });
+    let columns: Vec<&String> = match table.as_ref().and_then(|t| subject_of.get(t)) {
+        Some(column) => vec![column],
+        None => any_subject.iter().collect(),
+    };
+    ["after", "before"].iter().any(|image| {
+        let row = change.get(*image);
+        columns.iter().any(|c| holds_id(row.and_then(|r| r.get(c.as_str()))))
+    })
+}
+
+/// `id` in `text` not touching other letters or digits.
+fn contains_word(text: &str, id: &str) -> bool {
+    if id.is_empty() {
+        return false;
+    }
+    text.match_indices(id).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + id.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric()) && !after.is_some_and(|c| c.is_alphanumeric())
+    })
+}
+
+fn progress_bar(
+    rt: &tokio::runtime::Runtime,
+    targets: &[Target],
+    app_id: &dyn Fn(&str) -> String,
+) -> Result<ProgressBar, ForgetError> {
+    if !std::io::stderr().is_terminal() {
+        return Ok(ProgressBar::hidden());
+    }
+    let mut files = 0;
+    for t in targets {
+        if let Some(table) = rt.block_on(ErasureTarget::open(&t.location, &t.name, app_id(&t.name)))? {
+            files += table.file_count()?;
+        }
+    }
+    let bar = ProgressBar::new(files);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} files ({per_sec}, ETA {eta})").expect("valid template"),
+    );
+    Ok(bar)
+}
+
+pub fn audit_schema() -> SchemaRef {
+    let text = |name: &str| Field::new(name, DataType::Utf8, false);
+    let count = |name: &str| Field::new(name, DataType::Int64, false);
+    Arc::new(Schema::new(vec![
+        text("job_id"),
+        text("request_id"),
+        text("requested_by"),
+        text("token_domain"),
+        count("subjects"),
+        // JSON array of the subjects' tokens: never the raw ids.
+        text("subject_tokens"),
+        Field::new("started_at", timestamp_type(), false),
+        Field::new("finished_at", timestamp_type(), false),
+        count("keys_destroyed"),
+        count("rows_removed"),
+        count("rows_anonymized"),
+        count("vault_rows_removed"),
+        count("files_removed"),
+        count("bytes_rewritten"),
+        // JSON: per table, mode, rows, files, bytes and commit version.
+        text("tables"),
+        Field::new("verified", DataType::Boolean, false),
+        text("verification"),
+    ]))
+}
+
+fn audit_row(r: &Receipt) -> RecordBatch {
+    let analytic = |f: fn(&TableReceipt) -> u64| -> i64 {
+        r.tables
+            .iter()
+            .filter(|(name, _)| *name != "vault")
+            .map(|(_, t)| f(t) as i64)
+            .sum()
+    };
+    let text = |v: &str| -> ArrayRef {
+        let mut b = StringBuilder::new();
+        b.append_value(v);
+        Arc::new(b.finish())
+    };
+    let int = |v: i64| -> ArrayRef {
+        let mut b = Int64Builder::new();
+        b.append_value(v);
+        Arc::new(b.finish())
+    };
+    let ts = |v: &str| -> ArrayRef {
+        let us = chrono::DateTime::parse_from_rfc3339(v)
+            .map(|t| t.timestamp_micros())
+            .unwrap_or_default();
+        let mut b = TimestampMicrosecondBuilder::new();
+        b.append_value(us);
+        Arc::new(b.finish().with_timezone("UTC"))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        text(&r.job_id),
+        text(&r.request_id),
+        text(&r.requested_by),
+        text(&r.token_domain),
+        int(r.subject_tokens.len() as i64),
+        text(&serde_json::to_string(&r.subject_tokens).expect("strings")),
+        ts(&r.started_at),
+        ts(&r.finished_at),
+        int(r.keys_destroyed as i64),
+        int(analytic(|t| t.rows_removed)),
+        int(analytic(|t| t.rows_anonymized)),
+        int(r.tables.get("vault").map(|t| t.rows_removed as i64).unwrap_or(0)),
+        int(r.tables.values().map(|t| t.files_removed as i64).sum()),
+        int(r.tables.values().map(|t| t.bytes_rewritten as i64).sum()),
+        text(&serde_json::to_string(&r.tables).expect("receipt serializes")),
+        Arc::new(arrow_array::BooleanArray::from(vec![r.verification.passed])),
+        text(&serde_json::to_string(&r.verification).expect("receipt serializes")),
+    ];
+    RecordBatch::try_new(audit_schema(), columns).expect("audit row matches its schema")
+}
+
+fn short_hash(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    hex::encode(&digest.as_ref()[..8])
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantined_events_are_matched_by_their_tables_subject_column_or_whole_word() {
+        let subject_of: HashMap<String, String> = [("public.payments".to_string(), "customer_id".to_string())].into();
+        let any: HashSet<String> = ["customer_id".to_string(), "id".to_string()].into();
+        let ids: HashSet<String> = ["900001".to_string(), "Ab-9".to_string()].into();
+        let names = |event: &[u8]| event_names_subject(event, &subject_of, &any, &ids);
+        let event = |table: &str, row: &str| {
+            format!(r#"{{"source":{{"schema":"public","table":"{table}"}},"op":"c","after":{row}}}"#).into_bytes()
+        };
+        assert!(names(&event("payments", r#"{"customer_id":900001,"amount":5}"#)));
+        assert!(
+            !names(&event("payments", r#"{"customer_id":900003,"id":900001}"#)),
+            "another column of a known table"
+        );
+        assert!(
+            names(&event("secrets", r#"{"id":"900001"}"#)),
+            "unknown table: any subject column name"
+        );
+        let wrapped = br#"{"payload":{"source":{"schema":"public","table":"payments"},"op":"d","before":{"customer_id":900001}}}"#;
+        assert!(names(wrapped));
+        assert!(names(b"{not json customer 900001,"));
+        assert!(names(b"{not json AB-9}"), "ids match in any letter case");
+        assert!(!names(b"{not json 19000012"));
+    }
+}
