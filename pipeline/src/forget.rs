@@ -17,9 +17,9 @@
 //! Aggregates computed from the tables (hourly pre-aggregations) register an [`ErasureHook`]
 //! to be recomputed without the subjects.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::IsTerminal;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
@@ -112,6 +112,12 @@ pub struct Receipt {
     pub keys_destroyed: u64,
     pub tombstones_written: u64,
     pub tables: BTreeMap<String, TableReceipt>,
+    /// Subjects none of whose rows any table held (never ingested, erased before, or a wrong
+    /// id or token domain).
+    pub subjects_without_rows: u64,
+    /// Positions of quarantined events that mention an id but cannot be attributed (not JSON,
+    /// or of a table no policy names): kept; a person should look at them.
+    pub review_quarantined: Vec<String>,
     pub hooks: Vec<String>,
     pub verification: Verification,
 }
@@ -129,6 +135,10 @@ struct JobState {
     /// Per table: the files its erasure commit removes, saved just before that commit.
     pending_removal: BTreeMap<String, Vec<String>>,
     tables_done: Vec<String>,
+    /// Subjects whose rows some table held.
+    found: BTreeSet<String>,
+    /// Positions of quarantined events to review.
+    review: BTreeSet<String>,
     hooks_done: bool,
     verification_done: bool,
     audit_written: bool,
@@ -179,7 +189,7 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
     let mut tokens: Vec<String> = request
         .subjects
         .iter()
-        .map(|s| subject_tokenizer.token(s.trim()).as_str().to_string())
+        .map(|s| subject_tokenizer.token(clean_id(s)).as_str().to_string())
         .collect();
     tokens.sort();
     tokens.dedup();
@@ -193,6 +203,13 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         }
         _ => JobState::default(),
     };
+    if !state.receipt.job_id.is_empty()
+        && (state.receipt.subject_tokens != tokens || state.receipt.token_domain != domain)
+    {
+        return Err(ForgetError::Request(format!(
+            "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
+        )));
+    }
     if state.audit_written && state.receipt.verification.passed {
         info!(job = %job_id, "this erasure job finished before; printing its receipt");
         return Ok(state.receipt);
@@ -221,10 +238,6 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
             started_at: iso(now_ms()),
             ..Receipt::default()
         };
-    } else if state.receipt.subject_tokens != tokens {
-        return Err(ForgetError::Request(format!(
-            "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
-        )));
     } else {
         info!(job = %job_id, "resuming an interrupted erasure job");
     }
@@ -262,7 +275,8 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
     }
 
     // 2. Tables.
-    let targets = targets(config, &keys, &domain, &tokens, &request.subjects)?;
+    let sightings = Sightings::default();
+    let targets = targets(config, &keys, &domain, &tokens, &request.subjects, &sightings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -309,6 +323,8 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
             let result = &prepared.outcome;
             info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
         }
+        state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
+        state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
         if !request.dry_run {
             state.tables_done.push(target.name.clone());
             save(&state)?;
@@ -316,6 +332,14 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         }
     }
     bar.finish_and_clear();
+    state.receipt.subjects_without_rows = tokens.iter().filter(|t| !state.found.contains(*t)).count() as u64;
+    state.receipt.review_quarantined = state.review.iter().cloned().collect();
+    if state.receipt.subjects_without_rows > 0 {
+        warn!(job = %job_id, subjects = state.receipt.subjects_without_rows, "subjects with no rows in any table: never ingested, already erased, or a wrong id or --domain");
+    }
+    if !state.receipt.review_quarantined.is_empty() {
+        warn!(job = %job_id, events = state.receipt.review_quarantined.len(), "quarantined events mention an id but cannot be attributed: kept, listed in the receipt for review");
+    }
     if request.dry_run {
         state.receipt.finished_at = iso(now_ms());
         state.receipt.verification.findings = vec!["dry run: nothing was changed".into()];
@@ -336,6 +360,7 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
     // 3. Verification.
     if !state.verification_done {
         let mut findings = Vec::new();
+        let names_token = aho_corasick::AhoCorasick::new(&tokens).map_err(|e| ForgetError::Request(e.to_string()))?;
         for target in &targets {
             let Some(table) = rt.block_on(ErasureTarget::open(
                 &target.location,
@@ -372,7 +397,17 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
                     .entry(target.name.clone())
                     .or_default()
                     .files_removed += removed;
+                save(&state)?;
                 warn!(table = %target.name, files = removed, "removed orphaned data files holding erased subjects");
+            }
+            let in_log = rt.block_on(table.log_files_where(&|bytes: &[u8]| names_token.is_match(bytes)))?;
+            if !in_log.is_empty() {
+                findings.push(format!(
+                    "{}: {} commit log files name an erased subject (file statistics written before they were restricted), e.g. {}",
+                    target.name,
+                    in_log.len(),
+                    in_log[0]
+                ));
             }
         }
         let left = keys.subjects_with_keys(&tokens)?;
@@ -424,6 +459,14 @@ fn record(receipt: &mut TableReceipt, earlier: &TableReceipt, result: &TableEras
     receipt.bytes_rewritten = earlier.bytes_rewritten + result.bytes_read + result.bytes_written;
 }
 
+/// What the matchers met while the job ran: subjects with rows, and quarantined events that
+/// may be the subjects' but cannot be attributed (kept, listed for review).
+#[derive(Default, Clone)]
+struct Sightings {
+    tokens: Arc<Mutex<BTreeSet<String>>>,
+    review: Arc<Mutex<BTreeSet<String>>>,
+}
+
 /// The analytic tables of the domain's policies, the vault and the quarantine.
 fn targets(
     config: &Config,
@@ -431,11 +474,13 @@ fn targets(
     domain: &str,
     tokens: &[String],
     raw_ids: &[String],
+    sightings: &Sightings,
 ) -> Result<Vec<Target>, ForgetError> {
     let set: HashSet<String> = tokens.iter().cloned().collect();
+    let in_domain: Vec<&Policy> = config.policies.iter().filter(|p| p.token_domain == domain).collect();
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for policy in config.policies.iter().filter(|p| p.token_domain == domain) {
+    for policy in &in_domain {
         if !seen.insert(policy.target.clone()) {
             continue;
         }
@@ -450,7 +495,7 @@ fn targets(
         out.push(Target {
             name: policy.target.clone(),
             location: config.tables_root.join(&policy.target),
-            matcher: token_matcher("_subject", set.clone()),
+            matcher: token_matcher("_subject", set.clone(), sightings.tokens.clone()),
             treatment,
             mode,
         });
@@ -458,30 +503,50 @@ fn targets(
     out.push(Target {
         name: "vault".into(),
         location: config.vault_path.clone(),
-        matcher: token_matcher("subject_token", set),
+        matcher: token_matcher("subject_token", set, sightings.tokens.clone()),
         treatment: Treatment::Delete,
         mode: "vault",
     });
     out.push(Target {
         name: "quarantine".into(),
         location: config.quarantine_path.clone(),
-        matcher: quarantine_matcher(keys.system_key("quarantine")?, &config.policies, raw_ids),
+        matcher: quarantine_matcher(
+            keys.system_key("quarantine")?,
+            &config.policies,
+            domain,
+            raw_ids,
+            sightings.review.clone(),
+        ),
         treatment: Treatment::Delete,
         mode: "quarantine",
     });
     Ok(out)
 }
 
-/// Quarantined events hold the raw event, encrypted under the quarantine key: an event is the
-/// subjects' when, decrypted, the subject column of its table's policy (in its row images)
-/// holds one of their ids; for a table without a policy, any policy's subject column name; for
-/// an event that is not JSON, when an id appears in it as a whole word.
-fn quarantine_matcher(key: Arc<DataKey>, policies: &[Policy], raw_ids: &[String]) -> RowMatcher {
-    let subject_of: HashMap<String, String> = policies.iter().map(|p| (p.table.clone(), p.subject.clone())).collect();
-    let any_subject: HashSet<String> = policies.iter().map(|p| p.subject.clone()).collect();
+/// Quarantined events hold the raw event, encrypted under the quarantine key. One is deleted
+/// when, decrypted, the subject column of its table's policy (a policy of the job's domain)
+/// holds one of the ids in a row image. One that cannot be attributed — not JSON, or of a
+/// table no policy names — but mentions an id (as a subject column value, or as a whole word)
+/// is kept and its position listed for review: deleting on a guess would lose others' events.
+fn quarantine_matcher(
+    key: Arc<DataKey>,
+    policies: &[Policy],
+    domain: &str,
+    raw_ids: &[String],
+    review: Arc<Mutex<BTreeSet<String>>>,
+) -> RowMatcher {
+    let subject_of: HashMap<String, Option<String>> = policies
+        .iter()
+        .map(|p| (p.table.clone(), (p.token_domain == domain).then(|| p.subject.clone())))
+        .collect();
+    let any_subject: HashSet<String> = policies
+        .iter()
+        .filter(|p| p.token_domain == domain)
+        .map(|p| p.subject.clone())
+        .collect();
     let ids: HashSet<String> = raw_ids
         .iter()
-        .map(|i| canonical_identifier(i.trim()).into_owned())
+        .map(|i| canonical_identifier(clean_id(i)).into_owned())
         .collect();
     RowMatcher {
         columns: vec!["_position".into(), "event_enc".into()],
@@ -502,19 +567,34 @@ fn quarantine_matcher(key: Arc<DataKey>, policies: &[Policy], raw_ids: &[String]
                         positions.value(i)
                     ));
                 };
-                out.push(Some(event_names_subject(&event, &subject_of, &any_subject, &ids)));
+                let sighting = event_names_subject(&event, &subject_of, &any_subject, &ids);
+                if sighting == Sighting::Unattributed {
+                    review
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(positions.value(i).to_string());
+                }
+                out.push(Some(sighting == Sighting::Subject));
             }
             Ok(BooleanArray::from(out))
         }),
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Sighting {
+    Subject,
+    /// Mentions an id, but sluice cannot tell whose event it is.
+    Unattributed,
+    None,
+}
+
 fn event_names_subject(
     event: &[u8],
-    subject_of: &HashMap<String, String>,
+    subject_of: &HashMap<String, Option<String>>,
     any_subject: &HashSet<String>,
     ids: &HashSet<String>,
-) -> bool {
+) -> Sighting {
     use serde_json::Value;
     let holds_id = |v: Option<&Value>| match v {
         Some(Value::String(s)) => ids.contains(canonical_identifier(s).as_ref()),
@@ -523,7 +603,11 @@ fn event_names_subject(
     };
     let Ok(doc) = serde_json::from_slice::<Value>(event) else {
         let text = String::from_utf8_lossy(event).to_lowercase();
-        return ids.iter().any(|id| contains_word(&text, &id.to_lowercase()));
+        return if ids.iter().any(|id| contains_word(&text, &id.to_lowercase())) {
+            Sighting::Unattributed
+        } else {
+            Sighting::None
+        };
     };
     // The Kafka Connect JSON converter's envelope, or the bare change event.
     let change = match doc.get("payload") {
@@ -535,14 +619,19 @@ fn event_names_subject(
         let schema = s.get("schema").or_else(|| s.get("db"))?.as_str()?;
         Some(format!("{schema}.{}", s.get("table")?.as_str()?))
     });
-    let columns: Vec<&String> = match table.as_ref().and_then(|t| subject_of.get(t)) {
-        Some(column) => vec![column],
-        None => any_subject.iter().collect(),
+    let in_images = |column: &str| {
+        ["after", "before"]
+            .iter()
+            .any(|image| holds_id(change.get(*image).and_then(|r| r.get(column))))
     };
-    ["after", "before"].iter().any(|image| {
-        let row = change.get(*image);
-        columns.iter().any(|c| holds_id(row.and_then(|r| r.get(c.as_str()))))
-    })
+    match table.as_ref().map(|t| subject_of.get(t)) {
+        // A table of this domain: its own subject column decides.
+        Some(Some(Some(column))) if in_images(column) => Sighting::Subject,
+        Some(Some(_)) => Sighting::None,
+        // A table no policy names.
+        _ if any_subject.iter().any(|c| in_images(c)) => Sighting::Unattributed,
+        _ => Sighting::None,
+    }
 }
 
 /// `id` in `text` not touching other letters or digits.
@@ -652,6 +741,15 @@ fn audit_row(r: &Receipt) -> RecordBatch {
     RecordBatch::try_new(audit_schema(), columns).expect("audit row matches its schema")
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An id as given, without surrounding blanks or a byte-order mark (spreadsheet exports).
+pub fn clean_id(id: &str) -> &str {
+    id.trim().trim_start_matches('\u{feff}').trim()
+}
+
 fn short_hash(text: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     hex::encode(&digest.as_ref()[..8])
@@ -672,27 +770,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quarantined_events_are_matched_by_their_tables_subject_column_or_whole_word() {
-        let subject_of: HashMap<String, String> = [("public.payments".to_string(), "customer_id".to_string())].into();
-        let any: HashSet<String> = ["customer_id".to_string(), "id".to_string()].into();
+    fn quarantined_events_are_deleted_only_when_their_tables_subject_column_names_the_subject() {
+        let subject_of: HashMap<String, Option<String>> = [
+            ("public.payments".to_string(), Some("customer_id".to_string())),
+            ("public.orders".to_string(), None),
+        ]
+        .into();
+        let any: HashSet<String> = ["customer_id".to_string()].into();
         let ids: HashSet<String> = ["900001".to_string(), "Ab-9".to_string()].into();
-        let names = |event: &[u8]| event_names_subject(event, &subject_of, &any, &ids);
+        let sees = |event: &[u8]| event_names_subject(event, &subject_of, &any, &ids);
         let event = |table: &str, row: &str| {
             format!(r#"{{"source":{{"schema":"public","table":"{table}"}},"op":"c","after":{row}}}"#).into_bytes()
         };
-        assert!(names(&event("payments", r#"{"customer_id":900001,"amount":5}"#)));
-        assert!(
-            !names(&event("payments", r#"{"customer_id":900003,"id":900001}"#)),
-            "another column of a known table"
+        assert_eq!(
+            sees(&event("payments", r#"{"customer_id":900001,"amount":5}"#)),
+            Sighting::Subject
         );
-        assert!(
-            names(&event("secrets", r#"{"id":"900001"}"#)),
-            "unknown table: any subject column name"
+        assert_eq!(
+            sees(&event("payments", r#"{"customer_id":900003,"id":900001}"#)),
+            Sighting::None
+        );
+        assert_eq!(
+            sees(&event("orders", r#"{"customer_id":900001}"#)),
+            Sighting::None,
+            "another domain's table"
+        );
+        assert_eq!(
+            sees(&event("secrets", r#"{"customer_id":"900001"}"#)),
+            Sighting::Unattributed
         );
         let wrapped = br#"{"payload":{"source":{"schema":"public","table":"payments"},"op":"d","before":{"customer_id":900001}}}"#;
-        assert!(names(wrapped));
-        assert!(names(b"{not json customer 900001,"));
-        assert!(names(b"{not json AB-9}"), "ids match in any letter case");
-        assert!(!names(b"{not json 19000012"));
+        assert_eq!(sees(wrapped), Sighting::Subject);
+        assert_eq!(sees(b"{not json customer 900001,"), Sighting::Unattributed);
+        assert_eq!(
+            sees(b"{not json AB-9}"),
+            Sighting::Unattributed,
+            "ids match in any letter case"
+        );
+        assert_eq!(sees(b"{not json 19000012"), Sighting::None);
+        assert_eq!(clean_id("\u{feff}42 "), "42");
     }
 }

@@ -545,7 +545,7 @@ fn subjects_from_lines(text: &str) -> Vec<String> {
     text.lines()
         .enumerate()
         .filter_map(|(i, line)| {
-            let first = line.split(',').next().unwrap_or("").trim().trim_matches('"');
+            let first = forget::clean_id(line.split(',').next().unwrap_or("")).trim_matches('"');
             let header = i == 0 && matches!(first.to_ascii_lowercase().as_str(), "id" | "subject" | "subject_id");
             (!first.is_empty() && !first.starts_with('#') && !header).then(|| first.to_string())
         })

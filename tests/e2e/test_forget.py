@@ -220,6 +220,11 @@ def test_forget_one_subject_everywhere_with_the_key_store_on_postgres(sluice_bin
     assert receipt["tables"]["people"]["rows_removed"] == 2 and receipt["tables"]["visits"]["rows_anonymized"] == 3
     assert receipt["tables"]["vault"]["rows_removed"] == 4 and receipt["tables"]["quarantine"]["rows_removed"] == 1
     assert str(victim["id"]) not in result.stdout + result.stderr and victim["full_name"] not in result.stderr
+    assert receipt["subjects_without_rows"] == 0 and receipt["review_quarantined"] == []
+    reuse = run(sluice_bin, "forget", "--config", config, "--subject", other["id"], "--request-id", "DSR-2026-001", check=False)
+    assert reuse.returncode == 2 and "exists for other subjects" in reuse.stderr, "a request id names one set of subjects"
+    unknown = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", "no-such-person", "--dry-run").stdout)
+    assert unknown["subjects_without_rows"] == 1
 
     # The key is gone from the store (only a tombstone, without the id, remains), so what was
     # copied aside can no longer be opened by anyone.
@@ -333,11 +338,12 @@ max_rows = 4000
                         if '"table":"customers"' in l.replace(" ", "") and '"op":"c"' in l.replace(" ", "")})
     chosen = random.Random(5).sample(customers, 300)
     subjects = tmp_path / "subjects.csv"
-    subjects.write_text("id,reason\n" + "".join(f"{c},art17\n" for c in chosen))
+    # As a spreadsheet exports it: a byte-order mark, a header, a second column.
+    subjects.write_text("\ufeffid,reason\n" + "".join(f"{c},art17\n" for c in chosen), encoding="utf-8")
     args = ["forget", "--config", config, "--subjects-file", subjects, "--request-id", "BATCH-1"]
     dry = json.loads(run(sluice_bin, *args, "--dry-run").stdout)
     tokens = set(dry["subject_tokens"])
-    assert len(tokens) == 300 and dry["keys_destroyed"] == 300
+    assert len(tokens) == 300 and dry["keys_destroyed"] == 300 and dry["subjects_without_rows"] == 0
     lake = tmp_path / "lake"
     tables = {"customers", "accounts", "payments", "contact_attempts"}
     rows_before = {t: read_delta(lake / "tables" / t).num_rows for t in tables}
@@ -436,3 +442,49 @@ max_age_ms = 300
         daemon.kill()
         daemon.wait()
         log.close()
+
+
+def test_statistics_that_name_a_subject_in_an_old_commit_fail_the_verification(sluice_bin, tmp_path):
+    """Tables written before statistics were restricted: the pipeline restricts them when it
+    opens the table, and an erasure reports the old commits that still name the subject."""
+    import deltalake
+
+    (tmp_path / "events").mkdir()
+    run(sluice_bin, "generate", "--events", 300, "--seed", 9, "--out", tmp_path / "events" / "crm.jsonl")
+    from conftest import DEMO_POLICIES
+
+    config = tmp_path / "sluice.toml"
+    config.write_text(f"""
+name = "legacy"
+policies = [{json.dumps(str(DEMO_POLICIES))}]
+[source]
+kind = "file"
+path = {json.dumps(str(tmp_path / "events"))}
+[lake]
+root = {json.dumps(str(tmp_path / "lake"))}
+{keys_section(tmp_path, "sqlite")}""")
+    run(sluice_bin, "run", "--config", config, "--once")
+    customers = tmp_path / "lake" / "tables" / "customers"
+    restricted = deltalake.DeltaTable(str(customers)).metadata().configuration["delta.dataSkippingStatsColumns"]
+    assert "_subject" not in restricted.split(",") and "id_token" not in restricted.split(",") and "_op" in restricted.split(",")
+
+    # An old-style commit: statistics on every column, a row of customer 1 among them.
+    dt = deltalake.DeltaTable(str(customers))
+    dt.alter.set_table_properties({"delta.dataSkippingStatsColumns": ",".join(dt.schema().to_arrow().names)})
+    ids = [json.loads(l)["after"]["id"] for l in (tmp_path / "events" / "crm.jsonl").read_text().splitlines() if '"table":"customers"' in l.replace(" ", "")]
+    victim = ids[0]
+    token = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", victim, "--dry-run").stdout)["subject_tokens"][0]
+    row = [r for r in read_delta(customers).to_pylist() if r["_subject"] == token][:1]
+    assert row
+    deltalake.write_deltalake(str(customers), __import__("pyarrow").Table.from_pylist(row, schema=read_delta(customers).schema), mode="append")
+    assert any(token in f.read_text() for f in (customers / "_delta_log").glob("*.json"))
+
+    result = run(sluice_bin, "forget", "--config", config, "--subject", victim, "--settle-ms", 0, check=False)
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)["verification"]["findings"]
+    assert any(f.startswith("customers: ") and "commit log files name an erased subject" in f for f in findings), findings
+    assert not [r for r in read_delta(customers).to_pylist() if r["_subject"] == token], "the rows are gone all the same"
+
+    # The pipeline puts the restriction back when it opens the table.
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert deltalake.DeltaTable(str(customers)).metadata().configuration["delta.dataSkippingStatsColumns"] == restricted

@@ -182,10 +182,21 @@ impl TableTransform {
         let erased_subject = keys.erased_subjects(&distinct)?;
         let mut row_keys = vec![None; n];
         if self.policy.needs_keys() {
-            let resolved = keys.subject_keys(&distinct)?;
+            // Erased subjects are not looked up: a miss would cost a key-store transaction.
+            let live: Vec<&str> = distinct
+                .iter()
+                .zip(&erased_subject)
+                .filter(|(_, erased)| !**erased)
+                .map(|(t, _)| *t)
+                .collect();
+            let mut resolved = keys.subject_keys(&live)?.into_iter();
+            let key_of: Vec<Option<Arc<DataKey>>> = erased_subject
+                .iter()
+                .map(|erased| if *erased { None } else { resolved.next().flatten() })
+                .collect();
             for (row, slot) in slot_of.iter().enumerate() {
                 if let Some(slot) = slot {
-                    row_keys[row] = resolved[*slot].clone();
+                    row_keys[row] = key_of[*slot].clone();
                 }
             }
         }

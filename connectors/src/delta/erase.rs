@@ -251,11 +251,57 @@ impl ErasureTarget {
         Ok(out)
     }
 
+    /// Commit files and checkpoints of the log in which `found` finds something (file
+    /// statistics written before they were restricted can hold a token).
+    pub async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, DeltaSinkError> {
+        use futures_util::StreamExt;
+        let store = self.table.object_store();
+        let prefix = StorePath::from("_delta_log");
+        let mut listing = store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| self.store_err(e))?;
+            let bytes = store
+                .get(&meta.location)
+                .await
+                .map_err(|e| self.store_err(format!("{}: {e}", meta.location)))?
+                .bytes()
+                .await
+                .map_err(|e| self.store_err(format!("{}: {e}", meta.location)))?;
+            let hit = if meta.location.as_ref().ends_with(".parquet") {
+                // A checkpoint: its statistics are a (compressed) string column; look at them
+                // as JSON text.
+                let text = checkpoint_as_json(bytes).map_err(|e| self.store_err(format!("{}: {e}", meta.location)))?;
+                found(&text)
+            } else {
+                found(&bytes)
+            };
+            if hit {
+                out.push(meta.location.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Paths of the data files the current version holds.
     pub fn active_files(&self) -> Result<Vec<String>, DeltaSinkError> {
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         Ok(snapshot.log_data().into_iter().map(|f| f.path().to_string()).collect())
     }
+}
+
+fn checkpoint_as_json<T: ChunkReader + 'static>(bytes: T) -> Result<Vec<u8>, String> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| e.to_string())?;
+    let mut writer = deltalake::arrow::json::LineDelimitedWriter::new(Vec::new());
+    for batch in reader {
+        writer
+            .write(&batch.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    writer.finish().map_err(|e| e.to_string())?;
+    Ok(writer.into_inner())
 }
 
 fn remove_of(add: &Add) -> Remove {
@@ -371,8 +417,12 @@ fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Res
     RecordBatch::try_new(schema, arrays).map_err(|e| e.to_string())
 }
 
-/// Rows whose `column` (text) is one of `tokens`.
-pub fn token_matcher(column: &str, tokens: std::collections::HashSet<String>) -> RowMatcher {
+/// Rows whose `column` (text) is one of `tokens`; the tokens met are added to `seen`.
+pub fn token_matcher(
+    column: &str,
+    tokens: std::collections::HashSet<String>,
+    seen: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+) -> RowMatcher {
     let name = column.to_string();
     RowMatcher {
         columns: vec![column.to_string()],
@@ -381,10 +431,19 @@ pub fn token_matcher(column: &str, tokens: std::collections::HashSet<String>) ->
                 .column_by_name(&name)
                 .and_then(|c| c.as_any().downcast_ref::<StringArray>())
                 .ok_or_else(|| format!("column {name} is not text"))?;
-            Ok(values
+            let matched: BooleanArray = values
                 .iter()
                 .map(|v| Some(v.is_some_and(|v| tokens.contains(v))))
-                .collect())
+                .collect();
+            if matched.true_count() > 0 {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                for (v, m) in values.iter().zip(matched.iter()) {
+                    if let (Some(v), Some(true)) = (v, m) {
+                        seen.insert(v.to_string());
+                    }
+                }
+            }
+            Ok(matched)
         }),
     }
 }

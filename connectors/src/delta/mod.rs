@@ -132,6 +132,30 @@ impl DeltaSink {
                 .await
                 .map_err(err)?;
         }
+        // Tables created before statistics were restricted get the property now: their future
+        // commits name no token (older commits still do; `sluice forget` reports those).
+        let wanted_stats = stats_columns.join(",");
+        let current_stats = table
+            .snapshot()
+            .map_err(err)?
+            .metadata()
+            .configuration()
+            .get("delta.dataSkippingStatsColumns")
+            .cloned();
+        if current_stats.as_deref() != Some(wanted_stats.as_str()) {
+            tracing::info!(
+                table = name,
+                "restricting the columns with statistics in the table's log"
+            );
+            table = table
+                .set_tbl_properties()
+                .with_properties(HashMap::from([(
+                    "delta.dataSkippingStatsColumns".to_string(),
+                    wanted_stats,
+                )]))
+                .await
+                .map_err(err)?;
+        }
         let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
         let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
         let names = |s: &StructType| {
@@ -295,7 +319,8 @@ impl DeltaSink {
             partition_by: (!self.partition_by.is_empty()).then(|| self.partition_by.clone()),
             predicate: None,
         };
-        let mut caught_up = false;
+        // Erasures that committed since this writer's snapshot: catch up, a few times at most.
+        let mut catch_ups = 0;
         let finalized = loop {
             let snapshot = self.table.snapshot().map_err(err)?;
             let attempt = CommitBuilder::from(CommitProperties::default().with_application_transactions(txns.clone()))
@@ -315,8 +340,8 @@ impl DeltaSink {
                 // Our commit only appends: catch up with the table and commit again.
                 Err(deltalake::DeltaTableError::Transaction {
                     source: TransactionError::CommitConflict(CommitConflictError::ConcurrentDeleteRead),
-                }) if !caught_up => {
-                    caught_up = true;
+                }) if catch_ups < 5 => {
+                    catch_ups += 1;
                     tracing::info!(table = %self.name, "files were removed under this writer (an erasure): catching up before committing");
                     self.table.update_incremental(None).await.map_err(err)?;
                     self.check_fences(positions).await?;

@@ -353,16 +353,30 @@ impl KeyProvider for KeyStore {
         let loaded = self
             .resolve(Names::Subjects, &missing)
             .map_err(|e| KeyError(e.to_string()))?;
+        let mut newly_erased = Vec::new();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let mut loaded = loaded.into_iter();
         for (slot, t) in out.iter_mut().zip(tokens) {
             if slot.is_none() {
-                if let Some((id, material)) = loaded.next().expect("one result per miss") {
-                    let key = Arc::new(DataKey::new(id, &material).map_err(|e| KeyError(e.to_string()))?);
-                    cache.put(t.to_string(), key.clone());
-                    *slot = Some(key);
+                match loaded.next().expect("one result per miss") {
+                    Some((id, material)) => {
+                        let key = Arc::new(DataKey::new(id, &material).map_err(|e| KeyError(e.to_string()))?);
+                        cache.put(t.to_string(), key.clone());
+                        *slot = Some(key);
+                    }
+                    None => newly_erased.push(t.to_string()),
                 }
             }
+        }
+        // Erased since the last tombstone refresh: remembered, not asked again. (The cache lock
+        // is released first: `erased` takes the two locks in the other order.)
+        drop(cache);
+        if !newly_erased.is_empty() {
+            self.erased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tokens
+                .extend(newly_erased);
         }
         Ok(out)
     }
