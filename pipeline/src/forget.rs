@@ -220,6 +220,7 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         state = JobState {
             attempt: state.attempt + 1,
             shredded_at_ms: state.shredded_at_ms,
+            found: state.found.clone(),
             earlier: state.receipt.tables.clone(),
             receipt: Receipt {
                 tables: state.receipt.tables.clone(),

@@ -484,6 +484,11 @@ root = {json.dumps(str(tmp_path / "lake"))}
     findings = json.loads(result.stdout)["verification"]["findings"]
     assert any(f.startswith("customers: ") and "commit log files name an erased subject" in f for f in findings), findings
     assert not [r for r in read_delta(customers).to_pylist() if r["_subject"] == token], "the rows are gone all the same"
+    # Run again: a second attempt (its verification fails the same way) keeps the first's numbers.
+    again = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", victim, "--settle-ms", 0, check=False).stdout)
+    first = json.loads(result.stdout)
+    assert again["subjects_without_rows"] == 0 and again["tables"]["customers"]["rows_removed"] == first["tables"]["customers"]["rows_removed"] > 0
+    assert len(read_delta(tmp_path / "lake" / "audit" / "erasures").to_pylist()) == 2, "one audit row per attempt"
 
     # The pipeline puts the restriction back when it opens the table.
     run(sluice_bin, "run", "--config", config, "--once")
