@@ -305,6 +305,9 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         } else {
             let mut prepared =
                 rt.block_on(table.prepare(&target.matcher, &target.treatment, request.dry_run, &|n| bar.inc(n)))?;
+            // Saved with the state below, so a resumed job still knows whom this table held.
+            state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
+            state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
             let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
             let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
             record(receipt, &base, &prepared.outcome, &target.treatment);
@@ -324,8 +327,6 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
             let result = &prepared.outcome;
             info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
         }
-        state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
-        state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
         if !request.dry_run {
             state.tables_done.push(target.name.clone());
             save(&state)?;

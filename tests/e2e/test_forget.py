@@ -359,6 +359,7 @@ max_rows = 4000
     receipt = json.loads(result.stdout)
     assert receipt["verification"] == {"passed": True, "findings": []}, receipt["verification"]
     assert receipt["keys_destroyed"] == 300 and receipt["tombstones_written"] == 300
+    assert receipt["subjects_without_rows"] == 0, "whom each table held survives the interruptions"
     for t in tables | {"vault", "quarantine"}:
         assert receipt["tables"][t]["rows_removed"] == dry["tables"][t]["rows_removed"], f"{t}: receipt counts after {len(steps)} aborts"
         assert receipt["tables"][t]["files_removed"] == dry["tables"][t]["files_removed"], t
