@@ -32,6 +32,7 @@ use sluice_connectors::keystore::{KeyStore, KeyStoreError};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::timestamp_type;
 use sluice_transforms::crypto::{canonical_identifier, DataKey};
+use sluice_transforms::engine::LINKING_META_COLUMNS;
 use sluice_transforms::{Erasure, Policy};
 use tracing::{info, warn};
 
@@ -490,7 +491,7 @@ fn targets(
             Erasure::Delete => (Treatment::Delete, "delete"),
             Erasure::Anonymize { .. } => {
                 let mut blank = policy.linking_columns();
-                blank.extend(["_subject".to_string(), "_position".to_string()]);
+                blank.extend(LINKING_META_COLUMNS.iter().map(|c| c.to_string()));
                 (Treatment::Blank(blank), "anonymize")
             }
         };

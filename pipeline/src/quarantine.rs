@@ -11,6 +11,10 @@ use sluice_transforms::crypto::{field_aad, CryptoError, DataKey};
 
 pub const PARTITION_COLUMN: &str = "_date";
 
+/// Quarantine columns whose per-file minimum/maximum may be kept in the log: not the position
+/// (it points at the raw event) nor the encrypted event.
+pub const STATS_COLUMNS: &[&str] = &["reason", "detail", "table", "column", "event_bytes", "_ingested_at"];
+
 pub fn quarantine_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         // Stable code (`malformed_json`, `type_mismatch`, …) and a fixed human text.

@@ -27,7 +27,7 @@ use sluice_connectors::kinesis::KinesisError;
 use sluice_connectors::postgres::PgError;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
-use sluice_transforms::vault::vault_schema;
+use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
 use sluice_transforms::TableTransform;
 use tracing::{info, warn};
 
@@ -261,7 +261,7 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             &config.name,
             vault_schema(),
             &[],
-            &names(&["table", "column", "_op", "_source_ts", "_ingested_at"]),
+            &names(VAULT_STATS_COLUMNS),
         )
         .await?,
     );
@@ -272,7 +272,7 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             &config.name,
             quarantine_schema(),
             &[crate::quarantine::PARTITION_COLUMN],
-            &names(&["reason", "detail", "table", "column", "event_bytes", "_ingested_at"]),
+            &names(crate::quarantine::STATS_COLUMNS),
         )
         .await?,
     );

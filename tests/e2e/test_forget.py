@@ -116,6 +116,31 @@ max_age_ms = 1000
     return config
 
 
+def demo_pipeline(tmp, name, keys, source="", tuning=""):
+    """A pipeline over generated demo events in `tmp/events`, with the demo policies."""
+    from conftest import DEMO_POLICIES
+
+    config = tmp / "sluice.toml"
+    config.write_text(f"""
+name = "{name}"
+policies = [{json.dumps(str(DEMO_POLICIES))}]
+[source]
+kind = "file"
+path = {json.dumps(str(tmp / "events"))}
+{source}
+[lake]
+root = {json.dumps(str(tmp / "lake"))}
+{tuning}
+{keys}""")
+    return config
+
+
+def created_customers(lines):
+    """Ids of the customers the demo events create."""
+    return sorted({json.loads(l)["after"]["id"] for l in lines
+                   if '"table":"customers"' in l.replace(" ", "") and '"op":"c"' in l.replace(" ", "")})
+
+
 def envelope(table, op, before, after, ts):
     return json.dumps({"before": before, "after": after, "source": {"db": "clinic", "schema": "public", "table": table, "ts_ms": ts}, "op": op, "ts_ms": ts})
 
@@ -318,24 +343,9 @@ def test_kill_9_during_a_batch_erasure_then_rerun_completes(sluice_bin, backend,
     db = request.getfixturevalue("pg") if backend == "postgres" else None
     (tmp_path / "events").mkdir()
     run(sluice_bin, "generate", "--events", 30000, "--seed", 7, "--out", tmp_path / "events" / "crm.jsonl")
-    from conftest import DEMO_POLICIES
-
-    config = tmp_path / "sluice.toml"
-    config.write_text(f"""
-name = "batch"
-policies = [{json.dumps(str(DEMO_POLICIES))}]
-[source]
-kind = "file"
-path = {json.dumps(str(tmp_path / "events"))}
-[lake]
-root = {json.dumps(str(tmp_path / "lake"))}
-[batch]
-max_rows = 4000
-{keys_section(tmp_path, backend, db)}
-""")
+    config = demo_pipeline(tmp_path, "batch", keys_section(tmp_path, backend, db), tuning="[batch]\nmax_rows = 4000")
     run(sluice_bin, "run", "--config", config, "--once")
-    customers = sorted({json.loads(l)["after"]["id"] for l in (tmp_path / "events" / "crm.jsonl").read_text().splitlines()
-                        if '"table":"customers"' in l.replace(" ", "") and '"op":"c"' in l.replace(" ", "")})
+    customers = created_customers((tmp_path / "events" / "crm.jsonl").read_text().splitlines())
     chosen = random.Random(5).sample(customers, 300)
     subjects = tmp_path / "subjects.csv"
     # As a spreadsheet exports it: a byte-order mark, a header, a second column.
@@ -379,7 +389,7 @@ max_rows = 4000
 
 
 def test_a_running_daemon_keeps_going_through_an_erasure_and_drops_the_subjects_events(sluice_bin, tmp_path):
-    from conftest import DEMO_POLICIES, wait_until
+    from conftest import wait_until
 
     import deltalake
 
@@ -388,20 +398,8 @@ def test_a_running_daemon_keeps_going_through_an_erasure_and_drops_the_subjects_
     run(sluice_bin, "generate", "--events", 6000, "--seed", 3, "--out", tmp_path / "crm.jsonl")
     lines = (tmp_path / "crm.jsonl").read_text().splitlines()
     (events / "crm-000.jsonl").write_text("\n".join(lines) + "\n")
-    config = tmp_path / "sluice.toml"
-    config.write_text(f"""
-name = "live"
-policies = [{json.dumps(str(DEMO_POLICIES))}]
-[source]
-kind = "file"
-path = {json.dumps(str(events))}
-poll_ms = 100
-[lake]
-root = {json.dumps(str(tmp_path / "lake"))}
-[batch]
-max_age_ms = 300
-{keys_section(tmp_path, "sqlite")}erasure_refresh_ms = 300
-""")
+    config = demo_pipeline(tmp_path, "live", keys_section(tmp_path, "sqlite") + "erasure_refresh_ms = 300\n",
+                           source="poll_ms = 100", tuning="[batch]\nmax_age_ms = 300")
     lake = tmp_path / "lake"
 
     def committed(stream, size):
@@ -416,7 +414,7 @@ max_age_ms = 300
     daemon = subprocess.Popen([str(sluice_bin), "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_until(committed("crm-000.jsonl", (events / "crm-000.jsonl").stat().st_size), 120, "the daemon to commit the first file")
-        customers = sorted({json.loads(l)["after"]["id"] for l in lines if '"table":"customers"' in l.replace(" ", "") and '"op":"c"' in l.replace(" ", "")})
+        customers = created_customers(lines)
         erased = customers[:40]
         subjects = tmp_path / "ids.txt"
         subjects.write_text("\n".join(map(str, erased)) + "\n")
@@ -452,18 +450,7 @@ def test_statistics_that_name_a_subject_in_an_old_commit_fail_the_verification(s
 
     (tmp_path / "events").mkdir()
     run(sluice_bin, "generate", "--events", 300, "--seed", 9, "--out", tmp_path / "events" / "crm.jsonl")
-    from conftest import DEMO_POLICIES
-
-    config = tmp_path / "sluice.toml"
-    config.write_text(f"""
-name = "legacy"
-policies = [{json.dumps(str(DEMO_POLICIES))}]
-[source]
-kind = "file"
-path = {json.dumps(str(tmp_path / "events"))}
-[lake]
-root = {json.dumps(str(tmp_path / "lake"))}
-{keys_section(tmp_path, "sqlite")}""")
+    config = demo_pipeline(tmp_path, "legacy", keys_section(tmp_path, "sqlite"))
     run(sluice_bin, "run", "--config", config, "--once")
     customers = tmp_path / "lake" / "tables" / "customers"
     restricted = deltalake.DeltaTable(str(customers)).metadata().configuration["delta.dataSkippingStatsColumns"]
@@ -472,8 +459,7 @@ root = {json.dumps(str(tmp_path / "lake"))}
     # An old-style commit: statistics on every column, a row of customer 1 among them.
     dt = deltalake.DeltaTable(str(customers))
     dt.alter.set_table_properties({"delta.dataSkippingStatsColumns": ",".join(dt.schema().to_arrow().names)})
-    ids = [json.loads(l)["after"]["id"] for l in (tmp_path / "events" / "crm.jsonl").read_text().splitlines() if '"table":"customers"' in l.replace(" ", "")]
-    victim = ids[0]
+    victim = created_customers((tmp_path / "events" / "crm.jsonl").read_text().splitlines())[0]
     token = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", victim, "--dry-run").stdout)["subject_tokens"][0]
     row = [r for r in read_delta(customers).to_pylist() if r["_subject"] == token][:1]
     assert row

@@ -18,6 +18,9 @@ use crate::vault::VaultRowsBuilder;
 
 /// Metadata columns every analytic table carries after its data columns.
 pub const META_COLUMNS: &[&str] = &["_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"];
+/// Metadata columns that link a row to a person (blanked by an anonymizing erasure, never
+/// given statistics in the table's log).
+pub const LINKING_META_COLUMNS: &[&str] = &["_subject", "_position"];
 /// The date partition column.
 pub const PARTITION_COLUMN: &str = "_date";
 
@@ -152,7 +155,7 @@ impl TableTransform {
             .fields()
             .iter()
             .map(|f| f.name().clone())
-            .filter(|n| !linking.contains(n) && !matches!(n.as_str(), "_subject" | "_position" | PARTITION_COLUMN))
+            .filter(|n| !linking.contains(n) && !LINKING_META_COLUMNS.contains(&n.as_str()) && n != PARTITION_COLUMN)
             .collect()
     }
 

@@ -199,10 +199,6 @@ impl KeyStore {
         self
     }
 
-    pub fn location(&self) -> &str {
-        &self.location
-    }
-
     /// The HMAC key for tokens, created on first use.
     pub fn tokenizer(&self) -> Result<Tokenizer, KeyStoreError> {
         let key = self
