@@ -7,14 +7,18 @@
 //! - [`kinesis`]: shards of a Kinesis stream, positions in the lake; a publisher.
 //! - [`postgres`]: logical replication (pgoutput) and snapshots of PostgreSQL tables.
 //! - [`delta`]: Delta Lake tables, with source positions committed in the same commit.
+//! - [`iceberg`]: Apache Iceberg tables (SQL or REST catalog), positions in snapshot summaries.
+//! - [`lake`]: a table sink of either format, and where a table is.
 //! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
 
 pub mod debezium;
 pub mod delta;
 pub mod file;
+pub mod iceberg;
 pub mod kafka;
 pub mod keystore;
 pub mod kinesis;
+pub mod lake;
 pub mod postgres;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in
@@ -23,6 +27,14 @@ pub mod postgres;
 pub struct SourcePosition {
     pub stream: String,
     pub offset: i64,
+}
+
+/// Test hook: `SLUICE_FAILPOINT=<step>` aborts the process at that step (like kill -9), so
+/// tests can interrupt a job or a commit at a chosen step deterministically.
+pub fn failpoint(step: &str) {
+    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|at| at == step) {
+        std::process::abort();
+    }
 }
 
 /// The Arrow and Parquet versions the sinks write with, for readers elsewhere in the workspace.

@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sluice_connectors::iceberg::{CatalogSettings, IcebergLocation};
 use sluice_connectors::kafka::{KafkaSettings, StartAt};
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
+use sluice_connectors::lake::TableLocation;
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
 
@@ -105,6 +107,46 @@ struct RawLake {
     vault: Option<String>,
     quarantine: Option<String>,
     audit: Option<String>,
+    format: Option<Spanned<String>>,
+    iceberg: Option<RawIceberg>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIceberg {
+    catalog: Option<Spanned<String>>,
+    catalog_name: Option<String>,
+    namespace: Option<String>,
+    // sql: a SQLite file and a warehouse directory; rest: a URL and a warehouse name
+    uri: Option<String>,
+    warehouse: Option<String>,
+    /// rest: client properties taken from environment variables (`token = "ICEBERG_TOKEN"`).
+    #[serde(default)]
+    properties_env: BTreeMap<String, String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+/// Which table formats the analytic tables are written in (the vault, quarantine and audit
+/// tables are Delta whatever this says: erasure works on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LakeFormat {
+    Delta,
+    Iceberg,
+    Both,
+}
+
+impl LakeFormat {
+    pub fn delta(self) -> bool {
+        self != LakeFormat::Iceberg
+    }
+    pub fn iceberg(self) -> bool {
+        self != LakeFormat::Delta
+    }
+    /// How many tables each policy writes.
+    pub fn count(self) -> usize {
+        usize::from(self.delta()) + usize::from(self.iceberg())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +303,9 @@ pub struct Config {
     pub erasure_refresh: std::time::Duration,
     /// The append-only Delta table of erasure receipts.
     pub audit_path: PathBuf,
+    pub lake_format: LakeFormat,
+    /// The catalog and namespace of the Iceberg tables (the format includes Iceberg).
+    pub iceberg: Option<IcebergLocation>,
     pub batch: BatchConfig,
     pub workers: WorkersConfig,
 }
@@ -363,7 +408,39 @@ impl Config {
             }
         }
         let root = resolve(&raw.lake.root);
+        let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("delta") => LakeFormat::Delta,
+            Some("iceberg") => LakeFormat::Iceberg,
+            Some("both") => LakeFormat::Both,
+            Some(other) => {
+                return Err(invalid(
+                    raw.lake.format.as_ref().map_or(0, |f| f.span().start),
+                    "lake.format",
+                    format!("`{other}`: expected `delta`, `iceberg` or `both`"),
+                ))
+            }
+        };
+        let iceberg = match (lake_format.iceberg(), &raw.lake.iceberg) {
+            (true, iceberg) => Some(iceberg_config(
+                iceberg.as_ref(),
+                name,
+                &root,
+                &text,
+                &resolve,
+                &invalid,
+            )?),
+            (false, Some(_)) => {
+                return Err(invalid(
+                    text.find("[lake.iceberg]").unwrap_or(0),
+                    "lake.iceberg",
+                    "set, but `lake.format` does not include `iceberg`".into(),
+                ))
+            }
+            (false, None) => None,
+        };
         Ok(Config {
+            lake_format,
+            iceberg,
             file: file.to_path_buf(),
             name: name.clone(),
             policies,
@@ -403,12 +480,27 @@ impl Config {
         })
     }
 
-    /// Every Delta table a run commits to, in sink order: one per policy, the vault, the
-    /// quarantine.
-    pub fn sink_locations(&self) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = self.policies.iter().map(|p| self.tables_root.join(&p.target)).collect();
-        out.push(self.vault_path.clone());
-        out.push(self.quarantine_path.clone());
+    /// Where a policy's table is written: its Delta table and/or its Iceberg table.
+    pub fn table_locations(&self, policy: &Policy) -> Vec<TableLocation> {
+        let mut out = Vec::with_capacity(2);
+        if self.lake_format.delta() {
+            out.push(TableLocation::Delta(self.tables_root.join(&policy.target)));
+        }
+        if let Some(location) = &self.iceberg {
+            out.push(TableLocation::Iceberg {
+                location: location.clone(),
+                table: policy.target.clone(),
+            });
+        }
+        out
+    }
+
+    /// Every table a run commits to, in sink order: each policy's (one per format), the vault,
+    /// the quarantine.
+    pub fn sink_locations(&self) -> Vec<TableLocation> {
+        let mut out: Vec<TableLocation> = self.policies.iter().flat_map(|p| self.table_locations(p)).collect();
+        out.push(TableLocation::Delta(self.vault_path.clone()));
+        out.push(TableLocation::Delta(self.quarantine_path.clone()));
         out
     }
 
@@ -417,6 +509,26 @@ impl Config {
         self.tables_root = root.join("tables");
         self.vault_path = root.join("vault");
         self.quarantine_path = root.join("quarantine");
+        if let Some(iceberg) = &mut self.iceberg {
+            match &mut iceberg.catalog {
+                CatalogSettings::Sql { database, warehouse } => {
+                    *database = root.join("iceberg").join("catalog.db");
+                    *warehouse = root.join("iceberg").join("warehouse");
+                }
+                // A REST catalog is shared: the rebuilt tables go to a namespace of their own.
+                CatalogSettings::Rest { .. } => {
+                    let dir = root
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    iceberg.namespace = format!(
+                        "{}_{}",
+                        iceberg.namespace,
+                        dir.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                    );
+                }
+            }
+        }
     }
 
     pub fn worker_threads(&self) -> usize {
@@ -523,6 +635,90 @@ fn source_config(
                 format!("unknown source kind `{other}`: expected `file`, `kafka`, `kinesis` or `postgres`"),
             ))
         }
+    })
+}
+
+fn iceberg_config(
+    raw: Option<&RawIceberg>,
+    pipeline: &str,
+    root: &Path,
+    text: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<IcebergLocation, LoadError> {
+    let empty = RawIceberg {
+        catalog: None,
+        catalog_name: None,
+        namespace: None,
+        uri: None,
+        warehouse: None,
+        properties_env: BTreeMap::new(),
+        properties: BTreeMap::new(),
+    };
+    let raw = raw.unwrap_or(&empty);
+    let at = raw
+        .catalog
+        .as_ref()
+        .map(|k| k.span().start)
+        .unwrap_or_else(|| text.find("[lake.iceberg]").unwrap_or(0));
+    let kind = raw.catalog.as_ref().map(|k| k.get_ref().as_str()).unwrap_or("sql");
+    let catalog = match kind {
+        "sql" => {
+            if !raw.properties.is_empty() || !raw.properties_env.is_empty() {
+                return Err(invalid(
+                    at,
+                    "lake.iceberg.properties",
+                    "only for `catalog = \"rest\"`".into(),
+                ));
+            }
+            CatalogSettings::Sql {
+                database: raw
+                    .uri
+                    .as_deref()
+                    .map(resolve)
+                    .unwrap_or_else(|| root.join("iceberg").join("catalog.db")),
+                warehouse: raw
+                    .warehouse
+                    .as_deref()
+                    .map(resolve)
+                    .unwrap_or_else(|| root.join("iceberg").join("warehouse")),
+            }
+        }
+        "rest" => {
+            let uri = raw
+                .uri
+                .clone()
+                .ok_or_else(|| invalid(at, "lake.iceberg.uri", "required for `catalog = \"rest\"`".into()))?;
+            let mut properties: std::collections::HashMap<String, String> =
+                raw.properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (key, var) in &raw.properties_env {
+                let value = std::env::var(var).map_err(|_| {
+                    invalid(
+                        at,
+                        &format!("lake.iceberg.properties_env.{key}"),
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+                properties.insert(key.clone(), value);
+            }
+            CatalogSettings::Rest {
+                uri,
+                warehouse: raw.warehouse.clone(),
+                properties,
+            }
+        }
+        other => {
+            return Err(invalid(
+                at,
+                "lake.iceberg.catalog",
+                format!("unknown catalog `{other}`: expected `sql` or `rest`"),
+            ))
+        }
+    };
+    Ok(IcebergLocation {
+        catalog_name: raw.catalog_name.clone().unwrap_or_else(|| "sluice".into()),
+        catalog,
+        namespace: raw.namespace.clone().unwrap_or_else(|| pipeline.to_string()),
     })
 }
 
@@ -721,6 +917,55 @@ mod tests {
         assert!(
             err.ends_with("sluice.toml:13: source.start: `oldest`: expected `earliest` or `latest`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_lake_format_and_iceberg_catalog_are_checked_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_lake =
+            |lake: &str| HEAD.replace("[lake]\nroot = \"lake\"\n", &format!("[lake]\nroot = \"lake\"\n{lake}"));
+        let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+        let err = load(dir.path(), &format!("{}{source}", with_lake("format = \"parquet\"\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("sluice.toml:5: lake.format: `parquet`: expected `delta`, `iceberg` or `both`"),
+            "{err}"
+        );
+        let text = format!(
+            "{}{source}",
+            with_lake("format = \"both\"\n[lake.iceberg]\ncatalog = \"hive\"\n")
+        );
+        let err = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            err.ends_with("sluice.toml:7: lake.iceberg.catalog: unknown catalog `hive`: expected `sql` or `rest`"),
+            "{err}"
+        );
+        let text = format!(
+            "{}{source}",
+            with_lake("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\n")
+        );
+        let err = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            err.ends_with("lake.iceberg.uri: required for `catalog = \"rest\"`"),
+            "{err}"
+        );
+        let text = format!("{}{source}", with_lake("[lake.iceberg]\nnamespace = \"x\"\n"));
+        let err = load(dir.path(), &text).unwrap_err().to_string();
+        assert!(
+            err.ends_with("lake.iceberg: set, but `lake.format` does not include `iceberg`"),
+            "{err}"
+        );
+
+        let config = load(dir.path(), &format!("{}{source}", with_lake("format = \"both\"\n"))).unwrap();
+        // Per policy one table per format, then the vault and the quarantine (always Delta).
+        let locations = config.sink_locations();
+        assert_eq!(locations.len(), 4);
+        assert!(matches!(&locations[0], TableLocation::Delta(p) if p.ends_with("lake/tables/t")));
+        assert!(
+            matches!(&locations[1], TableLocation::Iceberg { location, table } if table == "t" && location.namespace == "p"
+                && location.catalog == CatalogSettings::Sql { database: dir.path().join("lake/iceberg/catalog.db"), warehouse: dir.path().join("lake/iceberg/warehouse") })
         );
     }
 }

@@ -26,9 +26,11 @@ use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, Strin
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use sluice_connectors::delta::erase::{token_matcher, ErasureTarget, RowMatcher, TableErasure, Treatment};
+use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, Treatment};
 use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
+use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
+use sluice_connectors::lake::{Catalogs, ErasureTable, LakeError, TableLocation};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::timestamp_type;
 use sluice_transforms::crypto::{canonical_identifier, DataKey};
@@ -48,6 +50,8 @@ pub enum ForgetError {
     Keys(#[from] KeyStoreError),
     #[error(transparent)]
     Table(#[from] DeltaSinkError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
     #[error("{0}")]
     Request(String),
     #[error("job {0}: its saved state is unreadable ({1}); it was written by another version?")]
@@ -148,7 +152,7 @@ struct JobState {
 /// One table the job goes through.
 struct Target {
     name: String,
-    location: std::path::PathBuf,
+    location: TableLocation,
     matcher: RowMatcher,
     treatment: Treatment,
     mode: &'static str,
@@ -157,14 +161,6 @@ struct Target {
 /// Files no table version holds are deleted only when older than this (Delta's default
 /// deleted-file retention): a younger one may be a running writer's transaction in flight.
 const ORPHAN_MIN_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
-
-/// Test hook: `SLUICE_FAILPOINT=<step>` aborts the process at that step (like kill -9), so
-/// the tests can interrupt a job at every step deterministically.
-fn failpoint(step: &str) {
-    if std::env::var("SLUICE_FAILPOINT").is_ok_and(|at| at == step) {
-        std::process::abort();
-    }
-}
 
 pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureHook>]) -> Result<Receipt, ForgetError> {
     if request.subjects.is_empty() {
@@ -284,13 +280,15 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         .build()
         .map_err(RunError::Runtime)?;
     let app_id = |target: &str| format!("sluice/{}/erasure/{}/{}/{}", config.name, job_id, state.attempt, target);
-    let bar = progress_bar(&rt, &targets, &app_id)?;
+    let mut catalogs = Catalogs::default();
+    let bar = progress_bar(&rt, &mut catalogs, &targets, &app_id)?;
     for target in &targets {
         if state.tables_done.contains(&target.name) {
             continue;
         }
-        let Some(mut table) = rt.block_on(ErasureTarget::open(
+        let Some(mut table) = rt.block_on(ErasureTable::open(
             &target.location,
+            &mut catalogs,
             &target.name,
             app_id(&target.name),
         ))?
@@ -311,21 +309,21 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
             state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
             let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
             let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
-            record(receipt, &base, &prepared.outcome, &target.treatment);
-            if !request.dry_run && !prepared.outcome.files_removed.is_empty() {
+            record(receipt, &base, prepared.outcome(), &target.treatment);
+            if !request.dry_run && !prepared.outcome().files_removed.is_empty() {
                 // Saved before the commit: a job killed right after it finds the files to
                 // delete, and the numbers for its receipt, here.
                 state
                     .pending_removal
-                    .insert(target.name.clone(), prepared.outcome.files_removed.clone());
+                    .insert(target.name.clone(), prepared.outcome().files_removed.clone());
                 save(&state)?;
                 failpoint(&format!("before-commit:{}", target.name));
-                rt.block_on(table.commit(&mut prepared))?;
+                let version = rt.block_on(table.commit(&mut prepared))?;
                 failpoint(&format!("after-commit:{}", target.name));
-                rt.block_on(table.delete_files(&prepared.outcome.files_removed))?;
-                state.receipt.tables.entry(target.name.clone()).or_default().version = prepared.outcome.version;
+                rt.block_on(table.delete_files(&prepared.outcome().files_removed))?;
+                state.receipt.tables.entry(target.name.clone()).or_default().version = version;
             }
-            let result = &prepared.outcome;
+            let result = prepared.outcome();
             info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
         }
         if !request.dry_run {
@@ -365,15 +363,16 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         let mut findings = Vec::new();
         let names_token = aho_corasick::AhoCorasick::new(&tokens).map_err(|e| ForgetError::Request(e.to_string()))?;
         for target in &targets {
-            let Some(table) = rt.block_on(ErasureTarget::open(
+            let Some(table) = rt.block_on(ErasureTable::open(
                 &target.location,
+                &mut catalogs,
                 &target.name,
                 app_id(&target.name),
             ))?
             else {
                 continue;
             };
-            let active: HashSet<String> = table.active_files()?.into_iter().collect();
+            let active: HashSet<String> = rt.block_on(table.active_files())?.into_iter().collect();
             let mut orphans = Vec::new();
             for (path, matched, modified_ms) in rt.block_on(table.scan_all_files(&target.matcher))? {
                 if matched == 0 {
@@ -495,24 +494,30 @@ fn targets(
                 (Treatment::Blank(blank), "anonymize")
             }
         };
-        out.push(Target {
-            name: policy.target.clone(),
-            location: config.tables_root.join(&policy.target),
-            matcher: token_matcher("_subject", set.clone(), sightings.tokens.clone()),
-            treatment,
-            mode,
-        });
+        for location in config.table_locations(policy) {
+            let name = match &location {
+                TableLocation::Delta(_) => policy.target.clone(),
+                TableLocation::Iceberg { .. } => format!("iceberg/{}", policy.target),
+            };
+            out.push(Target {
+                name,
+                location,
+                matcher: token_matcher("_subject", set.clone(), sightings.tokens.clone()),
+                treatment: treatment.clone(),
+                mode,
+            });
+        }
     }
     out.push(Target {
         name: "vault".into(),
-        location: config.vault_path.clone(),
+        location: TableLocation::Delta(config.vault_path.clone()),
         matcher: token_matcher("subject_token", set, sightings.tokens.clone()),
         treatment: Treatment::Delete,
         mode: "vault",
     });
     out.push(Target {
         name: "quarantine".into(),
-        location: config.quarantine_path.clone(),
+        location: TableLocation::Delta(config.quarantine_path.clone()),
         matcher: quarantine_matcher(
             keys.system_key("quarantine")?,
             &config.policies,
@@ -651,6 +656,7 @@ fn contains_word(text: &str, id: &str) -> bool {
 
 fn progress_bar(
     rt: &tokio::runtime::Runtime,
+    catalogs: &mut Catalogs,
     targets: &[Target],
     app_id: &dyn Fn(&str) -> String,
 ) -> Result<ProgressBar, ForgetError> {
@@ -659,8 +665,8 @@ fn progress_bar(
     }
     let mut files = 0;
     for t in targets {
-        if let Some(table) = rt.block_on(ErasureTarget::open(&t.location, &t.name, app_id(&t.name)))? {
-            files += table.file_count()?;
+        if let Some(table) = rt.block_on(ErasureTable::open(&t.location, catalogs, &t.name, app_id(&t.name)))? {
+            files += rt.block_on(table.file_count())?;
         }
     }
     let bar = ProgressBar::new(files);

@@ -14,6 +14,7 @@ mod source;
 mod summary;
 mod worker;
 
+use sluice_connectors::lake::TableLocation;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -203,12 +204,18 @@ fn postgres_source(
     )?)
 }
 
-/// Per policy table, the Delta tables its rows can land in: its own, the vault, the quarantine.
-fn snapshot_sinks(cfg: &config::Config) -> Vec<Vec<PathBuf>> {
+/// Per policy table, the tables its rows can land in: its own (one per format), the vault, the
+/// quarantine.
+fn snapshot_sinks(cfg: &config::Config) -> Vec<Vec<TableLocation>> {
     let locations = cfg.sink_locations();
-    let n = cfg.policies.len();
-    (0..n)
-        .map(|i| vec![locations[i].clone(), locations[n].clone(), locations[n + 1].clone()])
+    let (vault, quarantine) = (&locations[locations.len() - 2], &locations[locations.len() - 1]);
+    cfg.policies
+        .iter()
+        .map(|p| {
+            let mut l = cfg.table_locations(p);
+            l.extend([vault.clone(), quarantine.clone()]);
+            l
+        })
         .collect()
 }
 

@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
+use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::FileSourceError;
+use sluice_connectors::iceberg::IcebergSink;
 use sluice_connectors::kafka::KafkaSourceError;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
 use sluice_connectors::kinesis::KinesisError;
+use sluice_connectors::lake::{Catalogs, LakeError, TableLocation, TableSink};
 use sluice_connectors::postgres::PgError;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
@@ -43,7 +45,7 @@ pub enum RunError {
     #[error(transparent)]
     Keys(#[from] KeyStoreError),
     #[error(transparent)]
-    Sink(#[from] DeltaSinkError),
+    Sink(#[from] LakeError),
     #[error(transparent)]
     Source(#[from] FileSourceError),
     #[error(transparent)]
@@ -120,7 +122,7 @@ pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError
                 }
                 info!("starting a new pass from the committed positions");
             }
-            Err(RunError::Sink(e @ DeltaSinkError::Fenced { .. })) => {
+            Err(RunError::Sink(e)) if e.is_fenced() => {
                 warn!("{e}");
             }
             Err(e) => return Err(e),
@@ -184,6 +186,7 @@ fn run_pass(
         config.unknown_tables,
         config.max_event_bytes,
         committed,
+        config.lake_format.count(),
     ));
     let threads = config.worker_threads();
     // Chunks in flight (queued, in a worker, or waiting to be written in order) are bounded
@@ -234,29 +237,21 @@ fn run_pass(
     Ok(end)
 }
 
-async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<DeltaSink>, DeltaSinkError> {
-    let locations = config.sink_locations();
-    let mut sinks = Vec::with_capacity(locations.len());
-    for (t, location) in transforms.iter().zip(&locations) {
-        let target = &t.policy().target;
-        sinks.push(
-            DeltaSink::open_or_create(
-                location,
-                target,
-                &config.name,
-                t.schema(),
-                &[PARTITION_COLUMN],
-                &t.stats_columns(),
-            )
-            .await?,
-        );
+/// Opens every sink in [`Config::sink_locations`] order: each table's (one per format), the
+/// vault, the quarantine.
+async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<TableSink>, LakeError> {
+    let mut catalogs = Catalogs::default();
+    let mut sinks = Vec::new();
+    for t in transforms {
+        for location in config.table_locations(t.policy()) {
+            sinks.push(open_table_sink(config, &mut catalogs, &location, t).await?);
+        }
     }
-    let n = transforms.len();
     let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // No statistics on subject tokens, ciphertexts or positions (see `open_or_create`).
-    sinks.push(
+    sinks.push(TableSink::Delta(
         DeltaSink::open_or_create(
-            &locations[n],
+            &config.vault_path,
             "vault",
             &config.name,
             vault_schema(),
@@ -264,10 +259,10 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             &names(VAULT_STATS_COLUMNS),
         )
         .await?,
-    );
-    sinks.push(
+    ));
+    sinks.push(TableSink::Delta(
         DeltaSink::open_or_create(
-            &locations[n + 1],
+            &config.quarantine_path,
             "quarantine",
             &config.name,
             quarantine_schema(),
@@ -275,8 +270,42 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             &names(crate::quarantine::STATS_COLUMNS),
         )
         .await?,
-    );
+    ));
     Ok(sinks)
+}
+
+async fn open_table_sink(
+    config: &Config,
+    catalogs: &mut Catalogs,
+    location: &TableLocation,
+    t: &TableTransform,
+) -> Result<TableSink, LakeError> {
+    let target = &t.policy().target;
+    Ok(match location {
+        TableLocation::Delta(path) => TableSink::Delta(
+            DeltaSink::open_or_create(
+                path,
+                target,
+                &config.name,
+                t.schema(),
+                &[PARTITION_COLUMN],
+                &t.stats_columns(),
+            )
+            .await?,
+        ),
+        TableLocation::Iceberg { location, table } => TableSink::Iceberg(
+            IcebergSink::open_or_create(
+                catalogs.get(location).await?,
+                location,
+                table,
+                &config.name,
+                t.schema(),
+                Some(PARTITION_COLUMN),
+                &t.stats_columns(),
+            )
+            .await?,
+        ),
+    })
 }
 
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {
@@ -316,7 +345,7 @@ impl SinkLoop<'_> {
     /// Writes processed chunks in sequence order and commits by size and age.
     async fn run(
         &self,
-        sinks: &mut [DeltaSink],
+        sinks: &mut [TableSink],
         done: Receiver<Result<Processed, WorkError>>,
     ) -> Result<Summary, RunError> {
         let config = self.config;
@@ -334,7 +363,6 @@ impl SinkLoop<'_> {
         let mut spilled = false;
         let mut reported_drops: BTreeSet<(String, String)> = BTreeSet::new();
         let max_age = Duration::from_millis(config.batch.max_age_ms.max(1));
-        let n_tables = self.router.transforms.len();
 
         loop {
             let wait = match oldest {
@@ -369,7 +397,7 @@ impl SinkLoop<'_> {
                 for (sink, batch) in p.outputs {
                     buffered_rows += batch.num_rows();
                     buffered_bytes += batch.get_array_memory_size();
-                    if let (Some(publisher), true) = (self.publisher, sink < n_tables) {
+                    if let (Some(publisher), Some(_)) = (self.publisher, self.router.primary_of(sink)) {
                         publisher.publish(sinks[sink].name(), &batch).await?;
                     }
                     sinks[sink].write(batch).await?;
@@ -419,7 +447,7 @@ impl SinkLoop<'_> {
     /// Commits every sink with the positions of the streams read since the last commit.
     async fn commit_all(
         &self,
-        sinks: &mut [DeltaSink],
+        sinks: &mut [TableSink],
         positions: &BTreeMap<String, StreamPosition>,
         dirty: &mut BTreeSet<String>,
     ) -> Result<u64, RunError> {
@@ -466,6 +494,7 @@ impl SinkLoop<'_> {
             commits += 1;
             info!(
                 table = sink.name(),
+                format = sink.format(),
                 version,
                 rows,
                 ms = started.elapsed().as_millis() as u64,

@@ -104,7 +104,7 @@ impl Summary {
                 }
             }
         }
-        let _ = writeln!(s, "  delta commits      {:>10}", self.commits);
+        let _ = writeln!(s, "  commits            {:>10}", self.commits);
         let _ = writeln!(s);
         let _ = writeln!(s, "Look at the result (Python, pip install deltalake duckdb):");
         let _ = writeln!(

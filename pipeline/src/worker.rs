@@ -106,6 +106,8 @@ pub struct Router {
     pub max_event_bytes: usize,
     /// Per sink: stream → offset committed before this run (for skipping re-read rows).
     pub committed: Vec<HashMap<String, i64>>,
+    /// Per table, its sinks (one per lake format); the first is its primary (summary, publish).
+    table_sinks: Vec<Vec<usize>>,
 }
 
 impl Router {
@@ -116,7 +118,9 @@ impl Router {
         unknown_tables: UnknownTables,
         max_event_bytes: usize,
         committed: Vec<HashMap<String, i64>>,
+        formats: usize,
     ) -> Self {
+        let transforms_len = transforms.len();
         let tables = transforms
             .iter()
             .enumerate()
@@ -142,15 +146,28 @@ impl Router {
             unknown_tables,
             max_event_bytes,
             committed,
+            table_sinks: (0..transforms_len)
+                .map(|t| (t * formats..(t + 1) * formats).collect())
+                .collect(),
         }
     }
 
     pub fn vault_sink(&self) -> usize {
-        self.transforms.len()
+        self.transforms.len() * self.formats()
     }
 
     pub fn quarantine_sink(&self) -> usize {
-        self.transforms.len() + 1
+        self.vault_sink() + 1
+    }
+
+    fn formats(&self) -> usize {
+        self.table_sinks.first().map_or(1, Vec::len)
+    }
+
+    /// The table whose primary sink `sink` is (its rows are counted and published once).
+    pub fn primary_of(&self, sink: usize) -> Option<usize> {
+        let formats = self.formats();
+        (sink < self.vault_sink() && sink.is_multiple_of(formats)).then_some(sink / formats)
     }
 
     pub fn process(&self, mut chunk: Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
@@ -312,7 +329,9 @@ impl Router {
                     })?;
             }
             if out.table.num_rows() > 0 {
-                outputs.push((t, out.table));
+                for &sink in &self.table_sinks[t] {
+                    outputs.push((sink, out.table.clone()));
+                }
             }
             vault_batches.extend(out.vault);
         }
@@ -332,10 +351,10 @@ impl Router {
         let outputs = self.skip_committed(&chunk, outputs, &mut summary)?;
         for (sink, batch) in &outputs {
             let rows = batch.num_rows() as u64;
-            if *sink < n_tables {
+            if let Some(t) = self.primary_of(*sink) {
                 *summary
                     .rows_written
-                    .entry(self.transforms[*sink].policy().target.clone())
+                    .entry(self.transforms[t].policy().target.clone())
                     .or_default() += rows;
             } else if *sink == self.vault_sink() {
                 summary.vault_rows_written += rows;
@@ -378,7 +397,7 @@ impl Router {
                 .map(|p| Some(offset_of(p.unwrap_or("")) > committed))
                 .collect();
             let filtered = arrow_select::filter::filter_record_batch(&batch, &keep)?;
-            if sink < self.transforms.len() {
+            if self.primary_of(sink).is_some() {
                 summary.already_committed += (batch.num_rows() - filtered.num_rows()) as u64;
             }
             if filtered.num_rows() > 0 {
@@ -454,6 +473,7 @@ type = "int64"
                     UnknownTables::Skip,
                     1 << 20,
                     vec![HashMap::new(); 3],
+                    1,
                 );
                 (dir, router)
             })

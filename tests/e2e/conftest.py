@@ -38,9 +38,9 @@ def canary_dir():
     return path
 
 
-def write_config(tmp, events, policies, lake=None, extra="", source=None, name="sluice.toml"):
+def write_config(tmp, events, policies, lake=None, extra="", source=None, name="sluice.toml", lake_extra=""):
     """A pipeline config with absolute paths under `tmp`; `source` replaces the file source's
-    settings (e.g. a Kafka source)."""
+    settings (e.g. a Kafka source); `lake_extra` goes into `[lake]` (e.g. `format = "both"`)."""
     lake = lake or tmp / "lake"
     policies_toml = ", ".join(json.dumps(str(p)) for p in policies)
     source = source or f'kind = "file"\npath = {json.dumps(str(events))}'
@@ -55,6 +55,7 @@ max_event_bytes = 65536
 
 [lake]
 root = {json.dumps(str(lake))}
+{lake_extra}
 
 [keys]
 store = {json.dumps(str(tmp / "keys" / "keystore.db"))}
@@ -108,6 +109,18 @@ def read_delta(path):
     import deltalake
 
     return deltalake.DeltaTable(str(path)).to_pyarrow_table()
+
+
+def iceberg_catalog(lake):
+    """The embedded SQL catalog of a lake root, opened by pyiceberg (nobody here wrote it)."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    root = pathlib.Path(lake).resolve() / "iceberg"
+    return SqlCatalog("sluice", uri=f"sqlite:///{root / 'catalog.db'}", warehouse=f"file://{root / 'warehouse'}")
+
+
+def read_iceberg(lake, table, namespace="test"):
+    return iceberg_catalog(lake).load_table((namespace, table)).scan().to_arrow()
 
 
 def rows(table):

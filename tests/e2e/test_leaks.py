@@ -88,7 +88,8 @@ def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "people.toml").write_text(POLICY)
-    config = write_config(tmp_path, events, [policies])
+    # Both formats: the Iceberg data, manifests, metadata and catalog are scanned too.
+    config = write_config(tmp_path, events, [policies], lake_extra='format = "both"')
     logs = tmp_path / "logs"
     logs.mkdir()
 

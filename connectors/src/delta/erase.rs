@@ -330,7 +330,7 @@ fn sibling_path(old: &str) -> String {
     }
 }
 
-fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, String> {
+pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
     let schema = builder.schema().clone();
     let indices: Vec<usize> = matcher
@@ -353,7 +353,7 @@ fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Re
 }
 
 /// The file again without the matched rows (or with them blanked), and its row count.
-fn rewrite<T: ChunkReader + 'static>(
+pub(crate) fn rewrite<T: ChunkReader + 'static>(
     bytes: T,
     matcher: &RowMatcher,
     treatment: &Treatment,

@@ -6,7 +6,6 @@
 //! that races a new owner is refused by the Delta sink's fencing.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,11 +15,11 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
-use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::kafka::{
     self as kc, GroupContext, KafkaSettings, Lag, StandaloneContext, StartAt, StartPositions,
 };
+use sluice_connectors::lake::TableLocation;
 use sluice_connectors::SourcePosition;
 use tracing::{info, warn};
 
@@ -77,7 +76,7 @@ impl Membership for StandaloneContext {
 /// Reads the lake's committed positions for a new assignment: per stream the lowest over every
 /// sink (a sink that never committed the stream means: from the beginning).
 pub struct LakePositions {
-    pub tables: Vec<PathBuf>,
+    pub tables: Vec<TableLocation>,
     pub app_prefix: String,
     pub start_at: StartAt,
 }
@@ -92,7 +91,7 @@ impl StartPositions for LakePositions {
         let mut missing = vec![false; streams.len()];
         for table in &self.tables {
             let positions = rt
-                .block_on(DeltaSink::read_positions(table, &self.app_prefix, streams))
+                .block_on(table.read_positions(&self.app_prefix, streams))
                 .map_err(|e| e.to_string())?;
             for (i, p) in positions.into_iter().enumerate() {
                 match p {

@@ -11,16 +11,15 @@
 //! of one key stay in order.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::Client;
-use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::kafka::StartAt;
 use sluice_connectors::kinesis::{self as kn, AttachedNames, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
+use sluice_connectors::lake::TableLocation;
 use sluice_connectors::SourcePosition;
 use tracing::info;
 
@@ -40,7 +39,7 @@ pub struct KinesisSource {
     once: bool,
     poll: Duration,
     max_event_bytes: usize,
-    lake: Vec<PathBuf>,
+    lake: Vec<TableLocation>,
     app_prefix: String,
     /// Every shard listed at the start of this pass, and the ones this worker owns.
     all: Vec<ShardInfo>,
@@ -60,7 +59,7 @@ pub struct KinesisOptions {
     pub once: bool,
     pub poll: Duration,
     pub max_event_bytes: usize,
-    pub lake: Vec<PathBuf>,
+    pub lake: Vec<TableLocation>,
     pub app_prefix: String,
 }
 
@@ -161,9 +160,7 @@ impl KinesisSource {
         let mut missing: HashSet<String> = HashSet::new();
         let mut bases: HashMap<String, String> = HashMap::new();
         for table in &self.lake {
-            let values = self
-                .rt
-                .block_on(DeltaSink::read_positions(table, &self.app_prefix, &names))?;
+            let values = self.rt.block_on(table.read_positions(&self.app_prefix, &names))?;
             for (i, shard) in shards.iter().enumerate() {
                 let v = &values[i * per..(i + 1) * per];
                 let Some(count) = v[0] else {
@@ -211,11 +208,9 @@ impl KinesisSource {
         }
         let name = format!("{}@done", self.shard_stream(parent));
         for table in &self.lake {
-            let v = self.rt.block_on(DeltaSink::read_positions(
-                table,
-                &self.app_prefix,
-                std::slice::from_ref(&name),
-            ))?;
+            let v = self
+                .rt
+                .block_on(table.read_positions(&self.app_prefix, std::slice::from_ref(&name)))?;
             if v[0] != Some(1) {
                 return Ok(false);
             }

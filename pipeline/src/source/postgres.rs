@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::LineEnd;
+use sluice_connectors::lake::TableLocation;
 use sluice_connectors::postgres::pgoutput::{self, Datum, Message};
 use sluice_connectors::postgres::values::{parse_copy_line, write_event, EventSource, TableShape, TypeCatalog};
 use sluice_connectors::postgres::{self as pg, PgError, PgSettings, SlotState, Snapshot};
@@ -66,7 +66,7 @@ pub struct PostgresOptions {
     /// table, the vault, the quarantine), and the pipeline's position prefix: a table's
     /// snapshot is done when those hold it, whatever tables added later lack. Empty when
     /// nothing is written to the lake (raw mode).
-    pub snapshot_sinks: Vec<Vec<PathBuf>>,
+    pub snapshot_sinks: Vec<Vec<TableLocation>>,
     pub app_prefix: String,
 }
 
@@ -191,11 +191,9 @@ impl PostgresSource {
         }
         let (mut fewest, mut most) = (u64::MAX, 0);
         for location in &self.o.snapshot_sinks[i] {
-            let held = self.rt.block_on(DeltaSink::read_positions(
-                location,
-                &self.o.app_prefix,
-                &[stream.to_string()],
-            ))?;
+            let held = self
+                .rt
+                .block_on(location.read_positions(&self.o.app_prefix, &[stream.to_string()]))?;
             let n = held[0].map_or(0, |p| p.max(0) as u64);
             (fewest, most) = (fewest.min(n), most.max(n));
         }
@@ -207,11 +205,9 @@ impl PostgresSource {
         let Some(location) = self.o.snapshot_sinks.get(i).and_then(|s| s.first()) else {
             return Ok(false);
         };
-        let held = self.rt.block_on(DeltaSink::read_positions(
-            location,
-            &self.o.app_prefix,
-            &[stream.to_string()],
-        ))?;
+        let held = self
+            .rt
+            .block_on(location.read_positions(&self.o.app_prefix, &[stream.to_string()]))?;
         Ok(held[0].is_some())
     }
 

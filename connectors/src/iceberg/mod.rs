@@ -1,0 +1,622 @@
+//! Apache Iceberg sink: one table per target in a catalog (an embedded SQL catalog on SQLite,
+//! or a REST catalog), written with the `iceberg` crate. Source positions ride in the summary
+//! properties of the same snapshot as the data (as the Iceberg Kafka Connect sink does), so a
+//! table's committed position is exactly the data it holds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::TimestampMicrosecondType;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Schema as ArrowSchema, SchemaRef, TimeUnit};
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::parquet::schema::types::ColumnPath;
+use iceberg::arrow::{arrow_type_to_type, schema_to_arrow_schema, RecordBatchPartitionSplitter};
+use iceberg::spec::{DataFile, DataFileFormat, NestedField, Schema, Transform, UnboundPartitionSpec};
+use iceberg::table::Table;
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::PartitioningWriter;
+use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+
+use crate::SourcePosition;
+
+pub mod erase;
+pub mod rewrite;
+
+/// Snapshot summary property holding a stream's committed offset: `sluice.position.<app id>`.
+const POSITION_PROPERTY_PREFIX: &str = "sluice.position.";
+/// Commits are retried by us, after re-checking the fences, never blindly by the library.
+const NO_LIBRARY_RETRIES: (&str, &str) = ("commit.retry.num-retries", "0");
+/// Parquet files of about this size (the Iceberg default is 512 MiB; ours are per batch).
+const TARGET_FILE_BYTES: usize = 256 << 20;
+const MAX_COMMIT_ATTEMPTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IcebergSinkError {
+    #[error("iceberg table {table}: {source}")]
+    Iceberg { table: String, source: Box<iceberg::Error> },
+    #[error("iceberg catalog: cannot create directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// Another writer committed this stream since this one read its position.
+    #[error("iceberg table {table}: stream {stream} was committed by another writer since this one read it at {expected:?}; dropping uncommitted work")]
+    Fenced {
+        table: String,
+        stream: String,
+        expected: Option<i64>,
+    },
+    #[error("iceberg table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; only added columns evolve the schema: write to a new namespace or restore the policy")]
+    SchemaChanged {
+        table: String,
+        existing: String,
+        wanted: String,
+    },
+    #[error("iceberg table {table}: column {column}: type {data_type} has no Iceberg equivalent")]
+    UnsupportedType {
+        table: String,
+        column: String,
+        data_type: String,
+    },
+}
+
+/// Which catalog holds the tables.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatalogSettings {
+    /// The embedded SQL catalog: one SQLite file, files under a local warehouse directory
+    /// (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads the same).
+    Sql { database: PathBuf, warehouse: PathBuf },
+    /// A REST catalog (Polaris, Nessie, Glue's REST endpoint, …). `properties` are passed to
+    /// the client as they are (`token`, `credential`, `oauth2-server-uri`, `prefix`, …).
+    Rest {
+        uri: String,
+        warehouse: Option<String>,
+        properties: HashMap<String, String>,
+    },
+}
+
+/// A catalog and the namespace the pipeline's tables live in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IcebergLocation {
+    /// The catalog's name (for the SQL catalog, the `catalog_name` column readers filter on).
+    pub catalog_name: String,
+    pub catalog: CatalogSettings,
+    pub namespace: String,
+}
+
+impl IcebergLocation {
+    pub async fn connect(&self) -> Result<Arc<dyn Catalog>, IcebergSinkError> {
+        let err = |source| IcebergSinkError::Iceberg {
+            table: format!("(catalog {})", self.catalog_name),
+            source: Box::new(source),
+        };
+        let storage = Arc::new(iceberg::io::LocalFsStorageFactory);
+        match &self.catalog {
+            CatalogSettings::Sql { database, warehouse } => {
+                for dir in [
+                    database.parent().unwrap_or(std::path::Path::new(".")),
+                    warehouse.as_path(),
+                ] {
+                    std::fs::create_dir_all(dir).map_err(|source| IcebergSinkError::Io {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                }
+                let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                let database = abs(&database.parent().map(Path::to_path_buf).unwrap_or_default())
+                    .join(database.file_name().unwrap_or_default());
+                let props = HashMap::from([
+                    ("uri".to_string(), format!("sqlite:{}?mode=rwc", database.display())),
+                    ("warehouse".to_string(), format!("file://{}", abs(warehouse).display())),
+                    (
+                        "sql_bind_style".to_string(),
+                        iceberg_catalog_sql::SqlBindStyle::QMark.to_string(),
+                    ),
+                ]);
+                let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
+                    .with_storage_factory(storage)
+                    .load(&self.catalog_name, props)
+                    .await
+                    .map_err(err)?;
+                Ok(Arc::new(catalog))
+            }
+            CatalogSettings::Rest {
+                uri,
+                warehouse,
+                properties,
+            } => {
+                let mut props = properties.clone();
+                props.insert("uri".into(), uri.clone());
+                if let Some(w) = warehouse {
+                    props.insert("warehouse".into(), w.clone());
+                }
+                let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
+                    .with_storage_factory(storage)
+                    .load(&self.catalog_name, props)
+                    .await
+                    .map_err(err)?;
+                Ok(Arc::new(catalog))
+            }
+        }
+    }
+
+    pub fn table_ident(&self, table: &str) -> TableIdent {
+        TableIdent::new(self.namespace_ident(), table.to_string())
+    }
+
+    fn namespace_ident(&self) -> NamespaceIdent {
+        NamespaceIdent::from_strs(self.namespace.split('.'))
+            .unwrap_or_else(|_| NamespaceIdent::new(self.namespace.clone()))
+    }
+}
+
+/// The summary property of a stream's offset.
+fn position_property(app_id: &str) -> String {
+    format!("{POSITION_PROPERTY_PREFIX}{app_id}")
+}
+
+/// Every stream's newest committed offset: the current snapshot carries all of them; the walk
+/// through its ancestry also finds those of snapshots written by other tools (which carry none).
+pub fn committed_positions(table: &Table) -> HashMap<String, i64> {
+    let metadata = table.metadata();
+    let mut out = HashMap::new();
+    let mut next = metadata.current_snapshot_id();
+    while let Some(id) = next {
+        let Some(snapshot) = metadata.snapshot_by_id(id) else {
+            break;
+        };
+        for (k, v) in &snapshot.summary().additional_properties {
+            if let (Some(app_id), Ok(offset)) = (k.strip_prefix(POSITION_PROPERTY_PREFIX), v.parse::<i64>()) {
+                out.entry(app_id.to_string()).or_insert(offset);
+            }
+        }
+        next = snapshot.parent_snapshot_id();
+    }
+    out
+}
+
+/// The summary properties that carry every stream's position forward (for a rewrite
+/// snapshot, so that expiring older snapshots loses no position).
+pub fn position_properties(positions: &HashMap<String, i64>) -> HashMap<String, String> {
+    positions
+        .iter()
+        .map(|(app_id, offset)| (position_property(app_id), offset.to_string()))
+        .collect()
+}
+
+/// Parquet properties: snappy; no statistics (hence no Iceberg bounds in the manifests) for
+/// columns that link a row to a person; manifests are history an erasure must not leave
+/// holding tokens.
+fn writer_properties(schema: &ArrowSchema, stats_columns: &[String]) -> WriterProperties {
+    let mut props = WriterProperties::builder().set_compression(deltalake::parquet::basic::Compression::SNAPPY);
+    for field in schema.fields() {
+        if !stats_columns.contains(field.name()) {
+            props =
+                props.set_column_statistics_enabled(ColumnPath::from(field.name().as_str()), EnabledStatistics::None);
+        }
+    }
+    props.build()
+}
+
+fn unique_prefix() -> String {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("system randomness");
+    format!("sluice-{}", hex::encode(bytes))
+}
+
+type Writer =
+    FanoutWriter<DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>>;
+
+/// An Iceberg table being appended to.
+pub struct IcebergSink {
+    name: String,
+    app_prefix: String,
+    catalog: Arc<dyn Catalog>,
+    ident: TableIdent,
+    table: Table,
+    /// The table's current schema as Arrow, with field ids: what written batches are cast to.
+    arrow_schema: SchemaRef,
+    stats_columns: Vec<String>,
+    writer: Option<Writer>,
+    splitter: RecordBatchPartitionSplitter,
+    buffered_rows: usize,
+    /// Files written and not committed yet (invisible to readers until the commit adds them).
+    written: Vec<DataFile>,
+    known: HashMap<String, Option<i64>>,
+}
+
+fn type_error(table: &str, field: &arrow_schema::Field) -> IcebergSinkError {
+    IcebergSinkError::UnsupportedType {
+        table: table.to_string(),
+        column: field.name().clone(),
+        data_type: field.data_type().to_string(),
+    }
+}
+
+/// The Iceberg schema of `schema`, ids from 1 in column order; timestamps as `timestamptz`.
+fn iceberg_schema(table: &str, schema: &ArrowSchema) -> Result<Schema, IcebergSinkError> {
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    for (i, f) in schema.fields().iter().enumerate() {
+        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(table, f))?;
+        let id = i as i32 + 1;
+        fields.push(Arc::new(if f.is_nullable() {
+            NestedField::optional(id, f.name(), ty)
+        } else {
+            NestedField::required(id, f.name(), ty)
+        }));
+    }
+    Schema::builder()
+        .with_fields(fields)
+        .build()
+        .map_err(|source| IcebergSinkError::Iceberg {
+            table: table.to_string(),
+            source: Box::new(source),
+        })
+}
+
+impl IcebergSink {
+    /// Opens the table `name` in `location`'s namespace, creating namespace and table (schema
+    /// from `schema`, identity partition on `partition_column`) if absent. Columns the policy
+    /// added since are added to the table (optional: older rows hold null). Only
+    /// `stats_columns` get Parquet statistics and manifest bounds.
+    pub async fn open_or_create(
+        catalog: Arc<dyn Catalog>,
+        location: &IcebergLocation,
+        name: &str,
+        app_prefix: &str,
+        schema: SchemaRef,
+        partition_column: Option<&str>,
+        stats_columns: &[String],
+    ) -> Result<Self, IcebergSinkError> {
+        let err = |source| IcebergSinkError::Iceberg {
+            table: name.to_string(),
+            source: Box::new(source),
+        };
+        let namespace = location.namespace_ident();
+        if !catalog.namespace_exists(&namespace).await.map_err(err)? {
+            match catalog.create_namespace(&namespace, HashMap::new()).await {
+                Ok(_) => {}
+                // Another daemon created it first.
+                Err(e) if e.kind() == ErrorKind::NamespaceAlreadyExists => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        let ident = location.table_ident(name);
+        let mut table = if catalog.table_exists(&ident).await.map_err(err)? {
+            catalog.load_table(&ident).await.map_err(err)?
+        } else {
+            let ice = iceberg_schema(name, &schema)?;
+            let mut spec = UnboundPartitionSpec::builder();
+            if let Some(column) = partition_column {
+                let source_id = ice.field_by_name(column).map(|f| f.id).unwrap_or(0);
+                spec = spec
+                    .add_partition_field(source_id, column, Transform::Identity)
+                    .map_err(err)?;
+            }
+            let creation = TableCreation::builder()
+                .name(name.to_string())
+                .schema(ice)
+                .partition_spec(spec.build())
+                .properties([
+                    (NO_LIBRARY_RETRIES.0.to_string(), NO_LIBRARY_RETRIES.1.to_string()),
+                    ("write.parquet.compression-codec".to_string(), "snappy".to_string()),
+                ])
+                .build();
+            match catalog.create_table(&namespace, creation).await {
+                Ok(t) => t,
+                Err(e) if e.kind() == ErrorKind::TableAlreadyExists => catalog.load_table(&ident).await.map_err(err)?,
+                Err(e) => return Err(err(e)),
+            }
+        };
+        if table
+            .metadata()
+            .properties()
+            .get(NO_LIBRARY_RETRIES.0)
+            .map(String::as_str)
+            != Some(NO_LIBRARY_RETRIES.1)
+        {
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .update_table_properties()
+                .set(NO_LIBRARY_RETRIES.0.to_string(), NO_LIBRARY_RETRIES.1.to_string())
+                .apply(tx)
+                .map_err(err)?;
+            table = tx.commit(catalog.as_ref()).await.map_err(err)?;
+        }
+        table = evolve_schema(catalog.as_ref(), table, name, &schema).await?;
+        let arrow_schema = Arc::new(schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?);
+        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(
+            table.metadata().current_schema().clone(),
+            table.metadata().default_partition_spec().clone(),
+        )
+        .map_err(err)?;
+        Ok(Self {
+            name: name.to_string(),
+            app_prefix: app_prefix.to_string(),
+            catalog,
+            ident,
+            table,
+            arrow_schema,
+            stats_columns: stats_columns.to_vec(),
+            writer: None,
+            splitter,
+            buffered_rows: 0,
+            written: Vec::new(),
+            known: HashMap::new(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn err(&self, source: iceberg::Error) -> IcebergSinkError {
+        IcebergSinkError::Iceberg {
+            table: self.name.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The application id of a stream (the same as the Delta sink's `txn` ids).
+    pub fn app_id(&self, stream: &str) -> String {
+        format!("sluice/{}/{}", self.app_prefix, stream)
+    }
+
+    /// Last position of `stream` committed to this table, if any; later commits of the
+    /// stream are fenced on it.
+    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, IcebergSinkError> {
+        self.table = self.catalog.load_table(&self.ident).await.map_err(|e| self.err(e))?;
+        let position = committed_positions(&self.table).get(&self.app_id(stream)).copied();
+        self.known.insert(stream.to_string(), position);
+        Ok(position)
+    }
+
+    pub fn buffered_rows(&self) -> usize {
+        self.buffered_rows
+    }
+
+    /// Buffers rows (accepted, not durable): written into open Parquet files per partition.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), IcebergSinkError> {
+        let batch = self.conform(batch)?;
+        if self.writer.is_none() {
+            let metadata = self.table.metadata();
+            let parquet = ParquetWriterBuilder::new(
+                writer_properties(&self.arrow_schema, &self.stats_columns),
+                metadata.current_schema().clone(),
+            );
+            let rolling = RollingFileWriterBuilder::new(
+                parquet,
+                TARGET_FILE_BYTES,
+                self.table.file_io().clone(),
+                DefaultLocationGenerator::new(metadata).map_err(|e| self.err(e))?,
+                // Numbering restarts per writer: a unique prefix keeps files apart.
+                DefaultFileNameGenerator::new(unique_prefix(), None, DataFileFormat::Parquet),
+            );
+            self.writer = Some(FanoutWriter::new(DataFileWriterBuilder::new(rolling)));
+        }
+        let parts = self.splitter.split(&batch).map_err(|e| self.err(e))?;
+        let writer = self.writer.as_mut().expect("writer opened above");
+        for (key, part) in parts {
+            writer
+                .write(key, part)
+                .await
+                .map_err(|source| IcebergSinkError::Iceberg {
+                    table: self.name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        self.buffered_rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// The batch in the table's column order and Arrow types (with field ids); columns the
+    /// table has and the batch lacks are null.
+    fn conform(&self, batch: RecordBatch) -> Result<RecordBatch, IcebergSinkError> {
+        let invalid = |e: deltalake::arrow::error::ArrowError| {
+            self.err(iceberg::Error::new(ErrorKind::DataInvalid, e.to_string()))
+        };
+        let columns: Vec<ArrayRef> = self
+            .arrow_schema
+            .fields()
+            .iter()
+            .map(|field| match batch.schema().index_of(field.name()) {
+                Ok(i) => retag(batch.column(i), field.data_type()),
+                Err(_) => Ok(arrow_array::new_null_array(field.data_type(), batch.num_rows())),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        RecordBatch::try_new(self.arrow_schema.clone(), columns).map_err(invalid)
+    }
+
+    /// Closes the open files; they are committed by the next commit.
+    pub async fn spill(&mut self) -> Result<(), IcebergSinkError> {
+        if let Some(writer) = self.writer.take() {
+            let files = writer.close().await.map_err(|e| self.err(e))?;
+            self.written.extend(files);
+        }
+        Ok(())
+    }
+
+    async fn check_fences(&self, positions: &[SourcePosition]) -> Result<(), IcebergSinkError> {
+        let committed = committed_positions(&self.table);
+        for p in positions {
+            let expected = self.known.get(&p.stream).copied().flatten();
+            if committed.get(&self.app_id(&p.stream)).copied() != expected {
+                return Err(IcebergSinkError::Fenced {
+                    table: self.name.clone(),
+                    stream: p.stream.clone(),
+                    expected,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the written files in one snapshot whose summary carries `positions` (and the
+    /// unfenced `attached` ones): durable. Returns the new snapshot's sequence number.
+    pub async fn commit(
+        &mut self,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, IcebergSinkError> {
+        self.spill().await?;
+        let ours: Vec<(String, i64)> = positions
+            .iter()
+            .chain(attached)
+            .map(|p| (self.app_id(&p.stream), p.offset))
+            .collect();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Fresh metadata each attempt: a concurrent commit (another stream's daemon, an
+            // erasure, a compaction) is caught up with, one of our own streams fences us.
+            self.table = self.catalog.load_table(&self.ident).await.map_err(|e| self.err(e))?;
+            self.check_fences(positions).await?;
+            // Every stream's position rides in every snapshot: expiring older snapshots (table
+            // maintenance, an erasure) then loses none.
+            let mut all = committed_positions(&self.table);
+            all.extend(ours.iter().cloned());
+            let properties = position_properties(&all);
+            let tx = Transaction::new(&self.table);
+            let tx = tx
+                .fast_append()
+                .with_check_duplicate(false)
+                .add_data_files(self.written.clone())
+                .set_snapshot_properties(properties)
+                .apply(tx)
+                .map_err(|e| self.err(e))?;
+            crate::failpoint(&format!("iceberg-before-commit:{}", self.name));
+            match tx.commit(self.catalog.as_ref()).await {
+                Ok(table) => {
+                    crate::failpoint(&format!("iceberg-after-commit:{}", self.name));
+                    self.table = table;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts && attempt < MAX_COMMIT_ATTEMPTS => {
+                    tracing::info!(table = %self.name, "another writer committed first: catching up before committing");
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        self.written.clear();
+        self.buffered_rows = 0;
+        for p in positions {
+            self.known.insert(p.stream.clone(), Some(p.offset));
+        }
+        Ok(self.table.metadata().last_sequence_number())
+    }
+}
+
+/// Adds the columns of `schema` the table lacks; any other difference is an error.
+async fn evolve_schema(
+    catalog: &dyn Catalog,
+    table: Table,
+    name: &str,
+    schema: &ArrowSchema,
+) -> Result<Table, IcebergSinkError> {
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let current = table.metadata().current_schema().clone();
+    let describe = |fields: Vec<(String, String)>| {
+        fields
+            .into_iter()
+            .map(|(n, t)| format!("{n}:{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let existing: Vec<(String, String)> = current
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| (f.name.clone(), f.field_type.to_string()))
+        .collect();
+    let mut wanted = Vec::new();
+    let mut added = Vec::new();
+    for f in schema.fields() {
+        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(name, f))?;
+        wanted.push((f.name().clone(), ty.to_string()));
+        match current.field_by_name(f.name()) {
+            Some(existing) if *existing.field_type == ty => {}
+            Some(_) => {
+                return Err(IcebergSinkError::SchemaChanged {
+                    table: name.to_string(),
+                    existing: describe(existing),
+                    wanted: describe(wanted),
+                })
+            }
+            None => added.push(AddColumn::optional(f.name(), ty)),
+        }
+    }
+    let removed = existing.iter().any(|(n, _)| schema.field_with_name(n).is_err());
+    if removed {
+        return Err(IcebergSinkError::SchemaChanged {
+            table: name.to_string(),
+            existing: describe(existing),
+            wanted: describe(wanted),
+        });
+    }
+    if added.is_empty() {
+        return Ok(table);
+    }
+    tracing::info!(
+        table = name,
+        columns = added.len(),
+        "adding the policy's new columns to the table"
+    );
+    let tx = Transaction::new(&table);
+    let mut update = tx.update_schema();
+    for column in added {
+        update = update.add_column(column);
+    }
+    let tx = update.apply(tx).map_err(err)?;
+    tx.commit(catalog).await.map_err(err)
+}
+
+/// The same values under the table's Arrow type: timestamps differ only in how UTC is spelled,
+/// binary is Iceberg's large binary.
+fn retag(array: &ArrayRef, want: &DataType) -> Result<ArrayRef, deltalake::arrow::error::ArrowError> {
+    match (array.data_type(), want) {
+        (have, want) if have == want => Ok(array.clone()),
+        (DataType::Timestamp(TimeUnit::Microsecond, _), DataType::Timestamp(TimeUnit::Microsecond, Some(tz))) => {
+            Ok(Arc::new(
+                array
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .clone()
+                    .with_timezone(tz.clone()),
+            ))
+        }
+        _ => deltalake::arrow::compute::cast(array, want),
+    }
+}
+
+/// Positions of `streams` in table `name` as it is now (`None` where the table or the stream
+/// has none), without opening a writer.
+pub async fn read_positions(
+    catalog: &dyn Catalog,
+    location: &IcebergLocation,
+    name: &str,
+    app_prefix: &str,
+    streams: &[String],
+) -> Result<Vec<Option<i64>>, IcebergSinkError> {
+    let ident = location.table_ident(name);
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    if !catalog.table_exists(&ident).await.map_err(err)? {
+        return Ok(vec![None; streams.len()]);
+    }
+    let table = catalog.load_table(&ident).await.map_err(err)?;
+    let committed = committed_positions(&table);
+    Ok(streams
+        .iter()
+        .map(|s| committed.get(&format!("sluice/{app_prefix}/{s}")).copied())
+        .collect())
+}

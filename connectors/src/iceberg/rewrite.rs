@@ -1,0 +1,388 @@
+//! Rewriting an Iceberg table: one snapshot that removes some data files and adds others
+//! (an erasure's `overwrite`, a compaction's `replace`), then expiring the older snapshots and
+//! deleting what only they referenced — physically, so no time travel brings removed rows back.
+//!
+//! `iceberg` 0.10 offers only appends as transactions (its snapshot producer and `TableCommit`
+//! builder are crate-private), so the snapshot is built here from the crate's public manifest
+//! writers and committed the way the JDBC/SQL catalog commits: the new metadata file is written,
+//! then the catalog row is swapped only if it still points at the metadata we read. A REST
+//! catalog cannot be committed to this way: rewrites there are refused with an error.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use iceberg::spec::{
+    DataFile, FormatVersion, ManifestFile, ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot,
+    SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH,
+};
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::{Catalog, ErrorKind, MetadataLocation, TableUpdate};
+
+use super::{committed_positions, position_properties, CatalogSettings, IcebergLocation, IcebergSinkError};
+
+const MAX_ATTEMPTS: usize = 5;
+
+fn unexpected(message: impl Into<String>) -> iceberg::Error {
+    iceberg::Error::new(ErrorKind::Unexpected, message.into())
+}
+
+/// What a rewrite did.
+pub struct Rewritten {
+    pub table: Table,
+    pub snapshot_id: i64,
+    /// Files no retained snapshot references any more, deleted.
+    pub files_deleted: u64,
+}
+
+/// A table of the SQL catalog opened for rewrites.
+pub struct Rewriter {
+    catalog: Arc<dyn Catalog>,
+    location: IcebergLocation,
+    name: String,
+    pool: sqlx::SqlitePool,
+}
+
+impl Rewriter {
+    pub async fn new(
+        catalog: Arc<dyn Catalog>,
+        location: &IcebergLocation,
+        name: &str,
+    ) -> Result<Self, IcebergSinkError> {
+        let err = |source| IcebergSinkError::Iceberg {
+            table: name.to_string(),
+            source: Box::new(source),
+        };
+        let CatalogSettings::Sql { database, .. } = &location.catalog else {
+            return Err(err(iceberg::Error::new(
+                ErrorKind::FeatureUnsupported,
+                "rewriting (erasure, compaction) needs the SQL catalog: iceberg 0.10 commits only appends through a REST catalog",
+            )));
+        };
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(database)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .map_err(|e| err(unexpected(format!("catalog database: {e}"))))?;
+        Ok(Self {
+            catalog,
+            location: location.clone(),
+            name: name.to_string(),
+            pool,
+        })
+    }
+
+    fn err(&self, source: iceberg::Error) -> IcebergSinkError {
+        IcebergSinkError::Iceberg {
+            table: self.name.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    pub async fn load(&self) -> Result<Table, IcebergSinkError> {
+        self.catalog
+            .load_table(&self.location.table_ident(&self.name))
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Replaces the data files at `removed` (paths as the manifests name them) with `added` in
+    /// one snapshot whose summary carries every stream's position and `properties`; retried
+    /// over concurrent appends (whose files are kept). Then expires every older snapshot and
+    /// deletes the files only they referenced.
+    pub async fn replace(
+        &self,
+        removed: &HashSet<String>,
+        added: Vec<DataFile>,
+        operation: Operation,
+        properties: HashMap<String, String>,
+    ) -> Result<Rewritten, IcebergSinkError> {
+        let mut attempt = 0;
+        let (table, snapshot_id) = loop {
+            attempt += 1;
+            let table = self.load().await?;
+            let current = table
+                .metadata_location()
+                .ok_or_else(|| self.err(unexpected("table without a metadata location")))?
+                .to_string();
+            let (metadata, snapshot_id) = self
+                .stage(&table, removed, &added, operation.clone(), &properties)
+                .await
+                .map_err(|e| self.err(e))?;
+            let next = MetadataLocation::from_str(&current)
+                .map_err(|e| self.err(e))?
+                .with_next_version()
+                .with_new_metadata(&metadata);
+            metadata
+                .write_to(table.file_io(), &next)
+                .await
+                .map_err(|e| self.err(e))?;
+            if self.swap(&current, &next.to_string()).await? {
+                break (self.load().await?, snapshot_id);
+            }
+            // A writer committed in between: our staged files are garbage, try again on top.
+            let _ = table.file_io().delete(next.to_string()).await;
+            if attempt >= MAX_ATTEMPTS {
+                return Err(self.err(iceberg::Error::new(
+                    ErrorKind::CatalogCommitConflicts,
+                    "other writers kept committing; try again",
+                )));
+            }
+        };
+        let files_deleted = self.expire_older_than(&table, snapshot_id).await?;
+        Ok(Rewritten {
+            table: self.load().await?,
+            snapshot_id,
+            files_deleted,
+        })
+    }
+
+    /// The catalog's compare-and-swap, as the SQL catalog itself commits.
+    async fn swap(&self, current: &str, next: &str) -> Result<bool, IcebergSinkError> {
+        let ident = self.location.table_ident(&self.name);
+        let result = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? AND metadata_location = ?",
+        )
+        .bind(next)
+        .bind(current)
+        .bind(&self.location.catalog_name)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .bind(current)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(unexpected(format!("catalog commit: {e}"))))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// The new table metadata (not written yet) and the new snapshot's id.
+    async fn stage(
+        &self,
+        table: &Table,
+        removed: &HashSet<String>,
+        added: &[DataFile],
+        operation: Operation,
+        properties: &HashMap<String, String>,
+    ) -> iceberg::Result<(iceberg::spec::TableMetadata, i64)> {
+        let metadata = table.metadata();
+        if metadata.format_version() != FormatVersion::V2 {
+            return Err(unexpected("only format version 2 tables can be rewritten"));
+        }
+        let current = metadata
+            .current_snapshot()
+            .ok_or_else(|| unexpected("table has no snapshot to rewrite"))?;
+        let snapshot_id = new_snapshot_id(table);
+        let sequence_number = metadata.next_sequence_number();
+        let commit_id = hex::encode(snapshot_id.to_be_bytes());
+        let file_io = table.file_io();
+        let manifest_path = |n: usize| format!("{}/metadata/sluice-{commit_id}-m{n}.avro", metadata.location());
+
+        let mut manifests: Vec<ManifestFile> = Vec::new();
+        let mut found = 0usize;
+        let list = table.manifest_list_reader(current).load().await?;
+        for (n, file) in list.entries().iter().enumerate() {
+            let manifest = file.load_manifest(file_io).await?;
+            let touched = manifest
+                .entries()
+                .iter()
+                .any(|e| e.is_alive() && removed.contains(e.file_path()));
+            if !touched {
+                manifests.push(file.clone());
+                continue;
+            }
+            let spec = metadata
+                .partition_spec_by_id(file.partition_spec_id)
+                .ok_or_else(|| unexpected("manifest of an unknown partition spec"))?;
+            let mut writer = ManifestWriterBuilder::new(
+                file_io.new_output(manifest_path(n))?,
+                Some(snapshot_id),
+                metadata.current_schema().clone(),
+                spec.as_ref().clone(),
+            )
+            .build_v2_data();
+            for entry in manifest.entries() {
+                if !entry.is_alive() {
+                    continue;
+                }
+                let seq = entry.sequence_number().unwrap_or(file.sequence_number);
+                let file_seq = entry.file_sequence_number.or(Some(seq));
+                if removed.contains(entry.file_path()) {
+                    found += 1;
+                    writer.add_delete_file(entry.data_file().clone(), seq, file_seq)?;
+                } else {
+                    let added_by = entry.snapshot_id().unwrap_or(file.added_snapshot_id);
+                    writer.add_existing_file(entry.data_file().clone(), added_by, seq, file_seq)?;
+                }
+            }
+            manifests.push(writer.write_manifest_file().await?);
+        }
+        if found != removed.len() {
+            return Err(unexpected(format!(
+                "{} of the files to remove are not in the current snapshot",
+                removed.len() - found
+            )));
+        }
+        if !added.is_empty() {
+            let mut writer = ManifestWriterBuilder::new(
+                file_io.new_output(manifest_path(usize::MAX))?,
+                Some(snapshot_id),
+                metadata.current_schema().clone(),
+                metadata.default_partition_spec().as_ref().clone(),
+            )
+            .build_v2_data();
+            for file in added {
+                writer.add_file(file.clone(), sequence_number)?;
+            }
+            manifests.push(writer.write_manifest_file().await?);
+        }
+        let list_path = format!(
+            "{}/metadata/snap-{snapshot_id}-1-sluice-{commit_id}.avro",
+            metadata.location()
+        );
+        let mut list_writer = ManifestListWriter::v2(
+            file_io.new_output(&list_path)?.writer().await?,
+            snapshot_id,
+            Some(current.snapshot_id()),
+            sequence_number,
+        );
+        list_writer.add_manifests(manifests.into_iter())?;
+        list_writer.close().await?;
+
+        // Positions are looked up through the snapshot ancestry: carried here, since the older
+        // snapshots are about to be expired.
+        let mut summary = position_properties(&committed_positions(table));
+        summary.extend(properties.clone());
+        summary.insert("deleted-data-files".into(), removed.len().to_string());
+        summary.insert("added-data-files".into(), added.len().to_string());
+        let snapshot = Snapshot::builder()
+            .with_snapshot_id(snapshot_id)
+            .with_parent_snapshot_id(Some(current.snapshot_id()))
+            .with_sequence_number(sequence_number)
+            .with_timestamp_ms(chrono::Utc::now().timestamp_millis())
+            .with_manifest_list(list_path)
+            .with_schema_id(metadata.current_schema_id())
+            .with_summary(Summary {
+                operation,
+                additional_properties: summary,
+            })
+            .build();
+        let mut builder = metadata
+            .clone()
+            .into_builder(table.metadata_location().map(str::to_string));
+        for update in [
+            TableUpdate::AddSnapshot { snapshot },
+            TableUpdate::SetSnapshotRef {
+                ref_name: MAIN_BRANCH.to_string(),
+                reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
+            },
+        ] {
+            builder = update.apply(builder)?;
+        }
+        Ok((builder.build()?.metadata, snapshot_id))
+    }
+
+    /// Expires every snapshot before `snapshot_id` and deletes the data files, manifests and
+    /// manifest lists no remaining snapshot references. Returns how many files were deleted.
+    async fn expire_older_than(&self, table: &Table, snapshot_id: i64) -> Result<u64, IcebergSinkError> {
+        let mut table = table.clone();
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(keep) = table.metadata().snapshot_by_id(snapshot_id) else {
+                break;
+            };
+            let older: Vec<i64> = table
+                .metadata()
+                .snapshots()
+                .filter(|s| s.sequence_number() < keep.sequence_number())
+                .map(|s| s.snapshot_id())
+                .collect();
+            if older.is_empty() {
+                break;
+            }
+            let before = referenced_files(&table).await.map_err(|e| self.err(e))?;
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .expire_snapshots()
+                .expire_snapshot_ids(older)
+                .apply(tx)
+                .map_err(|e| self.err(e))?;
+            match tx.commit(self.catalog.as_ref()).await {
+                Ok(t) => {
+                    let after = referenced_files(&t).await.map_err(|e| self.err(e))?;
+                    let mut deleted = 0;
+                    for path in before.difference(&after) {
+                        deleted += delete_if_present(&t, path).await.map_err(|e| self.err(e))?;
+                    }
+                    return Ok(deleted);
+                }
+                Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts => table = self.load().await?,
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Ok(0)
+    }
+}
+
+/// Deletes a file; one already gone (a rerun) is fine. Returns 1 if it was there.
+pub async fn delete_if_present(table: &Table, path: &str) -> iceberg::Result<u64> {
+    if !table.file_io().exists(path).await? {
+        return Ok(0);
+    }
+    table.file_io().delete(path).await?;
+    Ok(1)
+}
+
+/// Every live data file, manifest and manifest list the table's snapshots reference.
+pub async fn referenced_files(table: &Table) -> iceberg::Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    let mut seen_manifests = HashSet::new();
+    for snapshot in table.metadata().snapshots() {
+        out.insert(snapshot.manifest_list().to_string());
+        let list = table.manifest_list_reader(snapshot).load().await?;
+        for file in list.entries() {
+            if !seen_manifests.insert(file.manifest_path.clone()) {
+                continue;
+            }
+            out.insert(file.manifest_path.clone());
+            let manifest = file.load_manifest(table.file_io()).await?;
+            // A `deleted` entry is a tombstone: the file is needed by older snapshots only.
+            for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
+                out.insert(entry.file_path().to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The data files of the current snapshot, each with its partition spec's id.
+pub async fn live_files(table: &Table) -> iceberg::Result<Vec<(DataFile, i32)>> {
+    let Some(current) = table.metadata().current_snapshot() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let list = table.manifest_list_reader(current).load().await?;
+    for file in list.entries() {
+        let manifest = file.load_manifest(table.file_io()).await?;
+        out.extend(
+            manifest
+                .entries()
+                .iter()
+                .filter(|e| e.is_alive())
+                .map(|e| (e.data_file().clone(), file.partition_spec_id)),
+        );
+    }
+    Ok(out)
+}
+
+fn new_snapshot_id(table: &Table) -> i64 {
+    loop {
+        let mut bytes = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("system randomness");
+        let id = i64::from_be_bytes(bytes) & i64::MAX;
+        if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
+            return id;
+        }
+    }
+}

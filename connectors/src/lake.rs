@@ -1,0 +1,263 @@
+//! A table of the lake in either format: where it is, its committed positions, and a sink that
+//! appends to it. The pipeline sees one list of these whatever the format(s) configured.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use iceberg::Catalog;
+
+use crate::delta::{DeltaSink, DeltaSinkError};
+use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};
+use crate::SourcePosition;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error(transparent)]
+    Delta(#[from] DeltaSinkError),
+    #[error(transparent)]
+    Iceberg(#[from] IcebergSinkError),
+}
+
+impl LakeError {
+    /// Another writer committed a stream this one holds: drop uncommitted work, read again.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            LakeError::Delta(DeltaSinkError::Fenced { .. }) | LakeError::Iceberg(IcebergSinkError::Fenced { .. })
+        )
+    }
+}
+
+/// Where a table of the lake is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableLocation {
+    Delta(PathBuf),
+    Iceberg { location: IcebergLocation, table: String },
+}
+
+impl TableLocation {
+    /// Committed positions of `streams` (`None` where the table or the stream has none).
+    pub async fn read_positions(&self, app_prefix: &str, streams: &[String]) -> Result<Vec<Option<i64>>, LakeError> {
+        match self {
+            TableLocation::Delta(path) => Ok(DeltaSink::read_positions(path, app_prefix, streams).await?),
+            TableLocation::Iceberg { location, table } => {
+                let catalog = location.connect().await?;
+                Ok(crate::iceberg::read_positions(catalog.as_ref(), location, table, app_prefix, streams).await?)
+            }
+        }
+    }
+
+    /// For logs and errors: a path or `catalog.namespace.table`.
+    pub fn describe(&self) -> String {
+        match self {
+            TableLocation::Delta(path) => path.display().to_string(),
+            TableLocation::Iceberg { location, table } => {
+                format!("{}.{}.{}", location.catalog_name, location.namespace, table)
+            }
+        }
+    }
+}
+
+/// A table being appended to, in either format. (A few per run, never moved in a hot loop:
+/// their size difference does not matter.)
+#[allow(clippy::large_enum_variant)]
+pub enum TableSink {
+    Delta(DeltaSink),
+    Iceberg(IcebergSink),
+}
+
+/// Catalogs opened once per run and shared by the tables in them.
+#[derive(Default)]
+pub struct Catalogs(Vec<(IcebergLocation, Arc<dyn Catalog>)>);
+
+impl Catalogs {
+    pub async fn get(&mut self, location: &IcebergLocation) -> Result<Arc<dyn Catalog>, LakeError> {
+        if let Some((_, c)) = self.0.iter().find(|(l, _)| l.catalog == location.catalog) {
+            return Ok(c.clone());
+        }
+        let catalog = location.connect().await?;
+        self.0.push((location.clone(), catalog.clone()));
+        Ok(catalog)
+    }
+}
+
+impl TableSink {
+    pub fn name(&self) -> &str {
+        match self {
+            TableSink::Delta(s) => s.name(),
+            TableSink::Iceberg(s) => s.name(),
+        }
+    }
+
+    pub fn format(&self) -> &'static str {
+        match self {
+            TableSink::Delta(_) => "delta",
+            TableSink::Iceberg(_) => "iceberg",
+        }
+    }
+
+    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, LakeError> {
+        Ok(match self {
+            TableSink::Delta(s) => s.committed(stream).await?,
+            TableSink::Iceberg(s) => s.committed(stream).await?,
+        })
+    }
+
+    pub fn buffered_rows(&self) -> usize {
+        match self {
+            TableSink::Delta(s) => s.buffered_rows(),
+            TableSink::Iceberg(s) => s.buffered_rows(),
+        }
+    }
+
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        match self {
+            TableSink::Delta(s) => s.write(batch).await?,
+            TableSink::Iceberg(s) => s.write(batch).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn spill(&mut self) -> Result<(), LakeError> {
+        match self {
+            TableSink::Delta(s) => s.spill().await?,
+            TableSink::Iceberg(s) => s.spill().await?,
+        }
+        Ok(())
+    }
+
+    /// Commits the buffered rows with `positions`; returns the table's new version (Delta) or
+    /// sequence number (Iceberg).
+    pub async fn commit(
+        &mut self,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, LakeError> {
+        Ok(match self {
+            TableSink::Delta(s) => s.commit(positions, attached).await? as i64,
+            TableSink::Iceberg(s) => s.commit(positions, attached).await?,
+        })
+    }
+}
+
+use crate::delta::erase::{ErasureTarget, FileProgress, PreparedErasure, RowMatcher, TableErasure, Treatment};
+use crate::iceberg::erase::{IcebergErasureTarget, PreparedIcebergErasure};
+
+/// A table opened for erasure, in either format (see `delta::erase` and `iceberg::erase`).
+#[allow(clippy::large_enum_variant)]
+pub enum ErasureTable {
+    Delta(ErasureTarget),
+    Iceberg(IcebergErasureTarget),
+}
+
+/// Replacement files written for an erasure, not committed yet.
+pub enum PreparedTableErasure {
+    Delta(PreparedErasure),
+    Iceberg(PreparedIcebergErasure),
+}
+
+impl PreparedTableErasure {
+    pub fn outcome(&self) -> &TableErasure {
+        match self {
+            PreparedTableErasure::Delta(p) => &p.outcome,
+            PreparedTableErasure::Iceberg(p) => &p.outcome,
+        }
+    }
+}
+
+impl ErasureTable {
+    /// `None` where there is no table (yet). `app_id` marks the erasure commit of the job.
+    pub async fn open(
+        location: &TableLocation,
+        catalogs: &mut Catalogs,
+        name: &str,
+        app_id: String,
+    ) -> Result<Option<Self>, LakeError> {
+        Ok(match location {
+            TableLocation::Delta(path) => ErasureTarget::open(path, name, app_id).await?.map(ErasureTable::Delta),
+            TableLocation::Iceberg { location, table } => {
+                IcebergErasureTarget::open(catalogs.get(location).await?, location, table, app_id)
+                    .await?
+                    .map(ErasureTable::Iceberg)
+            }
+        })
+    }
+
+    pub async fn committed(&self) -> Result<bool, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.committed().await?,
+            ErasureTable::Iceberg(t) => t.committed().await?,
+        })
+    }
+
+    pub async fn file_count(&self) -> Result<u64, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.file_count()?,
+            ErasureTable::Iceberg(t) => t.file_count().await?,
+        })
+    }
+
+    pub async fn prepare(
+        &mut self,
+        matcher: &RowMatcher,
+        treatment: &Treatment,
+        dry_run: bool,
+        progress: FileProgress<'_>,
+    ) -> Result<PreparedTableErasure, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => {
+                PreparedTableErasure::Delta(t.prepare(matcher, treatment, dry_run, progress).await?)
+            }
+            ErasureTable::Iceberg(t) => {
+                PreparedTableErasure::Iceberg(t.prepare(matcher, treatment, dry_run, progress).await?)
+            }
+        })
+    }
+
+    /// Commits a prepared erasure; returns the table's new version (Delta) or sequence number
+    /// (Iceberg), `None` when nothing matched.
+    pub async fn commit(&mut self, prepared: &mut PreparedTableErasure) -> Result<Option<u64>, LakeError> {
+        match (self, prepared) {
+            (ErasureTable::Delta(t), PreparedTableErasure::Delta(p)) => {
+                t.commit(p).await?;
+                Ok(p.outcome.version)
+            }
+            (ErasureTable::Iceberg(t), PreparedTableErasure::Iceberg(p)) => {
+                t.commit(p).await?;
+                Ok(p.outcome.version)
+            }
+            _ => unreachable!("an erasure is prepared and committed on the same table"),
+        }
+    }
+
+    pub async fn delete_files(&self, paths: &[String]) -> Result<u64, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.delete_files(paths).await?,
+            ErasureTable::Iceberg(t) => t.delete_files(paths).await?,
+        })
+    }
+
+    pub async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.scan_all_files(matcher).await?,
+            ErasureTable::Iceberg(t) => t.scan_all_files(matcher).await?,
+        })
+    }
+
+    /// Table history (Delta log, Iceberg metadata and manifests) in which `found` finds
+    /// something.
+    pub async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.log_files_where(found).await?,
+            ErasureTable::Iceberg(t) => t.log_files_where(found).await?,
+        })
+    }
+
+    pub async fn active_files(&self) -> Result<Vec<String>, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.active_files()?,
+            ErasureTable::Iceberg(t) => t.active_files().await?,
+        })
+    }
+}
