@@ -39,4 +39,6 @@ pub fn failpoint(step: &str) {
 
 /// The Arrow and Parquet versions the sinks write with, for readers elsewhere in the workspace.
 pub use deltalake::arrow;
+/// The query engine aggregations run on (the one `deltalake` embeds).
+pub use deltalake::datafusion;
 pub use deltalake::parquet;

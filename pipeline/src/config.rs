@@ -38,6 +38,35 @@ struct RawConfig {
     workers: WorkersConfig,
     publish: Option<RawPublish>,
     raw_stream: Option<RawPublish>,
+    #[serde(default)]
+    aggregates: Vec<RawAggregate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregate {
+    name: Spanned<String>,
+    from: Spanned<String>,
+    dimensions: Spanned<Vec<Spanned<String>>>,
+    measures: Spanned<Vec<RawMeasure>>,
+    k_anonymity: Option<Spanned<u32>>,
+    on_suppressed: Option<Spanned<String>>,
+    #[serde(default = "default_lateness_ms")]
+    lateness_ms: u64,
+}
+
+fn default_lateness_ms() -> u64 {
+    10 * 60 * 1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeasure {
+    #[serde(rename = "fn")]
+    function: Spanned<String>,
+    column: Option<Spanned<String>>,
+    #[serde(rename = "as")]
+    name: Option<String>,
 }
 
 fn default_unknown_tables() -> UnknownTables {
@@ -294,6 +323,8 @@ pub struct Config {
     pub raw_stream: Option<PublishConfig>,
     pub max_event_bytes: usize,
     pub tables_root: PathBuf,
+    /// Where the Delta tables of aggregates go (`<lake root>/aggregates`).
+    pub aggregates_root: PathBuf,
     pub vault_path: PathBuf,
     pub quarantine_path: PathBuf,
     pub key_store: KeyStoreLocation,
@@ -306,6 +337,8 @@ pub struct Config {
     pub lake_format: LakeFormat,
     /// The catalog and namespace of the Iceberg tables (the format includes Iceberg).
     pub iceberg: Option<IcebergLocation>,
+    /// Hourly pre-aggregations, written beside the tables in the same format(s).
+    pub aggregates: Vec<Aggregate>,
     pub batch: BatchConfig,
     pub workers: WorkersConfig,
 }
@@ -438,9 +471,25 @@ impl Config {
             }
             (false, None) => None,
         };
+        let aggregates = raw
+            .aggregates
+            .iter()
+            .map(|a| aggregate_config(a, &policies, &invalid))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut names = HashSet::new();
+        for (a, raw_a) in aggregates.iter().zip(&raw.aggregates) {
+            if !names.insert(a.name.clone()) || targets.contains(&a.name) {
+                return Err(invalid(
+                    raw_a.name.span().start,
+                    "aggregates.name",
+                    format!("`{}` is already the name of a table or another aggregate", a.name),
+                ));
+            }
+        }
         Ok(Config {
             lake_format,
             iceberg,
+            aggregates,
             file: file.to_path_buf(),
             name: name.clone(),
             policies,
@@ -450,6 +499,7 @@ impl Config {
             raw_stream,
             max_event_bytes: raw.source.max_event_bytes.max(1024),
             tables_root: root.join("tables"),
+            aggregates_root: root.join("aggregates"),
             vault_path: raw
                 .lake
                 .vault
@@ -480,6 +530,10 @@ impl Config {
         })
     }
 
+    pub fn aggregates_root(&self) -> &Path {
+        &self.aggregates_root
+    }
+
     /// Where a policy's table is written: its Delta table and/or its Iceberg table.
     pub fn table_locations(&self, policy: &Policy) -> Vec<TableLocation> {
         let mut out = Vec::with_capacity(2);
@@ -507,6 +561,7 @@ impl Config {
     /// Writes tables, vault and quarantine under another lake root (a replay `--into`).
     pub fn redirect_lake(&mut self, root: &Path) {
         self.tables_root = root.join("tables");
+        self.aggregates_root = root.join("aggregates");
         self.vault_path = root.join("vault");
         self.quarantine_path = root.join("quarantine");
         if let Some(iceberg) = &mut self.iceberg {
@@ -635,6 +690,199 @@ fn source_config(
                 format!("unknown source kind `{other}`: expected `file`, `kafka`, `kinesis` or `postgres`"),
             ))
         }
+    })
+}
+
+/// An hourly pre-aggregation of a policy's table (`[[aggregates]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    pub name: String,
+    /// The policy target it reads.
+    pub from: String,
+    pub dimensions: Vec<String>,
+    pub measures: Vec<Measure>,
+    /// A published group covers at least this many distinct subjects.
+    pub k: u32,
+    pub on_suppressed: Suppression,
+    /// An hour is computed once it ended this long ago; later events recompute it.
+    pub lateness: std::time::Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measure {
+    pub function: MeasureFn,
+    pub column: Option<String>,
+    /// Output column name.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasureFn {
+    Count,
+    CountDistinctSubjects,
+    Sum,
+    Avg,
+}
+
+/// What happens to a group of fewer than k distinct subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suppression {
+    /// Not published (counted in the hour's suppressions).
+    Drop,
+    /// Merged into one group of the hour with every dimension null, published if that covers k.
+    Merge,
+}
+
+fn aggregate_config(
+    raw: &RawAggregate,
+    policies: &[Policy],
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<Aggregate, LoadError> {
+    let name = raw.name.get_ref();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(invalid(
+            raw.name.span().start,
+            "aggregates.name",
+            "must be letters, digits and _".into(),
+        ));
+    }
+    let from = raw.from.get_ref();
+    let policy = policies.iter().find(|p| &p.target == from).ok_or_else(|| {
+        invalid(
+            raw.from.span().start,
+            "aggregates.from",
+            format!("`{from}` is not the target table of any policy"),
+        )
+    })?;
+    let linking = policy.linking_columns();
+    let outputs = policy.output_columns();
+    // Only what a policy made safe to show: kept, generalized or derived columns.
+    let safe = |column: &Spanned<String>, field: &str| -> Result<arrow_schema::DataType, LoadError> {
+        let c = column.get_ref();
+        let out = outputs.iter().find(|o| &o.name == c).ok_or_else(|| {
+            invalid(
+                column.span().start,
+                field,
+                format!("`{c}` is not an output column of policy `{}`", policy.table),
+            )
+        })?;
+        if linking.contains(c) {
+            return Err(invalid(
+                column.span().start,
+                field,
+                format!("`{c}` is {}: it links rows to a person; only kept, generalized or derived columns may be grouped or measured", out.how),
+            ));
+        }
+        Ok(out.data_type.clone())
+    };
+    let mut dimensions = Vec::new();
+    for d in raw.dimensions.get_ref() {
+        safe(d, "aggregates.dimensions")?;
+        if dimensions.contains(d.get_ref()) {
+            return Err(invalid(
+                d.span().start,
+                "aggregates.dimensions",
+                format!("`{}` named twice", d.get_ref()),
+            ));
+        }
+        dimensions.push(d.get_ref().clone());
+    }
+    let mut measures = Vec::new();
+    for m in raw.measures.get_ref() {
+        let at = m.function.span().start;
+        let function = match m.function.get_ref().as_str() {
+            "count" => MeasureFn::Count,
+            "count_distinct_subjects" => MeasureFn::CountDistinctSubjects,
+            "sum" => MeasureFn::Sum,
+            "avg" => MeasureFn::Avg,
+            other => {
+                return Err(invalid(
+                    at,
+                    "aggregates.measures.fn",
+                    format!("unknown measure `{other}`: expected `count`, `count_distinct_subjects`, `sum` or `avg` (min and max would publish one person's exact value)"),
+                ))
+            }
+        };
+        let column = match (function, &m.column) {
+            (MeasureFn::Count | MeasureFn::CountDistinctSubjects, None) => None,
+            (MeasureFn::Count | MeasureFn::CountDistinctSubjects, Some(c)) => {
+                return Err(invalid(
+                    c.span().start,
+                    "aggregates.measures.column",
+                    "this measure takes no column".into(),
+                ))
+            }
+            (_, None) => {
+                return Err(invalid(
+                    at,
+                    "aggregates.measures.column",
+                    "required for `sum` and `avg`".into(),
+                ))
+            }
+            (_, Some(c)) => {
+                let data_type = safe(c, "aggregates.measures.column")?;
+                if !data_type.is_numeric() {
+                    return Err(invalid(
+                        c.span().start,
+                        "aggregates.measures.column",
+                        format!("`{}` is {data_type}, not a number", c.get_ref()),
+                    ));
+                }
+                Some(c.get_ref().clone())
+            }
+        };
+        let name = m.name.clone().unwrap_or_else(|| match (function, &column) {
+            (MeasureFn::Count, _) => "count".into(),
+            (MeasureFn::CountDistinctSubjects, _) => "distinct_subjects".into(),
+            (MeasureFn::Sum, Some(c)) => format!("sum_{c}"),
+            (_, c) => format!("avg_{}", c.as_deref().unwrap_or_default()),
+        });
+        if dimensions.contains(&name) || measures.iter().any(|x: &Measure| x.name == name) || name == "hour" {
+            return Err(invalid(
+                at,
+                "aggregates.measures",
+                format!("output column `{name}` named twice (set `as`)"),
+            ));
+        }
+        measures.push(Measure { function, column, name });
+    }
+    if measures.is_empty() {
+        return Err(invalid(
+            raw.measures.span().start,
+            "aggregates.measures",
+            "name at least one measure".into(),
+        ));
+    }
+    let k = match &raw.k_anonymity {
+        None => 11,
+        Some(k) if *k.get_ref() >= 2 => *k.get_ref(),
+        Some(k) => {
+            return Err(invalid(
+                k.span().start,
+                "aggregates.k_anonymity",
+                "must be at least 2 (a group of one person is that person)".into(),
+            ))
+        }
+    };
+    let on_suppressed = match raw.on_suppressed.as_ref().map(|s| s.get_ref().as_str()) {
+        None | Some("drop") => Suppression::Drop,
+        Some("merge") => Suppression::Merge,
+        Some(other) => {
+            return Err(invalid(
+                raw.on_suppressed.as_ref().map_or(0, |s| s.span().start),
+                "aggregates.on_suppressed",
+                format!("`{other}`: expected `drop` or `merge`"),
+            ))
+        }
+    };
+    Ok(Aggregate {
+        name: name.clone(),
+        from: from.clone(),
+        dimensions,
+        measures,
+        k,
+        on_suppressed,
+        lateness: std::time::Duration::from_millis(raw.lateness_ms),
     })
 }
 
@@ -966,6 +1214,54 @@ mod tests {
         assert!(
             matches!(&locations[1], TableLocation::Iceberg { location, table } if table == "t" && location.namespace == "p"
                 && location.catalog == CatalogSettings::Sql { database: dir.path().join("lake/iceberg/catalog.db"), warehouse: dir.path().join("lake/iceberg/warehouse") })
+        );
+    }
+
+    #[test]
+    fn an_aggregate_names_its_errors_with_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+        let agg = |body: &str| format!("{HEAD}{source}[[aggregates]]\nname = \"a\"\nfrom = \"t\"\n{body}");
+        let cases = [
+            (
+                "dimensions = [\"id_token\"]\nmeasures = [{fn=\"count\"}]\n",
+                "sluice.toml:14: aggregates.dimensions: `id_token` is tokenize",
+            ),
+            (
+                "dimensions = [\"nope\"]\nmeasures = [{fn=\"count\"}]\n",
+                "sluice.toml:14: aggregates.dimensions: `nope` is not an output column of policy `public.t`",
+            ),
+            (
+                "dimensions = []\nmeasures = [{fn=\"max\", column=\"x\"}]\n",
+                "sluice.toml:15: aggregates.measures.fn: unknown measure `max`",
+            ),
+            (
+                "dimensions = []\nmeasures = [{fn=\"sum\"}]\n",
+                "sluice.toml:15: aggregates.measures.column: required for `sum` and `avg`",
+            ),
+            (
+                "dimensions = []\nmeasures = [{fn=\"count\"}]\nk_anonymity = 1\n",
+                "sluice.toml:16: aggregates.k_anonymity: must be at least 2",
+            ),
+            (
+                "dimensions = []\nmeasures = []\n",
+                "sluice.toml:15: aggregates.measures: name at least one measure",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = load(dir.path(), &agg(body)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}\nwanted: {want}");
+        }
+        let config = load(
+            dir.path(),
+            &agg("dimensions = []\nmeasures = [{fn=\"count\"}, {fn=\"count_distinct_subjects\"}]\n"),
+        )
+        .unwrap();
+        let a = &config.aggregates[0];
+        assert_eq!((a.k, a.on_suppressed), (11, Suppression::Drop));
+        assert_eq!(
+            a.measures.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["count", "distinct_subjects"]
         );
     }
 }

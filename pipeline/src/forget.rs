@@ -62,8 +62,11 @@ pub enum ForgetError {
 /// pre-aggregations register here). Called after the tables are rewritten, before the receipt.
 pub trait ErasureHook {
     fn name(&self) -> &str;
+    /// Called before the tables are rewritten: notes on what depends on the subjects' rows
+    /// (saved with the job, so a resumed job still has them).
+    fn before_erasure(&self, subject_tokens: &[String]) -> Result<Vec<String>, String>;
     /// Recomputes what depended on the subjects' rows; returns a line for the receipt.
-    fn after_erasure(&self, subject_tokens: &[String]) -> Result<String, String>;
+    fn after_erasure(&self, subject_tokens: &[String], before: &[String]) -> Result<String, String>;
 }
 
 pub struct ForgetRequest {
@@ -144,6 +147,9 @@ struct JobState {
     found: BTreeSet<String>,
     /// Positions of quarantined events to review.
     review: BTreeSet<String>,
+    /// Per hook, what it noted before the tables were rewritten.
+    #[serde(default)]
+    hook_notes: BTreeMap<String, Vec<String>>,
     hooks_done: bool,
     verification_done: bool,
     audit_written: bool,
@@ -162,7 +168,11 @@ struct Target {
 /// deleted-file retention): a younger one may be a running writer's transaction in flight.
 const ORPHAN_MIN_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
 
-pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureHook>]) -> Result<Receipt, ForgetError> {
+pub fn forget(
+    config: &Config,
+    request: ForgetRequest,
+    hooks: &[Box<dyn ErasureHook + '_>],
+) -> Result<Receipt, ForgetError> {
     if request.subjects.is_empty() {
         return Err(ForgetError::Request("no subject given".into()));
     }
@@ -280,6 +290,17 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
         .build()
         .map_err(RunError::Runtime)?;
     let app_id = |target: &str| format!("sluice/{}/erasure/{}/{}/{}", config.name, job_id, state.attempt, target);
+    if !request.dry_run {
+        for hook in hooks {
+            if !state.hook_notes.contains_key(hook.name()) {
+                let notes = hook
+                    .before_erasure(&tokens)
+                    .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
+                state.hook_notes.insert(hook.name().to_string(), notes);
+                save(&state)?;
+            }
+        }
+    }
     let mut catalogs = Catalogs::default();
     let bar = progress_bar(&rt, &mut catalogs, &targets, &app_id)?;
     for target in &targets {
@@ -349,8 +370,9 @@ pub fn forget(config: &Config, request: ForgetRequest, hooks: &[Box<dyn ErasureH
     if !state.hooks_done {
         state.receipt.hooks.clear();
         for hook in hooks {
+            let before = state.hook_notes.get(hook.name()).cloned().unwrap_or_default();
             let line = hook
-                .after_erasure(&tokens)
+                .after_erasure(&tokens, &before)
                 .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
             state.receipt.hooks.push(format!("{}: {line}", hook.name()));
         }

@@ -1,5 +1,6 @@
 //! `sluice`: sanitize change events into a lakehouse without letting raw personal data out.
 
+mod aggregate;
 mod audit;
 mod config;
 mod forget;
@@ -128,6 +129,19 @@ enum Command {
         /// keys.erasure_refresh_ms + batch.max_age_ms; 0 when no daemon writes this lake).
         #[arg(long)]
         settle_ms: Option<u64>,
+    },
+    /// Compute the hourly pre-aggregations (`[[aggregates]]`): without --from/--to the hours
+    /// that are due (new rows since the last computation, hour ended the lateness ago); with
+    /// them every hour in [from, to), a backfill or recomputation. Prints a report (JSON).
+    Aggregate {
+        #[arg(long)]
+        config: PathBuf,
+        /// RFC 3339 time: the first hour to compute.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// RFC 3339 time: hours before it are computed.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
     },
     /// Validate the configuration and print the release manifest: every output column of every
     /// table, the action that produced it, and what is dropped.
@@ -358,6 +372,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             summary_json,
         }) => {
             let cfg = config::Config::load(&config)?;
+            if !once {
+                schedule_aggregation(&cfg);
+            }
             let summary = match &cfg.source {
                 config::SourceConfig::File { path, poll_ms } => {
                     let mut source = source::file::FileSource::new(
@@ -397,6 +414,14 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 config::SourceConfig::Postgres(p) => runtime::run(&cfg, &mut postgres_source(&cfg, p, once)?)?,
             };
+            if once && !cfg.aggregates.is_empty() {
+                aggregate::run(
+                    &cfg,
+                    aggregate::Hours::Due {
+                        now_us: chrono::Utc::now().timestamp_micros(),
+                    },
+                )?;
+            }
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -477,6 +502,28 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Aggregate { config, from, to } => {
+            let cfg = config::Config::load(&config)?;
+            let hours = match (from, to) {
+                (Some(from), Some(to)) => {
+                    let parse = |t: &str| {
+                        chrono::DateTime::parse_from_rfc3339(t)
+                            .map(|t| t.timestamp_micros())
+                            .with_context(|| format!("`{t}`: expected an RFC 3339 time"))
+                    };
+                    aggregate::Hours::Range {
+                        from_us: parse(&from)?,
+                        to_us: parse(&to)?,
+                    }
+                }
+                _ => aggregate::Hours::Due {
+                    now_us: chrono::Utc::now().timestamp_micros(),
+                },
+            };
+            let reports = aggregate::run(&cfg, hours)?;
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config } => {
             let cfg = config::Config::load(&config)?;
             print!("{}", manifest::render(&cfg));
@@ -522,7 +569,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         None => cfg.erasure_refresh + Duration::from_millis(cfg.batch.max_age_ms),
                     },
                 },
-                &[],
+                &[Box::new(aggregate::AggregatesAfterErasure { config: &cfg })],
             )?;
             let text = serde_json::to_string_pretty(&receipt)?;
             println!("{text}");
@@ -545,6 +592,33 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// The daemon's hourly aggregation: at start, then each hour once the lateness has passed.
+/// A failed pass is logged and retried at the next one (the tables are replaced per hour).
+fn schedule_aggregation(cfg: &config::Config) {
+    if cfg.aggregates.is_empty() {
+        return;
+    }
+    let cfg = cfg.clone();
+    let lateness = cfg.aggregates.iter().map(|a| a.lateness).min().unwrap_or_default();
+    std::thread::Builder::new()
+        .name("sluice-aggregate".into())
+        .spawn(move || loop {
+            let now = chrono::Utc::now().timestamp_micros();
+            match aggregate::run(&cfg, aggregate::Hours::Due { now_us: now }) {
+                Ok(reports) => {
+                    let hours: usize = reports.iter().map(|r| r.hours.len()).sum();
+                    tracing::info!(hours, "hourly aggregation done");
+                }
+                Err(e) => tracing::warn!("hourly aggregation failed, retried next hour: {e}"),
+            }
+            let hour = 3_600_000_000i64;
+            let next = (now / hour + 1) * hour + lateness.as_micros() as i64;
+            let wait = (next - chrono::Utc::now().timestamp_micros()).max(1_000_000);
+            std::thread::sleep(Duration::from_micros(wait as u64));
+        })
+        .expect("spawn the aggregation thread");
 }
 
 /// Subject ids from a file: one per line, a CSV's first column; comments and a header skipped.

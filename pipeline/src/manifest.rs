@@ -5,7 +5,7 @@ use std::fmt::Write;
 use sluice_transforms::actions::Action;
 use sluice_transforms::engine::META_COLUMNS;
 
-use crate::config::Config;
+use crate::config::{Config, LakeFormat, Suppression};
 
 pub fn render(config: &Config) -> String {
     let mut s = String::new();
@@ -55,6 +55,28 @@ pub fn render(config: &Config) -> String {
         let _ = writeln!(
             s,
             "  any other column: dropped (default deny), counted and reported by name"
+        );
+    }
+    let format = match config.lake_format {
+        LakeFormat::Delta => "Delta",
+        LakeFormat::Iceberg => "Iceberg",
+        LakeFormat::Both => "Delta and Iceberg",
+    };
+    let _ = writeln!(s, "\ntables written as {format} (vault, quarantine and audit: Delta)");
+    for a in &config.aggregates {
+        let measures: Vec<&str> = a.measures.iter().map(|m| m.name.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "\naggregate {} ← {} per hour by [{}]: {}; groups under {} distinct subjects {}",
+            a.name,
+            a.from,
+            a.dimensions.join(", "),
+            measures.join(", "),
+            a.k,
+            match a.on_suppressed {
+                Suppression::Drop => "dropped",
+                Suppression::Merge => "merged per hour (dimensions null) when that reaches k, else dropped",
+            }
         );
     }
     s

@@ -359,6 +359,11 @@ impl DeltaSink {
     }
 }
 
+/// The table at `location` as it is now (for reading); `None` where there is no table (yet).
+pub async fn open_table(location: &Path, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+    open_existing(location, name).await
+}
+
 /// The table at `location` as it is now; `None` where there is no table (yet).
 pub(crate) async fn open_existing(location: &Path, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
     let err = |source| DeltaSinkError::Delta {
@@ -383,4 +388,46 @@ pub(crate) async fn open_existing(location: &Path, name: &str) -> Result<Option<
         return Ok(None);
     }
     Ok(Some(table))
+}
+
+/// Replaces the rows `predicate` selects with `batches` in one commit carrying `positions`
+/// (`txn` actions), creating the table if absent: for small derived tables that are
+/// recomputed, such as aggregates. Returns the new version.
+#[allow(clippy::too_many_arguments)]
+pub async fn replace_where(
+    location: &Path,
+    name: &str,
+    app_prefix: &str,
+    schema: SchemaRef,
+    stats_columns: &[String],
+    batches: Vec<RecordBatch>,
+    predicate: deltalake::datafusion::prelude::Expr,
+    positions: &[SourcePosition],
+) -> Result<u64, DeltaSinkError> {
+    DeltaSink::open_or_create(location, name, app_prefix, schema.clone(), &[], stats_columns).await?;
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let table = open_existing(location, name)
+        .await?
+        .ok_or_else(|| err(deltalake::DeltaTableError::NotATable(location.display().to_string())))?;
+    let txns: Vec<Transaction> = positions
+        .iter()
+        .map(|p| Transaction::new(format!("sluice/{app_prefix}/{}", p.stream), p.offset))
+        .collect();
+    let batches = if batches.is_empty() {
+        vec![RecordBatch::new_empty(schema.clone())]
+    } else {
+        batches
+    };
+    let table = table
+        .write(batches)
+        .with_save_mode(SaveMode::Overwrite)
+        .with_replace_where(predicate)
+        .with_writer_properties(writer_properties(&schema))
+        .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
+        .await
+        .map_err(err)?;
+    Ok(table.version().unwrap_or_default() as u64)
 }

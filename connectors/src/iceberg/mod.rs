@@ -217,13 +217,15 @@ pub struct IcebergSink {
     name: String,
     app_prefix: String,
     catalog: Arc<dyn Catalog>,
+    location: IcebergLocation,
     ident: TableIdent,
     table: Table,
     /// The table's current schema as Arrow, with field ids: what written batches are cast to.
     arrow_schema: SchemaRef,
     stats_columns: Vec<String>,
     writer: Option<Writer>,
-    splitter: RecordBatchPartitionSplitter,
+    /// `None` for an unpartitioned table.
+    splitter: Option<RecordBatchPartitionSplitter>,
     buffered_rows: usize,
     /// Files written and not committed yet (invisible to readers until the commit adds them).
     written: Vec<DataFile>,
@@ -330,16 +332,24 @@ impl IcebergSink {
         }
         table = evolve_schema(catalog.as_ref(), table, name, &schema).await?;
         let arrow_schema = Arc::new(schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?);
-        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(
-            table.metadata().current_schema().clone(),
-            table.metadata().default_partition_spec().clone(),
-        )
-        .map_err(err)?;
+        let spec = table.metadata().default_partition_spec();
+        let splitter = if spec.is_unpartitioned() {
+            None
+        } else {
+            Some(
+                RecordBatchPartitionSplitter::try_new_with_computed_values(
+                    table.metadata().current_schema().clone(),
+                    spec.clone(),
+                )
+                .map_err(err)?,
+            )
+        };
         Ok(Self {
             name: name.to_string(),
             app_prefix: app_prefix.to_string(),
             catalog,
             ident,
+            location: location.clone(),
             table,
             arrow_schema,
             stats_columns: stats_columns.to_vec(),
@@ -399,7 +409,18 @@ impl IcebergSink {
             );
             self.writer = Some(FanoutWriter::new(DataFileWriterBuilder::new(rolling)));
         }
-        let parts = self.splitter.split(&batch).map_err(|e| self.err(e))?;
+        let parts = match &self.splitter {
+            Some(splitter) => splitter.split(&batch).map_err(|e| self.err(e))?,
+            None => {
+                let metadata = self.table.metadata();
+                let key = iceberg::spec::PartitionKey::new(
+                    metadata.default_partition_spec().as_ref().clone(),
+                    metadata.current_schema().clone(),
+                    iceberg::spec::Struct::empty(),
+                );
+                vec![(key, batch.clone())]
+            }
+        };
         let writer = self.writer.as_mut().expect("writer opened above");
         for (key, part) in parts {
             writer
@@ -512,6 +533,75 @@ impl IcebergSink {
     }
 }
 
+impl IcebergSink {
+    /// Replaces the rows `drop` matches with the rows written since the last commit, in one
+    /// `overwrite` snapshot carrying `positions`; older snapshots are expired (for small derived
+    /// tables that are recomputed, such as aggregates). Files holding no matched row are kept.
+    pub async fn replace_rows(
+        &mut self,
+        drop: &crate::delta::erase::RowMatcher,
+        positions: &[SourcePosition],
+    ) -> Result<(), IcebergSinkError> {
+        use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let rewriter = rewrite::Rewriter::new(self.catalog.clone(), &self.location, &self.name).await?;
+        self.table = rewriter.load().await?;
+        let mut removed = std::collections::HashSet::new();
+        let mut kept = Vec::new();
+        for (file, _) in rewrite::live_files(&self.table).await.map_err(|e| self.err(e))? {
+            let path = file.file_path().to_string();
+            let input = self.table.file_io().new_input(&path).map_err(|e| self.err(e))?;
+            let bytes = input.read().await.map_err(|e| self.err(e))?;
+            let invalid = |e: String| self.err(iceberg::Error::new(ErrorKind::DataInvalid, format!("{path}: {e}")));
+            if crate::delta::erase::count_matches(bytes.clone(), drop).map_err(invalid)? == 0 {
+                continue;
+            }
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .and_then(|b| b.build())
+                .map_err(|e| invalid(e.to_string()))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| invalid(e.to_string()))?;
+                let columns: Vec<usize> = drop
+                    .columns
+                    .iter()
+                    .map(|c| batch.schema().index_of(c).map_err(|e| invalid(e.to_string())))
+                    .collect::<Result<_, _>>()?;
+                let matched =
+                    (drop.matches)(&batch.project(&columns).map_err(|e| invalid(e.to_string()))?).map_err(invalid)?;
+                let keep: arrow_array::BooleanArray = matched.iter().map(|m| Some(m != Some(true))).collect();
+                kept.push(
+                    arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(e.to_string()))?,
+                );
+            }
+            removed.insert(path);
+        }
+        for batch in kept {
+            if batch.num_rows() > 0 {
+                self.write(batch).await?;
+            }
+        }
+        self.spill().await?;
+        if self.table.metadata().current_snapshot().is_none() {
+            // Nothing to replace yet: a plain first append.
+            return self.commit(positions, &[]).await.map(|_| ());
+        }
+        let properties = positions
+            .iter()
+            .map(|p| (position_property(&self.app_id(&p.stream)), p.offset.to_string()))
+            .collect();
+        let done = rewriter
+            .replace(
+                &removed,
+                std::mem::take(&mut self.written),
+                iceberg::spec::Operation::Overwrite,
+                properties,
+            )
+            .await?;
+        self.table = done.table;
+        self.buffered_rows = 0;
+        Ok(())
+    }
+}
+
 /// Adds the columns of `schema` the table lacks; any other difference is an error.
 async fn evolve_schema(
     catalog: &dyn Catalog,
@@ -594,6 +684,43 @@ fn retag(array: &ArrayRef, want: &DataType) -> Result<ArrayRef, deltalake::arrow
         }
         _ => deltalake::arrow::compute::cast(array, want),
     }
+}
+
+/// The data files of table `name`'s current snapshot and its schema as Arrow (UTC timestamps,
+/// no field ids: for reading the files with another engine); `None` if there is no table.
+pub async fn data_files(
+    catalog: &dyn Catalog,
+    location: &IcebergLocation,
+    name: &str,
+) -> Result<Option<(Vec<String>, SchemaRef)>, IcebergSinkError> {
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let ident = location.table_ident(name);
+    if !catalog.table_exists(&ident).await.map_err(err)? {
+        return Ok(None);
+    }
+    let table = catalog.load_table(&ident).await.map_err(err)?;
+    let files = rewrite::live_files(&table)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .map(|(f, _)| f.file_path().to_string())
+        .collect();
+    let schema = schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?;
+    let fields: Vec<arrow_schema::Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let data_type = match f.data_type() {
+                DataType::Timestamp(unit, Some(_)) => DataType::Timestamp(*unit, Some("UTC".into())),
+                other => other.clone(),
+            };
+            arrow_schema::Field::new(f.name(), data_type, f.is_nullable())
+        })
+        .collect();
+    Ok(Some((files, Arc::new(ArrowSchema::new(fields)))))
 }
 
 /// Positions of `streams` in table `name` as it is now (`None` where the table or the stream
