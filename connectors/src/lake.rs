@@ -20,6 +20,15 @@ pub enum LakeError {
 }
 
 impl LakeError {
+    /// Another writer's commit conflicted with this one's (a compaction, an erasure): prepare
+    /// again on the new version.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            LakeError::Delta(e) => e.is_conflict(),
+            LakeError::Iceberg(e) => e.is_conflict(),
+        }
+    }
+
     /// Another writer committed a stream this one holds: drop uncommitted work, read again.
     pub fn is_fenced(&self) -> bool {
         matches!(
@@ -251,6 +260,14 @@ impl ErasureTable {
         Ok(match self {
             ErasureTable::Delta(t) => t.log_files_where(found).await?,
             ErasureTable::Iceberg(t) => t.log_files_where(found).await?,
+        })
+    }
+
+    /// Data files only older versions hold (readable by time travel).
+    pub async fn history_files(&self) -> Result<std::collections::HashSet<String>, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => t.history_files().await?,
+            ErasureTable::Iceberg(t) => t.history_files().await?,
         })
     }
 

@@ -35,6 +35,8 @@ struct RawConfig {
     #[serde(default)]
     batch: BatchConfig,
     #[serde(default)]
+    compaction: CompactionConfig,
+    #[serde(default)]
     workers: WorkersConfig,
     publish: Option<RawPublish>,
     raw_stream: Option<RawPublish>,
@@ -207,6 +209,25 @@ fn default_cache() -> usize {
     50_000
 }
 
+/// Scheduled compaction of small files (`[compaction]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// A daemon compacts every table this often (milliseconds; 0: never).
+    pub interval_ms: u64,
+    /// Files are bin-packed to about this size.
+    pub target_file_mb: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 6 * 3_600_000,
+            target_file_mb: 128,
+        }
+    }
+}
+
 /// When buffered rows are committed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -341,6 +362,7 @@ pub struct Config {
     pub aggregates: Vec<Aggregate>,
     pub batch: BatchConfig,
     pub workers: WorkersConfig,
+    pub compaction: CompactionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -526,6 +548,7 @@ impl Config {
             },
             key_cache: raw.keys.cache_capacity,
             batch: raw.batch,
+            compaction: raw.compaction,
             workers: raw.workers,
         })
     }

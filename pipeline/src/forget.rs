@@ -323,15 +323,22 @@ pub fn forget(
             let paths = state.pending_removal.get(&target.name).cloned().unwrap_or_default();
             rt.block_on(table.delete_files(&paths))?;
         } else {
-            let mut prepared =
-                rt.block_on(table.prepare(&target.matcher, &target.treatment, request.dry_run, &|n| bar.inc(n)))?;
-            // Saved with the state below, so a resumed job still knows whom this table held.
-            state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
-            state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
-            let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
-            let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
-            record(receipt, &base, prepared.outcome(), &target.treatment);
-            if !request.dry_run && !prepared.outcome().files_removed.is_empty() {
+            // A compaction (or another rewrite) committing in between replaces files this job
+            // prepared to replace: prepare again on the new version, a few times at most.
+            let mut attempt = 0;
+            let prepared = loop {
+                attempt += 1;
+                let mut prepared =
+                    rt.block_on(table.prepare(&target.matcher, &target.treatment, request.dry_run, &|n| bar.inc(n)))?;
+                // Saved with the state below, so a resumed job still knows whom this table held.
+                state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
+                state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
+                let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
+                let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
+                record(receipt, &base, prepared.outcome(), &target.treatment);
+                if request.dry_run || prepared.outcome().files_removed.is_empty() {
+                    break prepared;
+                }
                 // Saved before the commit: a job killed right after it finds the files to
                 // delete, and the numbers for its receipt, here.
                 state
@@ -339,11 +346,27 @@ pub fn forget(
                     .insert(target.name.clone(), prepared.outcome().files_removed.clone());
                 save(&state)?;
                 failpoint(&format!("before-commit:{}", target.name));
-                let version = rt.block_on(table.commit(&mut prepared))?;
-                failpoint(&format!("after-commit:{}", target.name));
-                rt.block_on(table.delete_files(&prepared.outcome().files_removed))?;
-                state.receipt.tables.entry(target.name.clone()).or_default().version = version;
-            }
+                match rt.block_on(table.commit(&mut prepared)) {
+                    Ok(version) => {
+                        failpoint(&format!("after-commit:{}", target.name));
+                        rt.block_on(table.delete_files(&prepared.outcome().files_removed))?;
+                        state.receipt.tables.entry(target.name.clone()).or_default().version = version;
+                        break prepared;
+                    }
+                    Err(e) if e.is_conflict() && attempt < 3 => {
+                        warn!(job = %job_id, table = %target.name, "another writer rewrote files of the table meanwhile (a compaction?): preparing again");
+                        table = rt
+                            .block_on(ErasureTable::open(
+                                &target.location,
+                                &mut catalogs,
+                                &target.name,
+                                app_id(&target.name),
+                            ))?
+                            .ok_or_else(|| ForgetError::Request(format!("table {} disappeared", target.name)))?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             let result = prepared.outcome();
             info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
         }
@@ -395,6 +418,8 @@ pub fn forget(
                 continue;
             };
             let active: HashSet<String> = rt.block_on(table.active_files())?.into_iter().collect();
+            // Files older versions still hold (a compaction's inputs): history, deleted now.
+            let history = rt.block_on(table.history_files())?;
             let mut orphans = Vec::new();
             for (path, matched, modified_ms) in rt.block_on(table.scan_all_files(&target.matcher))? {
                 if matched == 0 {
@@ -404,7 +429,7 @@ pub fn forget(
                     // A current row of theirs: written after the rewrite by a daemon that had
                     // not yet seen the tombstones. Running the job again erases it.
                     findings.push(format!("{}: {matched} rows in {path}", target.name));
-                } else if now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
+                } else if history.contains(&path) || now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
                     orphans.push(path);
                 } else {
                     findings.push(format!(

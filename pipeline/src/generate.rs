@@ -64,7 +64,8 @@ impl Rng {
 
 /// 2024-01-01T00:00:00Z.
 const START_MS: i64 = 1_704_067_200_000;
-const SPAN_MS: i64 = 30 * 86_400_000;
+/// Events spread over 30 days by default.
+pub const DEFAULT_SPAN_HOURS: u64 = 30 * 24;
 
 struct Generator {
     seed: u64,
@@ -77,6 +78,7 @@ struct Generator {
     contacts: u64,
     target_customers: u64,
     lsn: u64,
+    span_ms: i64,
 }
 
 impl Generator {
@@ -128,7 +130,7 @@ impl Generator {
     }
 
     fn event(&mut self, i: u64, n: u64) -> Value {
-        let ts = START_MS + (i as i64) * (SPAN_MS / n.max(1) as i64).max(1);
+        let ts = START_MS + (i as i64) * (self.span_ms / n.max(1) as i64).max(1);
         let roll = self.rng.below(100);
         let (table, op, before, after) = if self.customers == 0 || (roll < 8 && self.customers < self.target_customers)
         {
@@ -229,8 +231,9 @@ impl Generator {
     }
 }
 
-/// Writes `n` events; `.gz` output is compressed. Returns the number written.
-pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool) -> std::io::Result<u64> {
+/// Writes `n` events spread over `span_hours` from 2024-01-01; `.gz` output is compressed.
+/// Returns the number written.
+pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u64) -> std::io::Result<u64> {
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -253,6 +256,7 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool) -> std::io::Re
         contacts: 0,
         target_customers: (n / 20).max(10),
         lsn: 0,
+        span_ms: span_hours.max(1) as i64 * 3_600_000,
     };
     for i in 0..n {
         let event = g.event(i, n);

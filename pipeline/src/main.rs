@@ -2,6 +2,7 @@
 
 mod aggregate;
 mod audit;
+mod compact;
 mod config;
 mod forget;
 mod generate;
@@ -143,6 +144,13 @@ enum Command {
         #[arg(long, requires = "from")]
         to: Option<String>,
     },
+    /// Compact every table (policy tables in each format, aggregates, vault, quarantine): small
+    /// files bin-packed to `[compaction] target_file_mb`. Prints a report (JSON). A daemon does
+    /// this every `[compaction] interval_ms`.
+    Compact {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate the configuration and print the release manifest: every output column of every
     /// table, the action that produced it, and what is dropped.
     Check {
@@ -162,6 +170,9 @@ enum Command {
         /// Wrap each event as `{"schema": …, "payload": …}` like the Kafka Connect JSON converter.
         #[arg(long)]
         wrapped: bool,
+        /// Hours the events' times spread over, from 2024-01-01T00:00Z.
+        #[arg(long, default_value_t = generate::DEFAULT_SPAN_HOURS)]
+        span_hours: u64,
     },
     /// Scan files for known sensitive values (and their digit-only, base64, hex and unkeyed
     /// digest forms), decoding Parquet and gzip. Exits 1 if any is found.
@@ -374,6 +385,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let cfg = config::Config::load(&config)?;
             if !once {
                 schedule_aggregation(&cfg);
+                schedule_compaction(&cfg);
             }
             let summary = match &cfg.source {
                 config::SourceConfig::File { path, poll_ms } => {
@@ -414,13 +426,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 config::SourceConfig::Postgres(p) => runtime::run(&cfg, &mut postgres_source(&cfg, p, once)?)?,
             };
-            if once && !cfg.aggregates.is_empty() {
-                aggregate::run(
-                    &cfg,
-                    aggregate::Hours::Due {
-                        now_us: chrono::Utc::now().timestamp_micros(),
-                    },
-                )?;
+            if once {
+                aggregate_due(&cfg)?;
             }
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -444,7 +451,14 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
+            if !once {
+                schedule_aggregation(&cfg);
+                schedule_compaction(&cfg);
+            }
             let summary = runtime::run(&cfg, &mut source)?;
+            if once {
+                aggregate_due(&cfg)?;
+            }
             report(&cfg, &summary, summary_json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -524,6 +538,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&reports)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Compact { config } => {
+            let cfg = config::Config::load(&config)?;
+            let report = compact::compact_all(&cfg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config } => {
             let cfg = config::Config::load(&config)?;
             print!("{}", manifest::render(&cfg));
@@ -534,8 +554,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             out,
             seed,
             wrapped,
+            span_hours,
         } => {
-            let written = generate::write_events(&out, events, seed, wrapped)
+            let written = generate::write_events(&out, events, seed, wrapped, span_hours)
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {written} events to {}", out.display());
             Ok(ExitCode::SUCCESS)
@@ -594,6 +615,19 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Computes the aggregates' due hours (the end of a `--once` run).
+fn aggregate_due(cfg: &config::Config) -> Result<(), aggregate::AggregateError> {
+    if !cfg.aggregates.is_empty() {
+        aggregate::run(
+            cfg,
+            aggregate::Hours::Due {
+                now_us: chrono::Utc::now().timestamp_micros(),
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// The daemon's hourly aggregation: at start, then each hour once the lateness has passed.
 /// A failed pass is logged and retried at the next one (the tables are replaced per hour).
 fn schedule_aggregation(cfg: &config::Config) {
@@ -619,6 +653,24 @@ fn schedule_aggregation(cfg: &config::Config) {
             std::thread::sleep(Duration::from_micros(wait as u64));
         })
         .expect("spawn the aggregation thread");
+}
+
+/// The daemon's compaction, every `[compaction] interval_ms` (first after one interval). A
+/// failed pass is logged and tried again at the next.
+fn schedule_compaction(cfg: &config::Config) {
+    if cfg.compaction.interval_ms == 0 {
+        return;
+    }
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("sluice-compact".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(cfg.compaction.interval_ms));
+            if let Err(e) = compact::compact_all(&cfg) {
+                tracing::warn!("compaction failed, tried again next time: {e}");
+            }
+        })
+        .expect("spawn the compaction thread");
 }
 
 /// Subject ids from a file: one per line, a CSV's first column; comments and a header skipped.

@@ -283,6 +283,20 @@ impl ErasureTarget {
         Ok(out)
     }
 
+    /// Paths of data files that committed versions removed (compaction, earlier rewrites):
+    /// history, still readable by time travel until deleted.
+    pub async fn history_files(&self) -> Result<std::collections::HashSet<String>, DeltaSinkError> {
+        use futures_util::StreamExt;
+        let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
+        let log_store = self.table.log_store();
+        let mut tombstones = snapshot.all_tombstones(log_store.as_ref());
+        let mut out = std::collections::HashSet::new();
+        while let Some(t) = tombstones.next().await {
+            out.insert(t.map_err(|e| self.err(e))?.path().to_string());
+        }
+        Ok(out)
+    }
+
     /// Paths of the data files the current version holds.
     pub fn active_files(&self) -> Result<Vec<String>, DeltaSinkError> {
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;

@@ -431,3 +431,46 @@ pub async fn replace_where(
         .map_err(err)?;
     Ok(table.version().unwrap_or_default() as u64)
 }
+
+/// What a compaction did to one table.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Compaction {
+    pub files_removed: u64,
+    pub files_added: u64,
+}
+
+/// Bin-packs the table's small files into files of about `target_bytes` (Delta OPTIMIZE; one
+/// commit, data unchanged). The replaced files stay for time travel (an erasure deletes those
+/// holding its subjects). `None` if there is no table.
+pub async fn compact(location: &Path, name: &str, target_bytes: u64) -> Result<Option<Compaction>, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let Some(table) = open_existing(location, name).await? else {
+        return Ok(None);
+    };
+    let schema: SchemaRef = table.snapshot().map_err(err)?.snapshot().arrow_schema();
+    let target = std::num::NonZeroU64::new(target_bytes.max(1)).expect("at least 1");
+    let (_, metrics) = table
+        .optimize()
+        .with_target_size(target)
+        .with_writer_properties(writer_properties(&schema))
+        .await
+        .map_err(err)?;
+    Ok(Some(Compaction {
+        files_removed: metrics.num_files_removed,
+        files_added: metrics.num_files_added,
+    }))
+}
+
+impl DeltaSinkError {
+    /// Another writer's commit conflicted with this one (try again on the new version).
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            DeltaSinkError::Delta { source, .. }
+                if matches!(source.as_ref(), deltalake::DeltaTableError::Transaction { source: TransactionError::CommitConflict(_) })
+        )
+    }
+}

@@ -172,6 +172,7 @@ impl IcebergErasureTarget {
                 std::mem::take(&mut prepared.added),
                 Operation::Overwrite,
                 HashMap::from([(ERASURE_PROPERTY.to_string(), self.app_id.clone())]),
+                true,
             )
             .await?;
         prepared.outcome.version = Some(done.table.metadata().last_sequence_number() as u64);
@@ -223,6 +224,17 @@ impl IcebergErasureTarget {
             }
         }
         Ok(out)
+    }
+
+    /// Data files older snapshots still reference (none once the erasure has expired them).
+    pub async fn history_files(&self) -> Result<HashSet<String>, IcebergSinkError> {
+        let live: HashSet<String> = self.active_files().await?.into_iter().collect();
+        Ok(referenced_files(&self.table)
+            .await
+            .map_err(|e| self.err(e))?
+            .into_iter()
+            .filter(|p| p.ends_with(".parquet") && !live.contains(p))
+            .collect())
     }
 
     pub async fn active_files(&self) -> Result<Vec<String>, IcebergSinkError> {

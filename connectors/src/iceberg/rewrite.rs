@@ -90,14 +90,15 @@ impl Rewriter {
 
     /// Replaces the data files at `removed` (paths as the manifests name them) with `added` in
     /// one snapshot whose summary carries every stream's position and `properties`; retried
-    /// over concurrent appends (whose files are kept). Then expires every older snapshot and
-    /// deletes the files only they referenced.
+    /// over concurrent appends (whose files are kept). With `expire`, then expires every older
+    /// snapshot and deletes the files only they referenced (an erasure: no history left).
     pub async fn replace(
         &self,
         removed: &HashSet<String>,
         added: Vec<DataFile>,
         operation: Operation,
         properties: HashMap<String, String>,
+        expire: bool,
     ) -> Result<Rewritten, IcebergSinkError> {
         let mut attempt = 0;
         let (table, snapshot_id) = loop {
@@ -131,7 +132,11 @@ impl Rewriter {
                 )));
             }
         };
-        let files_deleted = self.expire_older_than(&table, snapshot_id).await?;
+        let files_deleted = if expire {
+            self.expire_older_than(&table, snapshot_id).await?
+        } else {
+            0
+        };
         Ok(Rewritten {
             table: self.load().await?,
             snapshot_id,
@@ -220,10 +225,14 @@ impl Rewriter {
             manifests.push(writer.write_manifest_file().await?);
         }
         if found != removed.len() {
-            return Err(unexpected(format!(
-                "{} of the files to remove are not in the current snapshot",
-                removed.len() - found
-            )));
+            // Another rewrite (a compaction, an erasure) replaced them first: prepare again.
+            return Err(iceberg::Error::new(
+                ErrorKind::CatalogCommitConflicts,
+                format!(
+                    "{} of the files to remove are not in the current snapshot",
+                    removed.len() - found
+                ),
+            ));
         }
         if !added.is_empty() {
             let mut writer = ManifestWriterBuilder::new(
