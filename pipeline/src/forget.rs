@@ -176,6 +176,17 @@ pub fn forget(
     if request.subjects.is_empty() {
         return Err(ForgetError::Request("no subject given".into()));
     }
+    // Refused before any key is destroyed: the tables could not be rewritten afterwards.
+    if let Some(iceberg) = &config.iceberg {
+        if matches!(
+            iceberg.catalog,
+            sluice_connectors::iceberg::CatalogSettings::Rest { .. }
+        ) {
+            return Err(ForgetError::Request(
+                "the Iceberg tables are in a REST catalog, which this version can only append to (iceberg 0.10): erasure needs the SQL catalog".into(),
+            ));
+        }
+    }
     let domain = match &request.domain {
         Some(d) => d.clone(),
         None => {
