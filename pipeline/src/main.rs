@@ -4,14 +4,17 @@ mod aggregate;
 mod audit;
 mod compact;
 mod config;
+mod config_env;
 mod forget;
 mod generate;
 mod manifest;
+mod observe;
 mod progress;
 mod publish;
 mod quarantine;
 mod raw_capture;
 mod runtime;
+mod shutdown;
 mod source;
 mod summary;
 mod worker;
@@ -36,8 +39,8 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Sanitize Debezium change events (files, Kafka, Kinesis) into Delta Lake tables and a PII vault"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    /// Log format on stderr (human is for a terminal; json for a log collector).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SLUICE_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -268,12 +271,14 @@ fn kinesis_source(
 
 /// Prints the summary and writes it as JSON if asked.
 fn report(cfg: &config::Config, summary: &summary::Summary, json: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let root = cfg
-        .tables_root
-        .parent()
-        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
-        .unwrap_or_default();
-    print!("{}", summary.render(&root.display().to_string()));
+    let root = match cfg.lake_root.local() {
+        Some(p) => std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string(),
+        None => cfg.lake_root.to_string(),
+    };
+    print!("{}", summary.render(&root));
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -368,6 +373,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| "info,deltalake=warn,deltalake_core=error,buoyant_kernel=off".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -383,6 +389,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             summary_json,
         }) => {
             let cfg = config::Config::load(&config)?;
+            start_service(&cfg)?;
             if !once {
                 schedule_aggregation(&cfg);
                 schedule_compaction(&cfg);
@@ -426,7 +433,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 config::SourceConfig::Postgres(p) => runtime::run(&cfg, &mut postgres_source(&cfg, p, once)?)?,
             };
-            if once {
+            if once && !shutdown::requested() {
                 aggregate_due(&cfg)?;
             }
             report(&cfg, &summary, summary_json.as_deref())?;
@@ -441,6 +448,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let config::SourceConfig::Postgres(p) = &cfg.source else {
                 anyhow::bail!("{}: capture needs [source] kind = \"postgres\"", config.display());
             };
+            start_service(&cfg)?;
             let mut source = postgres_source(&cfg, p, once)?;
             if let Some(target) = &cfg.raw_stream {
                 let checkpoint = p.spool_dir.join(format!("{}.raw-positions.json", p.slot));
@@ -456,7 +464,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 schedule_compaction(&cfg);
             }
             let summary = runtime::run(&cfg, &mut source)?;
-            if once {
+            if once && !shutdown::requested() {
                 aggregate_due(&cfg)?;
             }
             report(&cfg, &summary, summary_json.as_deref())?;
@@ -476,6 +484,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(root) = &into {
                 cfg.redirect_lake(root);
             }
+            start_service(&cfg)?;
             let summary = match cfg.source.clone() {
                 config::SourceConfig::Kafka(k) => {
                     if stream.is_some() {
@@ -616,6 +625,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Computes the aggregates' due hours (the end of a `--once` run).
+/// What every long-running command gets: graceful shutdown on SIGTERM/SIGINT and, when
+/// `[http] listen` is set, `/metrics`, `/health` and `/ready`.
+fn start_service(cfg: &config::Config) -> anyhow::Result<()> {
+    shutdown::install(Duration::from_millis(cfg.shutdown.timeout_ms)).context("installing signal handlers")?;
+    if let Some(listen) = &cfg.http.listen {
+        observe::serve(listen, cfg.ready_max_age()).with_context(|| format!("http.listen {listen}"))?;
+    }
+    Ok(())
+}
+
 fn aggregate_due(cfg: &config::Config) -> Result<(), aggregate::AggregateError> {
     if !cfg.aggregates.is_empty() {
         aggregate::run(

@@ -34,6 +34,7 @@ use sluice_transforms::TableTransform;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::observe::metrics;
 use crate::publish::Publisher;
 use crate::quarantine::quarantine_schema;
 use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, Source};
@@ -117,7 +118,7 @@ pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError
             Ok((pass, ReaderEnd::Abandon)) => summary.commits += pass.commits,
             Ok((pass, end)) => {
                 summary.merge(pass);
-                if end == ReaderEnd::Done {
+                if end == ReaderEnd::Done || crate::shutdown::requested() {
                     break;
                 }
                 info!("starting a new pass from the committed positions");
@@ -198,6 +199,7 @@ fn run_pass(
     let abandoned = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let reporter = source.progress_reporter();
+    metrics().set_connected(true);
 
     let (result, reader_result) = std::thread::scope(|scope| {
         let mut out = ChunkSender::new(chunk_tx, permit_tx, abandoned.clone(), stop.clone());
@@ -220,12 +222,16 @@ fn run_pass(
             publisher,
             reporter: reporter.as_deref(),
             permits: permit_rx,
+            keys: &keys,
+            cache_seen: std::cell::Cell::new((0, 0)),
         };
         let result = rt.block_on(sink.run(&mut sinks, done_rx));
         // The reader may be waiting on a quiet source, not on the queue: tell it to stop.
         stop.store(true, Ordering::SeqCst);
         (result, reader.join())
     });
+    metrics().set_connected(false);
+    metrics().all_committed();
     let reader_result = reader_result.map_err(|_| RunError::WorkerLost)?;
     let end = match (result, reader_result) {
         (Ok(summary), Ok(end)) => (summary, end),
@@ -339,6 +345,9 @@ struct SinkLoop<'a> {
     reporter: Option<&'a ProgressReporter>,
     /// One permit back to the reader per chunk written.
     permits: Receiver<()>,
+    keys: &'a KeyStore,
+    /// The key cache's (hits, misses) already counted in the metrics.
+    cache_seen: std::cell::Cell<(u64, u64)>,
 }
 
 impl SinkLoop<'_> {
@@ -411,6 +420,7 @@ impl SinkLoop<'_> {
                 );
                 dirty.insert(p.stream.to_string());
                 oldest.get_or_insert_with(Instant::now);
+                metrics().record(&p.summary);
                 summary.merge(p.summary);
                 at_boundary = p.boundary;
                 let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes;
@@ -429,6 +439,9 @@ impl SinkLoop<'_> {
             if at_boundary && oldest.is_some_and(|t| t.elapsed() >= max_age) {
                 summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
                 (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, None, false);
+            }
+            if oldest.is_none() {
+                metrics().idle();
             }
         }
         if self.abandoned.load(Ordering::SeqCst) {
@@ -492,6 +505,7 @@ impl SinkLoop<'_> {
             let started = Instant::now();
             let version = sink.commit(&covered, &attached).await?;
             commits += 1;
+            metrics().committed(sink.name(), sink.format(), rows, started.elapsed());
             info!(
                 table = sink.name(),
                 format = sink.format(),
@@ -512,6 +526,11 @@ impl SinkLoop<'_> {
             report(&done);
         }
         dirty.clear();
+        metrics().all_committed();
+        let (hits, misses) = self.keys.cache_stats();
+        let (seen_hits, seen_misses) = self.cache_seen.replace((hits, misses));
+        metrics().key_cache(hits.saturating_sub(seen_hits), misses.saturating_sub(seen_misses));
+        metrics().erased_subjects(self.keys.erased_known());
         Ok(commits)
     }
 }

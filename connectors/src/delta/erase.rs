@@ -74,7 +74,11 @@ pub type FileProgress<'a> = &'a (dyn Fn(u64) + Sync);
 impl ErasureTarget {
     /// Opens the table at `location`; `None` if there is no table there. `app_id` marks the
     /// erasure commit (one per job), so a rerun knows it is done.
-    pub async fn open(location: &std::path::Path, name: &str, app_id: String) -> Result<Option<Self>, DeltaSinkError> {
+    pub async fn open(
+        location: &crate::storage::LakePath,
+        name: &str,
+        app_id: String,
+    ) -> Result<Option<Self>, DeltaSinkError> {
         let Some(table) = super::open_existing(location, name).await? else {
             return Ok(None);
         };

@@ -3,7 +3,6 @@
 //! does), so a table's committed position is exactly the data it holds.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, SchemaRef};
@@ -17,6 +16,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
+use crate::storage::{LakePath, LakePathError};
 use crate::SourcePosition;
 
 pub mod erase;
@@ -28,12 +28,8 @@ pub enum DeltaSinkError {
         table: String,
         source: Box<deltalake::DeltaTableError>,
     },
-    #[error("table {table}: cannot create directory {path}: {source}")]
-    Io {
-        table: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("table {table}: {source}")]
+    Location { table: String, source: LakePathError },
     /// Another writer committed this stream since this one read its position (a partition
     /// moved to another daemon): the uncommitted work must be dropped and re-read.
     #[error("table {table}: stream {stream} was committed by another writer since this one read it at {expected:?}; dropping uncommitted work")]
@@ -90,7 +86,7 @@ impl DeltaSink {
     /// minimum/maximum statistics in the log: the log is history that erasure cannot rewrite,
     /// so columns that link a row to a person (tokens, ciphertexts, positions) get none.
     pub async fn open_or_create(
-        location: &Path,
+        location: &LakePath,
         name: &str,
         app_prefix: &str,
         schema: SchemaRef,
@@ -101,25 +97,20 @@ impl DeltaSink {
             table: name.to_string(),
             source: Box::new(source),
         };
-        std::fs::create_dir_all(location).map_err(|source| DeltaSinkError::Io {
-            table: name.to_string(),
-            path: location.to_path_buf(),
-            source,
-        })?;
-        let abs = std::fs::canonicalize(location).map_err(|source| DeltaSinkError::Io {
-            table: name.to_string(),
-            path: location.to_path_buf(),
-            source,
-        })?;
-        let url = url::Url::from_directory_path(&abs).map_err(|_| {
-            err(deltalake::DeltaTableError::InvalidTableLocation(
-                abs.display().to_string(),
-            ))
-        })?;
-        let mut table = DeltaTable::try_from_url(url).await.map_err(err)?;
+        let (url, options) = location
+            .table_url(true)
+            .map_err(|source| DeltaSinkError::Location {
+                table: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| err(deltalake::DeltaTableError::InvalidTableLocation(location.to_string())))?;
+        let mut table = DeltaTable::try_from_url_with_storage_options(url.clone(), options.clone())
+            .await
+            .map_err(err)?;
         if table.version().is_none() {
             let kernel: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-            table = table
+            let created = table
+                .clone()
                 .create()
                 .with_table_name(name)
                 .with_columns(kernel.fields().cloned())
@@ -129,8 +120,24 @@ impl DeltaSink {
                     Some(stats_columns.join(",")),
                 )
                 .with_save_mode(SaveMode::Ignore)
-                .await
-                .map_err(err)?;
+                // Two daemons creating the table at once: without this, the library retries the
+                // loser's create as version 1 — a second metadata action that fails every
+                // other writer's next commit. The loser opens the winner's table instead.
+                .with_commit_properties(CommitProperties::default().with_max_retries(0))
+                .await;
+            table = match created {
+                Ok(t) => t,
+                // Another writer (a second daemon) may have created it first: use theirs.
+                Err(e) => {
+                    let theirs = DeltaTable::try_from_url_with_storage_options(url, options)
+                        .await
+                        .map_err(err)?;
+                    if theirs.version().is_none() {
+                        return Err(err(e));
+                    }
+                    theirs
+                }
+            };
         }
         // Tables created before statistics were restricted get the property now: their future
         // commits name no token (older commits still do; `sluice forget` reports those).
@@ -221,11 +228,11 @@ impl DeltaSink {
     /// Positions of `streams` in the table at `location` as it is now (`None` where the table
     /// or the stream has none), without opening a writer.
     pub async fn read_positions(
-        location: &Path,
+        location: &LakePath,
         app_prefix: &str,
         streams: &[String],
     ) -> Result<Vec<Option<i64>>, DeltaSinkError> {
-        let name = location.display().to_string();
+        let name = location.to_string();
         let err = |source| DeltaSinkError::Delta {
             table: name.clone(),
             source: Box::new(source),
@@ -360,30 +367,26 @@ impl DeltaSink {
 }
 
 /// The table at `location` as it is now (for reading); `None` where there is no table (yet).
-pub async fn open_table(location: &Path, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+pub async fn open_table(location: &LakePath, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
     open_existing(location, name).await
 }
 
 /// The table at `location` as it is now; `None` where there is no table (yet).
-pub(crate) async fn open_existing(location: &Path, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+pub(crate) async fn open_existing(location: &LakePath, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
     let err = |source| DeltaSinkError::Delta {
         table: name.to_string(),
         source: Box::new(source),
     };
-    let abs = match std::fs::canonicalize(location) {
-        Ok(abs) => abs,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(DeltaSinkError::Io {
-                table: name.to_string(),
-                path: location.to_path_buf(),
-                source,
-            })
-        }
+    let Some((url, options)) = location.table_url(false).map_err(|source| DeltaSinkError::Location {
+        table: name.to_string(),
+        source,
+    })?
+    else {
+        return Ok(None);
     };
-    let url = url::Url::from_directory_path(&abs)
-        .map_err(|_| err(deltalake::DeltaTableError::InvalidTableLocation(name.to_string())))?;
-    let table = DeltaTable::try_from_url(url).await.map_err(err)?;
+    let table = DeltaTable::try_from_url_with_storage_options(url, options)
+        .await
+        .map_err(err)?;
     if table.version().is_none() {
         return Ok(None);
     }
@@ -395,7 +398,7 @@ pub(crate) async fn open_existing(location: &Path, name: &str) -> Result<Option<
 /// recomputed, such as aggregates. Returns the new version.
 #[allow(clippy::too_many_arguments)]
 pub async fn replace_where(
-    location: &Path,
+    location: &LakePath,
     name: &str,
     app_prefix: &str,
     schema: SchemaRef,
@@ -411,7 +414,7 @@ pub async fn replace_where(
     };
     let table = open_existing(location, name)
         .await?
-        .ok_or_else(|| err(deltalake::DeltaTableError::NotATable(location.display().to_string())))?;
+        .ok_or_else(|| err(deltalake::DeltaTableError::NotATable(location.to_string())))?;
     let txns: Vec<Transaction> = positions
         .iter()
         .map(|p| Transaction::new(format!("sluice/{app_prefix}/{}", p.stream), p.offset))
@@ -442,7 +445,7 @@ pub struct Compaction {
 /// Bin-packs the table's small files into files of about `target_bytes` (Delta OPTIMIZE; one
 /// commit, data unchanged). The replaced files stay for time travel (an erasure deletes those
 /// holding its subjects). `None` if there is no table.
-pub async fn compact(location: &Path, name: &str, target_bytes: u64) -> Result<Option<Compaction>, DeltaSinkError> {
+pub async fn compact(location: &LakePath, name: &str, target_bytes: u64) -> Result<Option<Compaction>, DeltaSinkError> {
     let err = |source| DeltaSinkError::Delta {
         table: name.to_string(),
         source: Box::new(source),

@@ -239,6 +239,11 @@ impl KeyStore {
         backend!(self, db => db.subjects_with_keys(tokens)).map_err(|m| self.err(m))
     }
 
+    /// How many erased subjects (tombstones) this process has read.
+    pub fn erased_known(&self) -> usize {
+        self.erased.lock().unwrap_or_else(|p| p.into_inner()).tokens.len()
+    }
+
     /// (hits, misses) of the unwrapped-key cache.
     pub fn cache_stats(&self) -> (u64, u64) {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))

@@ -478,6 +478,9 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                     info!(messages_behind = lag, "kafka lag");
                 }
             }
+            if let Some(lag) = self.consumer.context().lag().get() {
+                crate::observe::metrics().source_lag("kafka", lag as i64);
+            }
         }
     }
 

@@ -104,9 +104,10 @@ impl ChunkSender {
         }
     }
 
-    /// Whether the sink loop has stopped (the pass is over).
+    /// Whether the sink loop has stopped (the pass is over) or a shutdown was asked for: the
+    /// reader ends its pass, what it sent is committed.
     pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.load(Ordering::SeqCst) || crate::shutdown::requested()
     }
 
     /// Sends, waiting while too many chunks are in flight. False when the sink loop is gone.

@@ -475,6 +475,9 @@ impl PostgresSource {
                 next_report = now + Duration::from_secs(30);
                 let retained = pg::retained_wal(control, &settings.slot).await.ok().flatten();
                 let behind_ms = (last_commit_ms > 0).then(|| chrono::Utc::now().timestamp_millis() - last_commit_ms);
+                if let Some(bytes) = retained {
+                    crate::observe::metrics().source_lag("postgres", bytes);
+                }
                 info!(
                     slot = %settings.slot,
                     committed = %pg::lsn_text(durable),
