@@ -46,6 +46,7 @@ while True:
         time.sleep(0.2)
 PY
 
+cargo fmt --all --check
 cargo build --locked -p sluice
 cargo test --workspace --locked
 SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/sluice" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"

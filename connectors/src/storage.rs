@@ -104,10 +104,7 @@ impl LakePath {
 
     /// The table URL and storage options `deltalake` opens. A local directory is created when
     /// `create` (a table about to be written), otherwise `None` is returned if it is absent.
-    pub fn table_url(
-        &self,
-        create: bool,
-    ) -> Result<Option<TableUrl>, LakePathError> {
+    pub fn table_url(&self, create: bool) -> Result<Option<TableUrl>, LakePathError> {
         match self {
             LakePath::Local(path) => {
                 if create {

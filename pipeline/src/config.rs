@@ -757,7 +757,7 @@ fn s3_options(
     set("aws_allow_http", raw.allow_http.map(|b| b.to_string()));
     set(
         "aws_virtual_hosted_style_request",
-        Some(raw.virtual_hosted_style.unwrap_or(false).to_string()),
+        raw.virtual_hosted_style.map(|b| b.to_string()),
     );
     for (field, key, var) in [
         ("access_key_id_env", "aws_access_key_id", &raw.access_key_id_env),

@@ -38,7 +38,7 @@ impl ConfigError {
     /// file, so a misplaced secret is never echoed.
     pub fn from_toml(file: &Path, text: &str, err: &toml::de::Error) -> Self {
         let offset = err.span().map(|s| s.start).unwrap_or(0);
-        let message = err.message().trim().to_string();
+        let message = without_quoted_values(err.message().trim());
         let field = message
             .split('`')
             .nth(1)
@@ -49,6 +49,21 @@ impl ConfigError {
     }
 }
 
+/// serde's type errors quote the value (`invalid type: string "…", expected a boolean`): a value
+/// set from the environment may be a secret, so quoted values are blanked.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        out.push('"');
+        out.push_str(if i % 2 == 0 { "…" } else { part });
+    }
+    out
+}
+
 /// 1-based line of a byte offset.
 pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
@@ -56,4 +71,23 @@ pub fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| **b == b'\n')
         .count()
         + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_errors_never_echo_a_value() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            flag: bool,
+        }
+        let text = "flag = \"hunter2-secret\"\n";
+        let err = toml::from_str::<T>(text).unwrap_err();
+        let e = ConfigError::from_toml(Path::new("c.toml"), text, &err);
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().starts_with("c.toml:1:"), "{e}");
+    }
 }
