@@ -122,8 +122,12 @@ impl ChunkSender {
         }
     }
 
-    /// Sends, waiting at most `wait` for a permit.
+    /// Sends, waiting at most `wait` for a permit. After a shutdown request nothing more is
+    /// sent: the reader ends its pass and what it sent before is committed.
     pub fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
+        if crate::shutdown::requested() {
+            return Sent::Closed;
+        }
         let permit = if wait.is_zero() {
             self.permits.try_send(()).map_err(|e| match e {
                 TrySendError::Full(()) => SendTimeoutError::Timeout(()),
