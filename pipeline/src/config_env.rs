@@ -250,7 +250,11 @@ fn origins(original: &str, rendered: &str) -> Vec<Origin> {
     rendered
         .lines()
         .map(|line| {
-            let matches_next = file_lines.get(next).is_some_and(|l| *l == line || same_key(l, line));
+            // The file's next line as it was, with its value replaced, or expanded (`${…}`, also
+            // inside a multi-line array).
+            let matches_next = file_lines
+                .get(next)
+                .is_some_and(|l| *l == line || same_key(l, line) || (l.contains("${") && !line.contains(MARK)));
             let origin = match line.find(MARK) {
                 Some(at) => Origin::Env(line[at + MARK.len()..].trim().to_string()),
                 None if matches_next => Origin::File(next + 1),
@@ -288,6 +292,27 @@ mod tests {
         assert_eq!(parsed["lake"]["root"].as_str(), Some("s3://b\"1/lake"));
         assert_eq!(parsed["lake"]["vault"].as_str(), Some("${x}"));
         assert_eq!(p.text.lines().count(), text.lines().count());
+        // A variable inside a multi-line array, then an override: lines after them still map
+        // to the file's.
+        let multi = "name = \"p\"\npolicies = [\n  \"${DIR}/a\",\n  \"b\",\n]\n[keys]\nstore = \"k\"\nbad = 1\n";
+        let p = prepare(
+            Path::new(FILE),
+            multi,
+            &env(&[("DIR", "/etc")]),
+            &[("SLUICE_KEYS__STORE".to_string(), "x".to_string())],
+        )
+        .unwrap();
+        let bad = p.text.lines().position(|l| l.starts_with("bad")).unwrap() + 1;
+        let located = p.locate(
+            ConfigError {
+                file: PathBuf::from(FILE),
+                line: bad,
+                field: "bad".into(),
+                message: "unknown field".into(),
+            },
+            Path::new(FILE),
+        );
+        assert_eq!(located.line, 8, "{}", p.text);
         let err = prepare(Path::new(FILE), text, &env(&[]), &[]).err().unwrap();
         assert_eq!((err.line, err.field.as_str()), (3, "${BUCKET}"));
         assert!(
