@@ -236,10 +236,12 @@ impl Metrics {
         self.erased_subjects.set(known as i64);
     }
 
-    pub fn source_lag(&self, source: &'static str, lag: i64) {
+    /// The lag gauge of a source kind: readers take it once and set it as often as they like
+    /// (an atomic store, no label lookup).
+    pub fn source_lag(&self, source: &'static str) -> Gauge {
         self.source_lag
             .get_or_create(&vec![("source", source.to_string())])
-            .set(lag);
+            .clone()
     }
 
     /// Sources and sinks are open (a pass is running) or not.

@@ -79,7 +79,8 @@ def canary_events(people):
     return lines, len(people) + 1
 
 
-def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp_path):
+def canary_pipeline(canary_dir, tmp_path, **config):
+    """The canary events in a file and a pipeline over them with POLICY: (event lines, config)."""
     people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
     lines, _ = canary_events(people)
     events = tmp_path / "events"
@@ -88,8 +89,12 @@ def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "people.toml").write_text(POLICY)
+    return lines, write_config(tmp_path, events, [policies], **config)
+
+
+def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp_path):
     # Both formats: the Iceberg data, manifests, metadata and catalog are scanned too.
-    config = write_config(tmp_path, events, [policies], lake_extra='format = "both"')
+    lines, config = canary_pipeline(canary_dir, tmp_path, lake_extra='format = "both"')
     logs = tmp_path / "logs"
     logs.mkdir()
 

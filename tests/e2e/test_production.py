@@ -17,8 +17,7 @@ import pytest
 
 from conftest import (DEMO_POLICIES, REPO, assert_exactly_once, demo_events, require_or_skip, run, source_events,
                       target_of, wait_until, write_config)
-from test_leaks import POLICY as CANARY_POLICY
-from test_leaks import canary_events
+from test_leaks import canary_pipeline
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "lake-key", "AWS_SECRET_ACCESS_KEY": "lake-secret", "AWS_REGION": "us-east-1"}
 
@@ -228,15 +227,8 @@ def test_sigterm_mid_stream_exits_0_and_a_restart_is_exactly_once(sluice_bin, tm
 def test_metrics_health_and_ready_agree_with_the_summary_and_leak_nothing(sluice_bin, canary_dir, tmp_path):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-    people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
-    lines, _ = canary_events(people)
-    events = tmp_path / "events"
-    events.mkdir()
-    (events / "people.jsonl").write_text("\n".join(lines) + "\n")
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "people.toml").write_text(CANARY_POLICY)
-    config = write_config(tmp_path, events, [policies], extra='[http]\nlisten = "127.0.0.1:0"\n[batch]\nmax_age_ms = 200')
+    lines, config = canary_pipeline(canary_dir, tmp_path,
+                                    extra='[http]\nlisten = "127.0.0.1:0"\n[batch]\nmax_age_ms = 200')
     logs = tmp_path / "logs"
     logs.mkdir()
     log = logs / "daemon.log"

@@ -389,6 +389,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         let mut paused = false;
         let mut last_flush = Instant::now();
         let mut lag_logged = Instant::now();
+        let lag_gauge = crate::observe::metrics().source_lag("kafka");
         let mut last_error: Option<Instant> = None;
         loop {
             if let Some(e) = self.consumer.context().take_failure() {
@@ -479,7 +480,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 }
             }
             if let Some(lag) = self.consumer.context().lag().get() {
-                crate::observe::metrics().source_lag("kafka", lag as i64);
+                lag_gauge.set(lag as i64);
             }
         }
     }

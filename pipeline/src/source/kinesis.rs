@@ -516,7 +516,7 @@ impl Source for KinesisSource {
                 .max()
                 .unwrap_or(0);
             self.behind_ms.store(lag, Ordering::Relaxed);
-            crate::observe::metrics().source_lag("kinesis", lag);
+            crate::observe::metrics().source_lag("kinesis").set(lag);
             if lag_logged.elapsed() >= LAG_LOG_EVERY {
                 lag_logged = Instant::now();
                 info!(stream = %self.stream, millis_behind_latest = lag, "kinesis lag");

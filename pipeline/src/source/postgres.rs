@@ -476,7 +476,7 @@ impl PostgresSource {
                 let retained = pg::retained_wal(control, &settings.slot).await.ok().flatten();
                 let behind_ms = (last_commit_ms > 0).then(|| chrono::Utc::now().timestamp_millis() - last_commit_ms);
                 if let Some(bytes) = retained {
-                    crate::observe::metrics().source_lag("postgres", bytes);
+                    crate::observe::metrics().source_lag("postgres").set(bytes);
                 }
                 info!(
                     slot = %settings.slot,
