@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sluice_connectors::debezium::DecodeOptions;
 use sluice_connectors::iceberg::{CatalogSettings, IcebergLocation};
 use sluice_connectors::kafka::{KafkaSettings, StartAt};
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
@@ -22,6 +23,44 @@ pub enum UnknownTables {
     /// Count and write to the quarantine (encrypted).
     Quarantine,
 }
+
+/// What to do with records that are not row changes (transaction metadata, heartbeats,
+/// schema changes, logical decoding messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlRecords {
+    /// Count by kind and skip.
+    Skip,
+    /// Count by kind and write to the quarantine (encrypted).
+    Quarantine,
+}
+
+/// How events are read, whatever their source: the decoding keys of `[source]`.
+#[derive(Debug, Clone)]
+pub struct InputSettings {
+    pub unknown_tables: UnknownTables,
+    pub control_records: ControlRecords,
+    pub max_event_bytes: usize,
+    pub decode: DecodeOptions,
+    /// What Debezium writes for a value it did not capture (an unchanged TOAST column):
+    /// its `unavailable.value.placeholder`.
+    pub unavailable_placeholder: String,
+}
+
+impl Default for InputSettings {
+    fn default() -> Self {
+        Self {
+            unknown_tables: UnknownTables::Skip,
+            control_records: ControlRecords::Skip,
+            max_event_bytes: default_max_event_bytes(),
+            decode: DecodeOptions::default(),
+            unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+        }
+    }
+}
+
+/// Debezium's default `unavailable.value.placeholder`.
+pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +125,10 @@ struct RawSource {
     kind: Spanned<String>,
     #[serde(default = "default_max_event_bytes")]
     max_event_bytes: usize,
+    control_records: Option<ControlRecords>,
+    /// `[from, to)` as RFC 3339 dates or times: event times outside are `bad_timestamp`.
+    event_time_window: Option<Spanned<Vec<String>>>,
+    unavailable_value_placeholder: Option<Spanned<String>>,
     // file
     path: Option<String>,
     #[serde(default = "default_poll_ms")]
@@ -388,13 +431,12 @@ pub struct Config {
     pub file: PathBuf,
     pub name: String,
     pub policies: Vec<Policy>,
-    pub unknown_tables: UnknownTables,
+    pub input: InputSettings,
     pub source: SourceConfig,
     pub publish: Option<PublishConfig>,
     /// Where `sluice capture` pushes raw (unsanitized) change events instead of writing the
     /// lake: a topic or stream inside the trusted zone, for a separate worker pool.
     pub raw_stream: Option<PublishConfig>,
-    pub max_event_bytes: usize,
     /// The lake root (a directory or an `s3://` prefix).
     pub lake_root: LakePath,
     pub tables_root: LakePath,
@@ -611,18 +653,45 @@ impl Config {
                 ));
             }
         }
+        let input = InputSettings {
+            unknown_tables: raw.unknown_tables,
+            control_records: raw.source.control_records.unwrap_or(ControlRecords::Skip),
+            max_event_bytes: raw.source.max_event_bytes.max(1024),
+            decode: DecodeOptions {
+                event_time_window_ms: match &raw.source.event_time_window {
+                    None => DecodeOptions::DEFAULT_EVENT_TIME_WINDOW_MS,
+                    Some(w) => event_time_window(w.get_ref()).ok_or_else(|| {
+                        invalid(
+                            w.span().start,
+                            "source.event_time_window",
+                            "expected [from, to]: two RFC 3339 dates or times, from before to".into(),
+                        )
+                    })?,
+                },
+            },
+            unavailable_placeholder: match &raw.source.unavailable_value_placeholder {
+                None => DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+                Some(p) if p.get_ref().is_empty() => {
+                    return Err(invalid(
+                        p.span().start,
+                        "source.unavailable_value_placeholder",
+                        "must not be empty".into(),
+                    ))
+                }
+                Some(p) => p.get_ref().clone(),
+            },
+        };
         Ok(Config {
+            input,
             lake_format,
             iceberg,
             aggregates,
             file: file.to_path_buf(),
             name: name.clone(),
             policies,
-            unknown_tables: raw.unknown_tables,
             source,
             publish,
             raw_stream,
-            max_event_bytes: raw.source.max_event_bytes.max(1024),
             tables_root: lake_root.join("tables"),
             aggregates_root: lake_root.join("aggregates"),
             vault_path: match raw.lake.vault.as_deref() {
@@ -786,6 +855,18 @@ fn s3_options(
         ));
     }
     Ok(StorageOptions::new(options))
+}
+
+/// `[from, to)` in milliseconds since the epoch.
+fn event_time_window(bounds: &[String]) -> Option<(i64, i64)> {
+    let [from, to] = bounds else { return None };
+    let ms = |t: &str| sluice_transforms::functions::parse_timestamp_micros(t, None).map(|us| us.div_euclid(1000));
+    // Integers would be read as epochs: the window is written as dates or times.
+    if bounds.iter().any(|b| b.trim().parse::<i64>().is_ok()) {
+        return None;
+    }
+    let (from, to) = (ms(from)?, ms(to)?);
+    (from < to).then_some((from, to))
 }
 
 fn source_config(

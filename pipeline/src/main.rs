@@ -263,7 +263,7 @@ fn kinesis_source(
         replay,
         once,
         poll: Duration::from_millis(k.poll_ms),
-        max_event_bytes: cfg.max_event_bytes,
+        max_event_bytes: cfg.input.max_event_bytes,
         lake: cfg.sink_locations(),
         app_prefix: cfg.name.clone(),
     })?)
@@ -344,6 +344,7 @@ fn run_with_progress(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    install_panic_hook();
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -364,6 +365,28 @@ fn describe(e: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+/// A panic that nothing handles where it happens (a sanitizer panic is handled: its event is
+/// quarantined) stops the process at once, exit code 70, with one error line: a supervisor
+/// restarts it, and nothing half-done was committed (commits are atomic). A process that hung
+/// on with a dead thread would look healthy while doing nothing. The panic's own message is
+/// not shown: it could quote data.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let current = std::thread::current();
+        let thread = current.name().unwrap_or("unnamed");
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if worker::panic_is_caught() {
+            tracing::warn!(thread, at = %at, "panic while sanitizing a chunk: its events are done again one by one");
+            return;
+        }
+        tracing::error!(thread, at = %at, "panic: stopping with exit code 70 (its message is not shown: it could quote data)");
+        std::process::exit(70);
+    }));
 }
 
 fn init_logging(format: LogFormat) {
@@ -398,7 +421,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 config::SourceConfig::File { path, poll_ms } => {
                     let mut source = source::file::FileSource::new(
                         path.clone(),
-                        cfg.max_event_bytes,
+                        cfg.input.max_event_bytes,
                         cfg.workers.chunk_events,
                         once,
                         Duration::from_millis(*poll_ms),
@@ -421,7 +444,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         &k.settings,
                         &group,
                         positions,
-                        cfg.max_event_bytes,
+                        cfg.input.max_event_bytes,
                         cfg.workers.chunk_events,
                         once,
                     )?;
@@ -498,7 +521,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     let mut source = source::kafka::replay_source(
                         &k.settings,
                         range,
-                        cfg.max_event_bytes,
+                        cfg.input.max_event_bytes,
                         cfg.workers.chunk_events,
                     )?;
                     let behind = progress::Behind::Messages(source.lag());

@@ -32,6 +32,7 @@ pub struct Metrics {
     rows_written: Family<Labels, Counter>,
     vault_rows_written: Counter,
     quarantined: Family<Labels, Counter>,
+    control_records: Family<Labels, Counter>,
     unknown_table_events: Family<Labels, Counter>,
     dropped_fields: Family<Labels, Counter>,
     already_committed: Counter,
@@ -68,6 +69,7 @@ impl Metrics {
             rows_written: Family::default(),
             vault_rows_written: Counter::default(),
             quarantined: Family::default(),
+            control_records: Family::default(),
             unknown_table_events: Family::default(),
             dropped_fields: Family::default(),
             already_committed: Counter::default(),
@@ -98,6 +100,11 @@ impl Metrics {
             m.vault_rows_written.clone(),
         );
         registry.register("quarantined", "Events quarantined, per reason", m.quarantined.clone());
+        registry.register(
+            "control_records",
+            "Records that are not row changes (transaction metadata, heartbeats, schema changes, messages), per kind",
+            m.control_records.clone(),
+        );
         registry.register(
             "unknown_table_events",
             "Events of tables no policy names, per source table",
@@ -173,6 +180,11 @@ impl Metrics {
         for (reason, n) in &s.quarantined {
             self.quarantined
                 .get_or_create(&vec![("reason", reason.clone())])
+                .inc_by(*n);
+        }
+        for (kind, n) in &s.control_records {
+            self.control_records
+                .get_or_create(&vec![("kind", kind.clone())])
                 .inc_by(*n);
         }
         for (table, n) in &s.unknown_tables {

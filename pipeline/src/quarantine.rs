@@ -44,6 +44,18 @@ pub struct Rejection<'a> {
     pub column: Option<&'a str>,
 }
 
+impl<'a> Rejection<'a> {
+    /// A rejection of a whole event, before its table is known.
+    pub fn event(reason: &'a str, detail: &'a str) -> Self {
+        Self {
+            reason,
+            detail,
+            table: None,
+            column: None,
+        }
+    }
+}
+
 pub struct QuarantineBuilder {
     key: Arc<DataKey>,
     reason: StringBuilder,

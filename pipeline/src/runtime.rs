@@ -39,7 +39,7 @@ use crate::publish::Publisher;
 use crate::quarantine::quarantine_schema;
 use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, Source};
 use crate::summary::Summary;
-use crate::worker::{Chunk, Processed, Router, WorkError};
+use crate::worker::{catching, Chunk, Processed, Router, WorkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -184,8 +184,7 @@ fn run_pass(
         transforms,
         keys.clone(),
         quarantine_key,
-        config.unknown_tables,
-        config.max_event_bytes,
+        config.input.clone(),
         committed,
         config.lake_format.count(),
     ));
@@ -317,10 +316,12 @@ async fn open_table_sink(
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {
     for chunk in rx {
         let now_us = chrono::Utc::now().timestamp_micros();
-        // A panic must surface as an error: a silently missing chunk would stall the ordered
-        // sink forever. The payload is not shown (it could quote data).
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| router.process(chunk, now_us)))
-            .unwrap_or(Err(WorkError::Panicked));
+        // A panic must not stall the ordered sink (a missing chunk) nor come back after a
+        // restart: the chunk is done again one event at a time, and what panics is quarantined.
+        let result = match catching(|| router.process(&chunk, now_us)) {
+            Ok(result) => result,
+            Err(_) => catching(|| router.process_isolating(&chunk, now_us)).unwrap_or(Err(WorkError::Panicked)),
+        };
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;

@@ -10,6 +10,9 @@ pub struct Summary {
     pub events_read: u64,
     /// `null` events (Kafka compaction markers).
     pub tombstones: u64,
+    /// Records that are not row changes (transaction metadata, heartbeats, schema changes,
+    /// logical decoding messages), per kind: skipped or quarantined per `source.control_records`.
+    pub control_records: BTreeMap<String, u64>,
     /// Analytic rows written, per target table.
     pub rows_written: BTreeMap<String, u64>,
     pub vault_rows_written: u64,
@@ -32,6 +35,7 @@ impl Summary {
     pub fn merge(&mut self, other: Summary) {
         self.events_read += other.events_read;
         self.tombstones += other.tombstones;
+        add_all(&mut self.control_records, other.control_records);
         add_all(&mut self.rows_written, other.rows_written);
         self.vault_rows_written += other.vault_rows_written;
         add_all(&mut self.quarantined, other.quarantined);
@@ -69,6 +73,16 @@ impl Summary {
             self.events_read, self.elapsed_seconds, rate
         );
         let _ = writeln!(s, "  tombstones         {:>10}", self.tombstones);
+        if !self.control_records.is_empty() {
+            let _ = writeln!(
+                s,
+                "  control records    {:>10}",
+                self.control_records.values().sum::<u64>()
+            );
+            for (kind, n) in &self.control_records {
+                let _ = writeln!(s, "    {kind:<22}{n:>10}");
+            }
+        }
         let _ = writeln!(
             s,
             "  already committed  {:>10}   (re-read after a restart, skipped)",
@@ -105,12 +119,15 @@ impl Summary {
             }
         }
         let _ = writeln!(s, "  commits            {:>10}", self.commits);
-        let _ = writeln!(s);
-        let _ = writeln!(s, "Look at the result (Python, pip install deltalake duckdb):");
-        let _ = writeln!(
-            s,
-            "  python3 -c \"import deltalake, duckdb; t = deltalake.DeltaTable('{lake_root}/tables/customers').to_pyarrow_dataset(); print(duckdb.sql('select * from t limit 5'))\""
-        );
+        // The hint names a table this run wrote (not one the pipeline may not have).
+        if let Some(table) = self.rows_written.iter().find(|(_, n)| **n > 0).map(|(t, _)| t) {
+            let _ = writeln!(s);
+            let _ = writeln!(s, "Look at the result (Python, pip install deltalake duckdb):");
+            let _ = writeln!(
+                s,
+                "  python3 -c \"import deltalake, duckdb; t = deltalake.DeltaTable('{lake_root}/tables/{table}').to_pyarrow_dataset(); print(duckdb.sql('select * from t limit 5'))\""
+            );
+        }
         s
     }
 }

@@ -11,16 +11,19 @@ use std::sync::Arc;
 
 use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
 use arrow_schema::ArrowError;
-use sluice_connectors::debezium::{self, value_text};
+use sluice_connectors::debezium::schema::{canonical_text, ImageSchema, ValueKind};
+use sluice_connectors::debezium::{self, value_text, Decoded, Event};
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::keystore::KeyStore;
 use sluice_connectors::SourcePosition;
+use sluice_transforms::actions::{Action, KeepType};
 use sluice_transforms::crypto::DataKey;
 use sluice_transforms::engine::TransformError;
+use sluice_transforms::functions::IntegerTime;
 use sluice_transforms::vault::vault_schema;
-use sluice_transforms::{RawBatchBuilder, Sensitive, TableTransform};
+use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 
-use crate::config::UnknownTables;
+use crate::config::{ControlRecords, InputSettings, UnknownTables};
 use crate::quarantine::{QuarantineBuilder, Rejection};
 use crate::summary::Summary;
 
@@ -100,10 +103,14 @@ pub struct Router {
     tables: FxHashMap<String, usize>,
     /// Per table: source column → slot in the raw batch.
     columns: Vec<FxHashMap<String, usize>>,
+    /// Per table and slot: what the policy expects of the column's values.
+    expects: Vec<Vec<Expected>>,
     pub keys: Arc<KeyStore>,
     pub quarantine_key: Arc<DataKey>,
-    pub unknown_tables: UnknownTables,
-    pub max_event_bytes: usize,
+    pub input: InputSettings,
+    /// The unavailable-value placeholder as JSON text: as a string, and as base64 bytes (how
+    /// Debezium writes it into a binary column).
+    placeholders: [String; 2],
     /// Per sink: stream → offset committed before this run (for skipping re-read rows).
     pub committed: Vec<HashMap<String, i64>>,
     /// Per table, its sinks (one per lake format); the first is its primary (summary, publish).
@@ -115,8 +122,7 @@ impl Router {
         transforms: Vec<TableTransform>,
         keys: Arc<KeyStore>,
         quarantine_key: Arc<DataKey>,
-        unknown_tables: UnknownTables,
-        max_event_bytes: usize,
+        input: InputSettings,
         committed: Vec<HashMap<String, i64>>,
         formats: usize,
     ) -> Self {
@@ -137,14 +143,25 @@ impl Router {
                     .collect()
             })
             .collect();
+        let expects = transforms.iter().map(|t| Expected::of_policy(t.policy())).collect();
+        let placeholder = input.unavailable_placeholder.as_str();
+        let placeholders = [
+            serde_json::Value::from(placeholder).to_string(),
+            serde_json::Value::from(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                placeholder,
+            ))
+            .to_string(),
+        ];
         Self {
             transforms,
             tables,
             columns,
+            expects,
             keys,
             quarantine_key,
-            unknown_tables,
-            max_event_bytes,
+            input,
+            placeholders,
             committed,
             table_sinks: (0..transforms_len)
                 .map(|t| (t * formats..(t + 1) * formats).collect())
@@ -170,7 +187,7 @@ impl Router {
         (sink < self.vault_sink() && sink.is_multiple_of(formats)).then_some(sink / formats)
     }
 
-    pub fn process(&self, mut chunk: Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
+    pub fn process(&self, chunk: &Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
         let mut summary = Summary::default();
         let n_tables = self.transforms.len();
         let mut builders: Vec<Option<RawBatchBuilder>> = (0..n_tables).map(|_| None).collect();
@@ -178,6 +195,7 @@ impl Router {
         let mut scratch: Vec<Vec<Option<Cow<'_, str>>>> = self.columns.iter().map(|c| vec![None; c.len()]).collect();
         let mut dropped: Vec<FxHashMap<String, u64>> = vec![FxHashMap::default(); n_tables];
         let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
+        let mut schemas = SchemaCache::default();
         let mut position = String::new();
         let mut table_name = String::new();
 
@@ -188,102 +206,129 @@ impl Router {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            #[cfg(test)]
+            if line
+                .windows(PANIC_FOR_TESTS.len())
+                .any(|w| w == PANIC_FOR_TESTS.as_bytes())
+            {
+                panic!("a defect, as tests simulate it");
+            }
             summary.events_read += 1;
-            let mut quarantined = |summary: &mut Summary, reason: &'static str, detail: &str, table: Option<&str>| {
-                *summary.quarantined.entry(reason.to_string()).or_default() += 1;
+            let mut quarantined = |summary: &mut Summary, rejection: Rejection<'_>| {
+                *summary.quarantined.entry(rejection.reason.to_string()).or_default() += 1;
                 quarantine
-                    .push(
-                        Rejection {
-                            reason,
-                            detail,
-                            table,
-                            column: None,
-                        },
-                        position,
-                        line,
-                        line_end.len,
-                    )
+                    .push(rejection, position, line, line_end.len)
                     .map_err(|_| WorkError::Quarantine {
                         position: position.to_string(),
                     })
             };
-            if line_end.truncated(self.max_event_bytes) {
+            if line_end.truncated(self.input.max_event_bytes) {
                 quarantined(
                     &mut summary,
-                    "oversized_event",
-                    "event larger than source.max_event_bytes (stored truncated)",
-                    None,
+                    Rejection::event(
+                        "oversized_event",
+                        "event larger than source.max_event_bytes (stored truncated)",
+                    ),
                 )?;
                 continue;
             }
-            let event = match debezium::decode(line) {
-                Ok(Some(e)) => e,
-                Ok(None) => {
+            let event = match debezium::decode(line, &self.input.decode) {
+                Ok(Decoded::Change(e)) => e,
+                Ok(Decoded::Tombstone) => {
                     summary.tombstones += 1;
                     continue;
                 }
+                Ok(Decoded::Control(kind)) => {
+                    *summary.control_records.entry(kind.name().to_string()).or_default() += 1;
+                    if self.input.control_records == ControlRecords::Quarantine {
+                        quarantined(&mut summary, Rejection::event("control_record", kind.describe()))?;
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    quarantined(&mut summary, e.reason(), &e.to_string(), None)?;
+                    quarantined(&mut summary, Rejection::event(e.reason(), &e.to_string()))?;
                     continue;
                 }
             };
             event.qualified_table(&mut table_name);
             let Some(&t) = self.tables.get(table_name.as_str()) else {
                 *summary.unknown_tables.entry(table_name.clone()).or_default() += 1;
-                if self.unknown_tables == UnknownTables::Quarantine {
+                if self.input.unknown_tables == UnknownTables::Quarantine {
                     quarantined(
                         &mut summary,
-                        "unknown_table",
-                        "no policy names this table",
-                        Some(&table_name),
+                        Rejection {
+                            reason: "unknown_table",
+                            detail: "no policy names this table",
+                            table: Some(&table_name),
+                            column: None,
+                        },
                     )?;
                 }
                 continue;
             };
             let slots = &self.columns[t];
             if let Some(column) = event.unavailable.iter().find(|c| slots.contains_key(c.as_ref())) {
-                *summary.quarantined.entry("unavailable_value".to_string()).or_default() += 1;
-                quarantine
-                    .push(
-                        Rejection {
-                            reason: "unavailable_value",
-                            detail: "the capture could not carry a column the policy names (unsupported PostgreSQL type, or an unchanged TOAST value without the old row)",
-                            table: Some(&table_name),
-                            column: Some(column),
-                        },
-                        position,
-                        line,
-                        line_end.len,
-                    )
-                    .map_err(|_| WorkError::Quarantine {
-                        position: position.to_string(),
-                    })?;
+                quarantined(
+                    &mut summary,
+                    Rejection {
+                        reason: "unavailable_value",
+                        detail: "the capture could not carry a column the policy names (unsupported PostgreSQL type, or an unchanged TOAST value without the old row)",
+                        table: Some(&table_name),
+                        column: Some(column),
+                    },
+                )?;
                 continue;
             }
+            let image_schema = match event.schema {
+                None => None,
+                Some(text) => match schemas.get(text.get()) {
+                    Some(schema) => Some(schema),
+                    None => {
+                        quarantined(
+                            &mut summary,
+                            Rejection {
+                                reason: "bad_schema",
+                                detail: "the event's Connect schema has no readable before/after struct",
+                                table: Some(&table_name),
+                                column: None,
+                            },
+                        )?;
+                        continue;
+                    }
+                },
+            };
             let values = &mut scratch[t];
-            let mut malformed = false;
-            for (column, raw) in event.image.0 {
-                match slots.get(column.as_ref()) {
-                    // The one place a raw value is unwrapped: straight into the table's raw batch.
-                    Some(&slot) => match value_text(raw) {
-                        Ok(v) => values[slot] = v.map(Sensitive::into_inner),
-                        Err(_) => malformed = true,
-                    },
-                    None => match dropped[t].get_mut(column.as_ref()) {
+            let mut rejected: Option<(&'static str, &'static str, Cow<'_, str>)> = None;
+            for (column, raw) in &event.image.0 {
+                let Some(&slot) = slots.get(column.as_ref()) else {
+                    match dropped[t].get_mut(column.as_ref()) {
                         Some(n) => *n += 1,
                         None => {
-                            dropped[t].insert(column.into_owned(), 1);
+                            dropped[t].insert(column.to_string(), 1);
                         }
-                    },
+                    }
+                    continue;
+                };
+                if rejected.is_some() {
+                    continue;
+                }
+                let kind = image_schema.as_ref().map_or(ValueKind::Plain, |s| s.kind(column));
+                // The one place a raw value is unwrapped: straight into the table's raw batch.
+                match self.column_value(&event, column, raw, kind, &self.expects[t][slot]) {
+                    Ok(v) => values[slot] = v,
+                    Err((code, reason)) => rejected = Some((code, reason, column.clone())),
                 }
             }
-            if malformed {
+            if let Some((reason, detail, column)) = rejected {
                 values.iter_mut().for_each(|v| *v = None);
                 quarantined(
                     &mut summary,
-                    "malformed_json",
-                    "a column value is not valid JSON",
-                    Some(&table_name),
+                    Rejection {
+                        reason,
+                        detail,
+                        table: Some(&table_name),
+                        column: Some(&column),
+                    },
                 )?;
                 continue;
             }
@@ -348,7 +393,7 @@ impl Router {
                     .insert(self.transforms[t].policy().table.clone(), cols.into_iter().collect());
             }
         }
-        let outputs = self.skip_committed(&chunk, outputs, &mut summary)?;
+        let outputs = self.skip_committed(chunk, outputs, &mut summary)?;
         for (sink, batch) in &outputs {
             let rows = batch.num_rows() as u64;
             if let Some(t) = self.primary_of(*sink) {
@@ -364,7 +409,60 @@ impl Router {
             seq: chunk.seq,
             stream: chunk.stream.clone(),
             last_offset: chunk.last_offset(),
-            attached: std::mem::take(&mut chunk.attached),
+            attached: chunk.attached.clone(),
+            boundary: chunk.boundary,
+            outputs,
+            summary,
+        })
+    }
+
+    /// Processes a chunk whose processing panicked, one event at a time: an event that makes
+    /// the sanitizer panic is quarantined (`internal_error`) and the others go on, so neither
+    /// this run nor a restart meets the same poison pill again.
+    pub fn process_isolating(&self, chunk: &Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
+        let mut summary = Summary::default();
+        let mut outputs = Vec::new();
+        let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
+        let mut position = String::new();
+        for &(start, end, line_end) in &chunk.lines {
+            let line = &chunk.data[start..end];
+            let mut one = Chunk::new(chunk.stream.clone(), 1);
+            one.push(line, line_end);
+            match catching(|| self.process(&one, ingested_at_us)) {
+                Ok(result) => {
+                    let processed = result?;
+                    outputs.extend(processed.outputs);
+                    summary.merge(processed.summary);
+                }
+                Err(_) => {
+                    write_position(&mut position, &chunk.stream, line_end.end_offset);
+                    tracing::error!(position = %position, "sanitizing an event panicked: quarantined as internal_error");
+                    summary.events_read += 1;
+                    *summary.quarantined.entry("internal_error".to_string()).or_default() += 1;
+                    quarantine
+                        .push(
+                            Rejection::event(
+                                "internal_error",
+                                "sanitizing this event panicked (a defect in sluice: report it with the position)",
+                            ),
+                            &position,
+                            line,
+                            line_end.len,
+                        )
+                        .map_err(|_| WorkError::Quarantine {
+                            position: position.clone(),
+                        })?;
+                }
+            }
+        }
+        if let Some(q) = quarantine.finish(ingested_at_us) {
+            outputs.extend(self.skip_committed(chunk, vec![(self.quarantine_sink(), q)], &mut summary)?);
+        }
+        Ok(Processed {
+            seq: chunk.seq,
+            stream: chunk.stream.clone(),
+            last_offset: chunk.last_offset(),
+            attached: chunk.attached.clone(),
             boundary: chunk.boundary,
             outputs,
             summary,
@@ -405,6 +503,175 @@ impl Router {
             }
         }
         Ok(kept)
+    }
+}
+
+/// Test hook: an event holding this text makes [`Router::process`] panic, as a defect would.
+#[cfg(test)]
+const PANIC_FOR_TESTS: &str = "__sluice_test_panic__";
+
+thread_local! {
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic (the panic hook lets such a panic pass: see
+/// [`panic_is_caught`]).
+pub fn catching<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    let outer = CATCHING.replace(true);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.set(outer);
+    result
+}
+
+/// Whether a panic on this thread now is caught by [`catching`] (and handled there).
+pub fn panic_is_caught() -> bool {
+    CATCHING.get()
+}
+
+/// What a policy expects of one source column's values.
+#[derive(Debug, Clone, Copy, Default)]
+struct Expected {
+    keep: Option<KeepType>,
+    unit: Option<IntegerTime>,
+    /// Read as a date or time by `keep`, `generalize` or `derive`.
+    temporal: bool,
+}
+
+impl Expected {
+    /// Per slot of the table's raw batch (the order of [`Policy::source_columns`]).
+    fn of_policy(policy: &Policy) -> Vec<Expected> {
+        policy
+            .source_columns()
+            .iter()
+            .map(|column| {
+                let Some(rule) = policy.rules.iter().find(|r| &r.column == column) else {
+                    return Expected::default();
+                };
+                let keep = match rule.action {
+                    Action::Keep(ty) => Some(ty),
+                    _ => None,
+                };
+                let temporal = keep.is_some_and(KeepType::is_temporal)
+                    || matches!(&rule.action, Action::Generalize(f) if f.is_temporal())
+                    || rule.derive.iter().any(|d| d.function.is_temporal());
+                Expected {
+                    keep,
+                    unit: rule.unit,
+                    temporal,
+                }
+            })
+            .collect()
+    }
+
+    /// Why values of schema kind `kind` cannot be what the policy says, if they cannot.
+    fn conflict(self, kind: ValueKind) -> Option<&'static str> {
+        if let (Some(unit), Some(schema_unit)) = (self.unit, kind.unit_name()) {
+            if unit.name() != schema_unit {
+                return Some("the policy's unit differs from the time unit the event's schema gives");
+            }
+        }
+        match (kind, self.keep?) {
+            (
+                ValueKind::Decimal { .. } | ValueKind::VariableScaleDecimal,
+                KeepType::Date | KeepType::Timestamp | KeepType::Bool,
+            ) => Some("the policy's type does not fit a decimal column"),
+            (ValueKind::Decimal { scale }, KeepType::Int64) if scale > 0 => {
+                Some("the policy keeps as int64 a decimal column with a scale")
+            }
+            (ValueKind::Decimal { scale }, KeepType::Decimal { scale: kept, .. }) if scale > kept as u32 => {
+                Some("the schema's decimal scale is larger than the policy's")
+            }
+            (k, KeepType::Int64 | KeepType::Float64 | KeepType::Bool | KeepType::Decimal { .. }) if k.is_temporal() => {
+                Some("the policy's type does not fit a date or time column")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A quarantine code and its fixed text.
+type ValueReject = (&'static str, &'static str);
+
+impl Router {
+    /// The text of one value the policy names, read as its schema says (`kind`), or why the
+    /// event cannot be taken.
+    fn column_value<'a>(
+        &self,
+        event: &Event<'a>,
+        column: &str,
+        raw: &'a serde_json::value::RawValue,
+        kind: ValueKind,
+        expected: &Expected,
+    ) -> Result<Option<Cow<'a, str>>, ValueReject> {
+        let mut raw = raw;
+        if self.placeholders.iter().any(|p| p == raw.get()) {
+            // Debezium left an unchanged value out (a TOAST column): the before image may hold it.
+            raw = event
+                .previous
+                .as_ref()
+                .and_then(|before| before.get(column))
+                .filter(|old| !self.placeholders.iter().any(|p| p == old.get()))
+                .ok_or((
+                    "unavailable_value",
+                    "Debezium sent its unavailable-value placeholder (an unchanged TOAST value) and no before image holds the value",
+                ))?;
+        }
+        if kind != ValueKind::Plain {
+            if let Some(reason) = expected.conflict(kind) {
+                return Err(("schema_mismatch", reason));
+            }
+            let mut text = String::new();
+            return match canonical_text(kind, raw, &mut text) {
+                Ok(true) => Ok(Some(Cow::Owned(text))),
+                Ok(false) => Ok(None),
+                Err(reason) => Err(("type_mismatch", reason)),
+            };
+        }
+        let text = value_text(raw)
+            .map_err(|_| ("malformed_json", "a column value is not valid JSON"))?
+            .map(Sensitive::into_inner);
+        // An integer date is an epoch only when it is a JSON number: a digit string (a card
+        // number in a date column, `20240701`) is not a date.
+        if expected.temporal && raw.get().starts_with('"') {
+            if let Some(t) = &text {
+                let digits = t.trim().strip_prefix('-').unwrap_or(t.trim());
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(("type_mismatch", "a digit string is not a date or time"));
+                }
+            }
+        }
+        Ok(text)
+    }
+}
+
+/// Row-image schemas of wrapped events, parsed once per distinct schema text in a chunk (every
+/// event of a table repeats its schema).
+#[derive(Default)]
+struct SchemaCache<'a> {
+    last: Option<(&'a str, Option<std::rc::Rc<ImageSchema>>)>,
+    parsed: FxHashMap<&'a str, Option<std::rc::Rc<ImageSchema>>>,
+}
+
+impl<'a> SchemaCache<'a> {
+    /// `None`: the schema text has no readable row image.
+    fn get(&mut self, text: &'a str) -> Option<std::rc::Rc<ImageSchema>> {
+        if let Some((last, schema)) = &self.last {
+            if *last == text {
+                return schema.clone();
+            }
+        }
+        // Distinct schemas in one chunk are few; an input that varies them without end is not
+        // kept without end.
+        if self.parsed.len() >= 256 {
+            self.parsed.clear();
+        }
+        let schema = self
+            .parsed
+            .entry(text)
+            .or_insert_with(|| ImageSchema::from_connect_envelope(text).map(std::rc::Rc::new))
+            .clone();
+        self.last = Some((text, schema.clone()));
+        schema
     }
 }
 
@@ -454,30 +721,21 @@ action = "keep"
 type = "int64"
 "#;
 
+    fn router_of(policy: &str, input: InputSettings) -> (tempfile::TempDir, Router) {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
+        let keys =
+            Arc::new(KeyStore::open(&KeyStoreLocation::Sqlite(dir.path().join("keys.db")), master, 100).unwrap());
+        let policy = Policy::from_toml(Path::new("policy.toml"), policy).unwrap();
+        let transform = TableTransform::new(policy, &Tokenizer::new(&[1; 32]));
+        let quarantine_key = keys.system_key("quarantine").unwrap();
+        let router = Router::new(vec![transform], keys, quarantine_key, input, vec![HashMap::new(); 3], 1);
+        (dir, router)
+    }
+
     fn router() -> &'static Router {
         static ROUTER: OnceLock<(tempfile::TempDir, Router)> = OnceLock::new();
-        &ROUTER
-            .get_or_init(|| {
-                let dir = tempfile::tempdir().unwrap();
-                let master = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
-                let keys = Arc::new(
-                    KeyStore::open(&KeyStoreLocation::Sqlite(dir.path().join("keys.db")), master, 100).unwrap(),
-                );
-                let policy = Policy::from_toml(Path::new("people.toml"), POLICY).unwrap();
-                let transform = TableTransform::new(policy, &Tokenizer::new(&[1; 32]));
-                let quarantine_key = keys.system_key("quarantine").unwrap();
-                let router = Router::new(
-                    vec![transform],
-                    keys,
-                    quarantine_key,
-                    UnknownTables::Skip,
-                    1 << 20,
-                    vec![HashMap::new(); 3],
-                    1,
-                );
-                (dir, router)
-            })
-            .1
+        &ROUTER.get_or_init(|| router_of(POLICY, InputSettings::default())).1
     }
 
     fn chunk(lines: &[String]) -> Chunk {
@@ -529,7 +787,7 @@ type = "int64"
             r#"{"op":"u","after":{"id":8,"email":"c@d.test","balance":4},"source":{"schema":"public","table":"people","ts_ms":1,"sluice_unavailable":["geom"]}}"#.to_string(),
             r#"{"op":"t","before":null,"after":null,"source":{"schema":"public","table":"people","ts_ms":1}}"#.to_string(),
         ];
-        let out = router().process(chunk(&lines), 0).unwrap();
+        let out = router().process(&chunk(&lines), 0).unwrap();
         assert_eq!(out.summary.quarantined["unavailable_value"], 1);
         let table = out
             .outputs
@@ -553,6 +811,157 @@ type = "int64"
         assert_eq!(subjects.value(1), "", "a truncate has no subject");
     }
 
+    const ORDERS: &str = r#"
+table = "inventory.orders"
+target = "orders"
+subject = "customer"
+token_domain = "customer"
+[columns.customer]
+action = "tokenize"
+[columns.price]
+action = "keep"
+type = "decimal(10,2)"
+[columns.order_date]
+action = "keep"
+type = "date"
+[columns.placed_at]
+action = "keep"
+type = "timestamp"
+[columns.legacy_ms]
+action = "keep"
+type = "timestamp"
+unit = "ms"
+[columns.doc]
+action = "keep"
+type = "string"
+"#;
+
+    fn table_of(out: &Processed) -> &RecordBatch {
+        out.outputs
+            .iter()
+            .find(|(sink, _)| *sink == 0)
+            .map(|(_, b)| b)
+            .expect("table rows")
+    }
+
+    /// A column's values as text (Arrow's display form).
+    fn text_column(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
+        let column = batch.column_by_name(name).unwrap();
+        let formatter =
+            sluice_connectors::arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &Default::default())
+                .unwrap();
+        (0..column.len())
+            .map(|i| column.is_valid(i).then(|| formatter.value(i).to_string()))
+            .collect()
+    }
+
+    const ORDERS_SCHEMA: &str = r#"{"type":"struct","name":"s.inventory.orders.Envelope","fields":[{"type":"struct","optional":true,"field":"before","fields":[]},{"type":"struct","optional":true,"field":"after","name":"s.inventory.orders.Value","fields":[{"type":"int32","field":"customer"},{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2","connect.decimal.precision":"10"},"field":"price"},{"type":"int32","name":"io.debezium.time.Date","field":"order_date"},{"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"placed_at"},{"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"legacy_ms"},{"type":"string","field":"doc"}]}]}"#;
+
+    fn wrapped(payload: &str) -> String {
+        format!(r#"{{"schema":{ORDERS_SCHEMA},"payload":{payload}}}"#)
+    }
+
+    #[test]
+    fn wrapped_events_are_read_by_their_schema() {
+        let (_dir, router) = router_of(ORDERS, InputSettings::default());
+        let lines = [
+            wrapped(
+                r#"{"op":"c","after":{"customer":1,"price":"MDk=","order_date":19905,"placed_at":1719835200123456,"doc":"x"},"source":{"db":"inventory","table":"orders","ts_ms":1719835200000}}"#,
+            ),
+            // The policy's `unit = "ms"` contradicts the schema's microseconds: never guessed.
+            wrapped(
+                r#"{"op":"c","after":{"customer":2,"legacy_ms":1719835200123456},"source":{"db":"inventory","table":"orders","ts_ms":1719835200000}}"#,
+            ),
+            // Base64 that is not a decimal's bytes.
+            wrapped(
+                r#"{"op":"c","after":{"customer":3,"price":"12.50"},"source":{"db":"inventory","table":"orders","ts_ms":1719835200000}}"#,
+            ),
+        ];
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        let table = table_of(&out);
+        assert_eq!(table.num_rows(), 1);
+        assert_eq!(text_column(table, "price"), vec![Some("123.45".into())]);
+        assert_eq!(text_column(table, "order_date"), vec![Some("2024-07-01".into())]);
+        assert_eq!(
+            text_column(table, "placed_at"),
+            vec![Some("2024-07-01T12:00:00.123456Z".into())]
+        );
+        assert_eq!(out.summary.quarantined["schema_mismatch"], 1);
+        assert_eq!(out.summary.quarantined["type_mismatch"], 1);
+    }
+
+    #[test]
+    fn placeholders_digit_strings_control_records_and_bad_times() {
+        let (_dir, router) = router_of(ORDERS, InputSettings::default());
+        let event = |after: &str, before: &str| {
+            format!(
+                r#"{{"op":"u","before":{before},"after":{after},"source":{{"db":"inventory","table":"orders","ts_ms":1719835200000}}}}"#
+            )
+        };
+        let lines = [
+            // Unchanged TOAST value: taken from the before image…
+            event(r#"{"customer":1,"doc":"__debezium_unavailable_value"}"#, r#"{"customer":1,"doc":"old text"}"#),
+            // …or, without one, quarantined — never written as if it were the value.
+            event(r#"{"customer":2,"doc":"__debezium_unavailable_value"}"#, "null"),
+            // A binary column's placeholder is its base64.
+            event(r#"{"customer":3,"doc":"X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ=="}"#, "null"),
+            // A 16-digit string in a date column is not an epoch.
+            event(r#"{"customer":4,"order_date":"4111111111111111"}"#, "null"),
+            // A number there is (days, by magnitude), and a date text is a date.
+            event(r#"{"customer":5,"order_date":19905}"#, "null"),
+            event(r#"{"customer":6,"order_date":"2024-07-01"}"#, "null"),
+            // Far-future values are refused, not written into the log's statistics.
+            event(r#"{"customer":7,"placed_at":"+55969-09-28T00:00:00Z"}"#, "null"),
+            r#"{"status":"BEGIN","id":"571","ts_ms":1}"#.to_string(),
+            r#"{"ts_ms":1588252618953}"#.to_string(),
+            r#"{"op":"c","after":{"customer":8},"source":{"db":"inventory","table":"orders","ts_ms":1704067200000000000}}"#.to_string(),
+        ];
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        let table = table_of(&out);
+        assert_eq!(text_column(table, "doc")[0], Some("old text".into()));
+        assert_eq!(
+            text_column(table, "order_date")[1..],
+            [Some("2024-07-01".into()), Some("2024-07-01".into())]
+        );
+        assert_eq!(table.num_rows(), 3);
+        assert_eq!(out.summary.quarantined["unavailable_value"], 2);
+        assert_eq!(out.summary.quarantined["type_mismatch"], 2);
+        assert_eq!(out.summary.quarantined["bad_timestamp"], 1);
+        assert_eq!(out.summary.control_records["transaction_begin"], 1);
+        assert_eq!(out.summary.control_records["heartbeat"], 1);
+        assert!(!out.summary.quarantined.contains_key("control_record"));
+
+        let (_dir, router) = router_of(
+            ORDERS,
+            InputSettings {
+                control_records: ControlRecords::Quarantine,
+                ..InputSettings::default()
+            },
+        );
+        let out = router.process(&chunk(&lines[7..9]), 0).unwrap();
+        assert_eq!(out.summary.quarantined["control_record"], 2);
+    }
+
+    #[test]
+    fn an_event_that_panics_is_quarantined_and_the_rest_goes_on() {
+        let lines = [
+            r#"{"op":"c","after":{"id":1,"balance":1},"source":{"schema":"public","table":"people","ts_ms":1}}"#
+                .to_string(),
+            format!(
+                r#"{{"op":"c","after":{{"id":2,"balance":2,"x":"{PANIC_FOR_TESTS}"}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#
+            ),
+            r#"{"op":"c","after":{"id":3,"balance":3},"source":{"schema":"public","table":"people","ts_ms":1}}"#
+                .to_string(),
+        ];
+        let chunk = chunk(&lines);
+        assert!(catching(|| router().process(&chunk, 0)).is_err());
+        let out = router().process_isolating(&chunk, 0).unwrap();
+        assert_eq!(out.summary.events_read, 3);
+        assert_eq!(out.summary.quarantined["internal_error"], 1);
+        assert_eq!(out.summary.rows_written["people"], 2);
+        assert_eq!(out.last_offset, chunk.last_offset());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
@@ -565,7 +974,7 @@ type = "int64"
                 after[k.as_str()] = serde_json::Value::from(v.as_str());
             }
             let event = serde_json::json!({"op": "c", "after": after, "source": {"schema": "public", "table": "people", "ts_ms": 1}});
-            let out = router().process(chunk(&[event.to_string()]), 0).unwrap();
+            let out = router().process(&chunk(&[event.to_string()]), 0).unwrap();
             let table = out.outputs.iter().find(|(sink, _)| *sink == 0).map(|(_, b)| b).expect("a table row");
             let names: Vec<&str> = table.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
             prop_assert_eq!(names, vec!["id_token", "has_email", "balance", "_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"]);

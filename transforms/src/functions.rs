@@ -65,6 +65,14 @@ impl Function {
         }
     }
 
+    /// Whether the function reads its input as a date.
+    pub fn is_temporal(&self) -> bool {
+        matches!(
+            self,
+            Function::AgeBand { .. } | Function::Year | Function::Quarter | Function::Month
+        )
+    }
+
     pub fn output_type(&self) -> DataType {
         match self {
             Function::IsPresent => DataType::Boolean,
@@ -237,6 +245,10 @@ impl IntegerTime {
         })
     }
 
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
     fn to_micros(self, n: i64) -> Option<i64> {
         match self {
             Self::Days => n.checked_mul(86_400_000_000),
@@ -258,6 +270,7 @@ impl IntegerTime {
 
 /// A date from ISO text (`2024-07-01`, or the date part of a timestamp) or an integer in `unit`;
 /// without a unit, integers below 1,000,000 are days, below 10^14 milliseconds, else microseconds.
+/// Dates outside years 1–9999 are refused.
 pub fn parse_date(v: &str, unit: Option<IntegerTime>) -> Option<NaiveDate> {
     let v = v.trim();
     if let Ok(n) = v.parse::<i64>() {
@@ -265,15 +278,30 @@ pub fn parse_date(v: &str, unit: Option<IntegerTime>) -> Option<NaiveDate> {
         return unit
             .to_micros(n)
             .and_then(DateTime::from_timestamp_micros)
-            .map(|t| t.date_naive());
+            .map(|t| t.date_naive())
+            .filter(in_value_window);
     }
-    NaiveDate::parse_from_str(v.get(..10)?, "%Y-%m-%d").ok()
+    NaiveDate::parse_from_str(v.get(..10)?, "%Y-%m-%d")
+        .ok()
+        .filter(in_value_window)
+}
+
+/// Years a written date or time may have: four-digit years, what Delta's and Iceberg's file
+/// statistics, Spark and the Python readers all parse back (a year +55969 in a Delta log's
+/// `maxValues` makes the table unreadable to the Delta kernel).
+pub fn in_value_window(d: &NaiveDate) -> bool {
+    (1..=9999).contains(&d.year())
 }
 
 /// Microseconds since the epoch from RFC 3339 text, `YYYY-MM-DD HH:MM:SS[.f]` (taken as UTC),
 /// a bare date, or an integer in `unit` (without one: milliseconds below 10^14, else
-/// microseconds).
+/// microseconds). Times outside years 1–9999 are refused.
 pub fn parse_timestamp_micros(v: &str, unit: Option<IntegerTime>) -> Option<i64> {
+    parse_any_timestamp_micros(v, unit)
+        .filter(|us| DateTime::from_timestamp_micros(*us).is_some_and(|t| in_value_window(&t.date_naive())))
+}
+
+fn parse_any_timestamp_micros(v: &str, unit: Option<IntegerTime>) -> Option<i64> {
     let v = v.trim();
     if let Ok(n) = v.parse::<i64>() {
         return unit.unwrap_or_else(|| IntegerTime::guess(n, false)).to_micros(n);
@@ -421,5 +449,22 @@ mod tests {
             parse_date("59", Some(IntegerTime::Days)),
             NaiveDate::from_ymd_opt(1970, 3, 1)
         );
+    }
+
+    #[test]
+    fn times_outside_four_digit_years_are_refused() {
+        // Nanoseconds read as microseconds: year 55,969.
+        assert_eq!(
+            parse_timestamp_micros("1704067200000000000", Some(IntegerTime::Micros)),
+            None
+        );
+        assert_eq!(parse_timestamp_micros("+55969-09-28T00:00:00Z", None), None);
+        assert_eq!(
+            parse_timestamp_micros("9999-12-31T23:59:59.999999Z", None),
+            Some(253_402_300_799_999_999)
+        );
+        assert_eq!(parse_date("1704067200000000000", Some(IntegerTime::Millis)), None);
+        assert_eq!(parse_date("-999999999", Some(IntegerTime::Days)), None);
+        assert_eq!(parse_date("9999-12-31", None), NaiveDate::from_ymd_opt(9999, 12, 31));
     }
 }
