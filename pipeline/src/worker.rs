@@ -193,6 +193,7 @@ impl Router {
         let mut builders: Vec<Option<RawBatchBuilder>> = (0..n_tables).map(|_| None).collect();
         let mut row_lines: Vec<Vec<usize>> = vec![Vec::new(); n_tables];
         let mut scratch: Vec<Vec<Option<Cow<'_, str>>>> = self.columns.iter().map(|c| vec![None; c.len()]).collect();
+        let mut seen_scratch: Vec<Vec<bool>> = self.columns.iter().map(|c| vec![false; c.len()]).collect();
         let mut dropped: Vec<FxHashMap<String, u64>> = vec![FxHashMap::default(); n_tables];
         let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
         let mut schemas = SchemaCache::default();
@@ -298,6 +299,8 @@ impl Router {
                 },
             };
             let values = &mut scratch[t];
+            let seen = &mut seen_scratch[t];
+            seen.iter_mut().for_each(|s| *s = false);
             let mut rejected: Option<(&'static str, &'static str, Cow<'_, str>)> = None;
             for (column, raw) in &event.image.0 {
                 let Some(&slot) = slots.get(column.as_ref()) else {
@@ -310,6 +313,15 @@ impl Router {
                     continue;
                 };
                 if rejected.is_some() {
+                    continue;
+                }
+                // JSON readers disagree on which of two values they keep: never guess.
+                if std::mem::replace(&mut seen[slot], true) {
+                    rejected = Some((
+                        "malformed_json",
+                        "a column appears twice in the row image",
+                        column.clone(),
+                    ));
                     continue;
                 }
                 let kind = image_schema.as_ref().map_or(ValueKind::Plain, |s| s.kind(column));
@@ -915,6 +927,9 @@ type = "string"
             r#"{"status":"BEGIN","id":"571","ts_ms":1}"#.to_string(),
             r#"{"ts_ms":1588252618953}"#.to_string(),
             r#"{"op":"c","after":{"customer":8},"source":{"db":"inventory","table":"orders","ts_ms":1704067200000000000}}"#.to_string(),
+            // Two values for one column: readers disagree on which counts.
+            event(r#"{"customer":9,"doc":"a","doc":"b"}"#, "null"),
+            r#"{"op":"c","op":"d","after":{"customer":10},"source":{"db":"inventory","table":"orders","ts_ms":1}}"#.to_string(),
         ];
         let out = router.process(&chunk(&lines), 0).unwrap();
         let table = table_of(&out);
@@ -927,6 +942,7 @@ type = "string"
         assert_eq!(out.summary.quarantined["unavailable_value"], 2);
         assert_eq!(out.summary.quarantined["type_mismatch"], 2);
         assert_eq!(out.summary.quarantined["bad_timestamp"], 1);
+        assert_eq!(out.summary.quarantined["malformed_json"], 2);
         assert_eq!(out.summary.control_records["transaction_begin"], 1);
         assert_eq!(out.summary.control_records["heartbeat"], 1);
         assert!(!out.summary.quarantined.contains_key("control_record"));

@@ -253,7 +253,9 @@ pub fn decode<'a>(line: &'a [u8], options: &DecodeOptions) -> Result<Decoded<'a>
     }
     let op = Op::from_code(code).ok_or(DecodeError::UnsupportedOp)?;
     let source = env.source.ok_or(DecodeError::NoTable)?;
-    let table = source.table.ok_or(DecodeError::NoTable)?;
+    // Empty names are absent (Debezium writes `"schema": ""` for a logical message's source).
+    let named = |name: Option<Cow<'a, str>>| name.filter(|n| !n.is_empty());
+    let table = named(source.table).ok_or(DecodeError::NoTable)?;
     // MySQL snapshot rows carry `source.ts_ms: 0`: the envelope's time is the better one.
     let positive = |t: Option<i64>| t.filter(|t| *t > 0);
     let event_ms = positive(source.ts_ms)
@@ -267,9 +269,9 @@ pub fn decode<'a>(line: &'a [u8], options: &DecodeOptions) -> Result<Decoded<'a>
     };
     Ok(Decoded::Change(Event {
         op,
-        namespace: source.schema.or(source.db.clone()),
+        namespace: named(source.schema).or(named(source.db.clone())),
         table,
-        database: source.db,
+        database: named(source.db),
         event_ms,
         image,
         previous,
@@ -300,15 +302,48 @@ fn classify_without_op<'a>(env: &Envelope<'a>, body: &'a str) -> Result<Decoded<
     Err(DecodeError::Flattened)
 }
 
+/// Objects and arrays nested deeper than this are malformed: readers downstream refuse them
+/// (Python's `json`, serde_json's `Value`: 128 levels).
+pub const MAX_NESTING: usize = 128;
+
 /// The text of a JSON scalar (strings unescaped); objects and arrays stay JSON; null is `None`.
 pub fn value_text(raw: &RawValue) -> Result<Option<Sensitive<Cow<'_, str>>>, DecodeError> {
     let s = raw.get();
     let text = match s.as_bytes().first() {
         Some(b'n') => return Ok(None),
         Some(b'"') => serde_json::from_str::<Cow<'_, str>>(s).map_err(|_| DecodeError::Malformed)?,
+        Some(b'[' | b'{') if nesting_exceeds(s, MAX_NESTING) => return Err(DecodeError::Malformed),
         _ => Cow::Borrowed(s),
     };
     Ok(Some(Sensitive::new(text)))
+}
+
+/// Whether JSON text (already valid) nests objects and arrays deeper than `max`.
+fn nesting_exceeds(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -386,6 +421,12 @@ mod tests {
         );
         assert_eq!(fails(br#"{"op":"c","after":{}}"#), DecodeError::NoTable);
         assert_eq!(
+            fails(br#"{"op":"c","after":{},"source":{"table":""}}"#),
+            DecodeError::NoTable
+        );
+        let e = change(br#"{"op":"c","after":{},"source":{"db":"d","schema":"","table":"t","ts_ms":5}}"#);
+        assert_eq!(e.namespace.as_deref(), Some("d"));
+        assert_eq!(
             fails(br#"{"op":"c","source":{"table":"t","ts_ms":5}}"#),
             DecodeError::NoImage
         );
@@ -429,6 +470,15 @@ mod tests {
             &narrow
         )
         .is_err());
+    }
+
+    #[test]
+    fn values_nested_too_deep_are_malformed() {
+        let raw = |t: &str| serde_json::from_str::<Box<RawValue>>(t).unwrap();
+        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        assert_eq!(value_text(&raw(&deep)).unwrap_err(), DecodeError::Malformed);
+        let fine = format!("{}\"[[[{{\\\"\"{}", "[".repeat(128), "]".repeat(128));
+        assert_eq!(value_text(&raw(&fine)).unwrap().unwrap().expose().len(), fine.len());
     }
 
     #[test]
