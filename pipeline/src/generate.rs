@@ -231,6 +231,83 @@ impl Generator {
     }
 }
 
+/// Columns Debezium's PostgreSQL connector sends as `io.debezium.time.Date` (epoch days) and
+/// `io.debezium.time.Timestamp` (epoch milliseconds) in the wrapped form.
+const DATE_COLUMNS: &[&str] = &["date_of_birth", "opened_on"];
+const TIMESTAMP_COLUMNS: &[&str] = &["created_at", "paid_at", "attempted_at"];
+
+/// A row image's values as the JSON converter writes them: dates as epoch days.
+fn as_connect_values(image: &mut Value) {
+    let Some(row) = image.as_object_mut() else { return };
+    for column in DATE_COLUMNS {
+        if let Some(days) = row
+            .get(*column)
+            .and_then(Value::as_str)
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+            .map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")).num_days())
+        {
+            row.insert(column.to_string(), json!(days));
+        }
+    }
+}
+
+/// The Kafka Connect schema Debezium's JSON converter sends with a table's events.
+fn connect_schema(table: &str, image: &Value) -> Value {
+    let fields: Vec<Value> = image
+        .as_object()
+        .map(|row| {
+            row.iter()
+                .map(|(column, value)| {
+                    let c = column.as_str();
+                    let mut f = if DATE_COLUMNS.contains(&c) {
+                        json!({"type": "int32", "name": "io.debezium.time.Date", "version": 1})
+                    } else if TIMESTAMP_COLUMNS.contains(&c) {
+                        json!({"type": "int64", "name": "io.debezium.time.Timestamp", "version": 1})
+                    } else if value.is_boolean() {
+                        json!({"type": "boolean"})
+                    } else if value.is_i64() || value.is_u64() || c == "id" || c.ends_with("_id") {
+                        json!({"type": "int64"})
+                    } else {
+                        json!({"type": "string"})
+                    };
+                    f["optional"] = json!(c != "id");
+                    f["field"] = json!(c);
+                    f
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let value =
+        json!({"type": "struct", "fields": fields, "optional": true, "name": format!("crm.public.{table}.Value")});
+    let mut before = value.clone();
+    before["field"] = json!("before");
+    let mut after = value;
+    after["field"] = json!("after");
+    json!({
+        "type": "struct",
+        "optional": false,
+        "name": format!("crm.public.{table}.Envelope"),
+        "fields": [
+            before,
+            after,
+            {"type": "struct", "optional": false, "name": "io.debezium.connector.postgresql.Source", "field": "source", "fields": [
+                {"type": "string", "optional": false, "field": "version"},
+                {"type": "string", "optional": false, "field": "connector"},
+                {"type": "string", "optional": false, "field": "name"},
+                {"type": "int64", "optional": false, "field": "ts_ms"},
+                {"type": "string", "optional": true, "name": "io.debezium.data.Enum", "version": 1, "parameters": {"allowed": "true,last,false,incremental"}, "default": "false", "field": "snapshot"},
+                {"type": "string", "optional": false, "field": "db"},
+                {"type": "string", "optional": false, "field": "schema"},
+                {"type": "string", "optional": false, "field": "table"},
+                {"type": "int64", "optional": true, "field": "txId"},
+                {"type": "int64", "optional": true, "field": "lsn"}
+            ]},
+            {"type": "string", "optional": false, "field": "op"},
+            {"type": "int64", "optional": true, "field": "ts_ms"}
+        ]
+    })
+}
+
 /// Writes `n` events spread over `span_hours` from 2024-01-01; `.gz` output is compressed.
 /// Returns the number written.
 pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u64) -> std::io::Result<u64> {
@@ -258,13 +335,24 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u6
         lsn: 0,
         span_ms: span_hours.max(1) as i64 * 3_600_000,
     };
+    let mut schemas: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
     for i in 0..n {
-        let event = g.event(i, n);
+        let mut event = g.event(i, n);
         if wrapped {
-            serde_json::to_writer(
-                &mut w,
-                &json!({"schema": {"type": "struct", "optional": false, "name": "crm.Envelope"}, "payload": event}),
-            )?;
+            let table = event["source"]["table"].as_str().unwrap_or_default().to_string();
+            for image in ["before", "after"] {
+                as_connect_values(&mut event[image]);
+            }
+            let image = if event["after"].is_null() {
+                &event["before"]
+            } else {
+                &event["after"]
+            };
+            let schema = schemas
+                .entry(table.clone())
+                .or_insert_with(|| connect_schema(&table, image))
+                .clone();
+            serde_json::to_writer(&mut w, &json!({"schema": schema, "payload": event}))?;
         } else {
             serde_json::to_writer(&mut w, &event)?;
         }
