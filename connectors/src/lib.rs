@@ -3,6 +3,8 @@
 //!
 //! - [`file`]: Debezium change events in `.jsonl` / `.jsonl.gz` files (and dumped topics).
 //! - [`debezium`]: the change-event envelope decoder shared by every source.
+//! - [`avro`]: Confluent-framed Avro events and the Schema Registry they name.
+//! - [`secret`]: credentials from the environment or files, never printed.
 //! - [`kafka`]: a consumer-group source whose positions live in the lake; a publisher.
 //! - [`kinesis`]: shards of a Kinesis stream, positions in the lake; a publisher.
 //! - [`postgres`]: logical replication (pgoutput) and snapshots of PostgreSQL tables.
@@ -12,6 +14,7 @@
 //! - [`storage`]: where Delta tables live (a local directory or an S3 prefix).
 //! - [`keystore`]: the embedded key store (per-subject data keys wrapped by a master key).
 
+pub mod avro;
 pub mod debezium;
 pub mod delta;
 pub mod file;
@@ -21,6 +24,7 @@ pub mod keystore;
 pub mod kinesis;
 pub mod lake;
 pub mod postgres;
+pub mod secret;
 pub mod storage;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sluice_connectors::avro::{registry_auth, RegistrySettings};
 use sluice_connectors::debezium::DecodeOptions;
 use sluice_connectors::iceberg::{CatalogSettings, IcebergLocation};
 use sluice_connectors::kafka::{KafkaSettings, StartAt};
@@ -35,9 +36,56 @@ pub enum ControlRecords {
     Quarantine,
 }
 
+/// How a message's bytes encode a change event.
+#[derive(Debug, Clone, Default)]
+pub enum InputFormat {
+    /// Debezium's JSON converter, with or without the schema.
+    #[default]
+    Json,
+    /// Confluent-framed Avro, writer schemas from a Schema Registry (Kafka sources).
+    Avro(RegistryConfig),
+}
+
+/// `[source.schema_registry]`: where writer schemas are fetched and the names of the
+/// environment variables holding the credentials (read when a run starts).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub username_env: Option<String>,
+    pub password_env: Option<String>,
+    pub token_env: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// The client settings, credentials read from the environment now.
+    pub fn settings(&self) -> Result<RegistrySettings, sluice_connectors::secret::SecretError> {
+        Ok(RegistrySettings {
+            url: self.url.clone(),
+            auth: registry_auth(
+                self.username_env.as_deref(),
+                self.password_env.as_deref(),
+                self.token_env.as_deref(),
+            )?,
+            ca_file: self.ca_file.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    url: Spanned<String>,
+    username_env: Option<String>,
+    password_env: Option<String>,
+    token_env: Option<String>,
+    ca_file: Option<String>,
+}
+
 /// How events are read, whatever their source: the decoding keys of `[source]`.
 #[derive(Debug, Clone)]
 pub struct InputSettings {
+    pub format: InputFormat,
     pub unknown_tables: UnknownTables,
     pub control_records: ControlRecords,
     pub max_event_bytes: usize,
@@ -50,6 +98,7 @@ pub struct InputSettings {
 impl Default for InputSettings {
     fn default() -> Self {
         Self {
+            format: InputFormat::Json,
             unknown_tables: UnknownTables::Skip,
             control_records: ControlRecords::Skip,
             max_event_bytes: default_max_event_bytes(),
@@ -129,6 +178,9 @@ struct RawSource {
     /// `[from, to)` as RFC 3339 dates or times: event times outside are `bad_timestamp`.
     event_time_window: Option<Spanned<Vec<String>>>,
     unavailable_value_placeholder: Option<Spanned<String>>,
+    /// `json` (default) or `avro` (Kafka; needs `[source.schema_registry]`).
+    format: Option<Spanned<String>>,
+    schema_registry: Option<RawRegistry>,
     // file
     path: Option<String>,
     #[serde(default = "default_poll_ms")]
@@ -654,6 +706,7 @@ impl Config {
             }
         }
         let input = InputSettings {
+            format: input_format(&raw.source, &resolve, &invalid)?,
             unknown_tables: raw.unknown_tables,
             control_records: raw.source.control_records.unwrap_or(ControlRecords::Skip),
             max_event_bytes: raw.source.max_event_bytes.max(1024),
@@ -855,6 +908,75 @@ fn s3_options(
         ));
     }
     Ok(StorageOptions::new(options))
+}
+
+fn input_format(
+    raw: &RawSource,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<InputFormat, LoadError> {
+    let format = raw.format.as_ref().map(|f| (f.get_ref().as_str(), f.span().start));
+    match (format, &raw.schema_registry) {
+        (None | Some(("json", _)), None) => Ok(InputFormat::Json),
+        (None | Some(("json", _)), Some(r)) => Err(invalid(
+            r.url.span().start,
+            "source.schema_registry",
+            "set, but `source.format` is not \"avro\"".into(),
+        )),
+        (Some(("avro", at)), registry) => {
+            if raw.kind.get_ref() != "kafka" {
+                return Err(invalid(
+                    at,
+                    "source.format",
+                    "\"avro\" is read from Kafka sources only".into(),
+                ));
+            }
+            let Some(r) = registry else {
+                return Err(invalid(
+                    at,
+                    "source.schema_registry",
+                    "\"avro\" needs [source.schema_registry] url".into(),
+                ));
+            };
+            let at = r.url.span().start;
+            if !(r.url.get_ref().starts_with("http://") || r.url.get_ref().starts_with("https://")) {
+                return Err(invalid(
+                    at,
+                    "source.schema_registry.url",
+                    "expected an http:// or https:// URL".into(),
+                ));
+            }
+            match (&r.username_env, &r.password_env, &r.token_env) {
+                (Some(_), None, _) | (None, Some(_), _) => {
+                    return Err(invalid(
+                        at,
+                        "source.schema_registry",
+                        "basic auth needs both username_env and password_env".into(),
+                    ))
+                }
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(invalid(
+                        at,
+                        "source.schema_registry.token_env",
+                        "either basic auth (username_env, password_env) or a bearer token, not both".into(),
+                    ))
+                }
+                _ => {}
+            }
+            Ok(InputFormat::Avro(RegistryConfig {
+                url: r.url.get_ref().clone(),
+                username_env: r.username_env.clone(),
+                password_env: r.password_env.clone(),
+                token_env: r.token_env.clone(),
+                ca_file: r.ca_file.as_deref().map(resolve),
+            }))
+        }
+        (Some((other, at)), _) => Err(invalid(
+            at,
+            "source.format",
+            format!("unknown format `{other}`: \"json\" or \"avro\""),
+        )),
+    }
 }
 
 /// `[from, to)` in milliseconds since the epoch.

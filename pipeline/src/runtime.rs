@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::delta::DeltaSink;
 use sluice_connectors::file::FileSourceError;
 use sluice_connectors::iceberg::IcebergSink;
@@ -33,7 +34,7 @@ use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
 use sluice_transforms::TableTransform;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, InputFormat};
 use crate::observe::metrics;
 use crate::publish::Publisher;
 use crate::quarantine::quarantine_schema;
@@ -67,6 +68,8 @@ pub enum RunError {
     Runtime(std::io::Error),
     #[error("a worker thread stopped unexpectedly")]
     WorkerLost,
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl RunError {
@@ -150,6 +153,12 @@ fn run_pass(
         .map(|p| TableTransform::new(p.clone(), &tokenizer))
         .collect();
 
+    let registry = match &config.input.format {
+        InputFormat::Json => None,
+        InputFormat::Avro(registry) => Some(Arc::new(SchemaRegistry::new(
+            registry.settings().map_err(RegistryError::from)?,
+        )?)),
+    };
     let mut sinks = rt.block_on(open_sinks(config, &transforms))?;
     let streams = source.begin_pass()?;
 
@@ -185,6 +194,7 @@ fn run_pass(
         keys.clone(),
         quarantine_key,
         config.input.clone(),
+        registry,
         committed,
         config.lake_format.count(),
     ));

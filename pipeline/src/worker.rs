@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
 use arrow_schema::ArrowError;
+use sluice_connectors::avro::{self, AvroReject, RegistryError, SchemaRegistry};
 use sluice_connectors::debezium::schema::{canonical_text, ImageSchema, ValueKind};
 use sluice_connectors::debezium::{self, value_text, Decoded, Event};
 use sluice_connectors::file::LineEnd;
@@ -94,6 +95,8 @@ pub enum WorkError {
     Arrow(#[from] ArrowError),
     #[error("a worker thread panicked while sanitizing a chunk")]
     Panicked,
+    #[error("position {position}: {source}")]
+    Registry { position: String, source: RegistryError },
 }
 
 /// Everything the workers share; immutable during a run.
@@ -108,6 +111,8 @@ pub struct Router {
     pub keys: Arc<KeyStore>,
     pub quarantine_key: Arc<DataKey>,
     pub input: InputSettings,
+    /// Where the writer schemas of Avro messages are (`source.format = "avro"`).
+    registry: Option<Arc<SchemaRegistry>>,
     /// The unavailable-value placeholder as JSON text: as a string, and as base64 bytes (how
     /// Debezium writes it into a binary column).
     placeholders: [String; 2],
@@ -123,6 +128,7 @@ impl Router {
         keys: Arc<KeyStore>,
         quarantine_key: Arc<DataKey>,
         input: InputSettings,
+        registry: Option<Arc<SchemaRegistry>>,
         committed: Vec<HashMap<String, i64>>,
         formats: usize,
     ) -> Self {
@@ -161,6 +167,7 @@ impl Router {
             keys,
             quarantine_key,
             input,
+            registry,
             placeholders,
             committed,
             table_sinks: (0..transforms_len)
@@ -188,6 +195,23 @@ impl Router {
     }
 
     pub fn process(&self, chunk: &Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
+        match &self.registry {
+            None => self.process_events(chunk, &[], ingested_at_us),
+            Some(registry) => {
+                let (json, rejected) = transcode_avro(chunk, registry, self.input.max_event_bytes)?;
+                self.process_events(&json, &rejected, ingested_at_us)
+            }
+        }
+    }
+
+    /// Decodes, routes and sanitizes a chunk of JSON events; `rejected[i]`, when given, says why
+    /// line `i` was already found unreadable (its Avro message).
+    fn process_events(
+        &self,
+        chunk: &Chunk,
+        rejected: &[Option<AvroReject>],
+        ingested_at_us: i64,
+    ) -> Result<Processed, WorkError> {
         let mut summary = Summary::default();
         let n_tables = self.transforms.len();
         let mut builders: Vec<Option<RawBatchBuilder>> = (0..n_tables).map(|_| None).collect();
@@ -223,6 +247,10 @@ impl Router {
                         position: position.to_string(),
                     })
             };
+            if let Some(Some(reject)) = rejected.get(line_no) {
+                quarantined(&mut summary, Rejection::event(reject.reason(), reject.detail()))?;
+                continue;
+            }
             if line_end.truncated(self.input.max_event_bytes) {
                 quarantined(
                     &mut summary,
@@ -687,6 +715,46 @@ impl<'a> SchemaCache<'a> {
     }
 }
 
+/// A chunk of Avro messages as JSON-converter events, and why each unreadable one is: the JSON
+/// path then decodes, routes and quarantines as for any other source. Tombstones (empty) and
+/// oversized messages pass unchanged (the JSON path skips or quarantines them).
+fn transcode_avro(
+    chunk: &Chunk,
+    registry: &SchemaRegistry,
+    max_event_bytes: usize,
+) -> Result<(Chunk, Vec<Option<AvroReject>>), WorkError> {
+    let mut json = Chunk::new(chunk.stream.clone(), chunk.lines.len());
+    json.seq = chunk.seq;
+    json.attached = chunk.attached.clone();
+    json.boundary = chunk.boundary;
+    let mut rejected = Vec::with_capacity(chunk.lines.len());
+    let mut event = Vec::new();
+    for &(start, end, line_end) in &chunk.lines {
+        let message = &chunk.data[start..end];
+        if message.is_empty() || line_end.truncated(max_event_bytes) {
+            json.push(message, line_end);
+            rejected.push(None);
+            continue;
+        }
+        let outcome = avro::transcode(message, registry, &mut event).map_err(|source| WorkError::Registry {
+            position: format!("{}:{}", chunk.stream, line_end.end_offset),
+            source,
+        })?;
+        match outcome {
+            Ok(()) => {
+                json.push(&event, line_end);
+                rejected.push(None);
+            }
+            // The message as it came, for the quarantine.
+            Err(reject) => {
+                json.push(message, line_end);
+                rejected.push(Some(reject));
+            }
+        }
+    }
+    Ok((json, rejected))
+}
+
 /// `<stream>:<offset>`, written into a reused buffer (one per line would be an allocation).
 fn write_position(out: &mut String, stream: &str, offset: u64) {
     use std::fmt::Write;
@@ -752,7 +820,15 @@ type = "int64"
             .collect();
         let quarantine_key = keys.system_key("quarantine").unwrap();
         let sinks = transforms.len() + 2;
-        let router = Router::new(transforms, keys, quarantine_key, input, vec![HashMap::new(); sinks], 1);
+        let router = Router::new(
+            transforms,
+            keys,
+            quarantine_key,
+            input,
+            None,
+            vec![HashMap::new(); sinks],
+            1,
+        );
         (dir, router)
     }
 
