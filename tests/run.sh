@@ -9,6 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+# librdkafka is built against the system OpenSSL (TLS and SASL to Kafka): Debian's headers.
+if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config
+fi
+
 venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

@@ -7,7 +7,9 @@ use serde::Deserialize;
 use sluice_connectors::avro::{registry_auth, RegistrySettings};
 use sluice_connectors::debezium::DecodeOptions;
 use sluice_connectors::iceberg::{CatalogSettings, IcebergLocation};
-use sluice_connectors::kafka::{KafkaSettings, StartAt};
+use sluice_connectors::kafka::{
+    KafkaSecurity, KafkaSettings, PasswordSource, SaslMechanism, SaslSettings, StartAt, TlsSettings,
+};
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
 use sluice_connectors::lake::TableLocation;
@@ -70,6 +72,26 @@ impl RegistryConfig {
             ca_file: self.ca_file.clone(),
         })
     }
+}
+
+/// `tls = { ca_file, cert_file, key_file, key_password_env }` of a Kafka section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    key_password_env: Option<String>,
+}
+
+/// `sasl = { mechanism, username, password_env | password_file }` of a Kafka section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSasl {
+    mechanism: Spanned<String>,
+    username: String,
+    password_env: Option<String>,
+    password_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +215,8 @@ struct RawSource {
     session_timeout_ms: Option<u32>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    tls: Option<RawTls>,
+    sasl: Option<RawSasl>,
     // kinesis
     stream: Option<String>,
     region: Option<String>,
@@ -219,6 +243,8 @@ struct RawPublish {
     topic: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+    tls: Option<RawTls>,
+    sasl: Option<RawSasl>,
     stream: Option<String>,
     region: Option<String>,
     endpoint: Option<String>,
@@ -571,11 +597,11 @@ impl Config {
         };
         let source = source_config(&raw.source, name, &spool_base, &resolve, &invalid)?;
         let publish = match &raw.publish {
-            Some(p) => Some(publish_config(p, "publish", &invalid)?),
+            Some(p) => Some(publish_config(p, "publish", &resolve, &invalid)?),
             None => None,
         };
         let raw_stream = match &raw.raw_stream {
-            Some(p) => Some(publish_config(p, "raw_stream", &invalid)?),
+            Some(p) => Some(publish_config(p, "raw_stream", &resolve, &invalid)?),
             None => None,
         };
         if raw.keys.master_key_file.is_none() && raw.keys.master_key_env.is_none() {
@@ -1042,6 +1068,7 @@ fn source_config(
                 settings: KafkaSettings {
                     brokers: required(&raw.brokers, "source.brokers")?,
                     properties: raw.properties.clone(),
+                    security: kafka_security("source", raw.tls.as_ref(), raw.sasl.as_ref(), resolve, invalid)?,
                 },
                 group_id: required(&raw.group_id, "source.group_id")?,
                 topics,
@@ -1416,7 +1443,86 @@ const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
     "partition.assignment.strategy",
     "group.protocol",
     "transactional.id",
+    // Security has settings of its own (`tls`, `sasl`), with credentials never in this file.
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "ssl.ca.location",
+    "ssl.ca.pem",
+    "ssl.certificate.location",
+    "ssl.certificate.pem",
+    "ssl.key.location",
+    "ssl.key.pem",
+    "ssl.key.password",
+    "ssl.keystore.location",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
 ];
+
+/// TLS and SASL of a Kafka section; file paths relative to the config, credentials named only.
+fn kafka_security(
+    section: &str,
+    tls: Option<&RawTls>,
+    sasl: Option<&RawSasl>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<KafkaSecurity, LoadError> {
+    let tls = tls.map(|t| TlsSettings {
+        ca_file: t.ca_file.as_deref().map(resolve),
+        cert_file: t.cert_file.as_deref().map(resolve),
+        key_file: t.key_file.as_deref().map(resolve),
+        key_password_env: t.key_password_env.clone(),
+    });
+    if let Some(t) = &tls {
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            return Err(invalid(
+                0,
+                &format!("{section}.tls"),
+                "mutual TLS needs both cert_file and key_file".into(),
+            ));
+        }
+    }
+    let sasl = match sasl {
+        None => None,
+        Some(s) => {
+            let at = s.mechanism.span().start;
+            let mechanism = SaslMechanism::parse(s.mechanism.get_ref()).ok_or_else(|| {
+                invalid(
+                    at,
+                    &format!("{section}.sasl.mechanism"),
+                    format!(
+                        "unknown mechanism `{}`: one of {}",
+                        s.mechanism.get_ref(),
+                        SaslMechanism::NAMES.join(", ")
+                    ),
+                )
+            })?;
+            let password =
+                match (&s.password_env, &s.password_file) {
+                    (Some(var), None) => PasswordSource::Env(var.clone()),
+                    (None, Some(file)) => PasswordSource::File(resolve(file)),
+                    _ => return Err(invalid(
+                        at,
+                        &format!("{section}.sasl"),
+                        "name the password with password_env or password_file (one of them; never the password itself)"
+                            .into(),
+                    )),
+                };
+            Some(SaslSettings {
+                mechanism,
+                username: s.username.clone(),
+                password,
+            })
+        }
+    };
+    Ok(KafkaSecurity {
+        section: section.to_string(),
+        tls,
+        sasl,
+    })
+}
 
 fn reject_managed_properties(
     properties: &BTreeMap<String, String>,
@@ -1470,8 +1576,17 @@ fn start_at(raw: &RawSource, invalid: &dyn Fn(usize, &str, String) -> LoadError)
 fn publish_config(
     raw: &RawPublish,
     section: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<PublishConfig, LoadError> {
+    if raw.kind.get_ref() == "kafka" {
+        reject_managed_properties(
+            &raw.properties,
+            raw.kind.span().start,
+            &format!("{section}.properties"),
+            invalid,
+        )?;
+    }
     let at = raw.kind.span().start;
     let required = |value: &Option<String>, field: &str| {
         required(value, &format!("{section}.{field}"), section, &raw.kind, invalid)
@@ -1481,6 +1596,7 @@ fn publish_config(
             settings: KafkaSettings {
                 brokers: required(&raw.brokers, "brokers")?,
                 properties: raw.properties.clone(),
+                security: kafka_security(section, raw.tls.as_ref(), raw.sasl.as_ref(), resolve, invalid)?,
             },
             topic: required(&raw.topic, "topic")?,
         },
@@ -1535,7 +1651,7 @@ mod tests {
     fn kafka_source_and_publish_are_parsed() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "{HEAD}[source]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\", \"^x.*\"]\nstart = \"latest\"\n[source.properties]\n\"security.protocol\" = \"SSL\"\n[publish]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"out\"\n"
+            "{HEAD}[source]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\", \"^x.*\"]\nstart = \"latest\"\ntls = {{ ca_file = \"ca.pem\" }}\nsasl = {{ mechanism = \"SCRAM-SHA-512\", username = \"sluice\", password_env = \"KAFKA_PASSWORD\" }}\n[source.properties]\n\"fetch.max.bytes\" = \"1048576\"\n[publish]\nkind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"out\"\ntls = {{ cert_file = \"c.pem\", key_file = \"c.key\" }}\n"
         );
         let config = load(dir.path(), &text).unwrap();
         let SourceConfig::Kafka(k) = &config.source else {
@@ -1543,9 +1659,66 @@ mod tests {
         };
         assert_eq!(k.topics, ["t", "^x.*"]);
         assert_eq!(k.start_at, StartAt::Latest);
-        assert_eq!(k.settings.properties["security.protocol"], "SSL");
-        assert!(matches!(&config.publish, Some(PublishConfig::Kafka { topic, .. }) if topic == "out"));
+        assert_eq!(k.settings.properties["fetch.max.bytes"], "1048576");
+        let tls = k.settings.security.tls.as_ref().unwrap();
+        assert_eq!(tls.ca_file.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        let sasl = k.settings.security.sasl.as_ref().unwrap();
+        assert_eq!(
+            (sasl.mechanism, sasl.username.as_str()),
+            (SaslMechanism::ScramSha512, "sluice")
+        );
+        assert!(matches!(&sasl.password, PasswordSource::Env(v) if v == "KAFKA_PASSWORD"));
+        let Some(PublishConfig::Kafka { topic, settings }) = &config.publish else {
+            panic!("not a kafka publisher")
+        };
+        assert_eq!(topic, "out");
+        assert_eq!(settings.security.section, "publish");
+        assert!(settings.security.tls.as_ref().unwrap().key_file.is_some());
         assert_eq!(config.sink_locations().len(), 3);
+    }
+
+    #[test]
+    fn security_is_set_by_its_own_keys_and_never_holds_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "[source]\nkind = \"kafka\"\nbrokers = \"b\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n";
+        for (extra, expected) in [
+            (
+                "[source.properties]\n\"sasl.password\" = \"hunter2-secret\"\n",
+                "source.properties: `sasl.password` is set by sluice and cannot be overridden",
+            ),
+            (
+                "sasl = { mechanism = \"GSSAPI\", username = \"u\", password_env = \"P\" }\n",
+                "source.sasl.mechanism: unknown mechanism `GSSAPI`: one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+            ),
+            (
+                "sasl = { mechanism = \"PLAIN\", username = \"u\" }\n",
+                "source.sasl: name the password with password_env or password_file (one of them; never the password itself)",
+            ),
+            (
+                "sasl = { mechanism = \"PLAIN\", username = \"u\", password = \"hunter2-secret\" }\n",
+                "unknown field `password`",
+            ),
+            ("tls = { cert_file = \"c.pem\" }\n", "source.tls: mutual TLS needs both cert_file and key_file"),
+            ("format = \"avro\"\n", "source.schema_registry: \"avro\" needs [source.schema_registry] url"),
+            (
+                "format = \"avro\"\nschema_registry = { url = \"http://r\", username_env = \"U\" }\n",
+                "source.schema_registry: basic auth needs both username_env and password_env",
+            ),
+        ] {
+            let err = load(dir.path(), &format!("{HEAD}{source}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = load(
+            dir.path(),
+            &format!("{HEAD}[source]\nkind = \"file\"\npath = \"e\"\nformat = \"avro\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("source.format: \"avro\" is read from Kafka sources only"),
+            "{err}"
+        );
     }
 
     #[test]

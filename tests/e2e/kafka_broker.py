@@ -56,11 +56,13 @@ class Tansu:
         self.proc = None
         self.log = None
 
-    def start(self):
+    def start(self, advertised=None):
+        """`advertised`: the address clients are sent to (a front end's), else the broker's own."""
         self.log = open(self.workdir / "broker.log", "ab")
         url = f"tcp://{self.address}"
         self.proc = subprocess.Popen(
-            [self.bin, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", self.storage],
+            [self.bin, "broker", "--listener-url", url, "--advertised-listener-url", f"tcp://{advertised or self.address}",
+             "--storage-engine", self.storage],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         admin = AdminClient({"bootstrap.servers": self.address})
@@ -83,8 +85,9 @@ class Tansu:
         if self.log:
             self.log.close()
 
-    def create_topic(self, topic, partitions):
-        admin = AdminClient({"bootstrap.servers": self.address})
+    def create_topic(self, topic, partitions, client=None):
+        """`client`: settings of a client that goes through a front end (its address and security)."""
+        admin = AdminClient(client or {"bootstrap.servers": self.address})
         for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
             future.result(timeout=30)
 

@@ -21,6 +21,9 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use crate::secret::{Secret, SecretError};
+use std::path::PathBuf;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
     #[error("kafka: {0}")]
@@ -29,6 +32,11 @@ pub enum KafkaSourceError {
     Positions { streams: String, message: String },
     #[error("kafka: publishing sanitized rows to topic {topic}: {failed} messages not delivered")]
     Undelivered { topic: String, failed: u64 },
+    /// The broker refused the credentials or the TLS handshake failed: retrying cannot help.
+    #[error("kafka: {setting}: {reason}")]
+    Security { setting: String, reason: String },
+    #[error("kafka: {0}")]
+    Secret(#[from] SecretError),
 }
 
 /// The stream name of a partition (also the `txn` application id suffix).
@@ -54,17 +62,145 @@ pub enum StartAt {
 pub struct KafkaSettings {
     pub brokers: String,
     /// Extra librdkafka properties (e.g. `fetch.max.bytes`), applied last; the ones sluice
-    /// manages are refused by the config loader. This build has no TLS/SASL.
+    /// manages (security among them) are refused by the config loader.
     pub properties: BTreeMap<String, String>,
+    pub security: KafkaSecurity,
+}
+
+/// TLS and SASL. Credentials are named (an environment variable, a file), never written in the
+/// configuration, and read when a client is created.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSecurity {
+    /// The config section these come from (`source`, `publish`, `raw_stream`), for errors.
+    pub section: String,
+    pub tls: Option<TlsSettings>,
+    pub sasl: Option<SaslSettings>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// PEM CA certificate(s) the broker's certificate must chain to (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: the client's PEM certificate and private key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding the private key's passphrase, if it has one.
+    pub key_password_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub const NAMES: &'static [&'static str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "PLAIN" => Self::Plain,
+            "SCRAM-SHA-256" => Self::ScramSha256,
+            "SCRAM-SHA-512" => Self::ScramSha512,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SaslSettings {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: PasswordSource,
+}
+
+/// Where a password is read from.
+#[derive(Debug, Clone)]
+pub enum PasswordSource {
+    Env(String),
+    File(PathBuf),
 }
 
 impl KafkaSettings {
-    fn client_config(&self) -> ClientConfig {
+    /// Plain settings (no TLS, no SASL).
+    pub fn plain(brokers: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            properties: BTreeMap::new(),
+            security: KafkaSecurity::default(),
+        }
+    }
+
+    fn client_config(&self) -> Result<ClientConfig, KafkaSourceError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
             .set_log_level(RDKafkaLogLevel::Warning);
-        config
+        let security = &self.security;
+        let protocol = match (&security.tls, &security.sasl) {
+            (None, None) => "plaintext",
+            (Some(_), None) => "ssl",
+            (None, Some(_)) => "sasl_plaintext",
+            (Some(_), Some(_)) => "sasl_ssl",
+        };
+        config.set("security.protocol", protocol);
+        if let Some(tls) = &security.tls {
+            let path = |p: &PathBuf| p.display().to_string();
+            if let Some(ca) = &tls.ca_file {
+                config.set("ssl.ca.location", path(ca));
+            }
+            if let Some(cert) = &tls.cert_file {
+                config.set("ssl.certificate.location", path(cert));
+            }
+            if let Some(key) = &tls.key_file {
+                config.set("ssl.key.location", path(key));
+            }
+            if let Some(var) = &tls.key_password_env {
+                config.set(
+                    "ssl.key.password",
+                    Secret::from_env(var, "tls.key_password_env")?.expose(),
+                );
+            }
+        }
+        if let Some(sasl) = &security.sasl {
+            let password = match &sasl.password {
+                PasswordSource::Env(var) => Secret::from_env(var, "sasl.password_env")?,
+                PasswordSource::File(path) => Secret::from_file(path, "sasl.password_file")?,
+            };
+            config
+                .set("sasl.mechanism", sasl.mechanism.name())
+                .set("sasl.username", &sasl.username)
+                .set("sasl.password", password.expose());
+        }
+        Ok(config)
+    }
+
+    /// A failure no retry can mend, from librdkafka's error callback: refused credentials, or a
+    /// TLS handshake the broker's or our certificate fails. Names the settings to look at.
+    fn security_failure(&self, error: &KafkaError, reason: &str) -> Option<KafkaSourceError> {
+        let section = &self.security.section;
+        let setting = match error.rdkafka_error_code()? {
+            RDKafkaErrorCode::Authentication => {
+                format!("{section}.sasl (mechanism, username, password_env/password_file)")
+            }
+            RDKafkaErrorCode::SSL if reason.contains("handshake") || reason.contains("certificate") => {
+                format!("{section}.tls (ca_file; cert_file and key_file for mutual TLS)")
+            }
+            _ => return None,
+        };
+        Some(KafkaSourceError::Security {
+            setting,
+            reason: reason.to_string(),
+        })
     }
 
     fn apply_properties(&self, config: &mut ClientConfig) {
@@ -127,6 +263,12 @@ macro_rules! client_context_with_lag {
             }
 
             fn error(&self, error: KafkaError, reason: &str) {
+                if let Some(failure) = self.settings.security_failure(&error, reason) {
+                    self.security_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(failure);
+                }
                 log_client_error(error, reason);
             }
 
@@ -137,9 +279,17 @@ macro_rules! client_context_with_lag {
     };
 }
 
-#[derive(Default)]
 pub struct StandaloneContext {
     pub lag: Lag,
+    settings: KafkaSettings,
+    security_failure: Mutex<Option<KafkaSourceError>>,
+}
+
+impl StandaloneContext {
+    /// Refused credentials or a failed TLS handshake, once librdkafka has reported one.
+    pub fn take_failure(&self) -> Option<KafkaSourceError> {
+        self.security_failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 client_context_with_lag!(StandaloneContext);
@@ -174,6 +324,8 @@ pub struct GroupContext {
     start_at: StartAt,
     generation: AtomicU64,
     failure: Mutex<Option<KafkaSourceError>>,
+    settings: KafkaSettings,
+    security_failure: Mutex<Option<KafkaSourceError>>,
     pub lag: Lag,
 }
 
@@ -182,9 +334,11 @@ impl GroupContext {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// An error raised inside a rebalance callback, where it cannot be returned.
+    /// An error raised inside a rebalance callback, where it cannot be returned, or refused
+    /// credentials or a failed TLS handshake reported by librdkafka.
     pub fn take_failure(&self) -> Option<KafkaSourceError> {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        failure.or_else(|| self.security_failure.lock().unwrap_or_else(|p| p.into_inner()).take())
     }
 
     fn fail(&self, e: KafkaSourceError) {
@@ -278,7 +432,7 @@ pub fn group_consumer(
     group: &GroupSettings,
     positions: Box<dyn StartPositions>,
 ) -> Result<BaseConsumer<GroupContext>, KafkaSourceError> {
-    let mut config = settings.client_config();
+    let mut config = settings.client_config()?;
     config
         .set("group.id", &group.group_id)
         // The lake holds the positions; Kafka's committed offsets only report lag.
@@ -299,6 +453,8 @@ pub fn group_consumer(
         start_at: group.start_at,
         generation: AtomicU64::new(0),
         failure: Mutex::new(None),
+        settings: settings.clone(),
+        security_failure: Mutex::new(None),
         lag: Lag::default(),
     };
     let consumer: BaseConsumer<GroupContext> = config.create_with_context(context)?;
@@ -309,7 +465,7 @@ pub fn group_consumer(
 
 /// A consumer outside any group, for replays: partitions are assigned explicitly.
 pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer<StandaloneContext>, KafkaSourceError> {
-    let mut config = settings.client_config();
+    let mut config = settings.client_config()?;
     config
         .set("group.id", "sluice-replay")
         .set("auto.offset.reset", "error")
@@ -319,7 +475,11 @@ pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer<Stan
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set("queued.max.messages.kbytes", "16384");
     settings.apply_properties(&mut config);
-    Ok(config.create_with_context(StandaloneContext::default())?)
+    Ok(config.create_with_context(StandaloneContext {
+        lag: Lag::default(),
+        settings: settings.clone(),
+        security_failure: Mutex::new(None),
+    })?)
 }
 
 /// The partitions of `topic`, from the broker's metadata.
@@ -381,14 +541,22 @@ pub fn report_progress<C: ConsumerContext>(consumer: &BaseConsumer<C>, positions
     }
 }
 
-/// Counts deliveries that failed; checked before every lake commit.
-#[derive(Default)]
+/// Counts deliveries that failed, and keeps a refusal of the credentials or certificates;
+/// checked before every lake commit.
 pub struct DeliveryTracker {
     failed: AtomicU64,
+    settings: KafkaSettings,
+    security_failure: Mutex<Option<KafkaSourceError>>,
 }
 
 impl ClientContext for DeliveryTracker {
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(failure) = self.settings.security_failure(&error, reason) {
+            self.security_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(failure);
+        }
         warn!(error = %error, "kafka publisher: {reason}");
     }
 }
@@ -414,7 +582,7 @@ pub struct KafkaPublisher {
 
 impl KafkaPublisher {
     pub fn new(settings: &KafkaSettings, topic: &str) -> Result<Self, KafkaSourceError> {
-        let mut config = settings.client_config();
+        let mut config = settings.client_config()?;
         config
             .set("acks", "all")
             .set("enable.idempotence", "false")
@@ -423,7 +591,11 @@ impl KafkaPublisher {
         settings.apply_properties(&mut config);
         Ok(Self {
             topic: topic.to_string(),
-            producer: config.create_with_context(DeliveryTracker::default())?,
+            producer: config.create_with_context(DeliveryTracker {
+                failed: AtomicU64::new(0),
+                settings: settings.clone(),
+                security_failure: Mutex::new(None),
+            })?,
         })
     }
 
@@ -445,7 +617,17 @@ impl KafkaPublisher {
 
     /// Waits until every queued message is acknowledged; fails if any was not delivered.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaSourceError> {
-        self.producer.flush(timeout)?;
+        let flushed = self.producer.flush(timeout);
+        let context = self.producer.context();
+        if let Some(failure) = context
+            .security_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(failure);
+        }
+        flushed?;
         let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
             return Err(KafkaSourceError::Undelivered {

@@ -63,7 +63,7 @@ impl Membership for StandaloneContext {
         0
     }
     fn take_failure(&self) -> Option<RunError> {
-        None
+        StandaloneContext::take_failure(self).map(RunError::from)
     }
     fn lag(&self) -> &Lag {
         &self.lag
