@@ -16,7 +16,7 @@ use std::time::Duration;
 use apache_avro::types::Value as Avro;
 use apache_avro::Schema;
 use base64::Engine;
-use serde_json::{json, Map, Value as Json};
+use serde_json::{json, Value as Json};
 
 use crate::secret::{Secret, SecretError};
 
@@ -118,6 +118,17 @@ impl SchemaRegistry {
             runtime: Mutex::new(runtime),
             cache: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Puts a writer schema in the cache as if fetched (a registry export read offline; tests
+    /// and benchmarks).
+    pub fn preload(&self, id: u32, schema: &str) -> Result<(), String> {
+        let schema = writer_schema(schema)?;
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Some(Arc::new(schema)));
+        Ok(())
     }
 
     /// The writer schema of `id` (`None`: the registry has none of that id).
@@ -299,15 +310,94 @@ pub fn transcode(
     out.extend_from_slice(b"{\"schema\":");
     out.extend_from_slice(schema.connect.get().as_bytes());
     out.extend_from_slice(b",\"payload\":");
-    if serde_json::to_writer(&mut *out, &to_json(value)).is_err() {
-        return Ok(Err(AvroReject::Malformed));
-    }
+    write_json(&value, out);
     out.push(b'}');
     Ok(Ok(()))
 }
 
+/// An Avro value as JSON in the JSON converter's encoding (see [`to_json`]), written straight
+/// into `out`: no intermediate tree per message.
+fn write_json(value: &Avro, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let b64 = |bytes: &[u8], out: &mut Vec<u8>| {
+        out.push(b'"');
+        out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(bytes).as_bytes());
+        out.push(b'"');
+    };
+    let string = |s: &str, out: &mut Vec<u8>| {
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    match value {
+        Avro::Null | Avro::Duration(_) => out.extend_from_slice(b"null"),
+        Avro::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Avro::Int(n) | Avro::Date(n) | Avro::TimeMillis(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Avro::Long(n)
+        | Avro::TimeMicros(n)
+        | Avro::TimestampMillis(n)
+        | Avro::TimestampMicros(n)
+        | Avro::TimestampNanos(n)
+        | Avro::LocalTimestampMillis(n)
+        | Avro::LocalTimestampMicros(n)
+        | Avro::LocalTimestampNanos(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Avro::Float(x) => {
+            let _ = serde_json::to_writer(&mut *out, &float(f64::from(*x)));
+        }
+        Avro::Double(x) => {
+            let _ = serde_json::to_writer(&mut *out, &float(*x));
+        }
+        Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => b64(bytes, out),
+        Avro::String(s) | Avro::Enum(_, s) => string(s, out),
+        Avro::Uuid(u) => string(&u.to_string(), out),
+        Avro::Decimal(d) => match <Vec<u8>>::try_from(d) {
+            Ok(bytes) => b64(&bytes, out),
+            Err(_) => out.extend_from_slice(b"null"),
+        },
+        Avro::BigDecimal(d) => string(&d.to_string(), out),
+        Avro::Union(_, inner) => write_json(inner, out),
+        Avro::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json(item, out);
+            }
+            out.push(b']');
+        }
+        Avro::Map(entries) => {
+            out.push(b'{');
+            for (i, (k, v)) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                string(k, out);
+                out.push(b':');
+                write_json(v, out);
+            }
+            out.push(b'}');
+        }
+        Avro::Record(fields) => {
+            out.push(b'{');
+            for (i, (k, v)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                string(k, out);
+                out.push(b':');
+                write_json(v, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
 /// An Avro value in the JSON converter's encoding: decimals and bytes as base64, dates as
-/// epoch days, times as integers of their unit.
+/// epoch days, times as integers of their unit. (The tests' reference for [`write_json`].)
+#[cfg(test)]
 fn to_json(value: Avro) -> Json {
     let b64 = |bytes: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     match value {
@@ -336,8 +426,18 @@ fn to_json(value: Avro) -> Json {
         Avro::Duration(_) => Json::Null,
         Avro::Union(_, inner) => to_json(*inner),
         Avro::Array(items) => Json::Array(items.into_iter().map(to_json).collect()),
-        Avro::Map(entries) => Json::Object(entries.into_iter().map(|(k, v)| (k, to_json(v))).collect::<Map<_, _>>()),
-        Avro::Record(fields) => Json::Object(fields.into_iter().map(|(k, v)| (k, to_json(v))).collect::<Map<_, _>>()),
+        Avro::Map(entries) => Json::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k, to_json(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        ),
+        Avro::Record(fields) => Json::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, to_json(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        ),
     }
 }
 
@@ -429,7 +529,11 @@ mod tests {
             ("ts_ms".into(), Avro::Union(0, Box::new(Avro::Null))),
         ]);
         let datum = apache_avro::to_avro_datum(&w.avro, record).unwrap();
-        let json = to_json(apache_avro::from_avro_datum(&w.avro, &mut &datum[..], None).unwrap());
+        let decoded = apache_avro::from_avro_datum(&w.avro, &mut &datum[..], None).unwrap();
+        let mut written = Vec::new();
+        write_json(&decoded, &mut written);
+        let json = to_json(decoded);
+        assert_eq!(serde_json::from_slice::<Json>(&written).unwrap(), json);
         assert_eq!(json["after"]["price"], "MDk=");
         assert_eq!(json["after"]["order_date"], 19905);
         assert_eq!(json["after"]["placed_at"], 1_719_835_200_123_456i64);

@@ -265,7 +265,7 @@ fn connect_schema(table: &str, image: &Value) -> Value {
                         json!({"type": "int64", "name": "io.debezium.time.Timestamp", "version": 1})
                     } else if value.is_boolean() {
                         json!({"type": "boolean"})
-                    } else if value.is_i64() || value.is_u64() || c == "id" || c.ends_with("_id") {
+                    } else if value.is_i64() || value.is_u64() || c == "id" {
                         json!({"type": "int64"})
                     } else {
                         json!({"type": "string"})
@@ -352,7 +352,12 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u6
                 .entry(table.clone())
                 .or_insert_with(|| connect_schema(&table, image))
                 .clone();
-            serde_json::to_writer(&mut w, &json!({"schema": schema, "payload": event}))?;
+            // The JSON converter's key order: schema, then payload.
+            w.write_all(b"{\"schema\":")?;
+            serde_json::to_writer(&mut w, &schema)?;
+            w.write_all(b",\"payload\":")?;
+            serde_json::to_writer(&mut w, &event)?;
+            w.write_all(b"}")?;
         } else {
             serde_json::to_writer(&mut w, &event)?;
         }

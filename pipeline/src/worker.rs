@@ -221,6 +221,7 @@ impl Router {
         let mut dropped: Vec<FxHashMap<String, u64>> = vec![FxHashMap::default(); n_tables];
         let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
         let mut schemas = SchemaCache::default();
+        let mut recent_schemas: Vec<&str> = Vec::new();
         let mut position = String::new();
         let mut table_name = String::new();
 
@@ -261,7 +262,7 @@ impl Router {
                 )?;
                 continue;
             }
-            let event = match debezium::decode(line, &self.input.decode) {
+            let event = match debezium::decode(line, &self.input.decode, &recent_schemas) {
                 Ok(Decoded::Change(e)) => e,
                 Ok(Decoded::Tombstone) => {
                     summary.tombstones += 1;
@@ -308,9 +309,12 @@ impl Router {
                 )?;
                 continue;
             }
+            if let Some(schema) = event.schema {
+                remember(&mut recent_schemas, schema);
+            }
             let image_schema = match event.schema {
                 None => None,
-                Some(text) => match schemas.get(text.get()) {
+                Some(text) => match schemas.get(text) {
                     Some(schema) => Some(schema),
                     None => {
                         quarantined(
@@ -374,7 +378,7 @@ impl Router {
             }
             builders[t]
                 .get_or_insert_with(|| RawBatchBuilder::new(values.len()))
-                .push(event.op, event.event_ms, position, values);
+                .push(event.op, event.event_ms, position, values, seen);
             row_lines[t].push(line_no);
         }
 
@@ -684,33 +688,47 @@ impl Router {
     }
 }
 
+/// The schema texts a chunk's wrapped events repeat (one per table), most recent first: the
+/// decoder recognizes a line carrying one of them without reading the schema again.
+fn remember<'a>(recent: &mut Vec<&'a str>, schema: &'a str) {
+    const KEPT: usize = 16;
+    match recent.iter().position(|s| *s == schema) {
+        Some(0) => {}
+        Some(i) => recent[..=i].rotate_right(1),
+        None => {
+            if recent.len() == KEPT {
+                recent.pop();
+            }
+            recent.insert(0, schema);
+        }
+    }
+}
+
 /// Row-image schemas of wrapped events, parsed once per distinct schema text in a chunk (every
-/// event of a table repeats its schema).
+/// event of a table repeats its schema), most recently used first: distinct schemas differ
+/// within their first bytes, so finding one costs a comparison per table, not a hash of the text.
 #[derive(Default)]
 struct SchemaCache<'a> {
-    last: Option<(&'a str, Option<std::rc::Rc<ImageSchema>>)>,
-    parsed: FxHashMap<&'a str, Option<std::rc::Rc<ImageSchema>>>,
+    recent: Vec<(&'a str, Option<std::rc::Rc<ImageSchema>>)>,
 }
 
 impl<'a> SchemaCache<'a> {
+    /// Distinct schemas kept; an input that varies them without end is not kept without end.
+    const KEPT: usize = 64;
+
     /// `None`: the schema text has no readable row image.
     fn get(&mut self, text: &'a str) -> Option<std::rc::Rc<ImageSchema>> {
-        if let Some((last, schema)) = &self.last {
-            if *last == text {
-                return schema.clone();
+        let found = match self.recent.iter().position(|(known, _)| *known == text) {
+            Some(i) => self.recent.remove(i),
+            None => {
+                if self.recent.len() == Self::KEPT {
+                    self.recent.pop();
+                }
+                (text, ImageSchema::from_connect_envelope(text).map(std::rc::Rc::new))
             }
-        }
-        // Distinct schemas in one chunk are few; an input that varies them without end is not
-        // kept without end.
-        if self.parsed.len() >= 256 {
-            self.parsed.clear();
-        }
-        let schema = self
-            .parsed
-            .entry(text)
-            .or_insert_with(|| ImageSchema::from_connect_envelope(text).map(std::rc::Rc::new))
-            .clone();
-        self.last = Some((text, schema.clone()));
+        };
+        let schema = found.1.clone();
+        self.recent.insert(0, found);
         schema
     }
 }
@@ -1046,6 +1064,35 @@ type = "string"
     }
 
     #[test]
+    fn is_present_is_unknown_where_the_image_does_not_say() {
+        let event = |op: &str, image: &str| {
+            let (before, after) = if op == "d" { (image, "null") } else { ("null", image) };
+            format!(
+                r#"{{"op":"{op}","before":{before},"after":{after},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#
+            )
+        };
+        let lines = [
+            event("c", r#"{"id":1,"email":"a@b.test","balance":1}"#),
+            event("c", r#"{"id":2,"email":null,"balance":1}"#),
+            // The image lacks the column: unknown, not absent.
+            event("u", r#"{"id":3,"balance":1}"#),
+            // A key-only delete image (PostgreSQL's default replica identity): unknown.
+            event("d", r#"{"id":4,"email":null,"balance":null}"#),
+            event("d", r#"{"id":5,"email":"e@b.test","balance":1}"#),
+        ];
+        let out = router().process(&chunk(&lines), 0).unwrap();
+        let table = table_of(&out);
+        let has_email = table
+            .column_by_name("has_email")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .unwrap();
+        let got: Vec<Option<bool>> = has_email.iter().collect();
+        assert_eq!(got, vec![Some(true), Some(false), None, None, Some(true)]);
+    }
+
+    #[test]
     fn an_event_that_panics_is_quarantined_and_the_rest_goes_on() {
         let lines = [
             r#"{"op":"c","after":{"id":1,"balance":1},"source":{"schema":"public","table":"people","ts_ms":1}}"#
@@ -1280,6 +1327,151 @@ type = "float64"
             "fuzzed {cases} chunks of mutated corpus events clean in {:.1?}",
             started.elapsed()
         );
+    }
+
+    /// The Avro schema Confluent's converter registers for a Connect schema (records named
+    /// apart), for the benchmark below.
+    fn avro_of_connect(connect: &serde_json::Value, names: &mut u32) -> serde_json::Value {
+        use serde_json::json;
+        let avro = match connect["type"].as_str().unwrap_or_default() {
+            "struct" => {
+                *names += 1;
+                let name = format!("r{names}");
+                let fields: Vec<serde_json::Value> = connect["fields"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| {
+                        let mut field = json!({"name": f["field"], "type": avro_of_connect(f, names)});
+                        if f["optional"] == true {
+                            field["default"] = serde_json::Value::Null;
+                        }
+                        field
+                    })
+                    .collect();
+                json!({"type": "record", "name": name, "fields": fields})
+            }
+            t => {
+                let primitive = match t {
+                    "int8" | "int16" | "int32" => "int",
+                    "int64" => "long",
+                    "boolean" => "boolean",
+                    _ => "string",
+                };
+                match connect["name"].as_str() {
+                    Some(name) => json!({"type": primitive, "connect.name": name}),
+                    None => json!(primitive),
+                }
+            }
+        };
+        if connect["optional"] == true {
+            json!(["null", avro])
+        } else {
+            avro
+        }
+    }
+
+    /// Decode cost per event of the same generated events bare, wrapped with their Connect
+    /// schema, and as Confluent-framed Avro, through the whole sanitizer (demo policies).
+    /// A benchmark, not a test:
+    /// `cargo test -p sluice --config 'profile.dev.package."*".opt-level=3' -- --ignored decode_cost --nocapture`
+    #[test]
+    #[ignore = "a benchmark; run explicitly"]
+    fn decode_cost_bare_wrapped_avro() {
+        use sluice_connectors::avro::{RegistryAuth, RegistrySettings};
+        let events: usize = std::env::var("SLUICE_BENCH_EVENTS")
+            .ok()
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(50_000);
+        let dir = tempfile::tempdir().unwrap();
+        let read = |wrapped: bool| {
+            let path = dir.path().join(format!("e-{wrapped}.jsonl"));
+            crate::generate::write_events(&path, events as u64, 7, wrapped, 24).unwrap();
+            std::fs::read(&path)
+                .unwrap()
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>()
+        };
+        let (bare, wrapped) = (read(false), read(true));
+        let registry = Arc::new(
+            SchemaRegistry::new(RegistrySettings {
+                url: "http://127.0.0.1:9".into(),
+                auth: RegistryAuth::None,
+                ca_file: None,
+            })
+            .unwrap(),
+        );
+        let mut ids: HashMap<String, (u32, apache_avro::Schema)> = HashMap::new();
+        let mut names = 0;
+        let avro: Vec<Vec<u8>> = wrapped
+            .iter()
+            .map(|line| {
+                let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+                let key = event["schema"].to_string();
+                let next = ids.len() as u32 + 1;
+                let (id, schema) = ids.entry(key).or_insert_with(|| {
+                    let text = avro_of_connect(&event["schema"], &mut names).to_string();
+                    registry.preload(next, &text).unwrap();
+                    (next, apache_avro::Schema::parse_str(&text).unwrap())
+                });
+                let value = apache_avro::types::Value::from(event["payload"].clone())
+                    .resolve(schema)
+                    .unwrap();
+                let mut message = vec![0];
+                message.extend_from_slice(&id.to_be_bytes());
+                message.extend(apache_avro::to_avro_datum(schema, value).unwrap());
+                message
+            })
+            .collect();
+        let policies: Vec<String> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/demo"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        let policies: Vec<&str> = policies.iter().map(String::as_str).collect();
+        let (_dir, mut router) = router_of_all(&policies, InputSettings::default());
+        let measure = |router: &Router, name: &str, lines: &[Vec<u8>]| {
+            let bytes: usize = lines.iter().map(Vec::len).sum();
+            let started = std::time::Instant::now();
+            let mut rows = 0;
+            for part in lines.chunks(4096) {
+                let mut chunk = Chunk::new(Arc::from("bench"), part.len());
+                let mut offset = 0;
+                for l in part {
+                    offset += l.len() as u64 + 1;
+                    chunk.push(
+                        l,
+                        LineEnd {
+                            end_offset: offset,
+                            len: l.len(),
+                            terminated: true,
+                        },
+                    );
+                }
+                let out = router.process(&chunk, 0).unwrap();
+                rows += out.summary.rows_written.values().sum::<u64>();
+                assert!(
+                    out.summary.quarantined.is_empty(),
+                    "{name}: {:?}",
+                    out.summary.quarantined
+                );
+            }
+            let us = started.elapsed().as_secs_f64() * 1e6 / lines.len() as f64;
+            eprintln!(
+                "{name:<8} {:>7.2} µs/event  {:>6} B/event  {rows} rows",
+                us,
+                bytes / lines.len()
+            );
+            us
+        };
+        // Warm the key store's subject keys first, so each variant pays the same.
+        measure(&router, "warm-up", &bare);
+        let b = measure(&router, "bare", &bare);
+        let w = measure(&router, "wrapped", &wrapped);
+        router.registry = Some(registry);
+        let a = measure(&router, "avro", &avro);
+        eprintln!("wrapped/bare {:.2}  avro/bare {:.2}", w / b, a / b);
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use arrow_select::filter::filter_record_batch;
 
 use crate::actions::{self, timestamp_type, Action};
 use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
-use crate::functions::RowError;
+use crate::functions::{is_present, Function, RowError};
 use crate::keys::{KeyError, KeyProvider};
 use crate::policy::{ColumnRule, Policy};
 use crate::raw::{Op, RawBatch};
@@ -246,7 +246,11 @@ impl TableTransform {
                 )),
             }
             for d in &compiled.rule.derive {
-                columns.push(d.function.apply(input, &raw.event_ms, compiled.rule.unit, &mut errors));
+                columns.push(match d.function {
+                    // Presence the event does not tell (a key-only delete image) is unknown.
+                    Function::IsPresent => is_present(input, |row| raw.unknown(compiled.input, row)),
+                    _ => d.function.apply(input, &raw.event_ms, compiled.rule.unit, &mut errors),
+                });
             }
             rejects.extend(errors.drain(..).map(|(row, reason)| RowReject {
                 row,
@@ -392,11 +396,13 @@ action = "drop"
         let mut b = RawBatchBuilder::new(5);
         for (i, r) in rows.iter().enumerate() {
             let mut values: Vec<Option<Cow<str>>> = r.iter().map(|v| v.map(Cow::Borrowed)).collect();
+            let present: Vec<bool> = r.iter().map(Option::is_some).collect();
             b.push(
                 if i == 2 { Op::Delete } else { Op::Create },
                 1_700_000_000_000,
                 &format!("f:{i}"),
                 &mut values,
+                &present,
             );
         }
         b.finish()

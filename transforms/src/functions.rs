@@ -92,13 +92,7 @@ impl Function {
         errors: &mut Vec<RowError>,
     ) -> ArrayRef {
         match self {
-            Function::IsPresent => {
-                let mut b = BooleanBuilder::with_capacity(input.len());
-                for i in 0..input.len() {
-                    b.append_value(input.is_valid(i));
-                }
-                Arc::new(b.finish())
-            }
+            Function::IsPresent => is_present(input, |_| false),
             Function::Length => {
                 let mut b = Int32Builder::with_capacity(input.len());
                 for v in input.iter() {
@@ -192,6 +186,19 @@ impl Function {
     }
 }
 
+/// `is_present`: whether each value is there, null where `unknown(row)` (the event does not say).
+pub fn is_present(input: &StringArray, unknown: impl Fn(usize) -> bool) -> ArrayRef {
+    let mut b = BooleanBuilder::with_capacity(input.len());
+    for i in 0..input.len() {
+        if unknown(i) {
+            b.append_null();
+        } else {
+            b.append_value(input.is_valid(i));
+        }
+    }
+    Arc::new(b.finish())
+}
+
 fn write_band(bands: &[i64], age: i64, out: &mut String) {
     use std::fmt::Write;
     let upper = bands.iter().position(|b| age < *b);
@@ -281,9 +288,8 @@ pub fn parse_date(v: &str, unit: Option<IntegerTime>) -> Option<NaiveDate> {
             .map(|t| t.date_naive())
             .filter(in_value_window);
     }
-    NaiveDate::parse_from_str(v.get(..10)?, "%Y-%m-%d")
-        .ok()
-        .filter(in_value_window)
+    let (y, m, d) = iso_date(v.as_bytes())?;
+    NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d).filter(in_value_window)
 }
 
 /// Years a written date or time may have: four-digit years, what Delta's and Iceberg's file
@@ -297,8 +303,79 @@ pub fn in_value_window(d: &NaiveDate) -> bool {
 /// a bare date, or an integer in `unit` (without one: milliseconds below 10^14, else
 /// microseconds). Times outside years 1–9999 are refused.
 pub fn parse_timestamp_micros(v: &str, unit: Option<IntegerTime>) -> Option<i64> {
+    if let Some((year, us)) = canonical_timestamp_micros(v.trim().as_bytes()) {
+        return (1..=9999).contains(&year).then_some(us);
+    }
     parse_any_timestamp_micros(v, unit)
         .filter(|us| DateTime::from_timestamp_micros(*us).is_some_and(|t| in_value_window(&t.date_naive())))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(month) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (`civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// `YYYY-MM-DD` at the start of `v`, as (year, month, day), if it is a real date.
+fn iso_date(v: &[u8]) -> Option<(i64, u32, u32)> {
+    let digits = |r: std::ops::Range<usize>| {
+        v.get(r)?
+            .iter()
+            .try_fold(0u32, |n, b| b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0')))
+    };
+    if v.get(4) != Some(&b'-') || v.get(7) != Some(&b'-') {
+        return None;
+    }
+    let (y, m, d) = (i64::from(digits(0..4)?), digits(5..7)?, digits(8..10)?);
+    // A real calendar date: it survives the round trip through the day count.
+    ((1..=12).contains(&m) && (1..=31).contains(&d) && civil_from_days(days_from_civil(y, m, d)) == (y, m, d))
+        .then_some((y, m, d))
+}
+
+/// The timestamps schema-aware decoding writes, `YYYY-MM-DDTHH:MM:SS[.f…]Z`, read without
+/// chrono's general parser: (year, microseconds since the epoch). `None`: another shape.
+fn canonical_timestamp_micros(v: &[u8]) -> Option<(i64, i64)> {
+    let (y, m, d) = iso_date(v)?;
+    if v.len() < 20 || v[10] != b'T' || v[13] != b':' || v[16] != b':' || v.last() != Some(&b'Z') {
+        return None;
+    }
+    let two = |i: usize| {
+        let (a, b) = (v[i], v[i + 1]);
+        (a.is_ascii_digit() && b.is_ascii_digit()).then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+    };
+    let (h, mi, s) = (two(11)?, two(14)?, two(17)?);
+    if h > 23 || mi > 59 || s > 59 {
+        return None;
+    }
+    let fraction = &v[19..v.len() - 1];
+    let micros = match fraction {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) => digits
+            .iter()
+            .chain(std::iter::repeat(&b'0'))
+            .take(6)
+            .fold(0i64, |n, b| n * 10 + i64::from(b - b'0')),
+        _ => return None,
+    };
+    let seconds = ((days_from_civil(y, m, d) * 24 + h) * 60 + mi) * 60 + s;
+    Some((y, seconds * 1_000_000 + micros))
 }
 
 fn parse_any_timestamp_micros(v: &str, unit: Option<IntegerTime>) -> Option<i64> {
@@ -448,6 +525,42 @@ mod tests {
         assert_eq!(
             parse_date("59", Some(IntegerTime::Days)),
             NaiveDate::from_ymd_opt(1970, 3, 1)
+        );
+    }
+
+    #[test]
+    fn the_calendar_arithmetic_agrees_with_chrono() {
+        for days in (-1_000_000..3_000_000)
+            .step_by(997)
+            .chain([-719_162, 0, 59, 60, 2_932_896])
+        {
+            let (y, m, d) = civil_from_days(days);
+            let chrono = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap() + chrono::Duration::days(days);
+            assert_eq!((y as i32, m, d), (chrono.year(), chrono.month(), chrono.day()));
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        for text in [
+            "2024-02-29T23:59:59.999999Z",
+            "1969-12-31T23:59:59.5Z",
+            "0001-01-01T00:00:00Z",
+            "2024-07-01T12:00:00.123456789Z",
+        ] {
+            let chrono = DateTime::parse_from_rfc3339(text).unwrap().timestamp_micros();
+            assert_eq!(parse_timestamp_micros(text, None), Some(chrono), "{text}");
+        }
+        // Not real dates or times: refused by both readers.
+        for text in [
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00.Z",
+        ] {
+            assert_eq!(parse_timestamp_micros(text, None), None, "{text}");
+        }
+        assert_eq!(parse_date("2023-02-29", None), None);
+        assert_eq!(
+            parse_date("2024-02-29T10:00:00Z", None),
+            NaiveDate::from_ymd_opt(2024, 2, 29)
         );
     }
 

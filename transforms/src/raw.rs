@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 
-use arrow_array::builder::{Int64Builder, StringBuilder};
-use arrow_array::{Int64Array, StringArray};
+use arrow_array::builder::{BooleanBuilder, Int64Builder, StringBuilder};
+use arrow_array::{Array, BooleanArray, Int64Array, StringArray};
 
 /// Change operation, as Debezium spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,8 @@ impl Op {
 /// booleans as written, objects and arrays as JSON); null and absent are both null.
 pub struct RawBatch {
     pub columns: Vec<StringArray>,
+    /// Per column: whether the row image lacked the column altogether (a key-only `before`).
+    pub absent: Vec<BooleanArray>,
     pub ops: Vec<Op>,
     /// Event time in milliseconds since the epoch (`source.ts_ms`, else `ts_ms`).
     pub event_ms: Int64Array,
@@ -60,10 +62,22 @@ impl RawBatch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// Whether the event says nothing about column `column` of row `row`: the image lacks it,
+    /// or it is null in a delete's `before` image (with PostgreSQL's default replica identity
+    /// that image holds the key only), or the row is a truncate.
+    pub fn unknown(&self, column: usize, row: usize) -> bool {
+        match self.ops[row] {
+            Op::Truncate => true,
+            Op::Delete => self.columns[column].is_null(row),
+            _ => self.absent[column].value(row),
+        }
+    }
 }
 
 pub struct RawBatchBuilder {
     columns: Vec<StringBuilder>,
+    absent: Vec<BooleanBuilder>,
     ops: Vec<Op>,
     event_ms: Int64Builder,
     positions: StringBuilder,
@@ -73,6 +87,7 @@ impl RawBatchBuilder {
     pub fn new(column_count: usize) -> Self {
         Self {
             columns: (0..column_count).map(|_| StringBuilder::new()).collect(),
+            absent: (0..column_count).map(|_| BooleanBuilder::new()).collect(),
             ops: Vec::new(),
             event_ms: Int64Builder::new(),
             positions: StringBuilder::new(),
@@ -87,14 +102,25 @@ impl RawBatchBuilder {
         self.ops.is_empty()
     }
 
-    /// Appends a row; `values[i]` belongs to column `i` and is taken (left `None`).
-    pub fn push(&mut self, op: Op, event_ms: i64, position: &str, values: &mut [Option<Cow<'_, str>>]) {
+    /// Appends a row; `values[i]` belongs to column `i` and is taken (left `None`);
+    /// `present[i]` says whether the image had column `i` at all (null or not).
+    pub fn push(
+        &mut self,
+        op: Op,
+        event_ms: i64,
+        position: &str,
+        values: &mut [Option<Cow<'_, str>>],
+        present: &[bool],
+    ) {
         debug_assert_eq!(values.len(), self.columns.len());
         for (builder, value) in self.columns.iter_mut().zip(values.iter_mut()) {
             match value.take() {
                 Some(v) => builder.append_value(v),
                 None => builder.append_null(),
             }
+        }
+        for (builder, present) in self.absent.iter_mut().zip(present) {
+            builder.append_value(!present);
         }
         self.ops.push(op);
         self.event_ms.append_value(event_ms);
@@ -104,6 +130,7 @@ impl RawBatchBuilder {
     pub fn finish(&mut self) -> RawBatch {
         RawBatch {
             columns: self.columns.iter_mut().map(|b| b.finish()).collect(),
+            absent: self.absent.iter_mut().map(|b| b.finish()).collect(),
             ops: std::mem::take(&mut self.ops),
             event_ms: self.event_ms.finish(),
             positions: self.positions.finish(),

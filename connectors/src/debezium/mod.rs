@@ -128,7 +128,7 @@ pub struct Event<'a> {
     /// unsupported type, an unchanged TOAST value without the old row); absent from the image.
     pub unavailable: Vec<Cow<'a, str>>,
     /// The Kafka Connect schema of a wrapped event (`{"schema", "payload"}`), as JSON text.
-    pub schema: Option<&'a RawValue>,
+    pub schema: Option<&'a str>,
 }
 
 impl Event<'_> {
@@ -226,9 +226,19 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Decodes one line of a change topic.
-pub fn decode<'a>(line: &'a [u8], options: &DecodeOptions) -> Result<Decoded<'a>, DecodeError> {
+/// Decodes one line of a change topic. `known_schemas`: schema texts of wrapped events read
+/// before; a line that repeats one exactly (`{"schema":<it>,"payload":…}`, as the JSON
+/// converter writes every event of a table) is decoded without reading the schema again.
+pub fn decode<'a>(line: &'a [u8], options: &DecodeOptions, known_schemas: &[&str]) -> Result<Decoded<'a>, DecodeError> {
     let text = std::str::from_utf8(line).map_err(|_| DecodeError::Malformed)?;
+    if let Some((schema, payload)) = known_schemas.iter().find_map(|known| split_known_wrapper(text, known)) {
+        // Anything after the payload makes this fail: the full path then reads the line.
+        if let Ok(env) = serde_json::from_str::<Envelope<'_>>(payload) {
+            if env.op.is_some() {
+                return decoded(env, payload, Some(schema), options);
+            }
+        }
+    }
     if text.trim() == "null" {
         return Ok(Decoded::Tombstone);
     }
@@ -240,11 +250,32 @@ pub fn decode<'a>(line: &'a [u8], options: &DecodeOptions) -> Result<Decoded<'a>
             if payload.get() == "null" {
                 return Ok(Decoded::Tombstone);
             }
-            schema = env.schema.filter(|s| s.get() != "null");
+            schema = env.schema.filter(|s| s.get() != "null").map(RawValue::get);
             body = payload.get();
             env = serde_json::from_str(body).map_err(|_| DecodeError::Malformed)?;
         }
     }
+    decoded(env, body, schema, options)
+}
+
+/// `(schema, payload)` of a line that is exactly `{"schema":<known>,"payload":<payload>}`.
+fn split_known_wrapper<'a>(text: &'a str, known: &str) -> Option<(&'a str, &'a str)> {
+    let rest = text.strip_prefix("{\"schema\":")?;
+    if !rest.starts_with(known) {
+        return None;
+    }
+    let (schema, rest) = rest.split_at(known.len());
+    let payload = rest.strip_prefix(",\"payload\":")?.trim_end().strip_suffix('}')?;
+    Some((schema, payload))
+}
+
+/// A change event (or control record) from its envelope.
+fn decoded<'a>(
+    env: Envelope<'a>,
+    body: &'a str,
+    schema: Option<&'a str>,
+    options: &DecodeOptions,
+) -> Result<Decoded<'a>, DecodeError> {
     let Some(code) = env.op.as_deref() else {
         return classify_without_op(&env, body);
     };
@@ -351,18 +382,18 @@ mod tests {
     use super::*;
 
     fn change(line: &[u8]) -> Event<'_> {
-        match decode(line, &DecodeOptions::default()) {
+        match decode(line, &DecodeOptions::default(), &[]) {
             Ok(Decoded::Change(e)) => e,
             other => panic!("not a change: {other:?}"),
         }
     }
 
     fn fails(line: &[u8]) -> DecodeError {
-        decode(line, &DecodeOptions::default()).unwrap_err()
+        decode(line, &DecodeOptions::default(), &[]).unwrap_err()
     }
 
     fn control(line: &[u8]) -> ControlKind {
-        match decode(line, &DecodeOptions::default()) {
+        match decode(line, &DecodeOptions::default(), &[]) {
             Ok(Decoded::Control(kind)) => kind,
             other => panic!("not a control record: {other:?}"),
         }
@@ -407,6 +438,38 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_schema_is_not_read_again_and_anything_else_takes_the_full_path() {
+        let schema = r#"{"type":"struct","fields":[{"type":"struct","field":"after","fields":[]}]}"#;
+        let payload = r#"{"op":"c","after":{"id":1},"source":{"table":"t","ts_ms":5}}"#;
+        let line = format!(r#"{{"schema":{schema},"payload":{payload}}}"#);
+        assert_eq!(split_known_wrapper(&line, schema), Some((schema, payload)));
+        let options = DecodeOptions::default();
+        for known in [&[][..], &[schema]] {
+            let Ok(Decoded::Change(e)) = decode(line.as_bytes(), &options, known) else {
+                panic!("a change")
+            };
+            assert_eq!((e.schema, e.image.0.len()), (Some(schema), 1));
+        }
+        // A key after the payload, a second payload: not the fast path's shape, so the full
+        // reader decides (and refuses the duplicate).
+        let extra = format!(r#"{{"schema":{schema},"payload":{payload},"x":1}}"#);
+        assert!(matches!(
+            decode(extra.as_bytes(), &options, &[schema]),
+            Ok(Decoded::Change(_))
+        ));
+        let twice = format!(r#"{{"schema":{schema},"payload":{payload},"payload":{payload}}}"#);
+        assert_eq!(
+            decode(twice.as_bytes(), &options, &[schema]).unwrap_err(),
+            DecodeError::Malformed
+        );
+        let tombstone = format!(r#"{{"schema":{schema},"payload":null}}"#);
+        assert!(matches!(
+            decode(tombstone.as_bytes(), &options, &[schema]),
+            Ok(Decoded::Tombstone)
+        ));
+    }
+
+    #[test]
     fn deletes_use_before_and_bad_events_say_why() {
         let d = br#"{"op":"d","before":{"id":7},"after":null,"source":{"db":"crm","table":"t","ts_ms":5}}"#;
         let e = change(d);
@@ -431,11 +494,11 @@ mod tests {
             DecodeError::NoImage
         );
         assert!(matches!(
-            decode(b"null", &DecodeOptions::default()),
+            decode(b"null", &DecodeOptions::default(), &[]),
             Ok(Decoded::Tombstone)
         ));
         assert!(matches!(
-            decode(br#"{"schema":null,"payload":null}"#, &DecodeOptions::default()),
+            decode(br#"{"schema":null,"payload":null}"#, &DecodeOptions::default(), &[]),
             Ok(Decoded::Tombstone)
         ));
     }
@@ -462,12 +525,14 @@ mod tests {
         };
         assert!(decode(
             br#"{"op":"c","after":{"id":1},"source":{"table":"t","ts_ms":999}}"#,
-            &narrow
+            &narrow,
+            &[]
         )
         .is_ok());
         assert!(decode(
             br#"{"op":"c","after":{"id":1},"source":{"table":"t","ts_ms":1000}}"#,
-            &narrow
+            &narrow,
+            &[]
         )
         .is_err());
     }

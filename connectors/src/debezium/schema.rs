@@ -9,11 +9,11 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 use base64::Engine;
-use chrono::{DateTime, NaiveDate};
+
 use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sluice_transforms::functions::in_value_window;
+use sluice_transforms::functions::civil_from_days;
 
 /// The unit of an integer time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,11 +148,7 @@ pub fn canonical_text(kind: ValueKind, raw: &RawValue, out: &mut String) -> Resu
         }
         ValueKind::Date => {
             let days: i64 = json.parse().map_err(|_| "date is not an integer")?;
-            let date = NaiveDate::from_ymd_opt(1970, 1, 1)
-                .and_then(|epoch| epoch.checked_add_signed(chrono::Duration::try_days(days)?))
-                .filter(in_value_window)
-                .ok_or("date out of range")?;
-            let _ = write!(out, "{}", date.format("%Y-%m-%d"));
+            write_date(days, out)?;
         }
         ValueKind::Time(unit) => {
             let n: i64 = json.parse().map_err(|_| "time is not an integer")?;
@@ -174,16 +170,35 @@ pub fn canonical_text(kind: ValueKind, raw: &RawValue, out: &mut String) -> Resu
             let n: i64 = json.parse().map_err(|_| "timestamp is not an integer")?;
             let per = unit.per_second();
             let (secs, frac) = (n.div_euclid(per), n.rem_euclid(per));
-            let nanos = frac * (1_000_000_000 / per);
-            let t = DateTime::from_timestamp(secs, nanos as u32)
-                .filter(|t| in_value_window(&t.date_naive()))
-                .ok_or("timestamp out of range")?;
-            let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S"));
+            let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            write_date(days, out).map_err(|_| "timestamp out of range")?;
             let digits = unit.fraction_digits();
-            let _ = write!(out, ".{:0digits$}Z", nanos / 10i64.pow(9 - digits as u32));
+            let fraction = frac * (1_000_000_000 / per) / 10i64.pow(9 - digits as u32);
+            let _ = write!(
+                out,
+                "T{:02}:{:02}:{:02}.{fraction:0digits$}Z",
+                of_day / 3600,
+                of_day / 60 % 60,
+                of_day % 60
+            );
         }
     }
     Ok(true)
+}
+
+/// `YYYY-MM-DD` of a day count since the epoch; years outside 1–9999 are refused. By hand:
+/// chrono's `format` parses its pattern on every call, which a loop over every value notices.
+fn write_date(days: i64, out: &mut String) -> Result<(), ValueError> {
+    // Beyond ±10^9 days no year is in range, and the arithmetic stays far from overflow.
+    if days.unsigned_abs() > 1_000_000_000 {
+        return Err("date out of range");
+    }
+    let (year, month, day) = civil_from_days(days);
+    if !(1..=9999).contains(&year) {
+        return Err("date out of range");
+    }
+    let _ = write!(out, "{year:04}-{month:02}-{day:02}");
+    Ok(())
 }
 
 fn unbase64(text: &str) -> Result<Vec<u8>, ValueError> {
