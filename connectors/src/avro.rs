@@ -368,31 +368,22 @@ fn write_json(value: &Avro, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Avro::Map(entries) => {
-            out.push(b'{');
-            for (i, (k, v)) in entries.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                string(k, out);
-                out.push(b':');
-                write_json(v, out);
-            }
-            out.push(b'}');
-        }
-        Avro::Record(fields) => {
-            out.push(b'{');
-            for (i, (k, v)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                string(k, out);
-                out.push(b':');
-                write_json(v, out);
-            }
-            out.push(b'}');
-        }
+        Avro::Map(entries) => write_object(entries.iter().map(|(k, v)| (k.as_str(), v)), out),
+        Avro::Record(fields) => write_object(fields.iter().map(|(k, v)| (k.as_str(), v)), out),
     }
+}
+
+fn write_object<'v>(entries: impl Iterator<Item = (&'v str, &'v Avro)>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (key, value)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.push(b':');
+        write_json(value, out);
+    }
+    out.push(b'}');
 }
 
 /// An Avro value in the JSON converter's encoding: decimals and bytes as base64, dates as

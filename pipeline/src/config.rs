@@ -965,11 +965,20 @@ fn input_format(
                 ));
             };
             let at = r.url.span().start;
-            if !(r.url.get_ref().starts_with("http://") || r.url.get_ref().starts_with("https://")) {
+            let url = r.url.get_ref();
+            let Some(authority) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
                 return Err(invalid(
                     at,
                     "source.schema_registry.url",
                     "expected an http:// or https:// URL".into(),
+                ));
+            };
+            // The URL is printed in errors: credentials in it would be too.
+            if authority.split('/').next().is_some_and(|host| host.contains('@')) {
+                return Err(invalid(
+                    at,
+                    "source.schema_registry.url",
+                    "credentials belong in username_env/password_env or token_env, not in the URL".into(),
                 ));
             }
             match (&r.username_env, &r.password_env, &r.token_env) {
@@ -1703,6 +1712,10 @@ mod tests {
             (
                 "format = \"avro\"\nschema_registry = { url = \"http://r\", username_env = \"U\" }\n",
                 "source.schema_registry: basic auth needs both username_env and password_env",
+            ),
+            (
+                "format = \"avro\"\nschema_registry = { url = \"https://u:hunter2-secret@r/\" }\n",
+                "source.schema_registry.url: credentials belong in username_env/password_env or token_env, not in the URL",
             ),
         ] {
             let err = load(dir.path(), &format!("{HEAD}{source}{extra}")).unwrap_err().to_string();

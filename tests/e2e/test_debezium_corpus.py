@@ -291,6 +291,22 @@ def as_expected(got, want, ty):
     return got == want
 
 
+def check_rows(lake, expected_rows, policies, targets):
+    """Each target table holds exactly the expected positions, every value as the message says;
+    returns how many values of each Python type were compared."""
+    policies_by_target = {targets[t]: cols for t, cols in policies.items()}
+    checked = collections.Counter()
+    for target, rows in expected_rows.items():
+        table = {r["_position"]: r for r in read_delta(lake / "tables" / target).to_pylist()}
+        assert sorted(table) == sorted(rows), target
+        for position, values in rows.items():
+            for column, want in values.items():
+                got = table[position][output_name(column)]
+                assert as_expected(got, want, policies_by_target[target][column]), f"{target}.{column} at {position}: read back {got!r}, the message says {want!r}"
+                checked[type(want).__name__] += 1
+    return checked
+
+
 def test_real_debezium_messages_land_exactly(sluice_bin, tmp_path):
     policies = derive_policies()
     targets, paths = write_policies(tmp_path, policies)
@@ -315,15 +331,6 @@ def test_real_debezium_messages_land_exactly(sluice_bin, tmp_path):
     assert dict(summary["control_records"]) == dict(expected_control)
     # The corpus exercises what it was chosen for.
     assert expected_control["transaction_begin"] >= 2 and expected_control["schema_change"] >= 2
-    policies_by_target = {targets[t]: cols for t, cols in policies.items()}
-    checked = collections.Counter()
-    for target, rows in expected_rows.items():
-        table = {r["_position"]: r for r in read_delta(tmp_path / "lake" / "tables" / target).to_pylist()}
-        assert sorted(table) == sorted(rows), target
-        for position, values in rows.items():
-            for column, want in values.items():
-                got = table[position][output_name(column)]
-                assert as_expected(got, want, policies_by_target[target][column]), f"{target}.{column} at {position}: read back {got!r}, the message says {want!r}"
-                checked[type(want).__name__] += 1
+    checked = check_rows(tmp_path / "lake", expected_rows, policies, targets)
     # Exact decimals, dates and timestamps from their Connect encodings were among them.
     assert checked["Decimal"] >= 3 and checked["date"] >= 1 and checked["datetime"] >= 5, checked

@@ -106,14 +106,6 @@ impl ValueKind {
             _ => None,
         }
     }
-
-    /// The scale a decimal's values have, when the schema fixes it.
-    pub fn decimal_scale(self) -> Option<u32> {
-        match self {
-            ValueKind::Decimal { scale } if scale != u32::MAX => Some(scale),
-            _ => None,
-        }
-    }
 }
 
 /// Why a value does not match its schema. Static text: never any part of the value.
