@@ -113,6 +113,15 @@ impl TableSink {
         })
     }
 
+    /// The distinct values a string column holds, per the table's file statistics (Delta's
+    /// log); empty where the format's statistics are not read here (Iceberg).
+    pub fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, LakeError> {
+        Ok(match self {
+            TableSink::Delta(s) => s.column_values_in_stats(column)?,
+            TableSink::Iceberg(_) => Vec::new(),
+        })
+    }
+
     pub fn buffered_rows(&self) -> usize {
         match self {
             TableSink::Delta(s) => s.buffered_rows(),

@@ -198,6 +198,15 @@ fn run_pass(
         committed,
         config.lake_format.count(),
     ));
+    // Tables named without their database take it from the rows they already hold.
+    for t in 0..router.transforms.len() {
+        if let [database] = sinks[t * config.lake_format.count()]
+            .column_values_in_stats("_source_db")?
+            .as_slice()
+        {
+            router.bind_databases([(t, database.clone())]);
+        }
+    }
     let threads = config.worker_threads();
     // Chunks in flight (queued, in a worker, or waiting to be written in order) are bounded
     // by permits the sink returns as it writes: a slow chunk cannot make the others pile up.

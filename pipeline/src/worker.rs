@@ -102,8 +102,12 @@ pub enum WorkError {
 /// Everything the workers share; immutable during a run.
 pub struct Router {
     pub transforms: Vec<TableTransform>,
-    /// Qualified source table → index into `transforms`.
+    /// Qualified source table (`schema.table`, `db.table` or `db.schema.table`) → index into
+    /// `transforms`.
     tables: FxHashMap<String, usize>,
+    /// The database each table named without one takes its events from: the first seen (or
+    /// what the lake already holds), so that two databases' `public.orders` never merge.
+    databases: std::sync::Mutex<FxHashMap<usize, Arc<str>>>,
     /// Per table: source column → slot in the raw batch.
     columns: Vec<FxHashMap<String, usize>>,
     /// Per table and slot: what the policy expects of the column's values.
@@ -162,6 +166,7 @@ impl Router {
         Self {
             transforms,
             tables,
+            databases: std::sync::Mutex::new(FxHashMap::default()),
             columns,
             expects,
             keys,
@@ -280,8 +285,7 @@ impl Router {
                     continue;
                 }
             };
-            event.qualified_table(&mut table_name);
-            let Some(&t) = self.tables.get(table_name.as_str()) else {
+            let Some(t) = self.route(&event, &mut table_name) else {
                 *summary.unknown_tables.entry(table_name.clone()).or_default() += 1;
                 if self.input.unknown_tables == UnknownTables::Quarantine {
                     quarantined(
@@ -295,6 +299,21 @@ impl Router {
                     )?;
                 }
                 continue;
+            };
+            let t = match t {
+                Route::Table(t) => t,
+                Route::Ambiguous => {
+                    quarantined(
+                        &mut summary,
+                        Rejection {
+                            reason: "ambiguous_table",
+                            detail: "events of this schema.table come from more than one database: name the database in the policy (db.schema.table)",
+                            table: Some(&table_name),
+                            column: None,
+                        },
+                    )?;
+                    continue;
+                }
             };
             let slots = &self.columns[t];
             if let Some(column) = event.unavailable.iter().find(|c| slots.contains_key(c.as_ref())) {
@@ -378,7 +397,14 @@ impl Router {
             }
             builders[t]
                 .get_or_insert_with(|| RawBatchBuilder::new(values.len()))
-                .push(event.op, event.event_ms, position, values, seen);
+                .push(
+                    event.op,
+                    event.event_ms,
+                    position,
+                    event.database.as_deref(),
+                    values,
+                    seen,
+                );
             row_lines[t].push(line_no);
         }
 
@@ -636,7 +662,51 @@ impl Expected {
 /// A quarantine code and its fixed text.
 type ValueReject = (&'static str, &'static str);
 
+/// Where an event goes.
+enum Route {
+    Table(usize),
+    /// A table named without its database, whose events come from another database than the
+    /// one it took first.
+    Ambiguous,
+}
+
 impl Router {
+    /// The table of an event: `db.schema.table` when a policy names the database, else
+    /// `schema.table` (`db.table` for MySQL, which has no schemas); `name` is left holding the
+    /// name looked up last (for counters and the quarantine).
+    fn route(&self, event: &Event<'_>, name: &mut String) -> Option<Route> {
+        let database = event.database.as_deref();
+        event.qualified_table(name);
+        // A schema apart from the database (PostgreSQL, SQL Server): `db.schema.table` first.
+        let has_schema = event.namespace.as_deref().is_some_and(|ns| Some(ns) != database);
+        if let (true, Some(db)) = (has_schema, database) {
+            let short_len = name.len();
+            name.insert(0, '.');
+            name.insert_str(0, db);
+            if let Some(&t) = self.tables.get(name.as_str()) {
+                return Some(Route::Table(t));
+            }
+            name.drain(..name.len() - short_len);
+        }
+        let &t = self.tables.get(name.as_str())?;
+        if let (true, Some(db)) = (has_schema, database) {
+            let mut bound = self.databases.lock().unwrap_or_else(|p| p.into_inner());
+            let first = bound.entry(t).or_insert_with(|| Arc::from(db));
+            if first.as_ref() != db {
+                return Some(Route::Ambiguous);
+            }
+        }
+        Some(Route::Table(t))
+    }
+
+    /// Binds tables named without a database to the one their lake table already holds rows of.
+    pub fn bind_databases(&self, known: impl IntoIterator<Item = (usize, String)>) {
+        let mut bound = self.databases.lock().unwrap_or_else(|p| p.into_inner());
+        for (t, db) in known {
+            bound.insert(t, Arc::from(db.as_str()));
+        }
+    }
+
     /// The text of one value the policy names, read as its schema says (`kind`), or why the
     /// event cannot be taken.
     fn column_value<'a>(
@@ -1061,6 +1131,38 @@ type = "string"
         );
         let out = router.process(&chunk(&lines[7..9]), 0).unwrap();
         assert_eq!(out.summary.quarantined["control_record"], 2);
+    }
+
+    #[test]
+    fn databases_are_told_apart_and_never_merged_silently() {
+        let qualified = POLICY
+            .replace("table = \"public.people\"", "table = \"crm.public.people\"")
+            .replace("target = \"people\"", "target = \"crm_people\"");
+        let (_dir, router) = router_of_all(&[&qualified, POLICY], InputSettings::default());
+        let event = |db: &str, id: u32| {
+            format!(
+                r#"{{"op":"c","after":{{"id":{id},"balance":1}},"source":{{"db":"{db}","schema":"public","table":"people","ts_ms":1}}}}"#
+            )
+        };
+        let lines = [
+            event("crm", 1),
+            event("billing", 2),
+            event("billing", 3),
+            // Another database for the table named without one: not merged in.
+            event("archive", 4),
+        ];
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        assert_eq!(out.summary.rows_written["crm_people"], 1);
+        assert_eq!(out.summary.rows_written["people"], 2);
+        assert_eq!(out.summary.quarantined["ambiguous_table"], 1);
+        let people = out.outputs.iter().find(|(sink, _)| *sink == 1).map(|(_, b)| b).unwrap();
+        assert_eq!(text_column(people, "_source_db"), vec![Some("billing".into()); 2]);
+        // A table the lake already holds rows of keeps its database after a restart.
+        let (_dir, router) = router_of_all(&[POLICY], InputSettings::default());
+        router.bind_databases([(0, "archive".to_string())]);
+        let out = router.process(&chunk(&lines[1..]), 0).unwrap();
+        assert_eq!(out.summary.rows_written["people"], 1);
+        assert_eq!(out.summary.quarantined["ambiguous_table"], 2);
     }
 
     #[test]
@@ -1489,7 +1591,7 @@ type = "float64"
             let out = router().process(&chunk(&[event.to_string()]), 0).unwrap();
             let table = out.outputs.iter().find(|(sink, _)| *sink == 0).map(|(_, b)| b).expect("a table row");
             let names: Vec<&str> = table.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
-            prop_assert_eq!(names, vec!["id_token", "has_email", "balance", "_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"]);
+            prop_assert_eq!(names, vec!["id_token", "has_email", "balance", "_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date", "_source_db"]);
             for (k, v) in &extra {
                 for (_, batch) in &out.outputs {
                     prop_assert!(!contains(batch, v), "value of extra column {} reached an output", k);

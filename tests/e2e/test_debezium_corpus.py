@@ -128,6 +128,8 @@ def qualified(source):
 
 def output_name(column):
     """`_` starts only metadata columns: Paimon's `_tinyint1` is written as `c_tinyint1`."""
+    if column == "_source_db":
+        return column
     return "c" + column if column.startswith("_") else column
 
 
@@ -281,6 +283,7 @@ def fate(line, policies, targets):
         return ("quarantine", "missing_subject")
     if late:
         return ("quarantine", late)
+    values["_source_db"] = source.get("db") or None
     return ("row", targets[table], values)
 
 
@@ -302,7 +305,8 @@ def check_rows(lake, expected_rows, policies, targets):
         for position, values in rows.items():
             for column, want in values.items():
                 got = table[position][output_name(column)]
-                assert as_expected(got, want, policies_by_target[target][column]), f"{target}.{column} at {position}: read back {got!r}, the message says {want!r}"
+                ty = "string" if column == "_source_db" else policies_by_target[target][column]
+                assert as_expected(got, want, ty), f"{target}.{column} at {position}: read back {got!r}, the message says {want!r}"
                 checked[type(want).__name__] += 1
     return checked
 

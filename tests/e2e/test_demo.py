@@ -67,6 +67,7 @@ def test_demo_tables_match_the_source(sluice_bin, tmp_path):
     assert customers.column_names == [
         "id_token", "has_email", "email_domain", "has_phone", "national_id_enc", "age_band", "postcode_area",
         "vulnerable", "has_vulnerability_note", "created_at", "_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date",
+        "_source_db",
     ]
     token_of_customer = {}
     for row in rows(customers):
@@ -83,6 +84,7 @@ def test_demo_tables_match_the_source(sluice_bin, tmp_path):
         assert envelope[0] == 1 and len(envelope) == len(image["national_id"].encode()) + 45
         assert row["_subject"] == row["id_token"] and len(row["id_token"]) == 32
         assert row["_date"] == datetime.datetime.fromtimestamp(src["ts_ms"] / 1000, datetime.timezone.utc).date()
+        assert row["_source_db"] == "crm"
         # Deterministic: every event of one customer carries the same token.
         assert token_of_customer.setdefault(image["id"], row["id_token"]) == row["id_token"]
 

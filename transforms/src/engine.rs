@@ -17,7 +17,15 @@ use crate::raw::{Op, RawBatch};
 use crate::vault::VaultRowsBuilder;
 
 /// Metadata columns every analytic table carries after its data columns.
-pub const META_COLUMNS: &[&str] = &["_op", "_subject", "_source_ts", "_position", "_ingested_at", "_date"];
+pub const META_COLUMNS: &[&str] = &[
+    "_op",
+    "_subject",
+    "_source_ts",
+    "_position",
+    "_ingested_at",
+    "_date",
+    "_source_db",
+];
 /// Metadata columns that link a row to a person (blanked by an anonymizing erasure, never
 /// given statistics in the table's log).
 pub const LINKING_META_COLUMNS: &[&str] = &["_subject", "_position"];
@@ -127,6 +135,8 @@ impl TableTransform {
             Field::new("_position", DataType::Utf8, false),
             Field::new("_ingested_at", timestamp_type(), false),
             Field::new(PARTITION_COLUMN, DataType::Date32, false),
+            // Last and nullable: tables written before it gain it as a new column.
+            Field::new("_source_db", DataType::Utf8, true),
         ]);
         Self {
             subject_input: input_of(&policy.subject),
@@ -330,6 +340,7 @@ fn meta_columns(raw: &RawBatch, subjects: &[Option<Token>], ingested_at_us: i64)
         Arc::new(positions),
         Arc::new(ingested.finish().with_timezone("UTC")),
         Arc::new(date.finish()),
+        Arc::new(raw.databases.clone()),
     ]
 }
 
@@ -401,6 +412,7 @@ action = "drop"
                 if i == 2 { Op::Delete } else { Op::Create },
                 1_700_000_000_000,
                 &format!("f:{i}"),
+                Some("crm"),
                 &mut values,
                 &present,
             );

@@ -52,6 +52,8 @@ pub struct RawBatch {
     pub event_ms: Int64Array,
     /// Source position of each row, e.g. `events-000.jsonl:81723`.
     pub positions: StringArray,
+    /// The database each row came from (`source.db`), when the event names it.
+    pub databases: StringArray,
 }
 
 impl RawBatch {
@@ -81,6 +83,7 @@ pub struct RawBatchBuilder {
     ops: Vec<Op>,
     event_ms: Int64Builder,
     positions: StringBuilder,
+    databases: StringBuilder,
 }
 
 impl RawBatchBuilder {
@@ -91,6 +94,7 @@ impl RawBatchBuilder {
             ops: Vec::new(),
             event_ms: Int64Builder::new(),
             positions: StringBuilder::new(),
+            databases: StringBuilder::new(),
         }
     }
 
@@ -109,9 +113,11 @@ impl RawBatchBuilder {
         op: Op,
         event_ms: i64,
         position: &str,
+        database: Option<&str>,
         values: &mut [Option<Cow<'_, str>>],
         present: &[bool],
     ) {
+        self.databases.append_option(database);
         debug_assert_eq!(values.len(), self.columns.len());
         for (builder, value) in self.columns.iter_mut().zip(values.iter_mut()) {
             match value.take() {
@@ -134,6 +140,7 @@ impl RawBatchBuilder {
             ops: std::mem::take(&mut self.ops),
             event_ms: self.event_ms.finish(),
             positions: self.positions.finish(),
+            databases: self.databases.finish(),
         }
     }
 }

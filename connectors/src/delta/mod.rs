@@ -8,7 +8,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::{DataType, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::kernel::{Action, StructField, StructType, Transaction};
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
@@ -139,6 +139,36 @@ impl DeltaSink {
                 }
             };
         }
+        let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
+        let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
+        let names = |s: &StructType| {
+            s.fields()
+                .map(|f| format!("{}:{}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if names(&existing) != names(&wanted) {
+            // Nullable columns appended at the end (a metadata column a newer sluice writes)
+            // are added to the table; older rows read them as null. Anything else is refused.
+            let old: Vec<_> = existing.fields().collect();
+            let new: Vec<_> = wanted.fields().collect();
+            let appended = new.len() > old.len()
+                && old
+                    .iter()
+                    .zip(&new)
+                    .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type())
+                && new[old.len()..].iter().all(|f| f.is_nullable());
+            if !appended {
+                return Err(DeltaSinkError::SchemaChanged {
+                    table: name.to_string(),
+                    existing: names(&existing),
+                    wanted: names(&wanted),
+                });
+            }
+            tracing::info!(table = name, "adding new columns to the table");
+            let added: Vec<StructField> = new[old.len()..].iter().map(|f| (*f).clone()).collect();
+            table = table.add_columns().with_fields(added).await.map_err(err)?;
+        }
         // Tables created before statistics were restricted get the property now: their future
         // commits name no token (older commits still do; `sluice forget` reports those).
         let wanted_stats = stats_columns.join(",");
@@ -163,21 +193,6 @@ impl DeltaSink {
                 .await
                 .map_err(err)?;
         }
-        let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
-        let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-        let names = |s: &StructType| {
-            s.fields()
-                .map(|f| format!("{}:{}", f.name(), f.data_type()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if names(&existing) != names(&wanted) {
-            return Err(DeltaSinkError::SchemaChanged {
-                table: name.to_string(),
-                existing: names(&existing),
-                wanted: names(&wanted),
-            });
-        }
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err)?
             .with_writer_properties(writer_properties(&schema));
@@ -195,6 +210,34 @@ impl DeltaSink {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The distinct values of a string column, from the minimum and maximum each file's
+    /// statistics record (no data file is read).
+    pub fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, DeltaSinkError> {
+        let err = |e: deltalake::DeltaTableError| DeltaSinkError::Delta {
+            table: self.name.clone(),
+            source: Box::new(e),
+        };
+        let files = self
+            .table
+            .snapshot()
+            .map_err(err)?
+            .add_actions_table(true)
+            .map_err(err)?;
+        let mut values = std::collections::BTreeSet::new();
+        for bound in ["min", "max"] {
+            let Some(array) = files.column_by_name(&format!("{bound}.{column}")) else {
+                continue;
+            };
+            let text = deltalake::arrow::compute::cast(array, &DataType::Utf8).map_err(|e| err(e.into()))?;
+            let text = text
+                .as_any()
+                .downcast_ref::<deltalake::arrow::array::StringArray>()
+                .expect("cast to Utf8");
+            values.extend(text.iter().flatten().map(str::to_string));
+        }
+        Ok(values.into_iter().collect())
     }
 
     /// The `txn` application id of a stream.
@@ -475,5 +518,69 @@ impl DeltaSinkError {
             DeltaSinkError::Delta { source, .. }
                 if matches!(source.as_ref(), deltalake::DeltaTableError::Transaction { source: TransactionError::CommitConflict(_) })
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Int64Array, StringArray};
+    use arrow_schema::{Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_nullable_column_appended_by_a_newer_schema_is_added_and_its_values_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = LakePath::parse("t", dir.path(), Default::default()).unwrap();
+        let old = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let new = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("_source_db", DataType::Utf8, true),
+        ]));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let position = |offset| SourcePosition {
+            stream: "s".into(),
+            offset,
+        };
+        rt.block_on(async {
+            let stats = ["id".to_string(), "_source_db".to_string()];
+            let mut sink = DeltaSink::open_or_create(&location, "t", "p", old.clone(), &[], &stats[..1])
+                .await
+                .unwrap();
+            sink.write(RecordBatch::try_new(old.clone(), vec![Arc::new(Int64Array::from(vec![1]))]).unwrap())
+                .await
+                .unwrap();
+            sink.commit(&[position(1)], &[]).await.unwrap();
+            assert!(sink.column_values_in_stats("_source_db").unwrap().is_empty());
+
+            let mut sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats)
+                .await
+                .unwrap();
+            let batch = RecordBatch::try_new(
+                new.clone(),
+                vec![
+                    Arc::new(Int64Array::from(vec![2])),
+                    Arc::new(StringArray::from(vec!["crm"])),
+                ],
+            )
+            .unwrap();
+            assert_eq!(sink.committed("s").await.unwrap(), Some(1));
+            sink.write(batch).await.unwrap();
+            sink.commit(&[position(2)], &[]).await.unwrap();
+            let sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats)
+                .await
+                .unwrap();
+            assert_eq!(
+                sink.column_values_in_stats("_source_db").unwrap(),
+                vec!["crm".to_string()]
+            );
+            // A column removed, or one added in the middle, is still refused.
+            assert!(DeltaSink::open_or_create(&location, "t", "p", old, &[], &stats[..1])
+                .await
+                .is_err());
+        });
     }
 }
