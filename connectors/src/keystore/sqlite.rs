@@ -18,6 +18,21 @@ CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY AUTOINCREMENT, to
 CREATE TABLE IF NOT EXISTS erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
 ";
 
+/// Runs `f` again while SQLite answers "busy" without having waited, up to 30 s.
+fn retry_while_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(super) struct SqliteStore {
     db: Connection,
 }
@@ -27,18 +42,25 @@ impl SqliteStore {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
-        let db = Connection::open(path).map_err(|e| e.to_string())?;
+        let mut db = Connection::open(path).map_err(|e| e.to_string())?;
         // Another daemon may hold the write lock for a moment: wait rather than fail.
         db.busy_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
-        db.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| e.to_string())?;
+        // Switching a new file to WAL while another daemon opens it too can answer "locked"
+        // without consulting the busy handler: retried here for as long as it would wait.
+        retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL")).map_err(|e| e.to_string())?;
         // FULL: a key is on disk before any ciphertext made with it can be committed.
         db.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| e.to_string())?;
         // A destroyed key's bytes are overwritten in the page, not left in free space.
         db.pragma_update(None, "secure_delete", "ON")
             .map_err(|e| e.to_string())?;
-        db.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        // Under the write lock from the start, so the busy handler (not an immediate "locked")
+        // answers a daemon creating the tables at the same moment.
+        let tx = db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        tx.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
         Ok(Self { db })
     }
 
@@ -211,5 +233,34 @@ impl SqliteStore {
             )
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Daemons started together open a new key store at the same moment (the Kafka group test
+    /// saw one fail with "database is locked"): every one must open it.
+    #[test]
+    fn daemons_opening_a_new_store_at_once_all_succeed() {
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("keys-{round}.db"));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let opened: Vec<Result<(), String>> = (0..4)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        SqliteStore::open(&path).map(|_| ())
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            assert!(opened.iter().all(Result::is_ok), "round {round}: {opened:?}");
+        }
     }
 }
