@@ -601,6 +601,9 @@ pub fn panic_is_caught() -> bool {
 /// What a policy expects of one source column's values.
 #[derive(Debug, Clone, Copy, Default)]
 struct Expected {
+    /// Whether anything reads the value (a `drop` without `derive` does not): an unused value
+    /// is neither decoded nor checked.
+    used: bool,
     keep: Option<KeepType>,
     unit: Option<IntegerTime>,
     /// Read as a date or time by `keep`, `generalize` or `derive`.
@@ -615,7 +618,11 @@ impl Expected {
             .iter()
             .map(|column| {
                 let Some(rule) = policy.rules.iter().find(|r| &r.column == column) else {
-                    return Expected::default();
+                    // The subject column without a rule of its own: its value is the subject.
+                    return Expected {
+                        used: true,
+                        ..Expected::default()
+                    };
                 };
                 let keep = match rule.action {
                     Action::Keep(ty) => Some(ty),
@@ -625,6 +632,9 @@ impl Expected {
                     || matches!(&rule.action, Action::Generalize(f) if f.is_temporal())
                     || rule.derive.iter().any(|d| d.function.is_temporal());
                 Expected {
+                    used: !matches!(rule.action, Action::Drop)
+                        || !rule.derive.is_empty()
+                        || rule.column == policy.subject,
                     keep,
                     unit: rule.unit,
                     temporal,
@@ -678,7 +688,7 @@ impl Router {
         let database = event.database.as_deref();
         event.qualified_table(name);
         // A schema apart from the database (PostgreSQL, SQL Server): `db.schema.table` first.
-        let has_schema = event.namespace.as_deref().is_some_and(|ns| Some(ns) != database);
+        let has_schema = event.has_schema;
         if let (true, Some(db)) = (has_schema, database) {
             let short_len = name.len();
             name.insert(0, '.');
@@ -707,6 +717,16 @@ impl Router {
         }
     }
 
+    /// Whether a value is Debezium's unavailable-value placeholder: the text itself, its
+    /// base64 (binary columns), or an array or map holding it (PostgreSQL arrays, hstore).
+    fn is_placeholder(&self, raw: &serde_json::value::RawValue) -> bool {
+        let json = raw.get();
+        match json.as_bytes().first() {
+            Some(b'[' | b'{') => self.placeholders.iter().any(|p| json.contains(p.as_str())),
+            _ => self.placeholders.iter().any(|p| p == json),
+        }
+    }
+
     /// The text of one value the policy names, read as its schema says (`kind`), or why the
     /// event cannot be taken.
     fn column_value<'a>(
@@ -717,14 +737,17 @@ impl Router {
         kind: ValueKind,
         expected: &Expected,
     ) -> Result<Option<Cow<'a, str>>, ValueReject> {
+        if !expected.used {
+            return Ok(None);
+        }
         let mut raw = raw;
-        if self.placeholders.iter().any(|p| p == raw.get()) {
+        if self.is_placeholder(raw) {
             // Debezium left an unchanged value out (a TOAST column): the before image may hold it.
             raw = event
                 .previous
                 .as_ref()
                 .and_then(|before| before.get(column))
-                .filter(|old| !self.placeholders.iter().any(|p| p == old.get()))
+                .filter(|old| !self.is_placeholder(old))
                 .ok_or((
                     "unavailable_value",
                     "Debezium sent its unavailable-value placeholder (an unchanged TOAST value) and no before image holds the value",
@@ -1021,6 +1044,8 @@ unit = "ms"
 [columns.doc]
 action = "keep"
 type = "string"
+[columns.notes]
+action = "drop"
 "#;
 
     fn table_of(out: &Processed) -> &RecordBatch {
@@ -1090,8 +1115,11 @@ type = "string"
             event(r#"{"customer":1,"doc":"__debezium_unavailable_value"}"#, r#"{"customer":1,"doc":"old text"}"#),
             // …or, without one, quarantined — never written as if it were the value.
             event(r#"{"customer":2,"doc":"__debezium_unavailable_value"}"#, "null"),
-            // A binary column's placeholder is its base64.
+            // A binary column's placeholder is its base64; an array's holds the placeholder.
             event(r#"{"customer":3,"doc":"X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ=="}"#, "null"),
+            event(r#"{"customer":3,"doc":["__debezium_unavailable_value"]}"#, "null"),
+            // A column the policy drops without deriving anything: its placeholder harms nothing.
+            event(r#"{"customer":3,"notes":"__debezium_unavailable_value"}"#, "null"),
             // A 16-digit string in a date column is not an epoch.
             event(r#"{"customer":4,"order_date":"4111111111111111"}"#, "null"),
             // A number there is (days, by magnitude), and a date text is a date.
@@ -1110,11 +1138,11 @@ type = "string"
         let table = table_of(&out);
         assert_eq!(text_column(table, "doc")[0], Some("old text".into()));
         assert_eq!(
-            text_column(table, "order_date")[1..],
+            text_column(table, "order_date")[2..],
             [Some("2024-07-01".into()), Some("2024-07-01".into())]
         );
-        assert_eq!(table.num_rows(), 3);
-        assert_eq!(out.summary.quarantined["unavailable_value"], 2);
+        assert_eq!(table.num_rows(), 4);
+        assert_eq!(out.summary.quarantined["unavailable_value"], 3);
         assert_eq!(out.summary.quarantined["type_mismatch"], 2);
         assert_eq!(out.summary.quarantined["bad_timestamp"], 1);
         assert_eq!(out.summary.quarantined["malformed_json"], 2);
@@ -1129,7 +1157,7 @@ type = "string"
                 ..InputSettings::default()
             },
         );
-        let out = router.process(&chunk(&lines[7..9]), 0).unwrap();
+        let out = router.process(&chunk(&lines[9..11]), 0).unwrap();
         assert_eq!(out.summary.quarantined["control_record"], 2);
     }
 
@@ -1163,6 +1191,13 @@ type = "string"
         let out = router.process(&chunk(&lines[1..]), 0).unwrap();
         assert_eq!(out.summary.rows_written["people"], 1);
         assert_eq!(out.summary.quarantined["ambiguous_table"], 2);
+        // A schema named like its database is still a schema (PostgreSQL db `public`).
+        let (_dir, router) = router_of_all(&[POLICY], InputSettings::default());
+        let out = router
+            .process(&chunk(&[event("public", 5), event("other", 6)]), 0)
+            .unwrap();
+        assert_eq!(out.summary.rows_written["people"], 1);
+        assert_eq!(out.summary.quarantined["ambiguous_table"], 1);
     }
 
     #[test]

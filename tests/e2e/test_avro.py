@@ -102,7 +102,9 @@ def test_debezium_corpus_as_avro_lands_exactly(sluice_bin, tmp_path):
                 image = payload.get("before") if payload["op"] == "d" else payload.get("after")
                 if any(contradicts(field, (image or {}).get(c)) for c, field in image_fields(schema).items()):
                     continue
-                topic = f"corpus-{f[1]}"
+                # One topic: `--once` ends when the partitions assigned so far are read, and a
+                # consumer group may hand several topics' partitions out over more than one round.
+                topic = "corpus"
                 key = json.dumps(schema, sort_keys=True)
                 if key not in serializers:
                     serializers[key] = AvroSerializer(client, json.dumps(avro_schema(schema, names)))
@@ -115,9 +117,9 @@ def test_debezium_corpus_as_avro_lands_exactly(sluice_bin, tmp_path):
             # Unreadable messages: not framed, an id the registry lacks, a datum cut short.
             bad = [b"not avro at all", b"\x00\x00\x00\x03\xe7" + framed[5:], framed[: len(framed) // 2]]
             for v in bad:
-                producer.produce("corpus-bad", value=v, partition=0)
+                producer.produce("corpus", value=v, partition=0)
             assert producer.flush(60) == 0
-            topics = sorted(offsets) + ["corpus-bad"]
+            topics = ["corpus"]
             assert len(expected) >= 15 and len(serializers) >= 5, (len(expected), len(serializers))
 
             # A wrong password: a clear error naming the registry, never a credential.

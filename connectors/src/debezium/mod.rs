@@ -117,6 +117,8 @@ pub struct Event<'a> {
     pub table: Cow<'a, str>,
     /// `source.db`: the database (PostgreSQL) or the database holding the table (MySQL).
     pub database: Option<Cow<'a, str>>,
+    /// Whether the source names a schema apart from the database (PostgreSQL, SQL Server).
+    pub has_schema: bool,
     /// `source.ts_ms`, else the envelope's `ts_ms` (a zero is absent: MySQL snapshot rows).
     pub event_ms: i64,
     /// `after` for creates, updates and reads; `before` for deletes; empty for truncates.
@@ -300,6 +302,7 @@ fn decoded<'a>(
     };
     Ok(Decoded::Change(Event {
         op,
+        has_schema: named(source.schema.clone()).is_some(),
         namespace: named(source.schema).or(named(source.db.clone())),
         table,
         database: named(source.db),
@@ -314,20 +317,25 @@ fn decoded<'a>(
 /// A record without `op`: a control record Debezium writes beside the changes, a flattened
 /// record, or something else.
 fn classify_without_op<'a>(env: &Envelope<'a>, body: &'a str) -> Result<Decoded<'a>, DecodeError> {
+    // Rare path: the keys decide, so that a flattened row with a `status` or `ddl` column is
+    // not taken for a control record.
+    let fields: Row<'_> = serde_json::from_str(body).map_err(|_| DecodeError::Malformed)?;
+    let only = |allowed: &[&str]| fields.0.iter().all(|(k, _)| allowed.contains(&k.as_ref()));
+    const TRANSACTION: &[&str] = &["status", "id", "ts_ms", "event_count", "data_collections"];
+    const SCHEMA_CHANGE: &[&str] = &["source", "ts_ms", "databaseName", "schemaName", "ddl", "tableChanges"];
     match env.status.as_deref() {
-        Some("BEGIN") => return Ok(Decoded::Control(ControlKind::TransactionBegin)),
-        Some("END") => return Ok(Decoded::Control(ControlKind::TransactionEnd)),
+        Some("BEGIN") if only(TRANSACTION) => return Ok(Decoded::Control(ControlKind::TransactionBegin)),
+        Some("END") if only(TRANSACTION) => return Ok(Decoded::Control(ControlKind::TransactionEnd)),
         _ => {}
     }
-    if env.ddl.is_some() || env.table_changes.is_some() {
+    if (env.ddl.is_some() || env.table_changes.is_some()) && only(SCHEMA_CHANGE) {
         return Ok(Decoded::Control(ControlKind::SchemaChange));
     }
     if env.before.is_some() || env.after.is_some() || env.source.is_some() {
         return Err(DecodeError::UnsupportedOp);
     }
-    // Rare path: look at the keys. A heartbeat is `{"ts_ms": …}` and nothing else.
-    let fields: Row<'_> = serde_json::from_str(body).map_err(|_| DecodeError::Malformed)?;
-    if !fields.0.is_empty() && fields.0.iter().all(|(k, _)| k == "ts_ms") {
+    // A heartbeat is `{"ts_ms": …}` and nothing else.
+    if !fields.0.is_empty() && only(&["ts_ms"]) {
         return Ok(Decoded::Control(ControlKind::Heartbeat));
     }
     Err(DecodeError::Flattened)
@@ -578,6 +586,12 @@ mod tests {
             DecodeError::Flattened
         );
         assert_eq!(fails(br#"{"id":1,"ts_ms":5}"#), DecodeError::Flattened);
+        // Rows that merely have a `status` or `ddl` column are not control records.
+        assert_eq!(
+            fails(br#"{"id":"7","status":"END","ts_ms":5,"amount":3}"#),
+            DecodeError::Flattened
+        );
+        assert_eq!(fails(br#"{"id":7,"ddl":"x","owner":"y"}"#), DecodeError::Flattened);
         assert_eq!(
             fails(br#"{"before":{"id":1},"source":{"table":"t"}}"#),
             DecodeError::UnsupportedOp
