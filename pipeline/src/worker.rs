@@ -108,6 +108,8 @@ pub struct Router {
     /// The database each table named without one takes its events from: the first seen (or
     /// what the lake already holds), so that two databases' `public.orders` never merge.
     databases: std::sync::Mutex<FxHashMap<usize, Arc<str>>>,
+    /// Whether any policy names `db.schema.table` (else that lookup is skipped).
+    qualified_policies: bool,
     /// Per table: source column → slot in the raw batch.
     columns: Vec<FxHashMap<String, usize>>,
     /// Per table and slot: what the policy expects of the column's values.
@@ -154,6 +156,7 @@ impl Router {
             })
             .collect();
         let expects = transforms.iter().map(|t| Expected::of_policy(t.policy())).collect();
+        let qualified_policies = transforms.iter().any(|t| t.policy().table.split('.').count() > 2);
         let placeholder = input.unavailable_placeholder.as_str();
         let placeholders = [
             serde_json::Value::from(placeholder).to_string(),
@@ -167,6 +170,7 @@ impl Router {
             transforms,
             tables,
             databases: std::sync::Mutex::new(FxHashMap::default()),
+            qualified_policies,
             columns,
             expects,
             keys,
@@ -226,7 +230,7 @@ impl Router {
         let mut dropped: Vec<FxHashMap<String, u64>> = vec![FxHashMap::default(); n_tables];
         let mut quarantine = QuarantineBuilder::new(self.quarantine_key.clone());
         let mut schemas = SchemaCache::default();
-        let mut recent_schemas: Vec<&str> = Vec::new();
+        let mut bound: Vec<Option<Arc<str>>> = vec![None; n_tables];
         let mut position = String::new();
         let mut table_name = String::new();
 
@@ -267,7 +271,7 @@ impl Router {
                 )?;
                 continue;
             }
-            let event = match debezium::decode(line, &self.input.decode, &recent_schemas) {
+            let event = match debezium::decode(line, &self.input.decode, schemas.known()) {
                 Ok(Decoded::Change(e)) => e,
                 Ok(Decoded::Tombstone) => {
                     summary.tombstones += 1;
@@ -285,7 +289,7 @@ impl Router {
                     continue;
                 }
             };
-            let Some(t) = self.route(&event, &mut table_name) else {
+            let Some(t) = self.route(&event, &mut table_name, &mut bound) else {
                 *summary.unknown_tables.entry(table_name.clone()).or_default() += 1;
                 if self.input.unknown_tables == UnknownTables::Quarantine {
                     quarantined(
@@ -327,9 +331,6 @@ impl Router {
                     },
                 )?;
                 continue;
-            }
-            if let Some(schema) = event.schema {
-                remember(&mut recent_schemas, schema);
             }
             let image_schema = match event.schema {
                 None => None,
@@ -684,12 +685,11 @@ impl Router {
     /// The table of an event: `db.schema.table` when a policy names the database, else
     /// `schema.table` (`db.table` for MySQL, which has no schemas); `name` is left holding the
     /// name looked up last (for counters and the quarantine).
-    fn route(&self, event: &Event<'_>, name: &mut String) -> Option<Route> {
-        let database = event.database.as_deref();
+    fn route(&self, event: &Event<'_>, name: &mut String, bound: &mut [Option<Arc<str>>]) -> Option<Route> {
         event.qualified_table(name);
         // A schema apart from the database (PostgreSQL, SQL Server): `db.schema.table` first.
-        let has_schema = event.has_schema;
-        if let (true, Some(db)) = (has_schema, database) {
+        let database = event.database.as_deref().filter(|_| event.has_schema);
+        if let (true, Some(db)) = (self.qualified_policies, database) {
             let short_len = name.len();
             name.insert(0, '.');
             name.insert_str(0, db);
@@ -699,9 +699,12 @@ impl Router {
             name.drain(..name.len() - short_len);
         }
         let &t = self.tables.get(name.as_str())?;
-        if let (true, Some(db)) = (has_schema, database) {
-            let mut bound = self.databases.lock().unwrap_or_else(|p| p.into_inner());
-            let first = bound.entry(t).or_insert_with(|| Arc::from(db));
+        if let Some(db) = database {
+            // The shared binding is asked once per table and chunk, not once per event.
+            let first = bound[t].get_or_insert_with(|| {
+                let mut shared = self.databases.lock().unwrap_or_else(|p| p.into_inner());
+                shared.entry(t).or_insert_with(|| Arc::from(db)).clone()
+            });
             if first.as_ref() != db {
                 return Some(Route::Ambiguous);
             }
@@ -781,48 +784,40 @@ impl Router {
     }
 }
 
-/// The schema texts a chunk's wrapped events repeat (one per table), most recent first: the
-/// decoder recognizes a line carrying one of them without reading the schema again.
-fn remember<'a>(recent: &mut Vec<&'a str>, schema: &'a str) {
-    const KEPT: usize = 16;
-    match recent.iter().position(|s| *s == schema) {
-        Some(0) => {}
-        Some(i) => recent[..=i].rotate_right(1),
-        None => {
-            if recent.len() == KEPT {
-                recent.pop();
-            }
-            recent.insert(0, schema);
-        }
-    }
-}
-
 /// Row-image schemas of wrapped events, parsed once per distinct schema text in a chunk (every
 /// event of a table repeats its schema), most recently used first: distinct schemas differ
-/// within their first bytes, so finding one costs a comparison per table, not a hash of the text.
+/// within their first bytes, so finding one costs a comparison per table, not a hash of the
+/// text. The decoder is given the same texts, to recognize a line that repeats one of them.
 #[derive(Default)]
 struct SchemaCache<'a> {
-    recent: Vec<(&'a str, Option<std::rc::Rc<ImageSchema>>)>,
+    texts: Vec<&'a str>,
+    parsed: Vec<Option<std::rc::Rc<ImageSchema>>>,
 }
 
 impl<'a> SchemaCache<'a> {
     /// Distinct schemas kept; an input that varies them without end is not kept without end.
     const KEPT: usize = 64;
 
+    /// The schema texts seen, most recent first.
+    fn known(&self) -> &[&'a str] {
+        &self.texts
+    }
+
     /// `None`: the schema text has no readable row image.
     fn get(&mut self, text: &'a str) -> Option<std::rc::Rc<ImageSchema>> {
-        let found = match self.recent.iter().position(|(known, _)| *known == text) {
-            Some(i) => self.recent.remove(i),
+        let (text, parsed) = match self.texts.iter().position(|known| *known == text) {
+            Some(i) => (self.texts.remove(i), self.parsed.remove(i)),
             None => {
-                if self.recent.len() == Self::KEPT {
-                    self.recent.pop();
+                if self.texts.len() == Self::KEPT {
+                    self.texts.pop();
+                    self.parsed.pop();
                 }
                 (text, ImageSchema::from_connect_envelope(text).map(std::rc::Rc::new))
             }
         };
-        let schema = found.1.clone();
-        self.recent.insert(0, found);
-        schema
+        self.texts.insert(0, text);
+        self.parsed.insert(0, parsed.clone());
+        parsed
     }
 }
 
