@@ -656,10 +656,12 @@ impl Expected {
                 ValueKind::Decimal { .. } | ValueKind::VariableScaleDecimal,
                 KeepType::Date | KeepType::Timestamp | KeepType::Bool,
             ) => Some("the policy's type does not fit a decimal column"),
-            (ValueKind::Decimal { scale }, KeepType::Int64) if scale > 0 => {
+            (ValueKind::Decimal { scale: Some(scale) }, KeepType::Int64) if scale > 0 => {
                 Some("the policy keeps as int64 a decimal column with a scale")
             }
-            (ValueKind::Decimal { scale }, KeepType::Decimal { scale: kept, .. }) if scale > kept as u32 => {
+            (ValueKind::Decimal { scale: Some(scale) }, KeepType::Decimal { scale: kept, .. })
+                if scale > kept as u32 =>
+            {
                 Some("the schema's decimal scale is larger than the policy's")
             }
             (k, KeepType::Int64 | KeepType::Float64 | KeepType::Bool | KeepType::Decimal { .. }) if k.is_temporal() => {

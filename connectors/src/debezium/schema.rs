@@ -57,8 +57,9 @@ pub enum ValueKind {
     /// Taken as written (strings, numbers, booleans; `ZonedTimestamp`, `Uuid`, `Json` and the
     /// like are already text).
     Plain,
-    /// `org.apache.kafka.connect.data.Decimal`: base64 of a big-endian two's-complement integer.
-    Decimal { scale: u32 },
+    /// `org.apache.kafka.connect.data.Decimal`: base64 of a big-endian two's-complement integer
+    /// (`scale`: `None` when the schema lacks it; such values cannot be read).
+    Decimal { scale: Option<u32> },
     /// `io.debezium.data.VariableScaleDecimal`: `{"scale": s, "value": base64}`.
     VariableScaleDecimal,
     /// Days since the epoch (`io.debezium.time.Date`, `org.apache.kafka.connect.data.Date`).
@@ -74,11 +75,7 @@ impl ValueKind {
     /// From a Connect schema's semantic name (and its parameters' `scale`).
     pub fn from_semantic_name(name: &str, scale: Option<u32>) -> Self {
         match name {
-            "org.apache.kafka.connect.data.Decimal" => match scale {
-                Some(scale) => ValueKind::Decimal { scale },
-                // A decimal without a scale cannot be read: the value says so when it arrives.
-                None => ValueKind::Decimal { scale: u32::MAX },
-            },
+            "org.apache.kafka.connect.data.Decimal" => ValueKind::Decimal { scale },
             "io.debezium.data.VariableScaleDecimal" => ValueKind::VariableScaleDecimal,
             "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date" => ValueKind::Date,
             "io.debezium.time.Time" | "org.apache.kafka.connect.data.Time" => ValueKind::Time(TimeUnit::Millis),
@@ -122,9 +119,7 @@ pub fn canonical_text(kind: ValueKind, raw: &RawValue, out: &mut String) -> Resu
     match kind {
         ValueKind::Plain => unreachable!("plain values are taken as written"),
         ValueKind::Decimal { scale } => {
-            if scale == u32::MAX {
-                return Err("decimal schema without a scale");
-            }
+            let scale = scale.ok_or("decimal schema without a scale")?;
             let b64: Cow<'_, str> = serde_json::from_str(json).map_err(|_| "decimal is not base64 text")?;
             write_decimal(&unbase64(&b64)?, scale, out)?;
         }
@@ -302,25 +297,31 @@ mod tests {
     #[test]
     fn decimals_are_exact() {
         // 0x3039 = 12345; scale 2 → 123.45 (Debezium's documented `"MDk="`-style bytes).
-        assert_eq!(text(ValueKind::Decimal { scale: 2 }, r#""MDk=""#).unwrap(), "123.45");
+        assert_eq!(
+            text(ValueKind::Decimal { scale: Some(2) }, r#""MDk=""#).unwrap(),
+            "123.45"
+        );
         // -1 in one byte, scale 3.
-        assert_eq!(text(ValueKind::Decimal { scale: 3 }, r#""/w==""#).unwrap(), "-0.001");
-        assert_eq!(text(ValueKind::Decimal { scale: 0 }, r#""AA==""#).unwrap(), "0");
+        assert_eq!(
+            text(ValueKind::Decimal { scale: Some(3) }, r#""/w==""#).unwrap(),
+            "-0.001"
+        );
+        assert_eq!(text(ValueKind::Decimal { scale: Some(0) }, r#""AA==""#).unwrap(), "0");
         assert_eq!(
             text(ValueKind::VariableScaleDecimal, r#"{"scale":1,"value":"AQ=="}"#).unwrap(),
             "0.1"
         );
         // 17 bytes do not fit Arrow's 128-bit decimals.
         assert_eq!(
-            text(ValueKind::Decimal { scale: 0 }, r#""AQEBAQEBAQEBAQEBAQEBAQE=""#),
+            text(ValueKind::Decimal { scale: Some(0) }, r#""AQEBAQEBAQEBAQEBAQEBAQE=""#),
             Err("decimal wider than 128 bits")
         );
         assert_eq!(
-            text(ValueKind::Decimal { scale: 2 }, "12.5"),
+            text(ValueKind::Decimal { scale: Some(2) }, "12.5"),
             Err("decimal is not base64 text")
         );
         assert_eq!(
-            text(ValueKind::Decimal { scale: 2 }, r#""12.5""#),
+            text(ValueKind::Decimal { scale: Some(2) }, r#""12.5""#),
             Err("decimal is not base64 text")
         );
     }
@@ -375,7 +376,7 @@ mod tests {
                 {"type":"string","optional":true,"name":"io.debezium.time.ZonedTimestamp","version":1,"field":"at"}]},
             {"type":"string","optional":false,"field":"op"}],"name":"s.inventory.orders.Envelope"}"#;
         let image = ImageSchema::from_connect_envelope(schema).unwrap();
-        assert_eq!(image.kind("price"), ValueKind::Decimal { scale: 2 });
+        assert_eq!(image.kind("price"), ValueKind::Decimal { scale: Some(2) });
         assert_eq!(image.kind("order_date"), ValueKind::Date);
         assert_eq!(image.kind("at"), ValueKind::Plain);
         assert_eq!(image.kind("id"), ValueKind::Plain);
