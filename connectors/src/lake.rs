@@ -249,6 +249,16 @@ impl ErasureTable {
         }
     }
 
+    /// After the erasure commit: no older version may hold the rows (or, in a Delta log's
+    /// statistics, describe them). Delta: [`crate::delta::drop_history`]; Iceberg's erasure
+    /// commit already expired every older snapshot (`None`).
+    pub async fn drop_history(&self) -> Result<Option<crate::delta::DroppedHistory>, LakeError> {
+        Ok(match self {
+            ErasureTable::Delta(t) => Some(t.drop_history().await?),
+            ErasureTable::Iceberg(_) => None,
+        })
+    }
+
     pub async fn delete_files(&self, paths: &[String]) -> Result<u64, LakeError> {
         Ok(match self {
             ErasureTable::Delta(t) => t.delete_files(paths).await?,

@@ -70,7 +70,8 @@ pub trait ErasureHook {
 }
 
 pub struct ForgetRequest {
-    /// Raw subject ids (as the source has them). Held in memory only: tokenized at once.
+    /// Raw subject ids (as the source has them, in any padding: see [`canonical_identifier`]).
+    /// Held in memory only: tokenized at once.
     pub subjects: Vec<String>,
     /// Token domain of the ids; defaults to the one domain every policy's subject shares.
     pub domain: Option<String>,
@@ -97,6 +98,17 @@ pub struct TableReceipt {
     pub bytes_rewritten: u64,
     /// Table version of the erasure commit (unknown when the job was resumed after it).
     pub version: Option<u64>,
+    /// Delta: every commit before this version was deleted from the log, with the data files
+    /// only older versions referenced (a checkpoint at this version keeps the table whole): no
+    /// time travel, and no old commit's statistics, reach back before the erasure. Iceberg:
+    /// the erasure expired every older snapshot instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_removed_before: Option<u64>,
+    #[serde(default)]
+    pub log_files_removed: u64,
+    /// Data files only those older versions referenced (rows of others, replaced before).
+    #[serde(default)]
+    pub history_files_removed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -176,6 +188,9 @@ pub fn forget(
     if request.subjects.is_empty() {
         return Err(ForgetError::Request("no subject given".into()));
     }
+    if request.subjects.iter().any(|s| canonical_identifier(s).is_empty()) {
+        return Err(ForgetError::Request("a subject id is empty or blank".into()));
+    }
     // Refused before any key is destroyed: the tables could not be rewritten afterwards.
     if let Some(iceberg) = &config.iceberg {
         if matches!(
@@ -207,7 +222,7 @@ pub fn forget(
     let mut tokens: Vec<String> = request
         .subjects
         .iter()
-        .map(|s| subject_tokenizer.token(clean_id(s)).as_str().to_string())
+        .map(|s| subject_tokenizer.token(s).as_str().to_string())
         .collect();
     tokens.sort();
     tokens.dedup();
@@ -333,6 +348,11 @@ pub fn forget(
             // Killed between the commit and the deletion of the old files: delete them now.
             let paths = state.pending_removal.get(&target.name).cloned().unwrap_or_default();
             rt.block_on(table.delete_files(&paths))?;
+            drop_history(
+                &rt,
+                &table,
+                state.receipt.tables.entry(target.name.clone()).or_default(),
+            )?;
         } else {
             // A compaction (or another rewrite) committing in between replaces files this job
             // prepared to replace: prepare again on the new version, a few times at most.
@@ -361,7 +381,9 @@ pub fn forget(
                     Ok(version) => {
                         failpoint(&format!("after-commit:{}", target.name));
                         rt.block_on(table.delete_files(&prepared.outcome().files_removed))?;
-                        state.receipt.tables.entry(target.name.clone()).or_default().version = version;
+                        let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
+                        receipt.version = version;
+                        drop_history(&rt, &table, receipt)?;
                         break prepared;
                     }
                     Err(e) if e.is_conflict() && attempt < 3 => {
@@ -504,6 +526,21 @@ pub fn forget(
     Ok(state.receipt)
 }
 
+/// Drops the table's versions before the erasure commit (their files and, Delta, their log
+/// entries: statistics that could still describe the erased rows) and notes it in the receipt.
+fn drop_history(
+    rt: &tokio::runtime::Runtime,
+    table: &ErasureTable,
+    receipt: &mut TableReceipt,
+) -> Result<(), ForgetError> {
+    if let Some(dropped) = rt.block_on(table.drop_history())? {
+        receipt.history_removed_before = Some(dropped.checkpoint_version);
+        receipt.log_files_removed += dropped.log_files_deleted;
+        receipt.history_files_removed += dropped.data_files_deleted;
+    }
+    Ok(())
+}
+
 /// One table's erasure in its receipt: earlier attempts' numbers plus this one's. Set, not
 /// added to: a job killed after preparing a table prepares it again on its rerun.
 fn record(receipt: &mut TableReceipt, earlier: &TableReceipt, result: &TableErasure, treatment: &Treatment) {
@@ -610,10 +647,7 @@ fn quarantine_matcher(
         .filter(|p| p.token_domain == domain)
         .map(|p| p.subject.clone())
         .collect();
-    let ids: HashSet<String> = raw_ids
-        .iter()
-        .map(|i| canonical_identifier(clean_id(i)).into_owned())
-        .collect();
+    let ids: HashSet<String> = raw_ids.iter().map(|i| canonical_identifier(i).into_owned()).collect();
     RowMatcher {
         columns: vec!["_position".into(), "event_enc".into()],
         matches: Box::new(move |batch: &RecordBatch| {
@@ -812,11 +846,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An id as given, without surrounding blanks or a byte-order mark (spreadsheet exports).
-pub fn clean_id(id: &str) -> &str {
-    id.trim().trim_start_matches('\u{feff}').trim()
-}
-
 fn short_hash(text: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     hex::encode(&digest.as_ref()[..8])
@@ -875,6 +904,5 @@ mod tests {
             "ids match in any letter case"
         );
         assert_eq!(sees(b"{not json 19000012"), Sighting::None);
-        assert_eq!(clean_id("\u{feff}42 "), "42");
     }
 }

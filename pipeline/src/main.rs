@@ -100,7 +100,8 @@ enum Command {
     },
     /// Right to be forgotten: destroy the subjects' keys, remove their rows from every table,
     /// the vault and the quarantine (files physically deleted), verify, and write a receipt to
-    /// the audit table. Prints the receipt (JSON); exits 1 if the verification found anything.
+    /// the audit table. Prints the receipt (JSON); exits 1 if the verification found anything,
+    /// 3 if a subject matched no row anywhere (unless --allow-absent).
     /// Interrupted, the same command resumes the job.
     Forget {
         #[arg(long)]
@@ -125,6 +126,11 @@ enum Command {
         /// Show what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Succeed even when a subject matched nothing in any table (never ingested, erased
+        /// before): without it such a job exits 3, as the id may be wrong (a typo, another
+        /// --domain) and nothing of the person was found to erase.
+        #[arg(long)]
+        allow_absent: bool,
         /// Also write the receipt to this file.
         #[arg(long)]
         receipt_json: Option<PathBuf>,
@@ -601,6 +607,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             request_id,
             requested_by,
             dry_run,
+            allow_absent,
             receipt_json,
             settle_ms,
         } => {
@@ -629,11 +636,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(path) = receipt_json {
                 std::fs::write(&path, &text).with_context(|| path.display().to_string())?;
             }
-            Ok(if receipt.verification.passed || dry_run {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            if !receipt.verification.passed && !dry_run {
+                return Ok(ExitCode::from(1));
+            }
+            if receipt.subjects_without_rows > 0 && !allow_absent {
+                eprintln!(
+                    "error: {} of the {} subjects matched no row in any table (never ingested, erased before, or a wrong id or --domain); their keys, if any, are destroyed. Check the ids, or pass --allow-absent if this is expected",
+                    receipt.subjects_without_rows,
+                    receipt.subject_tokens.len()
+                );
+                return Ok(ExitCode::from(3));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::AuditLeaks { values, paths } => {
             let report = audit::scan(&values, &paths)?;
@@ -720,7 +734,8 @@ fn subjects_from_lines(text: &str) -> Vec<String> {
     text.lines()
         .enumerate()
         .filter_map(|(i, line)| {
-            let first = forget::clean_id(line.split(',').next().unwrap_or("")).trim_matches('"');
+            let cell = sluice_transforms::crypto::canonical_identifier(line.split(',').next().unwrap_or(""));
+            let first = cell.trim_matches('"');
             let header = i == 0 && matches!(first.to_ascii_lowercase().as_str(), "id" | "subject" | "subject_id");
             (!first.is_empty() && !first.starts_with('#') && !header).then(|| first.to_string())
         })

@@ -50,18 +50,16 @@ impl ConfigError {
 }
 
 /// serde's type errors quote the value (`invalid type: string "…", expected a boolean`): a value
-/// set from the environment may be a secret, so quoted values are blanked.
+/// set from the environment may be a secret, so everything from the first quote to the last is
+/// blanked (a value may itself hold quotes: pairing them up would print its tail).
 fn without_quoted_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
+    match (message.find('"'), message.rfind('"')) {
+        (Some(first), Some(last)) if first < last => {
+            format!("{}\"…\"{}", &message[..first], &message[last + 1..])
+        }
+        (Some(only), _) => format!("{}\"…", &message[..only]),
+        _ => message.to_string(),
     }
-    for (i, part) in parts.enumerate() {
-        out.push('"');
-        out.push_str(if i % 2 == 0 { "…" } else { part });
-    }
-    out
 }
 
 /// 1-based line of a byte offset.
@@ -84,10 +82,19 @@ mod tests {
         struct T {
             flag: bool,
         }
-        let text = "flag = \"hunter2-secret\"\n";
-        let err = toml::from_str::<T>(text).unwrap_err();
-        let e = ConfigError::from_toml(Path::new("c.toml"), text, &err);
-        assert!(!e.to_string().contains("hunter2"), "{e}");
-        assert!(e.to_string().starts_with("c.toml:1:"), "{e}");
+        for text in [
+            "flag = \"hunter2-secret\"\n",
+            // A quote inside the value: its tail must not show either.
+            "flag = 'hunter2\"-tail-secret'\n",
+            "flag = 'a\"b\"c-tail-secret'\n",
+        ] {
+            let err = toml::from_str::<T>(text).unwrap_err();
+            let e = ConfigError::from_toml(Path::new("c.toml"), text, &err);
+            assert!(
+                !e.to_string().contains("hunter2") && !e.to_string().contains("secret"),
+                "{e}"
+            );
+            assert!(e.to_string().starts_with("c.toml:1:"), "{e}");
+        }
     }
 }

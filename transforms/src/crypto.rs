@@ -126,9 +126,13 @@ impl DomainTokenizer {
     }
 }
 
-/// Identifiers arrive as JSON strings, integers or UUIDs; `"42"` and `42` must token alike, and
-/// a UUID in either letter case is the same UUID.
+/// The one canonical form of an identifier, used by every tokenization (ingest, `forget`, every
+/// lookup). Identifiers arrive as JSON strings, integers or UUIDs; `"42"` and `42` must token
+/// alike, a UUID in either letter case is the same UUID, and surrounding blanks (a `char(n)`
+/// code's padding, a pasted id's trailing space, a spreadsheet's byte-order mark) are not part
+/// of it: an id padded at ingest and typed bare in an erasure request is one person.
 pub fn canonical_identifier(value: &str) -> std::borrow::Cow<'_, str> {
+    let value = value.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
     if looks_like_uuid(value) && value.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(value.to_ascii_lowercase())
     } else {
@@ -303,6 +307,15 @@ mod tests {
         assert_eq!(t.as_str().len(), TOKEN_HEX_LEN);
         assert!(t.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(d.compute("900000"), t, "cached and computed tokens agree");
+    }
+
+    #[test]
+    fn padding_does_not_change_the_token() {
+        let d = Tokenizer::new(&[7; KEY_LEN]).domain("customer");
+        for padded in ["C0042   ", " C0042", "\u{feff}C0042\t", "C0042\u{a0}"] {
+            assert_eq!(d.token(padded), d.token("C0042"), "{padded:?}");
+        }
+        assert_ne!(d.token("C 0042"), d.token("C0042"), "inner blanks are part of the id");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 use arrow_select::filter::filter_record_batch;
 
 use crate::actions::{self, timestamp_type, Action};
-use crate::crypto::{CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
+use crate::crypto::{canonical_identifier, CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
 use crate::functions::{is_present, Function, RowError};
 use crate::keys::{KeyError, KeyProvider};
 use crate::policy::{ColumnRule, Policy};
@@ -26,9 +26,16 @@ pub const META_COLUMNS: &[&str] = &[
     "_date",
     "_source_db",
 ];
-/// Metadata columns that link a row to a person (blanked by an anonymizing erasure, never
-/// given statistics in the table's log).
+/// Metadata columns that link a row to a person (blanked by an anonymizing erasure).
 pub const LINKING_META_COLUMNS: &[&str] = &["_subject", "_position"];
+/// The only columns of an analytic table that get per-file statistics (minimum, maximum) in
+/// the Delta log or Iceberg manifests. The rule (schemas/README.md): statistics only where a
+/// value cannot single a person out. A file may hold one row (a quiet table, a commit per
+/// transaction), and then its minimum and maximum *are* the row: so no data column (tokens,
+/// ciphertexts, kept or generalized values, derived flags are all a person's profile), no
+/// subject in any form, no exact source time. What is left says what sluice did, not who:
+/// the operation, when sluice wrote the batch (the commit's own time) and the source database.
+pub const STATS_COLUMNS: &[&str] = &["_op", "_ingested_at", "_source_db"];
 /// The date partition column.
 pub const PARTITION_COLUMN: &str = "_date";
 
@@ -156,16 +163,13 @@ impl TableTransform {
         self.schema.clone()
     }
 
-    /// Columns whose per-file minimum and maximum may be kept in the table's log: all but those
-    /// linking a row to a person (tokens, ciphertexts, `_subject`, `_position`, and what the
-    /// policy's erasure blanks). The log is history an erasure does not rewrite.
+    /// Columns whose per-file minimum and maximum may be kept in the table's log (Delta) or
+    /// manifests (Iceberg): [`STATS_COLUMNS`] only. See there for the rule.
     pub fn stats_columns(&self) -> Vec<String> {
-        let linking = self.policy.linking_columns();
-        self.schema
-            .fields()
+        STATS_COLUMNS
             .iter()
-            .map(|f| f.name().clone())
-            .filter(|n| !linking.contains(n) && !LINKING_META_COLUMNS.contains(&n.as_str()) && n != PARTITION_COLUMN)
+            .filter(|c| self.schema.field_with_name(c).is_ok())
+            .map(|c| c.to_string())
             .collect()
     }
 
@@ -179,7 +183,10 @@ impl TableTransform {
         let mut rejects = Vec::new();
         let subjects: Vec<Option<Token>> = raw.columns[self.subject_input]
             .iter()
-            .map(|v| v.map(|s| self.subject_tokenizer.token(s)))
+            .map(|v| {
+                v.filter(|s| !canonical_identifier(s).is_empty())
+                    .map(|s| self.subject_tokenizer.token(s))
+            })
             .collect();
         for (row, s) in subjects.iter().enumerate() {
             if s.is_none() && raw.ops[row] != Op::Truncate {
@@ -187,7 +194,7 @@ impl TableTransform {
                     row,
                     column: self.policy.subject.clone(),
                     code: "missing_subject",
-                    reason: "subject column is null or missing",
+                    reason: "subject column is null, blank or missing",
                 });
             }
         }

@@ -17,7 +17,8 @@ pub enum Function {
     IsPresent,
     /// Lower-cased part after the last `@`; null when the value is not an address.
     EmailDomain,
-    /// Age at the event's time, from a date of birth, as a band label ("25-34", "65+").
+    /// Age reached in the event's calendar year, from a date of birth, as a band label
+    /// ("25-34", "65+").
     AgeBand {
         bands: Vec<i64>,
     },
@@ -153,7 +154,7 @@ impl Function {
                 let at = DateTime::from_timestamp_millis(event_ms)
                     .ok_or("event time out of range")?
                     .date_naive();
-                let age = years_between(born, at);
+                let age = age_in_year(born, at);
                 write_band(bands, age, out);
                 Ok(true)
             }
@@ -168,7 +169,12 @@ impl Function {
                 Ok(true)
             }
             Function::Prefix { length } => {
-                out.extend(v.trim().chars().take(*length));
+                // A prefix as long as the value would be the value: such values give null.
+                let v = v.trim();
+                if v.chars().nth(*length).is_none() {
+                    return Ok(false);
+                }
+                out.extend(v.chars().take(*length));
                 Ok(true)
             }
             Function::Bucket { edges } => {
@@ -219,12 +225,11 @@ fn write_bucket(edges: &[f64], x: f64, out: &mut String) {
     };
 }
 
-fn years_between(born: NaiveDate, at: NaiveDate) -> i64 {
-    let mut years = (at.year() - born.year()) as i64;
-    if (at.month(), at.day()) < (born.month(), born.day()) {
-        years -= 1;
-    }
-    years
+/// The age a person reaches in `at`'s calendar year. Not the age on the day: bands of two events
+/// that straddle a birthday would pin the birth date between them, to a day; by calendar year
+/// they change on 1 January only and say no more than the birth year.
+fn age_in_year(born: NaiveDate, at: NaiveDate) -> i64 {
+    (at.year() - born.year()) as i64
 }
 
 /// How integer dates and times are encoded at the source (Debezium: `Date` = days,
@@ -422,7 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn age_band_is_relative_to_event_time() {
+    fn age_band_is_the_age_reached_in_the_events_year() {
         let bands = vec![18, 25, 35, 45, 55, 65];
         let (out, errors) = run(
             Function::AgeBand { bands },
@@ -437,11 +442,13 @@ mod tests {
             ],
         );
         assert_eq!(errors, vec![(6, "not a date")]);
-        // Day 12345 since the epoch is 2003-10-20: 20 years old at the event.
+        // Day 12345 since the epoch is 2003-10-20: 20 years old in the event's year. Born the
+        // day after the event or on its day: the same band (a band change between two events
+        // would otherwise date the birthday).
         assert_eq!(
             strings(&out),
             vec![
-                Some("<18".into()),
+                Some("18-24".into()),
                 Some("18-24".into()),
                 Some("25-34".into()),
                 Some("65+".into()),
@@ -456,8 +463,15 @@ mod tests {
     fn email_domain_prefix_bucket_and_dates() {
         let (out, _) = run(Function::EmailDomain, &[Some("A.B@Example.COM"), Some("nope"), None]);
         assert_eq!(strings(&out), vec![Some("example.com".into()), None, None]);
-        let (out, _) = run(Function::Prefix { length: 3 }, &[Some(" Q47 6GG")]);
-        assert_eq!(strings(&out), vec![Some("Q47".into())]);
+        let (out, _) = run(
+            Function::Prefix { length: 3 },
+            &[Some(" Q47 6GG"), Some("Q47 "), Some("Q4")],
+        );
+        assert_eq!(
+            strings(&out),
+            vec![Some("Q47".into()), None, None],
+            "a prefix as long as the value is not given"
+        );
         let (out, errors) = run(
             Function::Bucket {
                 edges: vec![0.0, 1000.0, 5000.0],

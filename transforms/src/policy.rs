@@ -158,6 +158,16 @@ impl Policy {
                     )
                 })?),
             };
+            if column == *raw.subject.get_ref() && action.shows_value() {
+                return Err(err(
+                    span,
+                    &format!("{field}.action"),
+                    format!(
+                        "`{}` would write the subject id (or a part of it) in plain: tokenize, encrypt, vault or drop the subject column",
+                        action.name()
+                    ),
+                ));
+            }
             rules.push(ColumnRule {
                 column,
                 action,
@@ -210,11 +220,15 @@ impl Policy {
                 }
                 "anonymize" => {
                     for b in &erasure.blank {
-                        if !seen.contains(b.get_ref()) {
+                        if !seen.contains(b.get_ref()) && !BLANKABLE_META_COLUMNS.contains(&b.get_ref().as_str()) {
                             return Err(err(
                                 b.span(),
                                 "erasure.blank",
-                                format!("`{}` is not an output column of this policy", b.get_ref()),
+                                format!(
+                                    "`{}` is not an output column of this policy (nor one of {})",
+                                    b.get_ref(),
+                                    BLANKABLE_META_COLUMNS.join(", ")
+                                ),
                             ));
                         }
                     }
@@ -288,6 +302,15 @@ impl Policy {
         out
     }
 }
+
+/// Metadata columns an anonymizing erasure may also blank: exact times can re-link a kept row
+/// to its person through other records (a visit's minute). They cannot be null: they keep
+/// their day.
+pub const BLANKABLE_META_COLUMNS: &[&str] = &["_source_ts", "_ingested_at"];
+
+/// The longest `prefix` a policy may keep: enough for a postcode's outward code, a phone's area
+/// code or an IBAN's country and bank; longer ones keep most of an identifier.
+pub const MAX_PREFIX: usize = 8;
 
 fn find(text: &str, needle: &str) -> usize {
     text.find(needle).unwrap_or(0)
@@ -386,8 +409,10 @@ fn parse_function(name: &Spanned<String>, p: &RawParams) -> Result<Function, Str
         "month" => Function::Month,
         "prefix" => {
             let length = p.length.ok_or_else(|| need("length"))?;
-            if length == 0 {
-                return Err("`length` must be at least 1".into());
+            if !(1..=MAX_PREFIX).contains(&length) {
+                return Err(format!(
+                    "`length` must be 1 to {MAX_PREFIX}: a longer prefix keeps most of an identifier"
+                ));
             }
             Function::Prefix { length }
         }
@@ -648,8 +673,38 @@ action = "drop"
         .unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("erasure.blank", lines + 4));
         assert!(e.message.contains("not an output column"), "{e}");
+        let times = parse(&format!(
+            "{CUSTOMERS}\n[erasure]\nmode = \"anonymize\"\nblank = [\"_source_ts\", \"_ingested_at\"]\n"
+        ))
+        .unwrap();
+        assert!(times.linking_columns().contains(&"_source_ts".to_string()));
         let e = parse(&format!("{CUSTOMERS}\n[erasure]\nmode = \"shred\"\n")).unwrap_err();
         assert_eq!((e.field.as_str(), e.line), ("erasure.mode", lines + 3));
+    }
+
+    #[test]
+    fn the_subject_column_is_never_kept_or_generalized() {
+        for action in [
+            "action = \"keep\"\ntype = \"string\"",
+            "action = \"generalize\"\nfn = \"prefix\"\nlength = 2",
+        ] {
+            let text = CUSTOMERS.replace(
+                "[columns.id]\naction = \"tokenize\"",
+                &format!("[columns.id]\n{action}"),
+            );
+            assert_ne!(text, CUSTOMERS);
+            let e = parse(&text).unwrap_err();
+            assert_eq!((e.field.as_str(), e.line), ("columns.id.action", 7), "{e}");
+            assert!(e.message.contains("subject id"), "{e}");
+        }
+    }
+
+    #[test]
+    fn prefix_lengths_are_bounded() {
+        let e = parse(&CUSTOMERS.replace("length = 3", "length = 9")).unwrap_err();
+        assert!(e.field.starts_with("columns.postcode"), "{e}");
+        assert!(e.message.contains("1 to 8"), "{e}");
+        assert!(parse(&CUSTOMERS.replace("length = 3", "length = 8")).is_ok());
     }
 
     #[test]

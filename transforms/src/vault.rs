@@ -11,8 +11,9 @@ use crate::actions::timestamp_type;
 use crate::raw::RawBatch;
 
 /// Vault columns whose per-file minimum/maximum may be kept in the log: none that names a
-/// subject (token) or holds ciphertext.
-pub const VAULT_STATS_COLUMNS: &[&str] = &["table", "column", "_op", "_source_ts", "_ingested_at"];
+/// subject (token), holds ciphertext or an exact source time (the rule of
+/// [`crate::engine::STATS_COLUMNS`]).
+pub const VAULT_STATS_COLUMNS: &[&str] = &["table", "column", "_op", "_ingested_at"];
 
 pub fn vault_schema() -> SchemaRef {
     static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();

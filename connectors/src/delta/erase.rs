@@ -10,8 +10,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow_array::{new_null_array, ArrayRef, BooleanArray, RecordBatch, Scalar, StringArray};
-use arrow_schema::DataType;
+use arrow_array::types::TimestampMicrosecondType;
+use arrow_array::{
+    new_null_array, ArrayRef, BooleanArray, RecordBatch, Scalar, StringArray, TimestampMicrosecondArray,
+};
+use arrow_schema::{DataType, TimeUnit};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -64,6 +67,7 @@ pub struct PreparedErasure {
 /// A table opened for erasure.
 pub struct ErasureTarget {
     name: String,
+    location: crate::storage::LakePath,
     table: DeltaTable,
     app_id: String,
 }
@@ -84,6 +88,7 @@ impl ErasureTarget {
         };
         Ok(Some(Self {
             name: name.to_string(),
+            location: location.clone(),
             table,
             app_id,
         }))
@@ -212,6 +217,14 @@ impl ErasureTarget {
         prepared.outcome.version = Some(finalized.version());
         self.table.state = Some(finalized.snapshot());
         Ok(())
+    }
+
+    /// Drops every version before the current one (see [`super::drop_history`]).
+    pub async fn drop_history(&self) -> Result<super::DroppedHistory, DeltaSinkError> {
+        let table = super::open_existing(&self.location, &self.name)
+            .await?
+            .ok_or_else(|| self.store_err("the table disappeared"))?;
+        super::drop_history(&table, &self.name).await
     }
 
     /// Deletes data files by their table-relative paths; files already gone are fine (a rerun).
@@ -424,6 +437,17 @@ fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Res
             new_null_array(field.data_type(), 1)
         } else if field.data_type() == &DataType::Utf8 {
             Arc::new(StringArray::from(vec![""]))
+        } else if let DataType::Timestamp(TimeUnit::Microsecond, _) = field.data_type() {
+            // A time that cannot be null (`_source_ts`, `_ingested_at`) keeps its day only.
+            let times = arrays[i]
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .ok_or_else(|| format!("column {} is not a timestamp", field.name()))?;
+            const DAY_US: i64 = 86_400_000_000;
+            let days = times.unary::<_, TimestampMicrosecondType>(|t| t.div_euclid(DAY_US) * DAY_US);
+            let days: ArrayRef = Arc::new(days.with_data_type(field.data_type().clone()));
+            arrays[i] = arrow_select::zip::zip(matched, &days, &arrays[i]).map_err(|e| e.to_string())?;
+            continue;
         } else {
             return Err(format!(
                 "column {} is neither nullable nor text: cannot blank it",

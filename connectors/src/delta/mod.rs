@@ -436,9 +436,70 @@ pub(crate) async fn open_existing(location: &LakePath, name: &str) -> Result<Opt
     Ok(Some(table))
 }
 
+/// What [`drop_history`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DroppedHistory {
+    /// The version a checkpoint was written at: every commit before it is gone.
+    pub checkpoint_version: u64,
+    /// Commit files and older checkpoints deleted from `_delta_log`.
+    pub log_files_deleted: u64,
+    /// Data files only older versions referenced, deleted.
+    pub data_files_deleted: u64,
+}
+
+/// Removes the table's history, so no older version can be read back: the data files only
+/// older versions reference are deleted, a checkpoint is written at the current version and
+/// every commit file before it deleted (their `add` actions' statistics described the rows
+/// those files held). The checkpoint keeps the `txn` positions; time travel to before it ends.
+/// For a table whose older versions hold what must not be recovered: an erasure's tables, a
+/// recomputed aggregate (before minus after would be the erased person's contribution).
+pub async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHistory, DeltaSinkError> {
+    use futures_util::StreamExt;
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let snapshot = table.snapshot().map_err(err)?;
+    let version = snapshot.version();
+    let store = table.object_store();
+    let mut data_files_deleted = 0;
+    let mut tombstones = snapshot.all_tombstones(table.log_store().as_ref());
+    let mut paths = Vec::new();
+    while let Some(t) = tombstones.next().await {
+        paths.push(t.map_err(err)?.path().to_string());
+    }
+    for path in paths {
+        match deltalake::logstore::object_store::ObjectStoreExt::delete(&store, &deltalake::Path::from(path.as_str()))
+            .await
+        {
+            Ok(()) => data_files_deleted += 1,
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
+            Err(e) => return Err(err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")))),
+        }
+    }
+    deltalake::checkpoints::create_checkpoint(table, None)
+        .await
+        .map_err(err)?;
+    // Everything before the checkpoint, however recent: the cut-off is now.
+    let log_files_deleted = deltalake::checkpoints::cleanup_expired_logs_for(
+        version,
+        table.log_store().as_ref(),
+        chrono::Utc::now().timestamp_millis() + 1,
+        None,
+    )
+    .await
+    .map_err(err)?;
+    Ok(DroppedHistory {
+        checkpoint_version: version as u64,
+        log_files_deleted: log_files_deleted as u64,
+        data_files_deleted,
+    })
+}
+
 /// Replaces the rows `predicate` selects with `batches` in one commit carrying `positions`
 /// (`txn` actions), creating the table if absent: for small derived tables that are
-/// recomputed, such as aggregates. Returns the new version.
+/// recomputed, such as aggregates. Older versions are dropped ([`drop_history`]). Returns the
+/// new version.
 #[allow(clippy::too_many_arguments)]
 pub async fn replace_where(
     location: &LakePath,
@@ -475,6 +536,8 @@ pub async fn replace_where(
         .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
         .await
         .map_err(err)?;
+    // Recomputed rows leave no older version to compare with (as the Iceberg path expires).
+    drop_history(&table, name).await?;
     Ok(table.version().unwrap_or_default() as u64)
 }
 

@@ -163,8 +163,9 @@ pub fn apply(ty: KeepType, input: &StringArray, unit: Option<IntegerTime>, error
                 input,
                 errors,
                 Float64Builder::with_capacity(n),
-                "not a number",
-                |s| s.trim().parse::<f64>().ok(),
+                "not a finite number",
+                // One NaN or infinity would turn every sum or average over it into one.
+                |s| s.trim().parse::<f64>().ok().filter(|x| x.is_finite()),
                 |b, v| b.append_option(v),
             )
             .finish(),
@@ -246,6 +247,23 @@ mod tests {
         assert_eq!(out.value(0), 12);
         assert!(out.is_null(2));
         assert_eq!(errors, vec![(1, "not a 64-bit integer"), (3, "not a 64-bit integer")]);
+    }
+
+    #[test]
+    fn floats_are_finite_or_refused() {
+        let input = StringArray::from(vec![
+            Some("1.5"),
+            Some("NaN"),
+            Some("inf"),
+            Some("-infinity"),
+            Some("1e400"),
+        ]);
+        let mut errors = Vec::new();
+        let out = apply(KeepType::Float64, &input, None, &mut errors);
+        let out = out.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap();
+        assert_eq!(out.value(0), 1.5);
+        assert_eq!(out.null_count(), 4);
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     }
 
     #[test]

@@ -44,6 +44,12 @@ impl Action {
         }
     }
 
+    /// Whether the analytic column shows the raw value or a part of it (`keep`, `generalize`):
+    /// never allowed for a subject id, which only ever leaves as a token or ciphertext.
+    pub fn shows_value(&self) -> bool {
+        matches!(self, Action::Keep(_) | Action::Generalize(_))
+    }
+
     /// Name of the analytic column this action writes, if it writes one.
     pub fn output_name(&self, column: &str, rename: Option<&str>) -> Option<String> {
         let default = match self {

@@ -1,0 +1,183 @@
+"""Erasure and leak hardening (issue 16): each test pins one finding of an adversarial review,
+and each was seen failing on the build before its fix.
+
+Outputs are read with Python `deltalake`, `pyarrow` and plain byte scans of every file, not
+with sluice's own readers."""
+
+import datetime
+import json
+import pathlib
+
+import deltalake
+import pyarrow.parquet as pq
+
+from conftest import DEMO_POLICIES, MASTER_KEY, read_delta, run, write_config
+from test_aggregates import AGGREGATES
+
+PEOPLE = """
+table = "public.people"
+target = "people"
+subject = "id"
+token_domain = "person"
+
+[columns.id]
+action = "tokenize"
+[columns.email]
+action = "vault"
+derive = [{ name = "email_domain", fn = "email_domain" }]
+[columns.postcode]
+action = "generalize"
+fn = "prefix"
+length = 4
+as = "postcode_area"
+[columns.balance_pence]
+action = "keep"
+type = "int64"
+[columns.joined_at]
+action = "keep"
+type = "timestamp"
+"""
+
+# A person whose every value is distinctive, so a byte scan finds any trace of them.
+VICTIM = {"id": "C0042   ", "email": "victim@zq-unusual-domain.example", "postcode": "ZQ97 1AA",
+          "balance_pence": 987654321, "joined_at": "2024-03-05T07:08:09.123456Z"}
+TRACES = ["zq-unusual-domain", "ZQ97", "987654321", "07:08:09", "1709622489123"]
+
+
+def person(i):
+    return {"id": f"P{i:05d}", "email": f"p{i}@example.test", "postcode": f"AB{i % 90 + 10} 2CD",
+            "balance_pence": 1000 + i, "joined_at": f"2024-03-0{1 + i % 4}T10:00:00Z"}
+
+
+def event(row, ts, op="c"):
+    return json.dumps({"before": None, "after": row, "op": op, "ts_ms": ts,
+                       "source": {"db": "crm", "schema": "public", "table": "people", "ts_ms": ts}})
+
+
+def pipeline(tmp, policy=PEOPLE, extra=""):
+    pol = tmp / "people.toml"
+    pol.write_text(policy)
+    (tmp / "events").mkdir(exist_ok=True)
+    return write_config(tmp, tmp / "events", [pol], extra=extra)
+
+
+def write_events(tmp, lines, name="people.jsonl"):
+    with open(tmp / "events" / name, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def forget(sluice_bin, config, *args, check=True):
+    result = run(sluice_bin, "forget", "--config", config, "--settle-ms", 0, *args, check=check)
+    return result, (json.loads(result.stdout) if result.stdout.strip() else None)
+
+
+def every_byte_under(root):
+    return {p: p.read_bytes() for p in pathlib.Path(root).rglob("*") if p.is_file()}
+
+
+def test_a_padded_subject_id_is_erased_by_its_bare_form_and_an_absent_id_fails_the_job(sluice_bin, tmp_path):
+    """Ingest tokenized `'C0042   '` (a char(n) code) while forget trimmed `C0042`: the key was
+    not destroyed, no row removed, and the job reported success."""
+    config = pipeline(tmp_path)
+    write_events(tmp_path, [event(VICTIM, 1709622489123)] + [event(person(i), 1709622489123 + i) for i in range(5)])
+    run(sluice_bin, "run", "--config", config, "--once")
+    people = tmp_path / "lake" / "tables" / "people"
+    assert read_delta(people).num_rows == 6
+
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042")
+    assert result.returncode == 0, result.stderr
+    assert receipt["subjects_without_rows"] == 0 and receipt["keys_destroyed"] == 1, receipt
+    assert receipt["tables"]["people"]["rows_removed"] == 1 and receipt["tables"]["vault"]["rows_removed"] == 1
+    assert read_delta(people).num_rows == 5
+    assert receipt["subject_tokens"][0] not in set(read_delta(people).column("_subject").to_pylist())
+
+    # An id that matched nothing: not a success unless the operator says it is expected.
+    result, receipt = forget(sluice_bin, config, "--subject", "C0043", check=False)
+    assert result.returncode == 3, (result.returncode, result.stderr)
+    assert receipt["subjects_without_rows"] == 1 and "matched no row" in result.stderr
+    result, _ = forget(sluice_bin, config, "--subject", "C0044", "--allow-absent")
+    assert result.returncode == 0, result.stderr
+    # A blank id is refused before anything is destroyed.
+    result, _ = forget(sluice_bin, config, "--subject", "   ", check=False)
+    assert result.returncode != 0 and "empty or blank" in result.stderr
+
+
+def test_no_statistics_describe_a_person_and_an_erasure_leaves_no_older_commit(sluice_bin, tmp_path):
+    """Every kept, generalized and derived column and `_source_ts` had file statistics; with a
+    file per event min = max = the row, and the erasure left those commits in `_delta_log`."""
+    config = pipeline(tmp_path)
+    # One commit per event: files of one row each, the worst case.
+    for i, row in enumerate([person(1), VICTIM, person(2)]):
+        write_events(tmp_path, [event(row, 1709622489123 + i)])
+        run(sluice_bin, "run", "--config", config, "--once")
+    lake = tmp_path / "lake"
+    people = lake / "tables" / "people"
+    log = b"".join(every_byte_under(people / "_delta_log").values())
+    stats = [json.loads(a["add"]["stats"]) for f in sorted((people / "_delta_log").glob("*.json"))
+             for a in map(json.loads, f.read_text().splitlines()) if "add" in a and a["add"].get("stats")]
+    assert stats, "files have statistics (row counts at least)"
+    for s in stats:
+        described = set(s.get("minValues", {})) | set(s.get("maxValues", {}))
+        assert described <= {"_op", "_ingested_at", "_source_db"}, described
+    assert b"987654321" not in log and b"zq-unusual" not in log
+
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042")
+    assert result.returncode == 0, result.stderr
+    table = receipt["tables"]["people"]
+    assert table["history_removed_before"] is not None and table["log_files_removed"] > 0, table
+    versions = sorted(int(f.name.split(".")[0]) for f in (people / "_delta_log").glob("*.json"))
+    assert versions[0] == table["history_removed_before"], "no commit before the erasure is left"
+    try:
+        deltalake.DeltaTable(str(people), version=0).to_pyarrow_table()
+        raise AssertionError("version 0 (with the victim's row) still loads")
+    except Exception as e:  # noqa: BLE001 - any refusal is the point
+        assert "AssertionError" not in type(e).__name__
+    assert read_delta(people).num_rows == 2
+    # Nothing under the table (data files, log, checkpoint) holds any trace of the victim.
+    for path, data in every_byte_under(people).items():
+        text = data if path.suffix != ".parquet" else str(pq.read_table(path).to_pylist()).encode() + data
+        for trace in TRACES:
+            assert trace.encode() not in text, f"{trace} in {path.relative_to(lake)}"
+    # The table still works: the pipeline appends and exactly-once positions survived.
+    write_events(tmp_path, [event(person(3), 1709622489200)])
+    summary = tmp_path / "summary.json"
+    run(sluice_bin, "run", "--config", config, "--once", "--summary-json", summary)
+    assert json.loads(summary.read_text())["rows_written"] == {"people": 1}
+    assert read_delta(people).num_rows == 3
+
+
+def test_recomputed_aggregates_keep_no_older_version_to_subtract(sluice_bin, tmp_path):
+    """Before minus after an erasure's recomputation was the erased person's exact amount."""
+    events = tmp_path / "events"
+    run(sluice_bin, "generate", "--events", 3000, "--seed", 21, "--span-hours", 12, "--out", events / "part-0.jsonl")
+    config = write_config(tmp_path, events, [DEMO_POLICIES], extra=AGGREGATES)
+    run(sluice_bin, "run", "--config", config, "--once")
+    result, receipt = forget(sluice_bin, config, "--subject", "3")
+    assert result.returncode == 0, result.stderr
+    assert any("hours recomputed" in h for h in receipt["hooks"]), receipt["hooks"]
+    for name in ("payments_by_channel_hour", "payments_by_channel_card_hour"):
+        table_dir = tmp_path / "lake" / "aggregates" / name
+        dt = deltalake.DeltaTable(str(table_dir))
+        active = {pathlib.Path(p).name for p in dt.file_uris()}
+        on_disk = {p.name for p in table_dir.rglob("*.parquet") if "_delta_log" not in p.parts}
+        assert on_disk == active, f"{name}: files of older versions left: {sorted(on_disk - active)[:3]}"
+        oldest = min(int(f.name.split(".")[0]) for f in (table_dir / "_delta_log").glob("*.json"))
+        assert oldest == dt.version(), f"{name}: commits before the recomputation are left"
+
+
+def test_an_anonymizing_erasure_can_blank_exact_source_times(sluice_bin, tmp_path):
+    """`erasure.blank` could only name policy outputs: `_source_ts` kept the exact instant."""
+    policy = PEOPLE + '\n[erasure]\nmode = "anonymize"\nblank = ["postcode_area", "_source_ts", "_ingested_at"]\n'
+    config = pipeline(tmp_path, policy)
+    write_events(tmp_path, [event(VICTIM, 1709622489123), event(person(1), 1709622489999)])
+    run(sluice_bin, "run", "--config", config, "--once")
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042")
+    assert result.returncode == 0, result.stderr
+    rows = read_delta(tmp_path / "lake" / "tables" / "people").to_pylist()
+    blanked = [r for r in rows if r["_subject"] == ""]
+    assert len(blanked) == 1 and blanked[0]["postcode_area"] is None
+    day = datetime.datetime(2024, 3, 5, tzinfo=datetime.timezone.utc)
+    assert blanked[0]["_source_ts"] == day, "the exact time is cut to its day"
+    assert blanked[0]["_ingested_at"].time() == datetime.time(0), blanked[0]["_ingested_at"]
+    other = [r for r in rows if r["_subject"] != ""][0]
+    assert other["_source_ts"].microsecond == 999000, "other rows keep their times"
