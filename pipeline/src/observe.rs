@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::summary::Summary;
+use crate::summary::{shown_name, Summary};
 
 type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
@@ -209,7 +209,9 @@ impl Metrics {
     /// to a bound, then as `(other)`.
     fn bounded(&self, table: &str, column: &str) -> (String, String) {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (table.to_string(), column.to_string());
+        // The worker shows names so already; a label is escaped by nothing else.
+        let shown = |name: &str| if name.is_empty() { String::new() } else { shown_name(name).into_owned() };
+        let key = (shown(table), shown(column));
         if names.contains(&key) || names.len() < MAX_LABELLED_NAMES {
             names.insert(key.clone());
             key
@@ -364,6 +366,21 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
+        // A name that would forge a sample if printed raw into a label.
+        let mut forged = Summary::default();
+        forged
+            .dropped_columns
+            .entry("t".into())
+            .or_default()
+            .insert("x\"} 1\nsluice_erased_subjects 424242\n# ".into(), 1);
+        forged.unknown_tables.insert("y\"} 7\nsluice_events_read_total 99".into(), 1);
+        m.record(&forged);
+        let text = m.render();
+        assert!(
+            !text.contains("424242") && !text.lines().any(|l| l.starts_with("sluice_events_read_total 99")),
+            "{text}"
+        );
+        assert!(text.contains("column=\"~"), "shown by its hash: {text}");
         for i in 0..MAX_LABELLED_NAMES + 5 {
             m.bounded("t", &format!("c{i}"));
         }

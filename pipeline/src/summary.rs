@@ -1,5 +1,6 @@
 //! Counters of a run. Names of tables, columns and reasons only: never a value.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -132,6 +133,42 @@ impl Summary {
     }
 }
 
+/// Longest table or column name from the input shown as it is (in the summary, logs and
+/// `/metrics` labels); longer ones are shown by their hash.
+pub const MAX_SHOWN_NAME: usize = 128;
+
+/// A table or column name read from the input, as sluice shows it everywhere (run summary,
+/// logs, `/metrics` labels, the quarantine's `table`/`column`): itself when it is a plain name
+/// — letters, digits, `_ . $ -`, at most [`MAX_SHOWN_NAME`] bytes — else `~` and a hash of it.
+/// A name is the source's, not sluice's: one holding a quote and a newline would forge a
+/// metrics sample or a log line, and a megabyte-long one would be kept in several places. The
+/// first few such names are logged once each, escaped and cut short, to say which is which.
+pub fn shown_name(name: &str) -> Cow<'_, str> {
+    let plain = !name.is_empty()
+        && name.len() <= MAX_SHOWN_NAME
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '.' | '$' | '-'));
+    if plain {
+        return Cow::Borrowed(name);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let shown = format!("~{}", hex::encode(&digest.as_ref()[..8]));
+    static LOGGED: std::sync::Mutex<Option<std::collections::HashSet<String>>> = std::sync::Mutex::new(None);
+    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let logged = logged.get_or_insert_with(Default::default);
+    if logged.len() < MAX_NAMES && logged.insert(shown.clone()) {
+        let excerpt: String = name.chars().take(64).collect();
+        tracing::warn!(
+            shown = %shown,
+            name = ?excerpt,
+            bytes = name.len(),
+            "a table or column name of the input is not a plain name: shown by its hash"
+        );
+    }
+    Cow::Owned(shown)
+}
+
 /// Distinct names kept per counter map; past it, counts go to `(other)`. Table and column
 /// names come from the source, so a drifting schema must not grow memory without bound.
 const MAX_NAMES: usize = 1000;
@@ -151,6 +188,21 @@ fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_the_input_are_shown_plain_or_by_their_hash() {
+        for plain in ["public.customers", "ssn", "col$1", "naïve_name", "a-b"] {
+            assert_eq!(shown_name(plain), plain);
+        }
+        let forged = "x\"} 1\nsluice_erased_subjects 424242\n# ";
+        let long = "a".repeat(1 << 20);
+        for odd in [forged, long.as_str(), "", "with space", "tab\tname"] {
+            let shown = shown_name(odd);
+            assert!(shown.starts_with('~') && shown.len() == 17, "{shown}");
+            assert_eq!(shown, shown_name(odd), "stable");
+        }
+        assert_ne!(shown_name(forged), shown_name("with space"));
+    }
 
     #[test]
     fn counters_of_source_names_stay_bounded() {

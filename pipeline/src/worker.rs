@@ -26,7 +26,7 @@ use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 
 use crate::config::{ControlRecords, InputSettings, UnknownTables};
 use crate::quarantine::{QuarantineBuilder, Rejection};
-use crate::summary::Summary;
+use crate::summary::{shown_name, Summary};
 
 /// Lines of one stream, read in order.
 pub struct Chunk {
@@ -290,14 +290,15 @@ impl Router {
                 }
             };
             let Some(t) = self.route(&event, &mut table_name, &mut bound) else {
-                *summary.unknown_tables.entry(table_name.clone()).or_default() += 1;
+                let shown = shown_name(&table_name);
+                *summary.unknown_tables.entry(shown.to_string()).or_default() += 1;
                 if self.input.unknown_tables == UnknownTables::Quarantine {
                     quarantined(
                         &mut summary,
                         Rejection {
                             reason: "unknown_table",
                             detail: "no policy names this table",
-                            table: Some(&table_name),
+                            table: Some(&shown),
                             column: None,
                         },
                     )?;
@@ -356,10 +357,11 @@ impl Router {
             let mut rejected: Option<(&'static str, &'static str, Cow<'_, str>)> = None;
             for (column, raw) in &event.image.0 {
                 let Some(&slot) = slots.get(column.as_ref()) else {
-                    match dropped[t].get_mut(column.as_ref()) {
+                    let shown = shown_name(column);
+                    match dropped[t].get_mut(shown.as_ref()) {
                         Some(n) => *n += 1,
                         None => {
-                            dropped[t].insert(column.to_string(), 1);
+                            dropped[t].insert(shown.into_owned(), 1);
                         }
                     }
                     continue;
@@ -983,6 +985,32 @@ type = "int64"
                 false
             }
         })
+    }
+
+    #[test]
+    fn names_from_the_input_are_shown_plain_or_hashed_in_the_summary_and_the_quarantine() {
+        let forged = "x\\\"} 1\\nsluice_erased_subjects 424242\\n";
+        let long = "c".repeat(300);
+        let lines = [
+            format!(r#"{{"op":"c","after":{{"id":1,"{forged}":1,"{long}":2,"plain_extra":3}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#),
+            format!(r#"{{"op":"c","after":{{"id":2,"{forged}":1}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#),
+            format!(r#"{{"op":"c","after":{{"id":3}},"source":{{"schema":"public","table":"{forged}","ts_ms":1}}}}"#),
+        ];
+        let (_dir, router) = router_of(POLICY, InputSettings {
+            unknown_tables: UnknownTables::Quarantine,
+            ..InputSettings::default()
+        });
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        let dropped = &out.summary.dropped_columns["public.people"];
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        assert_eq!(dropped["plain_extra"], 1);
+        let hashed: Vec<_> = dropped.iter().filter(|(k, _)| k.starts_with('~')).collect();
+        assert_eq!(hashed.len(), 2);
+        assert!(hashed.iter().any(|(_, n)| **n == 2), "one forged name counted twice: {hashed:?}");
+        let unknown: Vec<&String> = out.summary.unknown_tables.keys().collect();
+        assert!(unknown.len() == 1 && unknown[0].starts_with('~') && unknown[0].len() == 17, "{unknown:?}");
+        let quarantine = &out.outputs.iter().find(|(sink, _)| *sink == router.quarantine_sink()).unwrap().1;
+        assert!(!contains(quarantine, "424242") && contains(quarantine, unknown[0]));
     }
 
     #[test]
