@@ -186,6 +186,39 @@ struct RawMeasure {
     name: Option<String>,
 }
 
+/// A column another policy of the same token domain names as its subject holds the same ids:
+/// like a policy's own subject column, it is never kept or generalized (its raw ids would be in
+/// the lake, outside every erasure's reach).
+fn subjects_never_shown(policies: &[Policy], texts: &[(PathBuf, String)]) -> Result<(), LoadError> {
+    for (policy, (file, text)) in policies.iter().zip(texts) {
+        for rule in policy.rules.iter().filter(|r| r.action.shows_value()) {
+            let Some(other) = policies
+                .iter()
+                .find(|o| o.subject == rule.column && o.token_domain == policy.token_domain)
+            else {
+                continue;
+            };
+            let header = format!("[columns.{}]", rule.column);
+            return Err(ConfigError::new(
+                file,
+                text,
+                text.find(&header).unwrap_or(0),
+                format!("columns.{}.action", rule.column),
+                format!(
+                    "`{}` would write ids of the `{}` domain in plain: `{}` is the subject column of `{}`; tokenize it (domain {}) instead",
+                    rule.action.name(),
+                    policy.token_domain,
+                    rule.column,
+                    other.table,
+                    policy.token_domain
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn default_unknown_tables() -> UnknownTables {
     UnknownTables::Skip
 }
@@ -620,6 +653,7 @@ impl Config {
         }
 
         let mut policies = Vec::new();
+        let mut policy_texts = Vec::new();
         for entry in &raw.policies {
             let path = resolve(entry.get_ref());
             let files = policy_files(&path)
@@ -637,8 +671,10 @@ impl Config {
                     source,
                 })?;
                 policies.push(Policy::from_toml(&f, &ptext)?);
+                policy_texts.push((f, ptext));
             }
         }
+        subjects_never_shown(&policies, &policy_texts)?;
         let mut tables = HashSet::new();
         let mut targets = HashSet::new();
         for p in &policies {
@@ -747,6 +783,7 @@ impl Config {
                         )
                     })?,
                 },
+                time_optional: false,
             },
             unavailable_placeholder: match &raw.source.unavailable_value_placeholder {
                 None => DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
@@ -1655,6 +1692,28 @@ mod tests {
     }
 
     const HEAD: &str = "name = \"p\"\npolicies = [\"policies\"]\n[lake]\nroot = \"lake\"\n[keys]\nstore = \"k.db\"\nmaster_key_env = \"K\"\n";
+
+    #[test]
+    fn a_column_another_policy_names_as_its_subject_is_never_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let orders = "table = \"public.orders\"\ntarget = \"orders\"\nsubject = \"customer\"\ntoken_domain = \"d\"\n[columns.customer]\naction = \"tokenize\"\n[columns.id]\naction = \"keep\"\ntype = \"int64\"\n";
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/q.toml"), orders).unwrap();
+        let e = load(dir.path(), &format!("{HEAD}[source]\nkind = \"file\"\npath = \"e\"\n")).unwrap_err();
+        let LoadError::Invalid(e) = e else { panic!("{e}") };
+        assert!(
+            e.file.ends_with("q.toml") && e.line == 7 && e.field == "columns.id.action",
+            "{e}"
+        );
+        assert!(e.message.contains("subject column of `public.t`"), "{e}");
+        // In another token domain the same name is another kind of id.
+        std::fs::write(
+            dir.path().join("policies/q.toml"),
+            orders.replace("\"d\"", "\"orders\""),
+        )
+        .unwrap();
+        load(dir.path(), &format!("{HEAD}[source]\nkind = \"file\"\npath = \"e\"\n")).unwrap();
+    }
 
     #[test]
     fn kafka_source_and_publish_are_parsed() {

@@ -80,9 +80,24 @@ pub struct ForgetRequest {
     /// Who or what asked (recorded in the receipt).
     pub requested_by: String,
     pub dry_run: bool,
+    /// What becomes of quarantined events that mention an id but cannot be attributed.
+    pub unattributed: Unattributed,
     /// How long after the keys are destroyed the tables are rewritten: running daemons see
     /// the tombstones and commit the rows they sanitized before.
     pub settle: std::time::Duration,
+}
+
+/// Quarantined events that mention an erased id but that sluice cannot attribute (unreadable,
+/// or of a table no policy names): a person decides, sluice does not guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Unattributed {
+    /// Kept and listed in the receipt; the verification fails until a rerun says what to do.
+    #[default]
+    Fail,
+    /// Reviewed as the subjects': deleted with their other data.
+    Delete,
+    /// Reviewed as someone else's: kept; the verification passes.
+    Keep,
 }
 
 /// Outcome of one table, as recorded in the receipt.
@@ -122,7 +137,9 @@ pub struct Verification {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Receipt {
     pub job_id: String,
+    /// Keyed token of the request's reference (see [`AUDIT_TOKEN_DOMAIN`]).
     pub request_id: String,
+    /// Keyed token of who asked.
     pub requested_by: String,
     pub dry_run: bool,
     pub token_domain: String,
@@ -176,6 +193,10 @@ struct Target {
     mode: &'static str,
 }
 
+/// Token domain of the request's reference and requester in receipts and the audit table:
+/// `sluice forget --dry-run --request-id R --requested-by W` prints the tokens of R and W.
+pub const AUDIT_TOKEN_DOMAIN: &str = "sluice-audit";
+
 /// Files no table version holds are deleted only when older than this (Delta's default
 /// deleted-file retention): a younger one may be a running writer's transaction in flight.
 const ORPHAN_MIN_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -219,15 +240,30 @@ pub fn forget(
     };
     let keys = runtime::open_key_store(config, 16)?;
     let subject_tokenizer = keys.tokenizer()?.domain(&domain);
-    let mut tokens: Vec<String> = request
+    // Canonical id → token: the one form ingest and every lookup use.
+    let id_tokens: HashMap<String, String> = request
         .subjects
         .iter()
-        .map(|s| subject_tokenizer.token(s).as_str().to_string())
+        .map(|s| {
+            (
+                canonical_identifier(s).into_owned(),
+                subject_tokenizer.token(s).as_str().to_string(),
+            )
+        })
         .collect();
+    let mut tokens: Vec<String> = id_tokens.values().cloned().collect();
     tokens.sort();
     tokens.dedup();
-    let job_id = match &request.request_id {
-        Some(r) => format!("req-{}", short_hash(r)),
+    // The request's reference and requester are kept as keyed tokens: operators put emails
+    // there, the subject's own among them, and the receipt outlives the erasure.
+    let audit_tokenizer = keys.tokenizer()?.domain(AUDIT_TOKEN_DOMAIN);
+    let request_ref = request
+        .request_id
+        .as_ref()
+        .map(|r| audit_tokenizer.token(r).as_str().to_string());
+    let requested_by = audit_tokenizer.token(&request.requested_by).as_str().to_string();
+    let job_id = match &request_ref {
+        Some(r) => format!("req-{}", &r[..16]),
         None => format!("subjects-{}", short_hash(&tokens.join(","))),
     };
     let mut state: JobState = match keys.job_state(&job_id)? {
@@ -265,8 +301,8 @@ pub fn forget(
         state.attempt = 1;
         state.receipt = Receipt {
             job_id: job_id.clone(),
-            request_id: request.request_id.clone().unwrap_or_default(),
-            requested_by: request.requested_by.clone(),
+            request_id: request_ref.clone().unwrap_or_default(),
+            requested_by,
             token_domain: domain.clone(),
             subject_tokens: tokens.clone(),
             started_at: iso(now_ms()),
@@ -310,7 +346,7 @@ pub fn forget(
 
     // 2. Tables.
     let sightings = Sightings::default();
-    let targets = targets(config, &keys, &domain, &tokens, &request.subjects, &sightings)?;
+    let targets = targets(config, &keys, &domain, &id_tokens, request.unattributed, &sightings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -492,6 +528,12 @@ pub fn forget(
                 ));
             }
         }
+        if request.unattributed == Unattributed::Fail && !state.review.is_empty() {
+            findings.push(format!(
+                "quarantine: {} events mention an erased id but cannot be attributed (positions in review_quarantined): look at them, then run the job again with --unattributed delete (they are the subjects') or --unattributed keep (they are not)",
+                state.review.len()
+            ));
+        }
         let left = keys.subjects_with_keys(&tokens)?;
         if !left.is_empty() {
             findings.push(format!("key store: {} subject keys still present", left.len()));
@@ -514,7 +556,7 @@ pub fn forget(
         &config.name,
         audit_schema(),
         &[],
-        &["job_id", "request_id", "started_at", "finished_at", "verified"].map(String::from),
+        &["job_id", "started_at", "finished_at", "verified"].map(String::from),
     ))?;
     if rt.block_on(audit.committed(&stream))?.is_none() {
         rt.block_on(audit.write(audit_row(&state.receipt)))?;
@@ -569,11 +611,11 @@ fn targets(
     config: &Config,
     keys: &KeyStore,
     domain: &str,
-    tokens: &[String],
-    raw_ids: &[String],
+    id_tokens: &HashMap<String, String>,
+    unattributed: Unattributed,
     sightings: &Sightings,
 ) -> Result<Vec<Target>, ForgetError> {
-    let set: HashSet<String> = tokens.iter().cloned().collect();
+    let set: HashSet<String> = id_tokens.values().cloned().collect();
     let in_domain: Vec<&Policy> = config.policies.iter().filter(|p| p.token_domain == domain).collect();
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -617,8 +659,9 @@ fn targets(
             keys.system_key("quarantine")?,
             &config.policies,
             domain,
-            raw_ids,
-            sightings.review.clone(),
+            id_tokens.clone(),
+            sightings,
+            unattributed == Unattributed::Delete,
         ),
         treatment: Treatment::Delete,
         mode: "quarantine",
@@ -626,17 +669,21 @@ fn targets(
     Ok(out)
 }
 
-/// Quarantined events hold the raw event, encrypted under the quarantine key. One is deleted
-/// when, decrypted, the subject column of its table's policy (a policy of the job's domain)
-/// holds one of the ids in a row image. One that cannot be attributed — not JSON, or of a
-/// table no policy names — but mentions an id (as a subject column value, or as a whole word)
-/// is kept and its position listed for review: deleting on a guess would lose others' events.
+/// Quarantined events hold the raw event, encrypted: one whose subject ingest could read has
+/// that subject's token in `_subject` (and is sealed under its key), and is deleted when the
+/// token is one of the job's. The others (system key: unreadable, of a table no policy names,
+/// without a subject value, or written before `_subject` existed) are decrypted and read with
+/// ingest's own decoder: deleted when their table's subject column (a policy of the job's
+/// domain) holds one of the ids. One that cannot be attributed — not readable, or of a table no
+/// policy names — but mentions an id (as a subject column value, or as a whole word) is kept
+/// and its position listed for review: deleting on a guess would lose others' events.
 fn quarantine_matcher(
     key: Arc<DataKey>,
     policies: &[Policy],
     domain: &str,
-    raw_ids: &[String],
-    review: Arc<Mutex<BTreeSet<String>>>,
+    id_tokens: HashMap<String, String>,
+    sightings: &Sightings,
+    delete_unattributed: bool,
 ) -> RowMatcher {
     let subject_of: HashMap<String, Option<String>> = policies
         .iter()
@@ -647,34 +694,51 @@ fn quarantine_matcher(
         .filter(|p| p.token_domain == domain)
         .map(|p| p.subject.clone())
         .collect();
-    let ids: HashSet<String> = raw_ids.iter().map(|i| canonical_identifier(i).into_owned()).collect();
+    let tokens: HashSet<String> = id_tokens.values().cloned().collect();
+    let (review, found) = (sightings.review.clone(), sightings.tokens.clone());
     RowMatcher {
-        columns: vec!["_position".into(), "event_enc".into()],
+        columns: vec!["_subject".into(), "_position".into(), "event_enc".into()],
         matches: Box::new(move |batch: &RecordBatch| {
-            let positions = batch
-                .column_by_name("_position")
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .ok_or("quarantine: _position is not text")?;
+            let text = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or(format!("quarantine: {name} is not text"))
+            };
+            let (subjects, positions) = (text("_subject")?, text("_position")?);
             let events = batch
                 .column_by_name("event_enc")
                 .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
                 .ok_or("quarantine: event_enc is not binary")?;
             let mut out = Vec::with_capacity(batch.num_rows());
             for i in 0..batch.num_rows() {
+                if subjects.is_valid(i) {
+                    let token = subjects.value(i);
+                    let hit = tokens.contains(token);
+                    if hit {
+                        lock(&found).insert(token.to_string());
+                    }
+                    out.push(Some(hit));
+                    continue;
+                }
                 let Ok(event) = key.open(events.value(i), &event_aad(positions.value(i))) else {
                     return Err(format!(
                         "quarantine: the event at {} does not decrypt",
                         positions.value(i)
                     ));
                 };
-                let sighting = event_names_subject(&event, &subject_of, &any_subject, &ids);
-                if sighting == Sighting::Unattributed {
-                    review
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(positions.value(i).to_string());
-                }
-                out.push(Some(sighting == Sighting::Subject));
+                let hit = match event_names_subject(&event, &subject_of, &any_subject, &id_tokens) {
+                    Sighting::Subject(token) => {
+                        lock(&found).insert(token);
+                        true
+                    }
+                    Sighting::Unattributed => {
+                        lock(&review).insert(positions.value(i).to_string());
+                        delete_unattributed
+                    }
+                    Sighting::None => false,
+                };
+                out.push(Some(hit));
             }
             Ok(BooleanArray::from(out))
         }),
@@ -683,54 +747,57 @@ fn quarantine_matcher(
 
 #[derive(Debug, PartialEq, Eq)]
 enum Sighting {
-    Subject,
+    /// The subject column of the event's table holds this subject (its token).
+    Subject(String),
     /// Mentions an id, but sluice cannot tell whose event it is.
     Unattributed,
     None,
 }
 
+/// Whose a quarantined event is, read as ingest reads events (`debezium::decode`, the subject
+/// column by [`debezium::Event::subject_text`], ids in [`canonical_identifier`] form).
+/// `id_tokens`: canonical id → token.
 fn event_names_subject(
     event: &[u8],
     subject_of: &HashMap<String, Option<String>>,
     any_subject: &HashSet<String>,
-    ids: &HashSet<String>,
+    id_tokens: &HashMap<String, String>,
 ) -> Sighting {
-    use serde_json::Value;
-    let holds_id = |v: Option<&Value>| match v {
-        Some(Value::String(s)) => ids.contains(canonical_identifier(s).as_ref()),
-        Some(Value::Number(n)) => ids.contains(&n.to_string()),
-        _ => false,
+    use sluice_connectors::debezium::{self, DecodeOptions, Decoded};
+    let whose = |e: &debezium::Event<'_>, column: &str| {
+        e.subject_text(column)
+            .and_then(|id| id_tokens.get(canonical_identifier(&id).as_ref()).cloned())
     };
-    let Ok(doc) = serde_json::from_slice::<Value>(event) else {
-        let text = String::from_utf8_lossy(event).to_lowercase();
-        return if ids.iter().any(|id| contains_word(&text, &id.to_lowercase())) {
-            Sighting::Unattributed
-        } else {
-            Sighting::None
-        };
-    };
-    // The Kafka Connect JSON converter's envelope, or the bare change event.
-    let change = match doc.get("payload") {
-        Some(p) if doc.get("op").is_none() => p,
-        _ => &doc,
-    };
-    let source = change.get("source");
-    let table = source.and_then(|s| {
-        let schema = s.get("schema").or_else(|| s.get("db"))?.as_str()?;
-        Some(format!("{schema}.{}", s.get("table")?.as_str()?))
+    // The decoder is ingest's: a defect that made ingest panic on this event may do so here.
+    let decoded = std::panic::catch_unwind(|| match debezium::decode(event, &DecodeOptions::any_time(), &[]) {
+        Ok(Decoded::Change(e)) => {
+            let mut name = String::new();
+            e.qualified_table(&mut name);
+            let qualified = e.database.as_deref().map(|db| format!("{db}.{name}"));
+            let policy = qualified
+                .as_ref()
+                .and_then(|q| subject_of.get(q))
+                .or_else(|| subject_of.get(&name));
+            Some(match policy {
+                // A table of this domain: its own subject column decides.
+                Some(Some(column)) => whose(&e, column).map_or(Sighting::None, Sighting::Subject),
+                // Another domain's table.
+                Some(None) => Sighting::None,
+                // A table no policy names.
+                None if any_subject.iter().any(|c| whose(&e, c).is_some()) => Sighting::Unattributed,
+                None => Sighting::None,
+            })
+        }
+        _ => None,
     });
-    let in_images = |column: &str| {
-        ["after", "before"]
-            .iter()
-            .any(|image| holds_id(change.get(*image).and_then(|r| r.get(column))))
-    };
-    match table.as_ref().map(|t| subject_of.get(t)) {
-        // A table of this domain: its own subject column decides.
-        Some(Some(Some(column))) if in_images(column) => Sighting::Subject,
-        Some(Some(_)) => Sighting::None,
-        // A table no policy names.
-        _ if any_subject.iter().any(|c| in_images(c)) => Sighting::Unattributed,
-        _ => Sighting::None,
+    if let Ok(Some(sighting)) = decoded {
+        return sighting;
+    }
+    let text = String::from_utf8_lossy(event).to_lowercase();
+    if id_tokens.keys().any(|id| contains_word(&text, &id.to_lowercase())) {
+        Sighting::Unattributed
+    } else {
+        Sighting::None
     }
 }
 
@@ -873,14 +940,18 @@ mod tests {
         ]
         .into();
         let any: HashSet<String> = ["customer_id".to_string()].into();
-        let ids: HashSet<String> = ["900001".to_string(), "Ab-9".to_string()].into();
+        let ids: HashMap<String, String> = [
+            ("900001".to_string(), "t1".to_string()),
+            ("Ab-9".to_string(), "t2".to_string()),
+        ]
+        .into();
         let sees = |event: &[u8]| event_names_subject(event, &subject_of, &any, &ids);
         let event = |table: &str, row: &str| {
             format!(r#"{{"source":{{"schema":"public","table":"{table}"}},"op":"c","after":{row}}}"#).into_bytes()
         };
         assert_eq!(
             sees(&event("payments", r#"{"customer_id":900001,"amount":5}"#)),
-            Sighting::Subject
+            Sighting::Subject("t1".into())
         );
         assert_eq!(
             sees(&event("payments", r#"{"customer_id":900003,"id":900001}"#)),
@@ -896,7 +967,13 @@ mod tests {
             Sighting::Unattributed
         );
         let wrapped = br#"{"payload":{"source":{"schema":"public","table":"payments"},"op":"d","before":{"customer_id":900001}}}"#;
-        assert_eq!(sees(wrapped), Sighting::Subject);
+        assert_eq!(sees(wrapped), Sighting::Subject("t1".into()));
+        // Read as ingest reads it: a lone surrogate in another value, padding in the id, a
+        // time no window accepts.
+        assert_eq!(
+            sees(&event("payments", r#"{"customer_id":"900001  ","note":"\ud800"}"#)),
+            Sighting::Subject("t1".into())
+        );
         assert_eq!(sees(b"{not json customer 900001,"), Sighting::Unattributed);
         assert_eq!(
             sees(b"{not json AB-9}"),

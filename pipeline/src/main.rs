@@ -131,6 +131,11 @@ enum Command {
         /// --domain) and nothing of the person was found to erase.
         #[arg(long)]
         allow_absent: bool,
+        /// Quarantined events that mention an id but cannot be attributed: `fail` keeps them,
+        /// lists them and fails the verification; after looking at them, `delete` (they are the
+        /// subjects') or `keep` (they are not).
+        #[arg(long, value_enum, default_value = "fail")]
+        unattributed: forget::Unattributed,
         /// Also write the receipt to this file.
         #[arg(long)]
         receipt_json: Option<PathBuf>,
@@ -608,6 +613,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             requested_by,
             dry_run,
             allow_absent,
+            unattributed,
             receipt_json,
             settle_ms,
         } => {
@@ -624,6 +630,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     request_id,
                     requested_by,
                     dry_run,
+                    unattributed,
                     settle: match settle_ms {
                         Some(ms) => Duration::from_millis(ms),
                         None => cfg.erasure_refresh + Duration::from_millis(cfg.batch.max_age_ms),

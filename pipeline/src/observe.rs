@@ -210,7 +210,13 @@ impl Metrics {
     fn bounded(&self, table: &str, column: &str) -> (String, String) {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         // The worker shows names so already; a label is escaped by nothing else.
-        let shown = |name: &str| if name.is_empty() { String::new() } else { shown_name(name).into_owned() };
+        let shown = |name: &str| {
+            if name.is_empty() {
+                String::new()
+            } else {
+                shown_name(name).into_owned()
+            }
+        };
         let key = (shown(table), shown(column));
         if names.contains(&key) || names.len() < MAX_LABELLED_NAMES {
             names.insert(key.clone());
@@ -373,7 +379,9 @@ mod tests {
             .entry("t".into())
             .or_default()
             .insert("x\"} 1\nsluice_erased_subjects 424242\n# ".into(), 1);
-        forged.unknown_tables.insert("y\"} 7\nsluice_events_read_total 99".into(), 1);
+        forged
+            .unknown_tables
+            .insert("y\"} 7\nsluice_events_read_total 99".into(), 1);
         m.record(&forged);
         let text = m.render();
         assert!(

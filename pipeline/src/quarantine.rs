@@ -1,5 +1,14 @@
 //! The quarantine table: events that could not be sanitized, with the reason, table, column and
-//! position, and the raw event encrypted under the quarantine key (never plaintext).
+//! position, and the raw event encrypted (never plaintext): under its subject's key when the
+//! subject can be read (so an erasure shreds it with the subject's other data, backups
+//! included, and `_subject` holds the token an erasure finds it by), else under the quarantine
+//! system key (events unreadable as JSON, of tables no policy names, without a subject value).
+//!
+//! The whole raw event is kept, default-denied columns included: reprocessing it after a fix
+//! (a policy naming a new column, a decoder defect) must see the bytes as the source sent them
+//! — the defect may be in reading them, so a re-serialized excerpt could lose the very bytes at
+//! fault — and the event's position must replay exactly once. Its encryption under the subject
+//! key is what keeps it from outliving an erasure.
 
 use std::sync::Arc;
 
@@ -28,8 +37,14 @@ pub fn quarantine_schema() -> SchemaRef {
         Field::new("event_bytes", DataType::Int64, false),
         Field::new("_ingested_at", timestamp_type(), false),
         Field::new(PARTITION_COLUMN, DataType::Date32, false),
+        // The subject's token when the event's subject could be read (its key encrypts
+        // `event_enc`); null otherwise. Added after the others: older tables gain it.
+        Field::new("_subject", DataType::Utf8, true),
     ]))
 }
+
+/// Whose key seals a quarantined event: its subject's (token and key), or the system key.
+pub type Seal<'a> = Option<(&'a str, &'a DataKey)>;
 
 /// The AAD of a quarantined event: bound to its position, so it cannot be swapped for another.
 pub fn event_aad(position: &str) -> Vec<u8> {
@@ -65,6 +80,7 @@ pub struct QuarantineBuilder {
     position: StringBuilder,
     event: BinaryBuilder,
     event_bytes: Int64Builder,
+    subject: StringBuilder,
     rows: usize,
 }
 
@@ -79,6 +95,7 @@ impl QuarantineBuilder {
             position: StringBuilder::new(),
             event: BinaryBuilder::new(),
             event_bytes: Int64Builder::new(),
+            subject: StringBuilder::new(),
             rows: 0,
         }
     }
@@ -90,8 +107,11 @@ impl QuarantineBuilder {
         position: &str,
         event: &[u8],
         full_len: usize,
+        seal: Seal<'_>,
     ) -> Result<(), CryptoError> {
-        self.event.append_value(self.key.seal(event, &event_aad(position))?);
+        let key = seal.map_or(&*self.key, |(_, key)| key);
+        self.event.append_value(key.seal(event, &event_aad(position))?);
+        self.subject.append_option(seal.map(|(token, _)| token));
         self.reason.append_value(why.reason);
         self.detail.append_value(why.detail);
         self.table.append_option(why.table);
@@ -118,6 +138,7 @@ impl QuarantineBuilder {
             Arc::new(self.event_bytes.finish()),
             Arc::new(TimestampMicrosecondArray::from(vec![ingested_at_us; n]).with_timezone("UTC")),
             Arc::new(Date32Array::from(vec![date; n])),
+            Arc::new(self.subject.finish()),
         ];
         Some(RecordBatch::try_new(quarantine_schema(), columns).expect("quarantine columns match their schema"))
     }

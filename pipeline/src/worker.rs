@@ -13,19 +13,20 @@ use arrow_array::{Array, BooleanArray, RecordBatch, StringArray};
 use arrow_schema::ArrowError;
 use sluice_connectors::avro::{self, AvroReject, RegistryError, SchemaRegistry};
 use sluice_connectors::debezium::schema::{canonical_text, ImageSchema, ValueKind};
-use sluice_connectors::debezium::{self, value_text, Decoded, Event};
+use sluice_connectors::debezium::{self, value_text, DecodeOptions, Decoded, Event};
 use sluice_connectors::file::LineEnd;
 use sluice_connectors::keystore::KeyStore;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::{Action, KeepType};
-use sluice_transforms::crypto::DataKey;
+use sluice_transforms::crypto::{DataKey, Token};
 use sluice_transforms::engine::TransformError;
 use sluice_transforms::functions::IntegerTime;
+use sluice_transforms::keys::{KeyError, KeyProvider};
 use sluice_transforms::vault::vault_schema;
 use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 
 use crate::config::{ControlRecords, InputSettings, UnknownTables};
-use crate::quarantine::{QuarantineBuilder, Rejection};
+use crate::quarantine::{QuarantineBuilder, Rejection, Seal};
 use crate::summary::{shown_name, Summary};
 
 /// Lines of one stream, read in order.
@@ -249,16 +250,16 @@ impl Router {
                 panic!("a defect, as tests simulate it");
             }
             summary.events_read += 1;
-            let mut quarantined = |summary: &mut Summary, rejection: Rejection<'_>| {
+            let mut quarantined = |summary: &mut Summary, rejection: Rejection<'_>, seal: Seal<'_>| {
                 *summary.quarantined.entry(rejection.reason.to_string()).or_default() += 1;
                 quarantine
-                    .push(rejection, position, line, line_end.len)
+                    .push(rejection, position, line, line_end.len, seal)
                     .map_err(|_| WorkError::Quarantine {
                         position: position.to_string(),
                     })
             };
             if let Some(Some(reject)) = rejected.get(line_no) {
-                quarantined(&mut summary, Rejection::event(reject.reason(), reject.detail()))?;
+                quarantined(&mut summary, Rejection::event(reject.reason(), reject.detail()), None)?;
                 continue;
             }
             if line_end.truncated(self.input.max_event_bytes) {
@@ -268,6 +269,7 @@ impl Router {
                         "oversized_event",
                         "event larger than source.max_event_bytes (stored truncated)",
                     ),
+                    None,
                 )?;
                 continue;
             }
@@ -280,12 +282,28 @@ impl Router {
                 Ok(Decoded::Control(kind)) => {
                     *summary.control_records.entry(kind.name().to_string()).or_default() += 1;
                     if self.input.control_records == ControlRecords::Quarantine {
-                        quarantined(&mut summary, Rejection::event("control_record", kind.describe()))?;
+                        quarantined(&mut summary, Rejection::event("control_record", kind.describe()), None)?;
                     }
                     continue;
                 }
                 Err(e) => {
-                    quarantined(&mut summary, Rejection::event(e.reason(), &e.to_string()))?;
+                    // Refused (a bad time, a malformed value), but perhaps still whose it is.
+                    let sealing = match debezium::decode(line, &DecodeOptions::any_time(), &[]) {
+                        Ok(Decoded::Change(event)) => match self.route(&event, &mut table_name, &mut bound) {
+                            Some(Route::Table(t)) => self.sealing(t, &event, position)?,
+                            _ => Sealing::Unknown,
+                        },
+                        _ => Sealing::Unknown,
+                    };
+                    if matches!(sealing, Sealing::Erased) {
+                        summary.erased_subject_rows += 1;
+                        continue;
+                    }
+                    quarantined(
+                        &mut summary,
+                        Rejection::event(e.reason(), &e.to_string()),
+                        sealing.seal(),
+                    )?;
                     continue;
                 }
             };
@@ -301,6 +319,7 @@ impl Router {
                             table: Some(&shown),
                             column: None,
                         },
+                        None,
                     )?;
                 }
                 continue;
@@ -316,12 +335,26 @@ impl Router {
                             table: Some(&table_name),
                             column: None,
                         },
+                        None,
                     )?;
                     continue;
                 }
             };
             let slots = &self.columns[t];
+            // Whose event this is, asked only on the way to the quarantine: an erased subject's
+            // event goes nowhere (as its rows), another is sealed under its subject's key.
+            let sealing = |summary: &mut Summary| -> Result<Option<Sealing>, WorkError> {
+                let sealing = self.sealing(t, &event, position)?;
+                if matches!(sealing, Sealing::Erased) {
+                    summary.erased_subject_rows += 1;
+                    return Ok(None);
+                }
+                Ok(Some(sealing))
+            };
             if let Some(column) = event.unavailable.iter().find(|c| slots.contains_key(c.as_ref())) {
+                let Some(sealing) = sealing(&mut summary)? else {
+                    continue;
+                };
                 quarantined(
                     &mut summary,
                     Rejection {
@@ -330,6 +363,7 @@ impl Router {
                         table: Some(&table_name),
                         column: Some(column),
                     },
+                    sealing.seal(),
                 )?;
                 continue;
             }
@@ -338,6 +372,9 @@ impl Router {
                 Some(text) => match schemas.get(text) {
                     Some(schema) => Some(schema),
                     None => {
+                        let Some(sealing) = sealing(&mut summary)? else {
+                            continue;
+                        };
                         quarantined(
                             &mut summary,
                             Rejection {
@@ -346,6 +383,7 @@ impl Router {
                                 table: Some(&table_name),
                                 column: None,
                             },
+                            sealing.seal(),
                         )?;
                         continue;
                     }
@@ -387,6 +425,9 @@ impl Router {
             }
             if let Some((reason, detail, column)) = rejected {
                 values.iter_mut().for_each(|v| *v = None);
+                let Some(sealing) = sealing(&mut summary)? else {
+                    continue;
+                };
                 quarantined(
                     &mut summary,
                     Rejection {
@@ -395,6 +436,7 @@ impl Router {
                         table: Some(&table_name),
                         column: Some(&column),
                     },
+                    sealing.seal(),
                 )?;
                 continue;
             }
@@ -429,6 +471,14 @@ impl Router {
                 let line_no = row_lines[t][reject.row];
                 let (start, end, line_end) = chunk.lines[line_no];
                 write_position(&mut position, &chunk.stream, line_end.end_offset);
+                let sealing = match reject.subject {
+                    Some(token) => self.sealing_of(token, t, &position)?,
+                    None => Sealing::Unknown,
+                };
+                if matches!(sealing, Sealing::Erased) {
+                    summary.erased_subject_rows += 1;
+                    continue;
+                }
                 *summary.quarantined.entry(reject.code.to_string()).or_default() += 1;
                 quarantine
                     .push(
@@ -441,6 +491,7 @@ impl Router {
                         &position,
                         &chunk.data[start..end],
                         line_end.len,
+                        sealing.seal(),
                     )
                     .map_err(|_| WorkError::Quarantine {
                         position: position.clone(),
@@ -521,6 +572,8 @@ impl Router {
                             &position,
                             line,
                             line_end.len,
+                            // Reading its subject could be what panicked: the system key.
+                            None,
                         )
                         .map_err(|_| WorkError::Quarantine {
                             position: position.clone(),
@@ -716,6 +769,43 @@ impl Router {
         Some(Route::Table(t))
     }
 
+    /// How an event of table `t` about to be quarantined is sealed: its subject read as ingest
+    /// reads it, then dropped if erased or sealed under the subject's key.
+    fn sealing(&self, t: usize, event: &Event<'_>, position: &str) -> Result<Sealing, WorkError> {
+        let transform = &self.transforms[t];
+        match event
+            .subject_text(&transform.policy().subject)
+            .and_then(|id| transform.subject_token(&id))
+        {
+            Some(token) => self.sealing_of(token, t, position),
+            None => Ok(Sealing::Unknown),
+        }
+    }
+
+    fn sealing_of(&self, token: Token, t: usize, position: &str) -> Result<Sealing, WorkError> {
+        let failed = |source: KeyError| WorkError::Transform {
+            table: self.transforms[t].policy().table.clone(),
+            position: position.to_string(),
+            source: TransformError::Keys(source),
+        };
+        if self.keys.erased_subjects(&[token.as_str()]).map_err(failed)?[0] {
+            return Ok(Sealing::Erased);
+        }
+        // No key: erased since the last tombstone refresh.
+        Ok(
+            match self
+                .keys
+                .subject_keys(&[token.as_str()])
+                .map_err(failed)?
+                .pop()
+                .flatten()
+            {
+                Some(key) => Sealing::Subject(token, key),
+                None => Sealing::Erased,
+            },
+        )
+    }
+
     /// Binds tables named without a database to the one their lake table already holds rows of.
     pub fn bind_databases(&self, known: impl IntoIterator<Item = (usize, String)>) {
         let mut bound = self.databases.lock().unwrap_or_else(|p| p.into_inner());
@@ -785,6 +875,24 @@ impl Router {
             }
         }
         Ok(text)
+    }
+}
+
+/// Whose key seals a quarantined event.
+enum Sealing {
+    /// An erased subject's: the event is dropped, not quarantined.
+    Erased,
+    Subject(Token, Arc<DataKey>),
+    /// No readable subject: the quarantine's system key.
+    Unknown,
+}
+
+impl Sealing {
+    fn seal(&self) -> Seal<'_> {
+        match self {
+            Sealing::Subject(token, key) => Some((token.as_str(), key)),
+            _ => None,
+        }
     }
 }
 
@@ -992,25 +1100,118 @@ type = "int64"
         let forged = "x\\\"} 1\\nsluice_erased_subjects 424242\\n";
         let long = "c".repeat(300);
         let lines = [
-            format!(r#"{{"op":"c","after":{{"id":1,"{forged}":1,"{long}":2,"plain_extra":3}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#),
-            format!(r#"{{"op":"c","after":{{"id":2,"{forged}":1}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#),
+            format!(
+                r#"{{"op":"c","after":{{"id":1,"{forged}":1,"{long}":2,"plain_extra":3}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#
+            ),
+            format!(
+                r#"{{"op":"c","after":{{"id":2,"{forged}":1}},"source":{{"schema":"public","table":"people","ts_ms":1}}}}"#
+            ),
             format!(r#"{{"op":"c","after":{{"id":3}},"source":{{"schema":"public","table":"{forged}","ts_ms":1}}}}"#),
         ];
-        let (_dir, router) = router_of(POLICY, InputSettings {
-            unknown_tables: UnknownTables::Quarantine,
-            ..InputSettings::default()
-        });
+        let (_dir, router) = router_of(
+            POLICY,
+            InputSettings {
+                unknown_tables: UnknownTables::Quarantine,
+                ..InputSettings::default()
+            },
+        );
         let out = router.process(&chunk(&lines), 0).unwrap();
         let dropped = &out.summary.dropped_columns["public.people"];
         assert_eq!(dropped.len(), 3, "{dropped:?}");
         assert_eq!(dropped["plain_extra"], 1);
         let hashed: Vec<_> = dropped.iter().filter(|(k, _)| k.starts_with('~')).collect();
         assert_eq!(hashed.len(), 2);
-        assert!(hashed.iter().any(|(_, n)| **n == 2), "one forged name counted twice: {hashed:?}");
+        assert!(
+            hashed.iter().any(|(_, n)| **n == 2),
+            "one forged name counted twice: {hashed:?}"
+        );
         let unknown: Vec<&String> = out.summary.unknown_tables.keys().collect();
-        assert!(unknown.len() == 1 && unknown[0].starts_with('~') && unknown[0].len() == 17, "{unknown:?}");
-        let quarantine = &out.outputs.iter().find(|(sink, _)| *sink == router.quarantine_sink()).unwrap().1;
+        assert!(
+            unknown.len() == 1 && unknown[0].starts_with('~') && unknown[0].len() == 17,
+            "{unknown:?}"
+        );
+        let quarantine = &out
+            .outputs
+            .iter()
+            .find(|(sink, _)| *sink == router.quarantine_sink())
+            .unwrap()
+            .1;
         assert!(!contains(quarantine, "424242") && contains(quarantine, unknown[0]));
+    }
+
+    #[test]
+    fn a_quarantined_event_is_sealed_under_its_subjects_key_and_an_erased_subjects_goes_nowhere() {
+        let (_dir, router) = router_of(POLICY, InputSettings::default());
+        let people = |id: u32, row: &str, extra: &str| {
+            format!(
+                r#"{{"op":"u","after":{{"id":{id},{row}}},"source":{{"schema":"public","table":"people"{extra}}}}}"#
+            )
+        };
+        let lines = [
+            // Unavailable, a lone surrogate, no event time: each quarantined before the engine.
+            people(7, r#""balance":3"#, r#","ts_ms":1,"sluice_unavailable":["email"]"#),
+            people(7, r#""email":"\ud800","balance":3"#, r#","ts_ms":1"#),
+            people(7, r#""balance":3"#, ""),
+            // A value error found by the engine.
+            people(7, r#""balance":"three""#, r#","ts_ms":1"#),
+            // Not JSON at all: nobody's, under the system key.
+            r#"{"op":"c","after":{"id":7,"#.to_string(),
+        ];
+        let token = router.transforms[0].subject_token("7").unwrap();
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        let quarantine = &out
+            .outputs
+            .iter()
+            .find(|(sink, _)| *sink == router.quarantine_sink())
+            .unwrap()
+            .1;
+        assert_eq!(quarantine.num_rows(), 5);
+        let text = |name: &str| {
+            quarantine
+                .column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone()
+        };
+        let (subjects, positions) = (text("_subject"), text("_position"));
+        let events = quarantine
+            .column_by_name("event_enc")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .unwrap();
+        let subject_key = router
+            .keys
+            .subject_keys(&[token.as_str()])
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
+        let unreadable = format!("s.jsonl:{}", lines.iter().map(|l| l.len()).sum::<usize>());
+        for i in 0..5 {
+            let aad = crate::quarantine::event_aad(positions.value(i));
+            if positions.value(i) == unreadable {
+                assert!(subjects.is_null(i));
+                assert!(router.quarantine_key.open(events.value(i), &aad).is_ok());
+                continue;
+            }
+            assert_eq!(subjects.value(i), token.as_str(), "row {i}");
+            assert!(
+                subject_key.open(events.value(i), &aad).is_ok(),
+                "row {i}: sealed under the subject's key"
+            );
+            assert!(router.quarantine_key.open(events.value(i), &aad).is_err(), "row {i}");
+        }
+
+        router
+            .keys
+            .erase_subjects("job", &[token.as_str().to_string()], 0)
+            .unwrap();
+        let out = router.process(&chunk(&lines), 0).unwrap();
+        assert_eq!(out.summary.erased_subject_rows, 4, "{:?}", out.summary);
+        assert_eq!(out.summary.quarantined_total(), 1, "only the unreadable one");
     }
 
     #[test]

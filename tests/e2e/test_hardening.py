@@ -181,3 +181,59 @@ def test_an_anonymizing_erasure_can_blank_exact_source_times(sluice_bin, tmp_pat
     assert blanked[0]["_ingested_at"].time() == datetime.time(0), blanked[0]["_ingested_at"]
     other = [r for r in rows if r["_subject"] != ""][0]
     assert other["_source_ts"].microsecond == 999000, "other rows keep their times"
+
+
+def test_the_quarantine_resurrects_no_erased_subject_and_seals_events_under_their_keys(sluice_bin, tmp_path):
+    """Events quarantined before the tombstone check (`unavailable_value`, a lone surrogate,
+    a bad time) came back after an erasure on a replay, all under one system key."""
+    config = pipeline(tmp_path)
+    victim = dict(VICTIM)
+    poison = [
+        event(dict(victim, email="__debezium_unavailable_value"), 1709622489123, op="u"),
+        event(dict(victim, postcode="\ud800"), 1709622489124, op="u"),
+        event(victim, 99_999_999_999_999, op="u"),  # year 5138: outside the time window
+    ]
+    lines = [event(victim, 1709622489122)] + poison + [event(person(1), 1709622489125)]
+    write_events(tmp_path, lines)
+    run(sluice_bin, "run", "--config", config, "--once")
+    quarantine = tmp_path / "lake" / "quarantine"
+    rows = read_delta(quarantine).to_pylist()
+    assert sorted(r["reason"] for r in rows) == ["bad_timestamp", "malformed_json", "unavailable_value"], rows
+    token = read_delta(tmp_path / "lake" / "tables" / "people").to_pylist()[0]["_subject"]
+    assert {r["_subject"] for r in rows} == {token}, "each sealed under the subject's key, found by its token"
+
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042")
+    assert result.returncode == 0, result.stderr
+    assert receipt["tables"]["quarantine"]["rows_removed"] == 3 and receipt["review_quarantined"] == []
+    assert read_delta(quarantine).num_rows == 0
+
+    # A replay of the same events (another stream): nothing of theirs comes back, anywhere.
+    write_events(tmp_path, lines, name="replay.jsonl")
+    summary = tmp_path / "replay.json"
+    run(sluice_bin, "run", "--config", config, "--once", "--summary-json", summary)
+    replay = json.loads(summary.read_text())
+    assert replay["erased_subject_rows"] == 4 and replay["quarantined"] == {}, replay
+    assert read_delta(quarantine).num_rows == 0
+
+
+def test_an_erasure_does_not_pass_while_unattributable_events_name_the_subject(sluice_bin, tmp_path):
+    """An event `forget` cannot attribute (a table no policy names) was kept while the
+    verification passed."""
+    config = pipeline(tmp_path)
+    stranger = json.dumps({"before": None, "after": {"id": "C0042", "note": "x"}, "op": "c", "ts_ms": 1709622489123,
+                           "source": {"db": "crm", "schema": "public", "table": "letters", "ts_ms": 1709622489123}})
+    write_events(tmp_path, [event(VICTIM, 1709622489122), stranger, "{not json, C0042 wrote this"])
+    run(sluice_bin, "run", "--config", config, "--once")
+    quarantine = tmp_path / "lake" / "quarantine"
+    assert read_delta(quarantine).num_rows == 2
+
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042", check=False)
+    assert result.returncode == 1, result.stderr
+    assert len(receipt["review_quarantined"]) == 2, "the unknown table's event and the unreadable one"
+    assert any("cannot be attributed" in f for f in receipt["verification"]["findings"]), receipt["verification"]
+    assert read_delta(quarantine).num_rows == 2, "kept until a person decides"
+
+    # Looked at: it is theirs.
+    result, receipt = forget(sluice_bin, config, "--subject", "C0042", "--unattributed", "delete")
+    assert receipt["verification"]["passed"], receipt["verification"]
+    assert read_delta(quarantine).num_rows == 0

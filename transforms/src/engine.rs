@@ -58,6 +58,9 @@ pub struct RowReject {
     pub code: &'static str,
     /// Fixed human text, e.g. "not a date".
     pub reason: &'static str,
+    /// The row's subject token, when it has one: the quarantine seals the event under the
+    /// subject's key, so an erasure shreds it too.
+    pub subject: Option<Token>,
 }
 
 pub struct Transformed {
@@ -158,6 +161,11 @@ impl TableTransform {
         &self.policy
     }
 
+    /// The subject token of a subject id as ingest reads it; `None` for a blank one.
+    pub fn subject_token(&self, id: &str) -> Option<Token> {
+        (!canonical_identifier(id).is_empty()).then(|| self.subject_tokenizer.token(id))
+    }
+
     /// Schema of the analytic table: data columns, then [`META_COLUMNS`].
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
@@ -183,10 +191,7 @@ impl TableTransform {
         let mut rejects = Vec::new();
         let subjects: Vec<Option<Token>> = raw.columns[self.subject_input]
             .iter()
-            .map(|v| {
-                v.filter(|s| !canonical_identifier(s).is_empty())
-                    .map(|s| self.subject_tokenizer.token(s))
-            })
+            .map(|v| v.and_then(|s| self.subject_token(s)))
             .collect();
         for (row, s) in subjects.iter().enumerate() {
             if s.is_none() && raw.ops[row] != Op::Truncate {
@@ -195,6 +200,7 @@ impl TableTransform {
                     column: self.policy.subject.clone(),
                     code: "missing_subject",
                     reason: "subject column is null, blank or missing",
+                    subject: None,
                 });
             }
         }
@@ -274,6 +280,7 @@ impl TableTransform {
                 column: column.to_string(),
                 code: "type_mismatch",
                 reason,
+                subject: subjects[row],
             }));
         }
         columns.extend(meta_columns(raw, &subjects, ingested_at_us));

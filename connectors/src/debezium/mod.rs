@@ -84,17 +84,29 @@ pub struct DecodeOptions {
     /// Event times (ms since the epoch) outside `[min, max)` are not plausible: the event is
     /// rejected (`bad_timestamp`) rather than written into a partition of year 54,000.
     pub event_time_window_ms: (i64, i64),
+    /// Whether an event without a time is read all the same (its time 0): only to attribute.
+    pub time_optional: bool,
 }
 
 impl DecodeOptions {
     /// 1900-01-01 and 2200-01-01.
     pub const DEFAULT_EVENT_TIME_WINDOW_MS: (i64, i64) = (-2_208_988_800_000, 7_258_118_400_000);
+
+    /// Every structurally readable event, whatever its time: to find whose an event already
+    /// refused is (an erased subject's is dropped, not quarantined; an erasure attributes it).
+    pub fn any_time() -> Self {
+        Self {
+            event_time_window_ms: (i64::MIN, i64::MAX),
+            time_optional: true,
+        }
+    }
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         Self {
             event_time_window_ms: Self::DEFAULT_EVENT_TIME_WINDOW_MS,
+            time_optional: false,
         }
     }
 }
@@ -142,6 +154,19 @@ impl Event<'_> {
             out.push('.');
         }
         out.push_str(&self.table);
+    }
+}
+
+impl<'a> Event<'a> {
+    /// The text of `column` in the row image, else in the before image: how a subject id is
+    /// read wherever it is (ingest's quarantine, an erasure attributing a quarantined event).
+    /// `None` when absent, null or not readable as JSON text.
+    pub fn subject_text(&self, column: &str) -> Option<Cow<'a, str>> {
+        [Some(&self.image), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|row| row.get(column))
+            .find_map(|raw| value_text(raw).ok().flatten().map(Sensitive::into_inner))
     }
 }
 
@@ -294,6 +319,7 @@ fn decoded<'a>(
     let event_ms = positive(source.ts_ms)
         .or(positive(env.ts_ms))
         .filter(|t| (options.event_time_window_ms.0..options.event_time_window_ms.1).contains(t))
+        .or(options.time_optional.then_some(0))
         .ok_or(DecodeError::BadTimestamp)?;
     let (image, previous) = match op {
         Op::Truncate => (Row::default(), None),
@@ -530,6 +556,7 @@ mod tests {
         }
         let narrow = DecodeOptions {
             event_time_window_ms: (0, 1000),
+            ..DecodeOptions::default()
         };
         assert!(decode(
             br#"{"op":"c","after":{"id":1},"source":{"table":"t","ts_ms":999}}"#,

@@ -361,14 +361,42 @@ fn sibling_path(old: &str) -> String {
     }
 }
 
+/// The matcher's columns a file has, and those it lacks. Only `_subject` may be missing: a
+/// column added to the quarantine later (schema evolution), null in older files.
+fn matcher_columns(schema: &arrow_schema::Schema, matcher: &RowMatcher) -> Result<(Vec<usize>, Vec<String>), String> {
+    let mut present = Vec::new();
+    let mut missing = Vec::new();
+    for c in &matcher.columns {
+        match schema.index_of(c) {
+            Ok(i) => present.push(i),
+            Err(_) if c == EVOLVED_SUBJECT_COLUMN => missing.push(c.clone()),
+            Err(_) => return Err(format!("column {c} is missing")),
+        }
+    }
+    Ok((present, missing))
+}
+
+/// A text column tables gained after files were written: matchers see it as null there.
+const EVOLVED_SUBJECT_COLUMN: &str = "_subject";
+
+/// `batch` (matched columns only) with the `missing` ones added as nulls.
+fn with_missing(batch: RecordBatch, missing: &[String]) -> Result<RecordBatch, String> {
+    if missing.is_empty() {
+        return Ok(batch);
+    }
+    let mut fields: Vec<arrow_schema::FieldRef> = batch.schema().fields().iter().cloned().collect();
+    let mut columns = batch.columns().to_vec();
+    for name in missing {
+        fields.push(Arc::new(arrow_schema::Field::new(name, DataType::Utf8, true)));
+        columns.push(new_null_array(&DataType::Utf8, batch.num_rows()));
+    }
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).map_err(|e| e.to_string())
+}
+
 pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
     let schema = builder.schema().clone();
-    let indices: Vec<usize> = matcher
-        .columns
-        .iter()
-        .map(|c| schema.index_of(c).map_err(|_| format!("column {c} is missing")))
-        .collect::<Result<_, _>>()?;
+    let (indices, missing) = matcher_columns(&schema, matcher)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
     let reader = builder
         .with_projection(mask)
@@ -377,7 +405,7 @@ pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMat
         .map_err(|e| e.to_string())?;
     let mut n = 0;
     for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
+        let batch = with_missing(batch.map_err(|e| e.to_string())?, &missing)?;
         n += (matcher.matches)(&batch)?.true_count() as u64;
     }
     Ok(n)
@@ -396,17 +424,10 @@ pub(crate) fn rewrite<T: ChunkReader + 'static>(
     let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(writer_properties(&schema)))
         .map_err(|e| e.to_string())?;
     let mut rows = 0u64;
+    let (indices, missing) = matcher_columns(&schema, matcher)?;
     for batch in reader {
         let batch = batch.map_err(|e| e.to_string())?;
-        let projected = batch
-            .project(
-                &matcher
-                    .columns
-                    .iter()
-                    .map(|c| schema.index_of(c).map_err(|_| format!("column {c} is missing")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
-            .map_err(|e| e.to_string())?;
+        let projected = with_missing(batch.project(&indices).map_err(|e| e.to_string())?, &missing)?;
         let matched = (matcher.matches)(&projected)?;
         let out = match treatment {
             Treatment::Delete => {

@@ -490,7 +490,7 @@ pub async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHisto
     .await
     .map_err(err)?;
     Ok(DroppedHistory {
-        checkpoint_version: version as u64,
+        checkpoint_version: version,
         log_files_deleted: log_files_deleted as u64,
         data_files_deleted,
     })
