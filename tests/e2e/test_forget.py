@@ -147,12 +147,14 @@ def envelope(table, op, before, after, ts):
     return json.dumps({"before": before, "after": after, "source": {"db": "clinic", "schema": "public", "table": table, "ts_ms": ts}, "op": op, "ts_ms": ts})
 
 
-def unwrap(wrapped, key_id):
-    """A data key, unwrapped with the (test-only) master key: format 0x01 | id | nonce | ct+tag."""
+def unwrap(wrapped, key_id, owner, purpose="subject"):
+    """A data key, unwrapped with the (test-only) master key: format 0x01 | id | nonce | ct+tag,
+    bound to its id and to whose it is (a subject's token, or a system key's name)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     master = bytes.fromhex(MASTER_KEY.read_text().strip())
-    return AESGCM(master).decrypt(wrapped[17:29], wrapped[29:], b"sluice:keywrap:v1\0" + key_id)
+    aad = b"sluice:keywrap:v2\0" + key_id + purpose.encode() + b"\0" + owner.encode()
+    return AESGCM(master).decrypt(wrapped[17:29], wrapped[29:], aad)
 
 
 def open_field(key, envelope_bytes, table, column, token):
@@ -234,7 +236,7 @@ def test_forget_one_subject_everywhere_with_the_key_store_on_postgres(sluice_bin
     # Copied aside before the job: the victim's ciphertexts and their key as stored. A positive
     # control first: with the key, they open.
     (key_id, wrapped), = pg.execute("SELECT k.id, k.wrapped FROM sluice_keys.subject_keys s JOIN sluice_keys.keys k ON k.id = s.key_id WHERE s.token = %s", (token,))
-    key = unwrap(bytes(wrapped), bytes(key_id))
+    key = unwrap(bytes(wrapped), bytes(key_id), token)
     saved = [(r["table"], r["column"], r["ciphertext"]) for r in vault_before if r["subject_token"] == token]
     saved += [("people", "phone", r["phone_enc"]) for r in victim_rows["people"]]
     opened = {open_field(key, ct, t, c, token) for t, c, ct in saved}
@@ -324,7 +326,10 @@ def test_forget_one_subject_everywhere_with_the_key_store_on_postgres(sluice_bin
     # the victim's values. (A positive control: another person's values are in the dump.)
     dump = tmp_path / "decrypted"
     dump.mkdir()
-    stored = dict((bytes(i), bytes(w)) for i, w in pg.execute("SELECT id, wrapped FROM sluice_keys.keys"))
+    stored = {bytes(i): (bytes(w), "subject" if t else "system", t or n) for i, w, t, n in pg.execute(
+        "SELECT k.id, k.wrapped, s.token, y.name FROM sluice_keys.keys k LEFT JOIN sluice_keys.subject_keys s ON s.key_id = k.id"
+        " LEFT JOIN sluice_keys.system_keys y ON y.key_id = k.id")}
+    key_of = lambda kid: unwrap(stored[kid][0], kid, stored[kid][2], stored[kid][1])  # noqa: E731
     plain = []
     envelopes = [(r["table"], r["column"], r["subject_token"], r["ciphertext"]) for r in read_delta(lake / "vault").to_pylist()]
     for r in read_delta(lake / "tables" / "people").to_pylist():
@@ -332,12 +337,10 @@ def test_forget_one_subject_everywhere_with_the_key_store_on_postgres(sluice_bin
     envelopes += [(t, c, token, ct) for t, c, ct in saved]
     for t, c, subject, ct in envelopes:
         if ct[1:17] in stored:
-            plain.append(open_field(unwrap(stored[ct[1:17]], ct[1:17]), ct, t, c, subject))
-    # The quarantine's raw events, under the quarantine system key.
-    (qid, qwrapped), = pg.execute("SELECT k.id, k.wrapped FROM sluice_keys.system_keys s JOIN sluice_keys.keys k ON k.id = s.key_id WHERE s.name = 'quarantine'")
-    quarantine_key = unwrap(bytes(qwrapped), bytes(qid))
+            plain.append(open_field(key_of(ct[1:17]), ct, t, c, subject))
+    # The quarantine's raw events, under their subject's key or the quarantine system key.
     for q in read_delta(lake / "quarantine").to_pylist():
-        plain.append(open_field(quarantine_key, q["event_enc"], "_quarantine", "event", q["_position"]))
+        plain.append(open_field(key_of(q["event_enc"][1:17]), q["event_enc"], "_quarantine", "event", q["_position"]))
     assert any(other["full_name"] in p for p in plain[-3:]), "positive control: quarantined events open"
     (dump / "plaintexts.txt").write_text("\n".join(plain))
     assert other["full_name"] in plain

@@ -76,34 +76,57 @@ impl MasterKey {
         Ok(Self(DataKey::new(id, &material)?))
     }
 
-    fn wrap(&self, key_id: &[u8; KEY_ID_LEN], material: &[u8; KEY_LEN]) -> Result<Vec<u8>, CryptoError> {
-        self.0.seal(material, &wrap_aad(key_id))
+    fn wrap(
+        &self,
+        key_id: &[u8; KEY_ID_LEN],
+        material: &[u8; KEY_LEN],
+        owner: Owner<'_>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.0.seal(material, &wrap_aad(key_id, owner))
     }
 
-    fn unwrap_material(&self, key_id: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, KeyStoreError> {
+    fn unwrap_material(&self, key_id: &[u8], wrapped: &[u8], owner: Owner<'_>) -> Result<KeyMaterial, KeyStoreError> {
         let id: [u8; KEY_ID_LEN] = key_id.try_into().map_err(|_| CryptoError::KeyLength)?;
-        let material = self.0.open(wrapped, &wrap_aad(&id))?;
+        let material = self.0.open(wrapped, &wrap_aad(&id, owner))?;
         let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
         Ok((id, material))
     }
 
-    /// A fresh key and its wrapped form, for a backend to store.
-    fn mint(&self) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError> {
+    /// A fresh key for `owner` and its wrapped form, for a backend to store.
+    fn mint(&self, owner: Owner<'_>) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError> {
         let (id, material) = generate_key()?;
-        let wrapped = self.wrap(&id, &material)?;
+        let wrapped = self.wrap(&id, &material, owner)?;
         Ok(((id, material), wrapped))
     }
 }
 
-fn wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
+/// Whose a key is: a subject (by token) or a system name (`token`, `quarantine`, …).
+type Owner<'a> = (Names, &'a str);
+
+/// What a wrapped key is bound to: its id, and whose it is and for what. Someone who can write
+/// the store but has no master key cannot swap two subjects' keys, or point the token key (or
+/// any system key) at a subject's: the swapped key does not unwrap under its new owner.
+fn wrap_aad(key_id: &[u8; KEY_ID_LEN], (names, owner): Owner<'_>) -> Vec<u8> {
+    let purpose: &[u8] = match names {
+        Names::Subjects => b"subject\0",
+        Names::System => b"system\0",
+    };
+    [b"sluice:keywrap:v2\0".as_slice(), key_id, purpose, owner.as_bytes()].concat()
+}
+
+/// Before v2 a wrap bound the key id only: read once, to rewrap (see [`KeyStore::open`]).
+fn legacy_wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
     [b"sluice:keywrap:v1\0".as_slice(), key_id].concat()
 }
+
+/// Marks a store whose keys are all wrapped bound to their owners (a system name: no key).
+const REWRAPPED_MARKER: &str = "keywrap-v2";
 
 /// A key's id and its unwrapped bytes.
 type KeyMaterial = ([u8; KEY_ID_LEN], [u8; KEY_LEN]);
 
 /// Which name table a key is looked up in.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Names {
     Subjects,
     System,
@@ -184,6 +207,7 @@ impl KeyStore {
         };
         // A store created under one master key must refuse another, instead of minting fresh
         // keys that would silently split the lake in two.
+        store.rewrap_legacy()?;
         match store.system_key("master-check") {
             Ok(_) => Ok(store),
             Err(KeyStoreError::Crypto(CryptoError::Authentication)) => {
@@ -191,6 +215,53 @@ impl KeyStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Keys wrapped by an older sluice bound their id only: rewrapped once, bound to their
+    /// owners, page by page; then the store is marked and no legacy wrap is accepted again (a
+    /// backup's legacy copy cannot be slipped back in). Idempotent: two daemons opening at
+    /// once, or one killed halfway, rewrap what is left.
+    fn rewrap_legacy(&self) -> Result<(), KeyStoreError> {
+        if backend!(self, db => db.has_system_name(REWRAPPED_MARKER)).map_err(|m| self.err(m))? {
+            return Ok(());
+        }
+        let mut after: Vec<u8> = Vec::new();
+        let (mut rewrapped, mut foreign) = (0u64, 0u64);
+        loop {
+            let page = backend!(self, db => db.wrapped_page(&after, 10_000)).map_err(|m| self.err(m))?;
+            let Some(last) = page.last() else { break };
+            after = last.id.clone();
+            for key in &page {
+                let Some(owner) = key.owner() else { continue };
+                let id: [u8; KEY_ID_LEN] = key.id.as_slice().try_into().map_err(|_| CryptoError::KeyLength)?;
+                if self.master.0.open(&key.wrapped, &wrap_aad(&id, owner)).is_ok() {
+                    continue;
+                }
+                let material = match self.master.0.open(&key.wrapped, &legacy_wrap_aad(&id)) {
+                    Ok(m) => m,
+                    // Another master key's (`open` reports it as such just after), or tampered.
+                    Err(CryptoError::Authentication) => {
+                        foreign += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let material: [u8; KEY_LEN] = material.try_into().map_err(|_| CryptoError::KeyLength)?;
+                let wrapped = self.master.wrap(&id, &material, owner)?;
+                backend!(self, db => db.replace_wrapped(&id, &key.wrapped, &wrapped)).map_err(|m| self.err(m))?;
+                rewrapped += 1;
+            }
+        }
+        if rewrapped > 0 {
+            tracing::info!(
+                keys = rewrapped,
+                "rewrapped keys of an older sluice, bound to their owners"
+            );
+        }
+        if foreign == 0 {
+            self.resolve(Names::System, &[REWRAPPED_MARKER])?;
+        }
+        Ok(())
     }
 
     /// How often tombstones are re-read (the bound on a cached key outliving its erasure).
@@ -219,10 +290,10 @@ impl KeyStore {
 
     /// Any key by the id an envelope names (system or subject), for decryption by audited tools.
     pub fn key_by_id(&self, id: &[u8; KEY_ID_LEN]) -> Result<Option<DataKey>, KeyStoreError> {
-        let wrapped = backend!(self, db => db.wrapped_by_id(id.as_slice())).map_err(|m| self.err(m))?;
-        match wrapped {
-            Some(w) => {
-                let (id, material) = self.master.unwrap_material(id, &w)?;
+        let stored = backend!(self, db => db.wrapped_by_id(id.as_slice())).map_err(|m| self.err(m))?;
+        match stored.as_ref().and_then(|k| k.owner().map(|owner| (k, owner))) {
+            Some((k, owner)) => {
+                let (id, material) = self.master.unwrap_material(id, &k.wrapped, owner)?;
                 Ok(Some(DataKey::new(id, &material)?))
             }
             None => Ok(None),
@@ -298,13 +369,16 @@ impl KeyStore {
     /// daemons racing for a subject, the first commit wins and the other reads its key. A
     /// subject with a tombstone gets `None`: an erased subject never gets a new key.
     fn resolve(&self, names: Names, wanted: &[&str]) -> Result<Vec<Option<KeyMaterial>>, KeyStoreError> {
-        let rows = backend!(self, db => db.resolve(names, wanted, &|| self.master.mint())).map_err(|e| match e {
-            ResolveError::Store(m) => self.err(m),
-            ResolveError::Key(k) => k,
-        })?;
+        let rows = backend!(self, db => db.resolve(names, wanted, &|owner| self.master.mint((names, owner)))).map_err(
+            |e| match e {
+                ResolveError::Store(m) => self.err(m),
+                ResolveError::Key(k) => k,
+            },
+        )?;
         rows.into_iter()
-            .map(|row| match row {
-                Resolved::Existing(id, wrapped) => self.master.unwrap_material(&id, &wrapped).map(Some),
+            .zip(wanted)
+            .map(|(row, owner)| match row {
+                Resolved::Existing(id, wrapped) => self.master.unwrap_material(&id, &wrapped, (names, owner)).map(Some),
                 Resolved::Created(material) => Ok(Some(material)),
                 Resolved::Erased => Ok(None),
             })
@@ -328,8 +402,26 @@ enum ResolveError {
     Key(KeyStoreError),
 }
 
-/// Makes a new key: its material and wrapped form.
-type Mint<'a> = &'a dyn Fn() -> Result<(KeyMaterial, Vec<u8>), KeyStoreError>;
+/// Makes a new key for the name given: its material and wrapped form.
+type Mint<'a> = &'a dyn Fn(&str) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError>;
+
+/// A key as stored, with whose it is (none: an orphan no name points at).
+struct StoredKey {
+    id: Vec<u8>,
+    wrapped: Vec<u8>,
+    subject: Option<String>,
+    system: Option<String>,
+}
+
+impl StoredKey {
+    fn owner(&self) -> Option<Owner<'_>> {
+        match (&self.subject, &self.system) {
+            (Some(token), _) => Some((Names::Subjects, token)),
+            (None, Some(name)) => Some((Names::System, name)),
+            (None, None) => None,
+        }
+    }
+}
 
 impl KeyProvider for KeyStore {
     fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
@@ -411,6 +503,65 @@ mod tests {
     }
 
     #[test]
+    fn a_key_moved_to_another_owner_does_not_unwrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let sql = |statement: &str| {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute_batch(statement)
+                .unwrap();
+        };
+        {
+            let store = open(&path);
+            store.subject_keys(&["a", "b", "c"]).unwrap();
+            store.tokenizer().unwrap();
+        }
+        // Someone who can write the store, without the master key: swaps two subjects' keys…
+        sql("UPDATE subject_keys SET key_id = (SELECT key_id FROM subject_keys WHERE token = 'b') WHERE token = 'a';");
+        assert!(open(&path).subject_keys(&["a"]).is_err(), "b's key for a's data");
+        // …or points the token key at a subject's.
+        sql(
+            "UPDATE system_keys SET key_id = (SELECT key_id FROM subject_keys WHERE token = 'c') WHERE name = 'token';",
+        );
+        assert!(open(&path).tokenizer().is_err());
+        assert!(open(&path).subject_keys(&["c"]).is_ok(), "the key itself is intact");
+    }
+
+    #[test]
+    fn keys_of_an_older_sluice_are_rewrapped_bound_to_their_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let before = open(&path).subject_keys(&["a"]).unwrap()[0].clone().unwrap();
+        let envelope = before.seal(b"secret", b"ctx").unwrap();
+        // As an older sluice wrapped it: bound to the key id only, and no marker.
+        {
+            let store = open(&path);
+            let Backend::Sqlite(db) = &mut *store.db.lock().unwrap() else {
+                unreachable!()
+            };
+            let stored = db.wrapped_by_id(before.id()).unwrap().unwrap();
+            let (id, material) = store
+                .master
+                .unwrap_material(&stored.id, &stored.wrapped, (Names::Subjects, "a"))
+                .unwrap();
+            let legacy = store.master.0.seal(&material, &legacy_wrap_aad(&id)).unwrap();
+            db.replace_wrapped(&id, &stored.wrapped, &legacy).unwrap();
+        }
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("DELETE FROM system_keys WHERE name = ?1", [REWRAPPED_MARKER])
+            .unwrap();
+        let store = open(&path);
+        let after = store.subject_keys(&["a"]).unwrap()[0].clone().unwrap();
+        assert_eq!(after.open(&envelope, b"ctx").unwrap(), b"secret");
+        let Backend::Sqlite(db) = &mut *store.db.lock().unwrap() else {
+            unreachable!()
+        };
+        assert!(db.has_system_name(REWRAPPED_MARKER).unwrap());
+    }
+
+    #[test]
     fn keys_persist_are_per_subject_and_need_the_right_master() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.db");
@@ -461,7 +612,7 @@ mod tests {
         let envelope = key[0].as_ref().unwrap().seal(b"secret", b"ctx").unwrap();
         // The wrapped key as stored, to look for its bytes in the files afterwards.
         let wrapped = match &mut *store.db.lock().unwrap() {
-            Backend::Sqlite(db) => db.wrapped_by_id(&id).unwrap().unwrap(),
+            Backend::Sqlite(db) => db.wrapped_by_id(&id).unwrap().unwrap().wrapped,
             Backend::Postgres(_) => unreachable!(),
         };
         assert_eq!(store.erased(&["gone"]).unwrap(), vec![false]);

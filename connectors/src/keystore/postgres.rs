@@ -3,7 +3,7 @@
 
 use postgres::{Client, NoTls};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved};
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey};
 use crate::postgres::describe;
 
 /// Where the PostgreSQL key store is. The password comes from the environment, never a file.
@@ -39,6 +39,15 @@ pub(super) struct PgStore {
 
 fn e(err: postgres::Error) -> String {
     describe(&err)
+}
+
+fn stored_key(r: &postgres::Row) -> StoredKey {
+    StoredKey {
+        id: r.get(0),
+        wrapped: r.get(1),
+        subject: r.get(2),
+        system: r.get(3),
+    }
 }
 
 impl PgStore {
@@ -147,7 +156,7 @@ impl PgStore {
             } else if let Some(material) = created.get(*w) {
                 Resolved::Created(*material)
             } else {
-                let (material, wrapped) = mint().map_err(ResolveError::Key)?;
+                let (material, wrapped) = mint(w).map_err(ResolveError::Key)?;
                 tx.execute(&insert_key, &[&material.0.as_slice(), &wrapped])
                     .map_err(store)?;
                 tx.execute(&insert_name, &[w, &material.0.as_slice()]).map_err(store)?;
@@ -161,15 +170,37 @@ impl PgStore {
         Ok(out)
     }
 
-    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        let row = self
-            .client
-            .query_opt(
-                &format!("SELECT wrapped FROM {}.keys WHERE id = $1", self.schema),
-                &[&id],
-            )
-            .map_err(e)?;
-        Ok(row.map(|r| r.get(0)))
+    /// A key with the names that point at it.
+    fn stored_keys(&self) -> String {
+        let s = &self.schema;
+        format!("SELECT k.id, k.wrapped, n.token, y.name FROM {s}.keys k LEFT JOIN {s}.subject_keys n ON n.key_id = k.id LEFT JOIN {s}.system_keys y ON y.key_id = k.id")
+    }
+
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, String> {
+        let select = format!("{} WHERE k.id = $1", self.stored_keys());
+        let row = self.client.query_opt(&select, &[&id]).map_err(e)?;
+        Ok(row.map(|r| stored_key(&r)))
+    }
+
+    /// Stored keys in id order, after `after` (empty: from the first).
+    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, String> {
+        let select = format!("{} WHERE k.id > $1 ORDER BY k.id LIMIT $2", self.stored_keys());
+        let rows = self.client.query(&select, &[&after, &limit]).map_err(e)?;
+        Ok(rows.iter().map(stored_key).collect())
+    }
+
+    /// Replaces a key's wrapped form if it is still `old` (a concurrent rewrap wins).
+    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), String> {
+        let update = format!(
+            "UPDATE {}.keys SET wrapped = $3 WHERE id = $1 AND wrapped = $2",
+            self.schema
+        );
+        self.client.execute(&update, &[&id, &old, &new]).map(|_| ()).map_err(e)
+    }
+
+    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, String> {
+        let select = format!("SELECT 1 FROM {}.system_keys WHERE name = $1", self.schema);
+        Ok(self.client.query_opt(&select, &[&name]).map_err(e)?.is_some())
     }
 
     pub(super) fn subject_count(&mut self) -> Result<u64, String> {

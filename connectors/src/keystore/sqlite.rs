@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved};
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
@@ -17,6 +17,19 @@ CREATE TABLE IF NOT EXISTS tombstones (seq INTEGER PRIMARY KEY AUTOINCREMENT, to
                                        key_destroyed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
 ";
+
+/// A key with the names that point at it.
+const STORED_KEYS: &str = "SELECT k.id, k.wrapped, s.token, y.name FROM keys k \
+     LEFT JOIN subject_keys s ON s.key_id = k.id LEFT JOIN system_keys y ON y.key_id = k.id";
+
+fn stored_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    Ok(StoredKey {
+        id: r.get(0)?,
+        wrapped: r.get(1)?,
+        subject: r.get(2)?,
+        system: r.get(3)?,
+    })
+}
 
 /// Runs `f` again while SQLite answers "busy" without having waited, up to 30 s.
 fn retry_while_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
@@ -104,7 +117,7 @@ impl SqliteStore {
                     Some((id, wrapped)) => Resolved::Existing(id, wrapped),
                     None if names == Names::Subjects && tombstone.exists([name]).map_err(store)? => Resolved::Erased,
                     None => {
-                        let (material, wrapped) = mint().map_err(ResolveError::Key)?;
+                        let (material, wrapped) = mint(name).map_err(ResolveError::Key)?;
                         insert_key
                             .execute(params![material.0.as_slice(), wrapped])
                             .map_err(store)?;
@@ -121,10 +134,41 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, String> {
         self.db
-            .query_row("SELECT wrapped FROM keys WHERE id = ?1", [id], |r| r.get(0))
+            .query_row(&format!("{STORED_KEYS} WHERE k.id = ?1"), [id], stored_key)
             .optional()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Stored keys in id order, after `after` (empty: from the first).
+    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, String> {
+        let mut select = self
+            .db
+            .prepare(&format!("{STORED_KEYS} WHERE k.id > ?1 ORDER BY k.id LIMIT ?2"))
+            .map_err(|e| e.to_string())?;
+        let rows = select
+            .query_map(params![after, limit], stored_key)
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+
+    /// Replaces a key's wrapped form if it is still `old` (a concurrent rewrap wins).
+    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), String> {
+        self.db
+            .execute(
+                "UPDATE keys SET wrapped = ?3 WHERE id = ?1 AND wrapped = ?2",
+                params![id, old, new],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, String> {
+        self.db
+            .query_row("SELECT 1 FROM system_keys WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
             .map_err(|e| e.to_string())
     }
 
