@@ -240,6 +240,8 @@ struct RawSource {
     path: Option<String>,
     #[serde(default = "default_poll_ms")]
     poll_ms: u64,
+    #[serde(default)]
+    follow_symlinks: bool,
     // kafka
     brokers: Option<String>,
     group_id: Option<String>,
@@ -517,7 +519,14 @@ pub struct PostgresSourceConfig {
 
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
-    File { path: PathBuf, poll_ms: u64 },
+    File {
+        path: PathBuf,
+        poll_ms: u64,
+        /// Whether symbolic links inside a source directory are followed.
+        follow_symlinks: bool,
+        /// Where each file stream's fingerprint is recorded (beside the embedded key store).
+        fingerprints: PathBuf,
+    },
     Kafka(KafkaSourceConfig),
     Kinesis(KinesisSourceConfig),
     Postgres(PostgresSourceConfig),
@@ -1076,6 +1085,8 @@ fn source_config(
         "file" => SourceConfig::File {
             path: resolve(&required(&raw.path, "source.path")?),
             poll_ms: raw.poll_ms,
+            follow_symlinks: raw.follow_symlinks,
+            fingerprints: spool_base.join("file-streams").join(format!("{name}.json")),
         },
         "kinesis" => {
             let worker_count = raw.worker_count.unwrap_or(1);

@@ -429,14 +429,20 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 schedule_compaction(&cfg);
             }
             let summary = match &cfg.source {
-                config::SourceConfig::File { path, poll_ms } => {
+                config::SourceConfig::File {
+                    path,
+                    poll_ms,
+                    follow_symlinks,
+                    fingerprints,
+                } => {
                     let mut source = source::file::FileSource::new(
                         path.clone(),
                         cfg.input.max_event_bytes,
                         cfg.workers.chunk_events,
                         once,
                         Duration::from_millis(*poll_ms),
-                    );
+                    )
+                    .with_files(*follow_symlinks, fingerprints.clone());
                     runtime::run(&cfg, &mut source)?
                 }
                 config::SourceConfig::Kafka(k) => {

@@ -237,3 +237,28 @@ def test_an_erasure_does_not_pass_while_unattributable_events_name_the_subject(s
     result, receipt = forget(sluice_bin, config, "--subject", "C0042", "--unattributed", "delete")
     assert receipt["verification"]["passed"], receipt["verification"]
     assert read_delta(quarantine).num_rows == 0
+
+
+def test_a_replaced_source_file_stops_the_run_and_a_linked_directory_is_not_read_twice(sluice_bin, tmp_path):
+    """A file replaced by one at least as long was read from the committed offset (the middle
+    of another file); a symbolic link to a directory of the source listed its files again."""
+    config = pipeline(tmp_path)
+    events = tmp_path / "events"
+    (events / "2024").mkdir()
+    (events / "2024" / "people.jsonl").write_text("".join(event(person(i), 1709622489000 + i) + "\n" for i in range(3)))
+    (events / "latest").symlink_to(events / "2024")
+    run(sluice_bin, "run", "--config", config, "--once")
+    people = tmp_path / "lake" / "tables" / "people"
+    assert read_delta(people).num_rows == 3, "the linked directory is not read a second time"
+
+    # Appending is fine.
+    with open(events / "2024" / "people.jsonl", "a") as f:
+        f.write(event(person(3), 1709622489003) + "\n")
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert read_delta(people).num_rows == 4
+
+    # Replaced by another, longer file under the same name: an error naming it, nothing read.
+    (events / "2024" / "people.jsonl").write_text("".join(event(person(i), 1709622489100 + i) + "\n" for i in range(10, 20)))
+    failed = run(sluice_bin, "run", "--config", config, "--once", check=False)
+    assert failed.returncode != 0 and "2024/people.jsonl" in failed.stderr and "replaced" in failed.stderr, failed.stderr
+    assert read_delta(people).num_rows == 4

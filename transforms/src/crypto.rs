@@ -328,6 +328,25 @@ mod tests {
     }
 
     #[test]
+    fn a_ciphertext_opens_in_any_row_of_its_subject_and_column_only() {
+        // What schemas/README.md states: the AAD binds table, column and subject, not the row.
+        let k = key(4);
+        let aad = field_aad("people", "phone", "subject-a");
+        let in_row_1 = k.seal(b"+44 7700 900123", &aad).unwrap();
+        assert!(
+            k.open(&in_row_1, &field_aad("people", "phone", "subject-a")).is_ok(),
+            "row 2, same subject"
+        );
+        for (table, column, subject) in [
+            ("people", "phone", "subject-b"),
+            ("people", "email", "subject-a"),
+            ("visits", "phone", "subject-a"),
+        ] {
+            assert!(k.open(&in_row_1, &field_aad(table, column, subject)).is_err());
+        }
+    }
+
+    #[test]
     fn envelope_rejects_tampering_and_wrong_key() {
         let k = key(1);
         let mut env = k.seal(b"hello", b"ctx").unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_connectors::file::{list_files, FileSourceError, LineReader, SourceFile};
+use sluice_connectors::file::{list_files, FileSourceError, Fingerprints, LineReader, SourceFile};
 
 use super::{ChunkSender, ReaderEnd, Source};
 use crate::runtime::RunError;
@@ -18,6 +18,9 @@ pub struct FileSource {
     chunk_events: usize,
     once: bool,
     poll: Duration,
+    follow_symlinks: bool,
+    /// Where the streams' fingerprints are recorded; `None`: not checked (tests).
+    fingerprints: Option<std::path::PathBuf>,
 }
 
 /// Bytes of line data per chunk at most, so a chunk of huge events stays bounded too.
@@ -32,7 +35,16 @@ impl FileSource {
             chunk_events,
             once,
             poll,
+            follow_symlinks: false,
+            fingerprints: None,
         }
+    }
+
+    /// Symbolic links followed or not, and the file recording each stream's fingerprint.
+    pub fn with_files(mut self, follow_symlinks: bool, fingerprints: std::path::PathBuf) -> Self {
+        self.follow_symlinks = follow_symlinks;
+        self.fingerprints = Some(fingerprints);
+        self
     }
 
     /// Sends the file's lines from `start` in chunks; returns where it stopped, or `None` when
@@ -73,11 +85,15 @@ impl FileSource {
 
 impl Source for FileSource {
     fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
-        self.files = list_files(&self.root)?;
+        self.files = list_files(&self.root, self.follow_symlinks)?;
         Ok(self.files.iter().map(|f| f.stream.clone()).collect())
     }
 
     fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+        // Before anything is read: a file that is not the one its committed position is in.
+        if let Some(path) = &self.fingerprints {
+            Fingerprints::load(path.clone())?.check(&self.files, start)?;
+        }
         let mut offsets: HashMap<String, u64> = self
             .files
             .iter()
@@ -99,7 +115,7 @@ impl Source for FileSource {
             if out.stopped() {
                 return Ok(ReaderEnd::Done);
             }
-            if let Ok(files) = list_files(&self.root) {
+            if let Ok(files) = list_files(&self.root, self.follow_symlinks) {
                 // A file this pass did not list at start has no committed positions loaded
                 // (it may have been ingested before and moved back): end this pass so the
                 // next one starts from what every sink has committed.
