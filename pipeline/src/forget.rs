@@ -223,21 +223,7 @@ pub fn forget(
             ));
         }
     }
-    let domain = match &request.domain {
-        Some(d) => d.clone(),
-        None => {
-            let domains: HashSet<&str> = config.policies.iter().map(|p| p.token_domain.as_str()).collect();
-            if domains.len() != 1 {
-                let mut list: Vec<&str> = domains.into_iter().collect();
-                list.sort();
-                return Err(ForgetError::Request(format!(
-                    "the policies' subjects have several token domains ({}): choose one with --domain",
-                    list.join(", ")
-                )));
-            }
-            domains.into_iter().next().expect("one").to_string()
-        }
-    };
+    let domain = subject_domain(config, request.domain.as_deref())?;
     let keys = runtime::open_key_store(config, 16)?;
     let subject_tokenizer = keys.tokenizer()?.domain(&domain);
     // Canonical id → token: the one form ingest and every lookup use.
@@ -549,7 +535,42 @@ pub fn forget(
     }
 
     // 4. The audit record (its own commit marks it written: a rerun adds no second row).
-    let stream = format!("erasure-audit/{job_id}/{}", state.attempt);
+    write_audit(
+        config,
+        &rt,
+        &state.receipt,
+        format!("erasure-audit/{job_id}/{}", state.attempt),
+    )?;
+    failpoint("after-audit");
+    state.audit_written = true;
+    save(&state)?;
+    Ok(state.receipt)
+}
+
+/// The token domain of the subjects: the one given, else the one every policy's subject shares.
+fn subject_domain(config: &Config, given: Option<&str>) -> Result<String, ForgetError> {
+    if let Some(d) = given {
+        return Ok(d.to_string());
+    }
+    let domains: HashSet<&str> = config.policies.iter().map(|p| p.token_domain.as_str()).collect();
+    if domains.len() != 1 {
+        let mut list: Vec<&str> = domains.into_iter().collect();
+        list.sort();
+        return Err(ForgetError::Request(format!(
+            "the policies' subjects have several token domains ({}): choose one with --domain",
+            list.join(", ")
+        )));
+    }
+    Ok(domains.into_iter().next().expect("one").to_string())
+}
+
+/// Appends `receipt` to the audit table once: its commit under `stream` marks it written.
+fn write_audit(
+    config: &Config,
+    rt: &tokio::runtime::Runtime,
+    receipt: &Receipt,
+    stream: String,
+) -> Result<(), ForgetError> {
     let mut audit = rt.block_on(DeltaSink::open_or_create(
         &config.audit_path,
         "erasure_audit",
@@ -559,13 +580,66 @@ pub fn forget(
         &["job_id", "started_at", "finished_at", "verified"].map(String::from),
     ))?;
     if rt.block_on(audit.committed(&stream))?.is_none() {
-        rt.block_on(audit.write(audit_row(&state.receipt)))?;
+        rt.block_on(audit.write(audit_row(receipt)))?;
         rt.block_on(audit.commit(&[SourcePosition { stream, offset: 1 }], &[]))?;
     }
-    failpoint("after-audit");
-    state.audit_written = true;
-    save(&state)?;
-    Ok(state.receipt)
+    Ok(())
+}
+
+/// A request to let an erased subject's id belong to someone new (a recycled account number, a
+/// person who registers again).
+pub struct ReuseRequest {
+    pub subject: String,
+    pub domain: Option<String>,
+    /// Events with a source time from here on are the new owner's (ms since the epoch).
+    pub from_ms: i64,
+    pub request_id: String,
+    pub requested_by: String,
+}
+
+/// Releases an erased subject's id for reuse, and records it in the audit table (a row whose
+/// job id starts with `reuse-`): from `from_ms` on its events are kept, under a new key; the
+/// erased person's (earlier source times, on any replay) stay dropped. Without this every
+/// future event of a reused id is dropped (counted as `erased_subject_rows`).
+pub fn release_for_reuse(config: &Config, request: ReuseRequest) -> Result<Receipt, ForgetError> {
+    if canonical_identifier(&request.subject).is_empty() {
+        return Err(ForgetError::Request("the subject id is empty or blank".into()));
+    }
+    let domain = subject_domain(config, request.domain.as_deref())?;
+    let keys = runtime::open_key_store(config, 16)?;
+    let tokenizer = keys.tokenizer()?;
+    let token = tokenizer.domain(&domain).token(&request.subject).as_str().to_string();
+    let audit_tokens = tokenizer.domain(AUDIT_TOKEN_DOMAIN);
+    if !keys.release_subject(&token, request.from_ms)? {
+        return Err(ForgetError::Request(format!(
+            "subject {token} (domain {domain}) has no erasure in force: nothing to release"
+        )));
+    }
+    let request_ref = audit_tokens.token(&request.request_id).as_str().to_string();
+    let now = iso(now_ms());
+    let receipt = Receipt {
+        job_id: format!("reuse-{}", &request_ref[..16]),
+        request_id: request_ref,
+        requested_by: audit_tokens.token(&request.requested_by).as_str().to_string(),
+        token_domain: domain,
+        subject_tokens: vec![token],
+        started_at: now.clone(),
+        finished_at: now,
+        verification: Verification {
+            passed: true,
+            findings: vec![format!(
+                "released for reuse: events from {} on are kept under a new key; earlier ones stay dropped",
+                iso(request.from_ms)
+            )],
+        },
+        ..Receipt::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    write_audit(config, &rt, &receipt, format!("subject-reuse/{}", receipt.job_id))?;
+    Ok(receipt)
 }
 
 /// Drops the table's versions before the erasure commit (their files and, Delta, their log

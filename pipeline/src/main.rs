@@ -145,6 +145,28 @@ enum Command {
         #[arg(long)]
         settle_ms: Option<u64>,
     },
+    /// Let an erased subject's id belong to someone new (a recycled account number, a person
+    /// who registers again): events with a source time from --from (default: now) on are kept
+    /// under a new key, earlier ones (the erased person's, on any replay) stay dropped. Without
+    /// it, every event of an erased id is dropped for good. Recorded in the audit table.
+    ReuseSubject {
+        #[arg(long)]
+        config: PathBuf,
+        /// The subject id, as the source has it.
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        domain: Option<String>,
+        /// RFC 3339 time from which the id's events are the new owner's (default: now).
+        #[arg(long)]
+        from: Option<String>,
+        /// The request's reference (e.g. a ticket number).
+        #[arg(long)]
+        request_id: String,
+        /// Who asked (recorded, as a keyed token).
+        #[arg(long)]
+        requested_by: String,
+    },
     /// Compute the hourly pre-aggregations (`[[aggregates]]`): without --from/--to the hours
     /// that are due (new rows since the last computation, hour ended the lateness ago); with
     /// them every hour in [from, to), a backfill or recomputation. Prints a report (JSON).
@@ -660,6 +682,34 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(3));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ReuseSubject {
+            config,
+            subject,
+            domain,
+            from,
+            request_id,
+            requested_by,
+        } => {
+            let cfg = config::Config::load(&config)?;
+            let from_ms = match from {
+                Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                    .with_context(|| format!("--from {t}: not an RFC 3339 time"))?
+                    .timestamp_millis(),
+                None => chrono::Utc::now().timestamp_millis(),
+            };
+            let receipt = forget::release_for_reuse(
+                &cfg,
+                forget::ReuseRequest {
+                    subject,
+                    domain,
+                    from_ms,
+                    request_id,
+                    requested_by,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&receipt)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::AuditLeaks { values, paths } => {

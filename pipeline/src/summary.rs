@@ -92,7 +92,7 @@ impl Summary {
         if self.erased_subject_rows > 0 {
             let _ = writeln!(
                 s,
-                "  erased subjects    {:>10}   (rows of forgotten subjects, dropped)",
+                "  erased subjects    {:>10}   (rows of forgotten subjects, dropped; an id reused for someone new: sluice reuse-subject)",
                 self.erased_subject_rows
             );
         }

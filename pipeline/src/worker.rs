@@ -21,7 +21,7 @@ use sluice_transforms::actions::{Action, KeepType};
 use sluice_transforms::crypto::{DataKey, Token};
 use sluice_transforms::engine::TransformError;
 use sluice_transforms::functions::IntegerTime;
-use sluice_transforms::keys::{KeyError, KeyProvider};
+use sluice_transforms::keys::{dropped_by_erasure, KeyError, KeyProvider};
 use sluice_transforms::vault::vault_schema;
 use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 
@@ -472,7 +472,7 @@ impl Router {
                 let (start, end, line_end) = chunk.lines[line_no];
                 write_position(&mut position, &chunk.stream, line_end.end_offset);
                 let sealing = match reject.subject {
-                    Some(token) => self.sealing_of(token, t, &position)?,
+                    Some(token) => self.sealing_of(token, raw.event_ms.value(reject.row), t, &position)?,
                     None => Sealing::Unknown,
                 };
                 if matches!(sealing, Sealing::Erased) {
@@ -777,18 +777,20 @@ impl Router {
             .subject_text(&transform.policy().subject)
             .and_then(|id| transform.subject_token(&id))
         {
-            Some(token) => self.sealing_of(token, t, position),
+            Some(token) => self.sealing_of(token, event.event_ms, t, position),
             None => Ok(Sealing::Unknown),
         }
     }
 
-    fn sealing_of(&self, token: Token, t: usize, position: &str) -> Result<Sealing, WorkError> {
+    /// `event_ms`: the event's source time (0 when it has none: as old as can be).
+    fn sealing_of(&self, token: Token, event_ms: i64, t: usize, position: &str) -> Result<Sealing, WorkError> {
         let failed = |source: KeyError| WorkError::Transform {
             table: self.transforms[t].policy().table.clone(),
             position: position.to_string(),
             source: TransformError::Keys(source),
         };
-        if self.keys.erased_subjects(&[token.as_str()]).map_err(failed)?[0] {
+        let cutoff = self.keys.erased_subjects(&[token.as_str()]).map_err(failed)?[0];
+        if dropped_by_erasure(cutoff, event_ms) {
             return Ok(Sealing::Erased);
         }
         // No key: erased since the last tombstone refresh.

@@ -262,3 +262,46 @@ def test_a_replaced_source_file_stops_the_run_and_a_linked_directory_is_not_read
     failed = run(sluice_bin, "run", "--config", config, "--once", check=False)
     assert failed.returncode != 0 and "2024/people.jsonl" in failed.stderr and "replaced" in failed.stderr, failed.stderr
     assert read_delta(people).num_rows == 4
+
+
+def test_an_erased_id_reused_for_someone_new_is_kept_only_after_an_audited_release(sluice_bin, tmp_path):
+    """Tombstones were permanent: a recycled account number silently lost all future data."""
+    config = pipeline(tmp_path)
+    write_events(tmp_path, [event(VICTIM, 1709622489123)])
+    run(sluice_bin, "run", "--config", config, "--once")
+    result, erased = forget(sluice_bin, config, "--subject", "C0042")
+    assert result.returncode == 0, result.stderr
+    people = tmp_path / "lake" / "tables" / "people"
+
+    # March 2025: the number is given to a new customer. Dropped, and counted, until released.
+    newcomer = dict(person(7), id="C0042")
+    write_events(tmp_path, [event(newcomer, 1740787200000)], name="2025.jsonl")
+    summary = tmp_path / "s1.json"
+    run(sluice_bin, "run", "--config", config, "--once", "--summary-json", summary)
+    assert json.loads(summary.read_text())["erased_subject_rows"] == 1
+    assert read_delta(people).num_rows == 0
+
+    refused = run(sluice_bin, "reuse-subject", "--config", config, "--subject", "C0043", "--request-id", "T-1",
+                  "--requested-by", "ops", check=False)
+    assert refused.returncode != 0 and "no erasure in force" in refused.stderr
+    released = json.loads(run(sluice_bin, "reuse-subject", "--config", config, "--subject", "C0042 ",
+                              "--from", "2025-01-01T00:00:00Z", "--request-id", "T-2", "--requested-by", "ops").stdout)
+    assert released["subject_tokens"] == erased["subject_tokens"] and released["job_id"].startswith("reuse-")
+    audit = read_delta(tmp_path / "lake" / "audit" / "erasures").to_pylist()
+    assert sorted(a["job_id"] for a in audit) == sorted([erased["job_id"], released["job_id"]])
+
+    # The newcomer's events (those dropped before the release are read again from a replay) are
+    # kept; the erased person's, replayed, are not.
+    write_events(tmp_path, [event(newcomer, 1740787200000), event(VICTIM, 1709622489123)], name="replay.jsonl")
+    summary = tmp_path / "s2.json"
+    run(sluice_bin, "run", "--config", config, "--once", "--summary-json", summary)
+    assert json.loads(summary.read_text())["erased_subject_rows"] == 1
+    rows = read_delta(people).to_pylist()
+    assert [r["email_domain"] for r in rows] == ["example.test"], rows
+    vault = read_delta(tmp_path / "lake" / "vault").to_pylist()
+    assert vault and all(r["subject_token"] == erased["subject_tokens"][0] for r in vault)
+
+    # Erased again (the newcomer asks): for good, the newcomer's rows gone too.
+    result, again = forget(sluice_bin, config, "--subject", "C0042", "--request-id", "T-3")
+    assert result.returncode == 0, result.stderr
+    assert again["keys_destroyed"] == 1 and read_delta(people).num_rows == 0

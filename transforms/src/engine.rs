@@ -11,7 +11,7 @@ use arrow_select::filter::filter_record_batch;
 use crate::actions::{self, timestamp_type, Action};
 use crate::crypto::{canonical_identifier, CryptoError, DataKey, DomainTokenizer, Token, Tokenizer};
 use crate::functions::{is_present, Function, RowError};
-use crate::keys::{KeyError, KeyProvider};
+use crate::keys::{dropped_by_erasure, KeyError, KeyProvider, ERASED_FOR_GOOD};
 use crate::policy::{ColumnRule, Policy};
 use crate::raw::{Op, RawBatch};
 use crate::vault::VaultRowsBuilder;
@@ -209,16 +209,23 @@ impl TableTransform {
         let mut row_keys = vec![None; n];
         if self.policy.needs_keys() {
             // Erased subjects are not looked up: a miss would cost a key-store transaction.
+            let for_good = |cutoff: &Option<i64>| *cutoff == Some(ERASED_FOR_GOOD);
             let live: Vec<&str> = distinct
                 .iter()
                 .zip(&erased_subject)
-                .filter(|(_, erased)| !**erased)
+                .filter(|(_, cutoff)| !for_good(cutoff))
                 .map(|(t, _)| *t)
                 .collect();
             let mut resolved = keys.subject_keys(&live)?.into_iter();
             let key_of: Vec<Option<Arc<DataKey>>> = erased_subject
                 .iter()
-                .map(|erased| if *erased { None } else { resolved.next().flatten() })
+                .map(|cutoff| {
+                    if for_good(cutoff) {
+                        None
+                    } else {
+                        resolved.next().flatten()
+                    }
+                })
                 .collect();
             for (row, slot) in slot_of.iter().enumerate() {
                 if let Some(slot) = slot {
@@ -230,8 +237,12 @@ impl TableTransform {
         let erased: Vec<bool> = slot_of
             .iter()
             .zip(&row_keys)
-            .map(|(slot, key)| match slot {
-                Some(slot) => erased_subject[*slot] || (self.policy.needs_keys() && key.is_none()),
+            .enumerate()
+            .map(|(row, (slot, key))| match slot {
+                Some(slot) => {
+                    dropped_by_erasure(erased_subject[*slot], raw.event_ms.value(row))
+                        || (self.policy.needs_keys() && key.is_none())
+                }
                 None => false,
             })
             .collect();
@@ -381,8 +392,11 @@ mod tests {
                 .map(|t| (!self.2.iter().any(|k| k == t)).then(|| Arc::new(test_key(t))))
                 .collect())
         }
-        fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyError> {
-            Ok(tokens.iter().map(|t| self.1.iter().any(|e| e == t)).collect())
+        fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyError> {
+            Ok(tokens
+                .iter()
+                .map(|t| self.1.iter().any(|e| e == t).then_some(ERASED_FOR_GOOD))
+                .collect())
         }
     }
     fn test_key(token: &str) -> DataKey {

@@ -16,6 +16,17 @@ pub trait KeyProvider {
     /// one transaction.
     fn subject_keys(&self, subject_tokens: &[&str]) -> Result<Vec<Option<Arc<DataKey>>>, KeyError>;
 
-    /// Whether each subject was erased (right to be forgotten): its events are dropped.
-    fn erased_subjects(&self, subject_tokens: &[&str]) -> Result<Vec<bool>, KeyError>;
+    /// Per subject, the source time (ms) before which its events are dropped: `None` if it
+    /// was never erased, [`ERASED_FOR_GOOD`] once erased (right to be forgotten), or the time
+    /// its id was released for reuse by someone else (the erased person's events, replayed,
+    /// stay dropped; the new owner's are kept).
+    fn erased_subjects(&self, subject_tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyError>;
+}
+
+/// An erased subject none of whose events are kept, whatever their time.
+pub const ERASED_FOR_GOOD: i64 = i64::MAX;
+
+/// Whether an event of `event_ms` is dropped under a subject's erasure `cutoff`.
+pub fn dropped_by_erasure(cutoff: Option<i64>, event_ms: i64) -> bool {
+    cutoff.is_some_and(|c| event_ms < c)
 }

@@ -10,7 +10,7 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use ring::digest;
 use sluice_transforms::crypto::{generate_key, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
-use sluice_transforms::keys::{KeyError, KeyProvider};
+use sluice_transforms::keys::{KeyError, KeyProvider, ERASED_FOR_GOOD};
 
 pub use self::postgres::PgKeyStoreSettings;
 
@@ -159,7 +159,9 @@ macro_rules! backend {
 
 /// Tombstones known to this process, refreshed at most every `refresh`.
 struct ErasedSet {
-    tokens: HashSet<String>,
+    /// Per erased subject, the event time its events are dropped before ([`ERASED_FOR_GOOD`],
+    /// or when it was released for reuse).
+    tokens: HashMap<String, i64>,
     last_seq: i64,
     refreshed: Option<Instant>,
 }
@@ -197,7 +199,7 @@ impl KeyStore {
             master,
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_capacity.max(1)).expect("max(1)"))),
             erased: Mutex::new(ErasedSet {
-                tokens: HashSet::new(),
+                tokens: HashMap::new(),
                 last_seq: 0,
                 refreshed: None,
             }),
@@ -310,6 +312,14 @@ impl KeyStore {
         backend!(self, db => db.subjects_with_keys(tokens)).map_err(|m| self.err(m))
     }
 
+    /// Releases an erased subject's id for reuse (a recycled account number, a person who
+    /// registers again): events with a source time from `after_ms` on are theirs again and get
+    /// a new key; earlier ones (the erased person's, on a replay) are still dropped. `false`
+    /// when the subject has no erasure in force. Daemons see it at their next tombstone refresh.
+    pub fn release_subject(&self, token: &str, after_ms: i64) -> Result<bool, KeyStoreError> {
+        backend!(self, db => db.release(token, after_ms)).map_err(|m| self.err(m))
+    }
+
     /// How many erased subjects (tombstones) this process has read.
     pub fn erased_known(&self) -> usize {
         self.erased.lock().unwrap_or_else(|p| p.into_inner()).tokens.len()
@@ -346,23 +356,27 @@ impl KeyStore {
         backend!(self, db => db.save_job_state(job_id, state, now_ms)).map_err(|m| self.err(m))
     }
 
-    /// Whether each token has been erased, from the tombstones as of at most `refresh` ago.
-    pub fn erased(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyStoreError> {
+    /// Per token, the source time before which its events are dropped: `None` for a subject
+    /// never erased, [`ERASED_FOR_GOOD`] for an erased one, the release time of one released
+    /// for reuse. From the tombstones as of at most `refresh` ago.
+    pub fn erased(&self, tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyStoreError> {
         let mut erased = self.erased.lock().unwrap_or_else(|p| p.into_inner());
         if erased.refreshed.is_none_or(|at| at.elapsed() >= self.refresh) {
             let fresh = backend!(self, db => db.tombstones_since(erased.last_seq)).map_err(|m| self.err(m))?;
             if !fresh.is_empty() {
                 // A key cached before its erasure must not outlive this refresh.
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                for (seq, token) in fresh {
-                    cache.pop(&token);
-                    erased.last_seq = erased.last_seq.max(seq);
-                    erased.tokens.insert(token);
+                for t in fresh {
+                    cache.pop(&t.token);
+                    erased.last_seq = erased.last_seq.max(t.seq);
+                    erased
+                        .tokens
+                        .insert(t.token, t.reusable_after_ms.unwrap_or(ERASED_FOR_GOOD));
                 }
             }
             erased.refreshed = Some(Instant::now());
         }
-        Ok(tokens.iter().map(|t| erased.tokens.contains(*t)).collect())
+        Ok(tokens.iter().map(|t| erased.tokens.get(*t).copied()).collect())
     }
 
     /// Reads the named keys, creating the missing ones, in one write transaction: of two
@@ -404,6 +418,14 @@ enum ResolveError {
 
 /// Makes a new key for the name given: its material and wrapped form.
 type Mint<'a> = &'a dyn Fn(&str) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError>;
+
+/// A tombstone as a daemon reads it.
+struct Tombstone {
+    seq: i64,
+    token: String,
+    /// Set when the subject was released for reuse: events from then on are kept.
+    reusable_after_ms: Option<i64>,
+}
 
 /// A key as stored, with whose it is (none: an orphan no name points at).
 struct StoredKey {
@@ -457,7 +479,7 @@ impl KeyProvider for KeyStore {
                         cache.put(t.to_string(), key.clone());
                         *slot = Some(key);
                     }
-                    None => newly_erased.push(t.to_string()),
+                    None => newly_erased.push((t.to_string(), ERASED_FOR_GOOD)),
                 }
             }
         }
@@ -474,7 +496,7 @@ impl KeyProvider for KeyStore {
         Ok(out)
     }
 
-    fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<bool>, KeyError> {
+    fn erased_subjects(&self, tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyError> {
         self.erased(tokens).map_err(|e| KeyError(e.to_string()))
     }
 }
@@ -615,7 +637,7 @@ mod tests {
             Backend::Sqlite(db) => db.wrapped_by_id(&id).unwrap().unwrap().wrapped,
             Backend::Postgres(_) => unreachable!(),
         };
-        assert_eq!(store.erased(&["gone"]).unwrap(), vec![false]);
+        assert_eq!(store.erased(&["gone"]).unwrap(), vec![None]);
 
         let destroyed = store.erase_subjects("job-1", &["gone".to_string()], 1).unwrap();
         assert_eq!(destroyed, KeysDestroyed { keys: 1, tombstones: 1 });
@@ -629,7 +651,10 @@ mod tests {
             KeysDestroyed::default()
         );
         assert!(store.key_by_id(&id).unwrap().is_none());
-        assert_eq!(store.erased(&["gone", "kept"]).unwrap(), vec![true, false]);
+        assert_eq!(
+            store.erased(&["gone", "kept"]).unwrap(),
+            vec![Some(ERASED_FOR_GOOD), None]
+        );
         let after = store.subject_keys(&["gone", "kept"]).unwrap();
         assert!(after[0].is_none(), "an erased subject never gets a new key");
         assert!(after[1].is_some());
@@ -642,6 +667,27 @@ mod tests {
                 "the wrapped key's bytes are gone from the store's files"
             );
         }
+    }
+
+    #[test]
+    fn a_released_subject_gets_a_new_key_for_later_events_and_a_second_erasure_is_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("keys.db")).with_erasure_refresh(Duration::ZERO);
+        let first = store.subject_keys(&["s"]).unwrap()[0].clone().unwrap();
+        assert!(
+            !store.release_subject("s", 5).unwrap(),
+            "not erased: nothing to release"
+        );
+        store.erase_subjects("job-1", &["s".to_string()], 1).unwrap();
+        assert_eq!(store.erased(&["s"]).unwrap(), vec![Some(ERASED_FOR_GOOD)]);
+        assert!(store.release_subject("s", 1_000).unwrap());
+        assert_eq!(store.erased(&["s"]).unwrap(), vec![Some(1_000)]);
+        let second = store.subject_keys(&["s"]).unwrap()[0].clone().unwrap();
+        assert_ne!(first.id(), second.id(), "a new key: the destroyed one stays destroyed");
+        let destroyed = store.erase_subjects("job-2", &["s".to_string()], 2_000).unwrap();
+        assert_eq!(destroyed, KeysDestroyed { keys: 1, tombstones: 1 });
+        assert_eq!(store.erased(&["s"]).unwrap(), vec![Some(ERASED_FOR_GOOD)]);
+        assert!(store.subject_keys(&["s"]).unwrap()[0].is_none());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use postgres::{Client, NoTls};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey};
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
 use crate::postgres::describe;
 
 /// Where the PostgreSQL key store is. The password comes from the environment, never a file.
@@ -82,7 +82,8 @@ impl PgStore {
                                                                  job_id TEXT NOT NULL, erased_at_ms BIGINT NOT NULL,
                                                                  key_destroyed BOOLEAN NOT NULL);
                  CREATE TABLE IF NOT EXISTS {schema}.erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL,
-                                                                   updated_at_ms BIGINT NOT NULL);"
+                                                                   updated_at_ms BIGINT NOT NULL);
+                 ALTER TABLE {schema}.tombstones ADD COLUMN IF NOT EXISTS reusable_after_ms BIGINT;"
             ))
             .map_err(e)?;
         Ok(Self {
@@ -134,7 +135,7 @@ impl PgStore {
         }
         let erased: std::collections::HashSet<String> = if names == Names::Subjects {
             tx.query(
-                &format!("SELECT token FROM {s}.tombstones WHERE token = ANY($1)"),
+                &format!("SELECT token FROM {s}.tombstones WHERE token = ANY($1) AND reusable_after_ms IS NULL"),
                 &[&wanted_owned],
             )
             .map_err(store)?
@@ -230,6 +231,12 @@ impl PgStore {
         // tombstones by increasing `seq`).
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
             .map_err(e)?;
+        // A subject released for reuse and erased again: erased for good, under a new seq.
+        tx.execute(
+            &format!("DELETE FROM {s}.tombstones WHERE token = ANY($1) AND reusable_after_ms IS NOT NULL"),
+            &[&tokens],
+        )
+        .map_err(e)?;
         tx.execute(
             &format!(
                 "WITH gone AS (DELETE FROM {s}.subject_keys WHERE token = ANY($1) RETURNING token, key_id),
@@ -270,18 +277,54 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<(i64, String)>, String> {
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, String> {
         let rows = self
             .client
             .query(
                 &format!(
-                    "SELECT seq, token FROM {}.tombstones WHERE seq > $1 ORDER BY seq",
+                    "SELECT seq, token, reusable_after_ms FROM {}.tombstones WHERE seq > $1 ORDER BY seq",
                     self.schema
                 ),
                 &[&seq],
             )
             .map_err(e)?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| Tombstone {
+                seq: r.get(0),
+                token: r.get(1),
+                reusable_after_ms: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Releases an erased subject for reuse from `after_ms` on (see the SQLite backend).
+    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, String> {
+        let s = self.schema.clone();
+        let mut tx = self.client.transaction().map_err(e)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
+            .map_err(e)?;
+        let Some(old) = tx
+            .query_opt(
+                &format!(
+                    "DELETE FROM {s}.tombstones WHERE token = $1 AND reusable_after_ms IS NULL
+                     RETURNING job_id, erased_at_ms, key_destroyed"
+                ),
+                &[&token],
+            )
+            .map_err(e)?
+        else {
+            return Ok(false);
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms) VALUES ($1, $2, $3, $4, $5)"
+            ),
+            &[&token, &old.get::<_, String>(0), &old.get::<_, i64>(1), &old.get::<_, bool>(2), &after_ms],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(true)
     }
 
     pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {

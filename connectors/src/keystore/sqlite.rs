@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey};
+use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
@@ -73,6 +73,19 @@ impl SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| e.to_string())?;
         tx.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+        // Stores made before subjects could be released for reuse lack the column.
+        let has_reuse: bool = tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('tombstones') WHERE name = 'reusable_after_ms'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| e.to_string())?
+            > 0;
+        if !has_reuse {
+            tx.execute_batch("ALTER TABLE tombstones ADD COLUMN reusable_after_ms INTEGER")
+                .map_err(|e| e.to_string())?;
+        }
         tx.commit().map_err(|e| e.to_string())?;
         Ok(Self { db })
     }
@@ -106,7 +119,7 @@ impl SqliteStore {
                 .prepare_cached("INSERT INTO keys (id, wrapped) VALUES (?1, ?2)")
                 .map_err(store)?;
             let mut tombstone = tx
-                .prepare_cached("SELECT 1 FROM tombstones WHERE token = ?1")
+                .prepare_cached("SELECT 1 FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NULL")
                 .map_err(store)?;
             for name in wanted {
                 let existing: Option<(Vec<u8>, Vec<u8>)> = select
@@ -213,9 +226,15 @@ impl SqliteStore {
                      ON CONFLICT (token) DO NOTHING",
                 )
                 .map_err(e)?;
+            // A subject released for reuse and erased again: erased for good, under a new seq
+            // (daemons read tombstones by increasing seq).
+            let mut released = tx
+                .prepare_cached("DELETE FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NOT NULL")
+                .map_err(e)?;
             for t in tokens {
                 let keys = delete_key.execute([t]).map_err(e)?;
                 delete_name.execute([t]).map_err(e)?;
+                released.execute([t]).map_err(e)?;
                 tombstone.execute(params![t, job_id, now_ms, keys > 0]).map_err(e)?;
             }
             // Counted from the job's tombstones, so a rerun reports what the job destroyed.
@@ -248,15 +267,51 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<(i64, String)>, String> {
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, String> {
         let mut select = self
             .db
-            .prepare_cached("SELECT seq, token FROM tombstones WHERE seq > ?1 ORDER BY seq")
+            .prepare_cached("SELECT seq, token, reusable_after_ms FROM tombstones WHERE seq > ?1 ORDER BY seq")
             .map_err(|e| e.to_string())?;
         let rows = select
-            .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([seq], |r| {
+                Ok(Tombstone {
+                    seq: r.get(0)?,
+                    token: r.get(1)?,
+                    reusable_after_ms: r.get(2)?,
+                })
+            })
             .map_err(|e| e.to_string())?;
         rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+    }
+
+    /// Releases an erased subject for reuse from `after_ms` on: its tombstone written again
+    /// (a new seq) with the time. `false` if it has no tombstone in force.
+    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, String> {
+        let e = |e: rusqlite::Error| e.to_string();
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(e)?;
+        let erased: Option<(String, i64, bool)> = tx
+            .query_row(
+                "SELECT job_id, erased_at_ms, key_destroyed FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NULL",
+                [token],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(e)?;
+        let Some((job_id, erased_at, destroyed)) = erased else {
+            return Ok(false);
+        };
+        tx.execute("DELETE FROM tombstones WHERE token = ?1", [token])
+            .map_err(e)?;
+        tx.execute(
+            "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token, job_id, erased_at, destroyed, after_ms],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(true)
     }
 
     pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {
