@@ -215,14 +215,28 @@ fn decode_parquet(path: &Path) -> Result<Vec<u8>> {
                         out.push(b'\n')
                     });
                 }
-                _ => {
-                    let text = cast(column, &DataType::Utf8)?;
-                    let a = text.as_any().downcast_ref::<StringArray>().expect("utf8");
-                    a.iter().flatten().for_each(|v| {
-                        out.extend_from_slice(v.as_bytes());
-                        out.push(b'\n')
-                    });
-                }
+                _ => match cast(column, &DataType::Utf8) {
+                    Ok(text) => {
+                        let a = text.as_any().downcast_ref::<StringArray>().expect("utf8");
+                        a.iter().flatten().for_each(|v| {
+                            out.extend_from_slice(v.as_bytes());
+                            out.push(b'\n')
+                        });
+                    }
+                    // Nested columns (a Delta checkpoint's `add` struct, its `stats` inside):
+                    // their display form holds every nested value as text.
+                    Err(_) => {
+                        use std::io::Write;
+                        let options = sluice_connectors::arrow::util::display::FormatOptions::default();
+                        let shown = sluice_connectors::arrow::util::display::ArrayFormatter::try_new(
+                            column.as_ref(),
+                            &options,
+                        )?;
+                        for i in (0..column.len()).filter(|i| column.is_valid(*i)) {
+                            let _ = writeln!(out, "{}", shown.value(i));
+                        }
+                    }
+                },
             }
         }
     }

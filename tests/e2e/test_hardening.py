@@ -305,3 +305,73 @@ def test_an_erased_id_reused_for_someone_new_is_kept_only_after_an_audited_relea
     result, again = forget(sluice_bin, config, "--subject", "C0042", "--request-id", "T-3")
     assert result.returncode == 0, result.stderr
     assert again["keys_destroyed"] == 1 and read_delta(people).num_rows == 0
+
+
+def test_after_an_erasure_no_output_byte_names_the_subject(sluice_bin, canary_dir, tmp_path):
+    """Every byte a running daemon and the erasure leave (Delta logs and checkpoints, Iceberg
+    metadata and manifests, data files of both formats, the vault, the quarantine, the audit
+    table, every /metrics body) is scanned for the erased subject's token, key ids and exact
+    source time; a copy of the lake taken before the erasure is the positive control."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    from conftest import wait_until
+    from test_leaks import canary_pipeline
+    from test_production import http_get, serving_address
+
+    lines, config = canary_pipeline(
+        canary_dir, tmp_path, lake_extra='format = "both"',
+        extra='erasure_refresh_ms = 200\n[http]\nlisten = "127.0.0.1:0"\n[batch]\nmax_age_ms = 200')
+    people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
+    victim = people[12]
+    source_ms = next(json.loads(l)["ts_ms"] for l in lines if f'"id": {json.dumps(victim["id"])}' in l)
+    lake, logs = tmp_path / "lake", tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "daemon.log"
+    with open(log, "w") as err:
+        daemon = subprocess.Popen([str(sluice_bin), "--log-format", "json", "run", "--config", str(config)],
+                                  stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            base = "http://" + wait_until(lambda: serving_address(log), 60, "the HTTP server")
+            total = sum(1 for l in lines if l.strip())
+
+            def settled():
+                body = http_get(f"{base}/metrics")[1]
+                done = f"sluice_events_read_total {total}" in body and "sluice_uncommitted_events 0" in body
+                return body if done else None
+
+            (logs / "metrics-before.txt").write_text(wait_until(settled, 120, "every event committed"))
+            token = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", victim["id"], "--dry-run").stdout)["subject_tokens"][0]
+            rows = [r for r in read_delta(lake / "tables" / "people").to_pylist() if r["_subject"] == token]
+            key_ids = {r[c][1:17] for r in rows for c in ("phone_enc", "national_id_enc", "iban_enc") if r[c]}
+            assert rows and key_ids
+            shutil.copytree(lake, tmp_path / "lake-before")
+            result = run(sluice_bin, "forget", "--config", config, "--subject", victim["id"], "--settle-ms", 1000)
+            assert json.loads(result.stdout)["verification"]["passed"]
+            (logs / "metrics-after.txt").write_text(http_get(f"{base}/metrics")[1])
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.communicate(timeout=60)
+
+    stamp = datetime.datetime.fromtimestamp(source_ms / 1000, datetime.timezone.utc)
+    values = tmp_path / "victim.txt"
+    values.write_text("\n".join([token, *(k.hex() for k in key_ids), stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], str(source_ms)]))
+    before = run(sluice_bin, "audit-leaks", "--values", values, tmp_path / "lake-before", check=False)
+    assert before.returncode == 1 and "LEAK" in before.stdout, "positive control: the lake named them before"
+    # Everything but the audit table, whose receipt names the erased subjects by token by design
+    # (what an auditor checks a request against).
+    scanned = [d for d in lake.iterdir() if d.name != "audit"]
+    scan = run(sluice_bin, "audit-leaks", "--values", values, *scanned, logs, check=False)
+    assert scan.returncode == 0, scan.stdout
+    files = [f for d in (*scanned, logs) for f in d.rglob("*") if f.is_file()]
+    assert int(scan.stdout.split("scanned ")[1].split(" files")[0]) == len(files), scan.stdout
+    assert any(f.name.endswith(".checkpoint.parquet") for f in files) and any(f.suffix == ".avro" for f in files)
+    audit = read_delta(lake / "audit" / "erasures").to_pylist()
+    assert json.loads(audit[0]["subject_tokens"]) == [token]
+    # Key ids as raw bytes (inside ciphertexts, uncompressed), which the text scan does not see.
+    assert any(k in data for data in every_byte_under(tmp_path / "lake-before").values() for k in key_ids)
+    for d in scanned:
+        for path, data in every_byte_under(d).items():
+            assert not [k for k in key_ids if k in data], f"{path.relative_to(lake)} holds a key id of theirs"
