@@ -145,7 +145,9 @@ def write_policies(tmp, policies):
     for i, (table, columns) in enumerate(sorted(policies.items())):
         subject = subject_of(columns)
         text = [f'table = {json.dumps(table)}', f'target = "t{i}"', f'subject = {json.dumps(subject)}',
-                'token_domain = "corpus"', f'[columns.{json.dumps(subject)}]', 'action = "tokenize"',
+                # A domain per table: a column one table keeps may be another's subject (a film id
+                # beside an actor), and ids of one domain are never kept in plain.
+                f'token_domain = "corpus-t{i}"', f'[columns.{json.dumps(subject)}]', 'action = "tokenize"',
                 f'as = {json.dumps(output_name(subject) + "_token")}']
         for column, ty in sorted(columns.items()):
             if column != subject:

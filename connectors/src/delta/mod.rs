@@ -344,6 +344,15 @@ impl DeltaSink {
         Ok(())
     }
 
+    /// The table as it is now, read afresh from its latest checkpoint (not from this writer's
+    /// snapshot onwards: those commits may have been removed).
+    async fn reload(&mut self) -> Result<(), deltalake::DeltaTableError> {
+        let mut fresh = DeltaTable::new(self.table.log_store(), self.table.config.clone());
+        fresh.load().await?;
+        self.table = fresh;
+        Ok(())
+    }
+
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
@@ -352,11 +361,22 @@ impl DeltaSink {
         positions: &[SourcePosition],
         attached: &[SourcePosition],
     ) -> Result<u64, DeltaSinkError> {
+        let name = self.name.clone();
         let err = |source| DeltaSinkError::Delta {
-            table: self.name.clone(),
+            table: name.clone(),
             source: Box::new(source),
         };
-        self.check_fences(positions).await?;
+        match self.check_fences(positions).await {
+            // The log this writer's snapshot was read from is gone (see below): read it again.
+            Err(DeltaSinkError::Delta { source, .. })
+                if matches!(*source, deltalake::DeltaTableError::KernelError(_)) =>
+            {
+                tracing::info!(table = %self.name, error = %source, "the log before the table's latest checkpoint was removed under this writer (an erasure): reading the table again before committing");
+                self.reload().await.map_err(err)?;
+                self.check_fences(positions).await?;
+            }
+            other => other?,
+        }
         let adds = self.writer.flush().await.map_err(err)?;
         let actions: Vec<Action> = self.spilled.drain(..).chain(adds).map(Action::Add).collect();
         let txns: Vec<Transaction> = positions
@@ -393,7 +413,16 @@ impl DeltaSink {
                 }) if catch_ups < 5 => {
                     catch_ups += 1;
                     tracing::info!(table = %self.name, "files were removed under this writer (an erasure): catching up before committing");
-                    self.table.update_incremental(None).await.map_err(err)?;
+                    self.reload().await.map_err(err)?;
+                    self.check_fences(positions).await?;
+                }
+                // The commits after this writer's snapshot are gone from the log (an erasure
+                // dropped the history before it, leaving a checkpoint): read the table again
+                // from that checkpoint, then commit.
+                Err(deltalake::DeltaTableError::KernelError(e)) if catch_ups < 5 => {
+                    catch_ups += 1;
+                    tracing::info!(table = %self.name, error = %e, "the log before the table's latest checkpoint was removed under this writer (an erasure): reading the table again before committing");
+                    self.reload().await.map_err(err)?;
                     self.check_fences(positions).await?;
                 }
                 Err(e) => return Err(err(e)),
