@@ -684,6 +684,9 @@ impl crate::forget::ErasureHook for AggregatesAfterErasure<'_> {
             return Ok("no aggregated hour held the subjects".into());
         }
         recompute_hours(self.config, &hours).map_err(|e| e.to_string())?;
-        Ok(format!("{} hours recomputed", hours.len()))
+        Ok(format!(
+            "{} hours recomputed; no older version of the aggregate tables is kept (Delta history removed, Iceberg snapshots expired)",
+            hours.len()
+        ))
     }
 }

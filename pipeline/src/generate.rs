@@ -73,6 +73,9 @@ struct Generator {
     /// Owner of each account, so updates keep it.
     account_owner: Vec<u64>,
     customers: u64,
+    /// Customers the book holds before the first event (ids `0..pool`): events touch them at
+    /// random, as a day of changes touches a large book (`--subjects`).
+    pool: u64,
     accounts: u64,
     payments: u64,
     contacts: u64,
@@ -111,7 +114,7 @@ impl Generator {
 
     fn account(&mut self, id: u64) -> Value {
         if id as usize == self.account_owner.len() {
-            let owner = self.rng.below(self.customers);
+            let owner = self.rng.below(self.pool + self.customers);
             self.account_owner.push(owner);
         }
         let customer = self.account_owner[id as usize];
@@ -134,7 +137,7 @@ impl Generator {
         let roll = self.rng.below(100);
         let (table, op, before, after) = if self.customers == 0 || (roll < 8 && self.customers < self.target_customers)
         {
-            let id = self.customers;
+            let id = self.pool + self.customers;
             self.customers += 1;
             ("customers", "c", Value::Null, self.customer(id))
         } else if self.accounts == 0 || (roll < 16 && self.accounts < self.target_customers * 6 / 5) {
@@ -143,7 +146,7 @@ impl Generator {
             ("accounts", "c", Value::Null, self.account(id))
         } else if roll < 19 {
             // A customer moves, or changes email or phone.
-            let id = self.rng.below(self.customers);
+            let id = self.rng.below(self.pool + self.customers);
             let mut after = self.customer(id);
             let r = &mut self.rng;
             match r.below(3) {
@@ -201,7 +204,7 @@ impl Generator {
             let channel = r.pick(CONTACT_CHANNELS);
             let after = json!({
                 "id": id,
-                "customer_id": r.below(self.customers),
+                "customer_id": r.below(self.pool + self.customers),
                 "channel": channel,
                 "phone": if channel == "phone" || channel == "sms" { Value::from(format!("+44 7{:03} {:06}", r.below(1000), r.below(1_000_000))) } else { Value::Null },
                 "outcome": r.pick(OUTCOMES),
@@ -213,7 +216,7 @@ impl Generator {
         } else {
             // A delete carries the full row in `before` (REPLICA IDENTITY FULL).
             let id = self.rng.below(self.contacts);
-            let customer = self.rng.below(self.customers);
+            let customer = self.rng.below(self.pool + self.customers);
             let before = json!({"id": id, "customer_id": customer, "channel": "letter", "phone": null, "outcome": "no_answer", "agent_notes": null, "attempted_at": ts, "duration_seconds": 0});
             ("contact_attempts", "d", before, Value::Null)
         };
@@ -310,7 +313,15 @@ fn connect_schema(table: &str, image: &Value) -> Value {
 
 /// Writes `n` events spread over `span_hours` from 2024-01-01; `.gz` output is compressed.
 /// Returns the number written.
-pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u64) -> std::io::Result<u64> {
+/// Writes `n` events; `subjects` customers exist before the first (0: the book starts empty).
+pub fn write_events(
+    out: &Path,
+    n: u64,
+    seed: u64,
+    wrapped: bool,
+    span_hours: u64,
+    subjects: u64,
+) -> std::io::Result<u64> {
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -328,6 +339,7 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u6
         rng: Rng(seed),
         account_owner: Vec::new(),
         customers: 0,
+        pool: subjects,
         accounts: 0,
         payments: 0,
         contacts: 0,
@@ -365,4 +377,50 @@ pub fn write_events(out: &Path, n: u64, seed: u64, wrapped: bool, span_hours: u6
     }
     w.flush()?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn customers_touched(subjects: u64) -> (usize, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        let n = write_events(&path, 20_000, 3, false, 24, subjects).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            let e: Value = serde_json::from_str(line).unwrap();
+            let image = if e["after"].is_null() {
+                &e["before"]
+            } else {
+                &e["after"]
+            };
+            let table = e["source"]["table"].as_str().unwrap();
+            let subject = if table == "customers" {
+                &image["id"]
+            } else {
+                &image["customer_id"]
+            };
+            seen.insert(subject.as_u64().unwrap());
+        }
+        (seen.len(), n)
+    }
+
+    #[test]
+    fn a_large_book_makes_subjects_rarely_repeat_and_the_default_is_unchanged() {
+        let (default, n) = customers_touched(0);
+        let (large, _) = customers_touched(1_000_000);
+        assert_eq!(n, 20_000);
+        assert!(default < 1_500, "the default book is small: {default}");
+        assert!(large > 8_000, "most events touch another customer: {large}");
+        // The default output is what it was before the knob: tests and old benchmarks rely on it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        write_events(&path, 3, 42, false, DEFAULT_SPAN_HOURS, 0).unwrap();
+        let first: Value =
+            serde_json::from_str(std::fs::read_to_string(&path).unwrap().lines().next().unwrap()).unwrap();
+        assert_eq!(first["after"]["id"], 0);
+        assert_eq!(first["source"]["table"], "customers");
+    }
 }

@@ -209,6 +209,11 @@ enum Command {
         /// Hours the events' times spread over, from 2024-01-01T00:00Z.
         #[arg(long, default_value_t = generate::DEFAULT_SPAN_HOURS)]
         span_hours: u64,
+        /// Customers the book already holds (ids 0..N): changes, payments and contacts touch
+        /// them at random, so subjects rarely repeat (benchmarks at realistic cardinality).
+        /// Default 0: every customer is created by the events and they repeat a lot.
+        #[arg(long, default_value_t = 0)]
+        subjects: u64,
     },
     /// Scan files for known sensitive values (and their digit-only, base64, hex and unkeyed
     /// digest forms), decoding Parquet and gzip. Exits 1 if any is found.
@@ -626,8 +631,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             seed,
             wrapped,
             span_hours,
+            subjects,
         } => {
-            let written = generate::write_events(&out, events, seed, wrapped, span_hours)
+            let written = generate::write_events(&out, events, seed, wrapped, span_hours, subjects)
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {written} events to {}", out.display());
             Ok(ExitCode::SUCCESS)

@@ -1751,7 +1751,7 @@ type = "float64"
         let dir = tempfile::tempdir().unwrap();
         let read = |wrapped: bool| {
             let path = dir.path().join(format!("e-{wrapped}.jsonl"));
-            crate::generate::write_events(&path, events as u64, 7, wrapped, 24).unwrap();
+            crate::generate::write_events(&path, events as u64, 7, wrapped, 24, 0).unwrap();
             std::fs::read(&path)
                 .unwrap()
                 .split(|b| *b == b'\n')

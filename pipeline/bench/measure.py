@@ -1,0 +1,71 @@
+"""Runs one benchmark command and reports it as one JSON line (appended to --results) and a
+human summary: wall seconds, events/s, MB/s of input, CPU-seconds (user + system), CPU
+utilisation (CPU-seconds / wall; 200% = both cores of this machine) and peak RSS.
+
+Usage: measure.py --name NAME --events N --bytes B [--subjects S] [--results FILE] -- COMMAND…
+       measure.py --ratios < result lines (sluice, python, sluice, python, …)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def ratios(lines):
+    rows = [json.loads(line) for line in lines if line.strip()]
+    for s, p in zip(rows[0::2], rows[1::2]):
+        print(f"{s['name']}: {s['events_per_s'] / p['events_per_s']:.2f}x the reference's events/s, "
+              f"{s['cpu_us_per_event'] / p['cpu_us_per_event']:.2f}x its CPU per event, "
+              f"{s['cpu_percent']}% CPU, {s['peak_rss_mib']} MiB peak RSS (reference: {p['peak_rss_mib']} MiB)")
+
+
+def main():
+    if sys.argv[1:] == ["--ratios"]:
+        return ratios(sys.stdin)
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", required=True)
+    p.add_argument("--events", type=int, required=True)
+    p.add_argument("--bytes", type=int, required=True)
+    p.add_argument("--subjects", type=int, default=None)
+    p.add_argument("--results", default=None)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args()
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    start = time.monotonic()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.monotonic() - start
+    stderr = child.stderr.read().decode(errors="replace")
+    if status != 0:
+        sys.exit(f"{a.name} failed ({status}):\n{stderr[-3000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    result = {
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "name": a.name,
+        "events": a.events,
+        "subjects": a.subjects,
+        "input_mb": round(a.bytes / 1e6, 1),
+        "wall_s": round(wall, 2),
+        "events_per_s": round(a.events / wall),
+        "mb_per_s": round(a.bytes / 1e6 / wall, 1),
+        "cpu_s": round(cpu, 2),
+        "user_s": round(usage.ru_utime, 2),
+        "sys_s": round(usage.ru_stime, 2),
+        "cpu_percent": round(100 * cpu / wall),
+        "cpu_us_per_event": round(1e6 * cpu / a.events, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+    }
+    if a.results:
+        with open(a.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    print(f"{a.name:<28} {result['wall_s']:>7.2f} s {result['events_per_s']:>9,} ev/s {result['mb_per_s']:>6.1f} MB/s "
+          f"cpu {result['cpu_s']:>6.2f} s ({result['cpu_percent']}%) rss {result['peak_rss_mib']} MiB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
