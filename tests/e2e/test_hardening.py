@@ -11,7 +11,7 @@ import pathlib
 import deltalake
 import pyarrow.parquet as pq
 
-from conftest import DEMO_POLICIES, MASTER_KEY, read_delta, run, write_config
+from conftest import DEMO_POLICIES, read_delta, run, write_config
 from test_aggregates import AGGREGATES
 
 PEOPLE = """
@@ -312,7 +312,6 @@ def test_after_an_erasure_no_output_byte_names_the_subject(sluice_bin, canary_di
     metadata and manifests, data files of both formats, the vault, the quarantine, the audit
     table, every /metrics body) is scanned for the erased subject's token, key ids and exact
     source time; a copy of the lake taken before the erasure is the positive control."""
-    import os
     import shutil
     import signal
     import subprocess
