@@ -10,6 +10,7 @@ events=${1:-1000000}
 subjects=${2:-0}
 out=${BENCH_DIR:-target/bench}
 results=${BENCH_RESULTS:-target/bench/results.jsonl}
+mkdir -p "$(dirname "$results")"
 cargo build --release --locked -p sluice
 bin=target/release/sluice
 rm -rf "$out/file" && mkdir -p "$out/file/events"

@@ -18,7 +18,7 @@ import time
 def ratios(lines):
     rows = [json.loads(line) for line in lines if line.strip()]
     for s, p in zip(rows[0::2], rows[1::2]):
-        print(f"{s['name']}: {s['events_per_s'] / p['events_per_s']:.2f}x the reference's events/s, "
+        print(f"{s['name']} ({s['subjects']} subjects held): {s['events_per_s'] / p['events_per_s']:.2f}x the reference's events/s, "
               f"{s['cpu_us_per_event'] / p['cpu_us_per_event']:.2f}x its CPU per event, "
               f"{s['cpu_percent']}% CPU, {s['peak_rss_mib']} MiB peak RSS (reference: {p['peak_rss_mib']} MiB)")
 

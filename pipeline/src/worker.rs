@@ -2,7 +2,7 @@
 //! column-wise, and turned into output batches for each sink. Runs on the worker pool.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 // Column and table names are looked up for every event: a fast non-cryptographic hash. Keys
 // come from the source schema, so flooding it would need control of the database.
@@ -287,11 +287,12 @@ impl Router {
                     continue;
                 }
                 Err(e) => {
-                    // Refused (a bad time, a malformed value), but perhaps still whose it is.
+                    // Refused (a bad time, a malformed value), but perhaps still whose it is. A
+                    // refused event binds no database to its table.
                     let sealing = match debezium::decode(line, &DecodeOptions::any_time(), &[]) {
-                        Ok(Decoded::Change(event)) => match self.route(&event, &mut table_name, &mut bound) {
-                            Some(Route::Table(t)) => self.sealing(t, &event, position)?,
-                            _ => Sealing::Unknown,
+                        Ok(Decoded::Change(event)) => match self.table_of(&event, &mut table_name) {
+                            Some((t, _)) => self.sealing(t, &event, position)?,
+                            None => Sealing::Unknown,
                         },
                         _ => Sealing::Unknown,
                     };
@@ -395,11 +396,10 @@ impl Router {
             let mut rejected: Option<(&'static str, &'static str, Cow<'_, str>)> = None;
             for (column, raw) in &event.image.0 {
                 let Some(&slot) = slots.get(column.as_ref()) else {
-                    let shown = shown_name(column);
-                    match dropped[t].get_mut(shown.as_ref()) {
+                    match dropped[t].get_mut(column.as_ref()) {
                         Some(n) => *n += 1,
                         None => {
-                            dropped[t].insert(shown.into_owned(), 1);
+                            dropped[t].insert(column.to_string(), 1);
                         }
                     }
                     continue;
@@ -512,9 +512,14 @@ impl Router {
         }
         for (t, cols) in dropped.into_iter().enumerate() {
             if !cols.is_empty() {
+                // Names as shown, once per distinct name and chunk (not per event).
+                let mut shown: BTreeMap<String, u64> = BTreeMap::new();
+                for (column, n) in cols {
+                    *shown.entry(shown_name(&column).into_owned()).or_default() += n;
+                }
                 summary
                     .dropped_columns
-                    .insert(self.transforms[t].policy().table.clone(), cols.into_iter().collect());
+                    .insert(self.transforms[t].policy().table.clone(), shown);
             }
         }
         let outputs = self.skip_committed(chunk, outputs, &mut summary)?;
@@ -743,19 +748,11 @@ impl Router {
     /// `schema.table` (`db.table` for MySQL, which has no schemas); `name` is left holding the
     /// name looked up last (for counters and the quarantine).
     fn route(&self, event: &Event<'_>, name: &mut String, bound: &mut [Option<Arc<str>>]) -> Option<Route> {
-        event.qualified_table(name);
-        // A schema apart from the database (PostgreSQL, SQL Server): `db.schema.table` first.
+        let (t, named_with_database) = self.table_of(event, name)?;
         let database = event.database.as_deref().filter(|_| event.has_schema);
-        if let (true, Some(db)) = (self.qualified_policies, database) {
-            let short_len = name.len();
-            name.insert(0, '.');
-            name.insert_str(0, db);
-            if let Some(&t) = self.tables.get(name.as_str()) {
-                return Some(Route::Table(t));
-            }
-            name.drain(..name.len() - short_len);
+        if named_with_database {
+            return Some(Route::Table(t));
         }
-        let &t = self.tables.get(name.as_str())?;
         if let Some(db) = database {
             // The shared binding is asked once per table and chunk, not once per event.
             let first = bound[t].get_or_insert_with(|| {
@@ -767,6 +764,24 @@ impl Router {
             }
         }
         Some(Route::Table(t))
+    }
+
+    /// The policy table an event's table name selects, and whether the policy names its
+    /// database; no database is bound to a table here (see [`Router::route`]).
+    fn table_of(&self, event: &Event<'_>, name: &mut String) -> Option<(usize, bool)> {
+        event.qualified_table(name);
+        // A schema apart from the database (PostgreSQL, SQL Server): `db.schema.table` first.
+        let database = event.database.as_deref().filter(|_| event.has_schema);
+        if let (true, Some(db)) = (self.qualified_policies, database) {
+            let short_len = name.len();
+            name.insert(0, '.');
+            name.insert_str(0, db);
+            if let Some(&t) = self.tables.get(name.as_str()) {
+                return Some((t, true));
+            }
+            name.drain(..name.len() - short_len);
+        }
+        self.tables.get(name.as_str()).map(|&t| (t, false))
     }
 
     /// How an event of table `t` about to be quarantined is sealed: its subject read as ingest
@@ -1139,6 +1154,28 @@ type = "int64"
             .unwrap()
             .1;
         assert!(!contains(quarantine, "424242") && contains(quarantine, unknown[0]));
+    }
+
+    #[test]
+    fn a_refused_event_binds_no_database_to_its_table() {
+        let (_dir, router) = router_of(POLICY, InputSettings::default());
+        let event = |db: &str, ts: &str| {
+            format!(
+                r#"{{"op":"c","after":{{"id":1,"balance":3}},"source":{{"db":"{db}","schema":"public","table":"people"{ts}}}}}"#
+            )
+        };
+        // No event time: refused, from database `a`; then a good event from database `b`.
+        let out = router
+            .process(&chunk(&[event("a", ""), event("b", r#","ts_ms":1"#)]), 0)
+            .unwrap();
+        assert_eq!(out.summary.quarantined.get("bad_timestamp"), Some(&1));
+        assert_eq!(
+            out.summary.quarantined.get("ambiguous_table"),
+            None,
+            "{:?}",
+            out.summary
+        );
+        assert_eq!(out.summary.rows_written.get("people"), Some(&1));
     }
 
     #[test]

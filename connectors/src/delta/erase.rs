@@ -229,16 +229,9 @@ impl ErasureTarget {
 
     /// Deletes data files by their table-relative paths; files already gone are fine (a rerun).
     pub async fn delete_files(&self, paths: &[String]) -> Result<u64, DeltaSinkError> {
-        let store = self.table.object_store();
-        let mut deleted = 0;
-        for p in paths {
-            match store.delete(&StorePath::from(p.as_str())).await {
-                Ok(()) => deleted += 1,
-                Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
-                Err(e) => return Err(self.store_err(format!("{p}: {e}"))),
-            }
-        }
-        Ok(deleted)
+        super::delete_paths(&self.table.object_store(), paths)
+            .await
+            .map_err(|e| self.store_err(e))
     }
 
     /// Every Parquet file under the table, referenced by a version or not (an orphan of a

@@ -353,6 +353,18 @@ impl DeltaSink {
         Ok(())
     }
 
+    /// An erasure removed the log this writer's snapshot was read from: the table is read again
+    /// from its latest checkpoint, and the fences checked on what it holds now.
+    async fn read_again(
+        &mut self,
+        positions: &[SourcePosition],
+        why: &deltalake::DeltaTableError,
+    ) -> Result<(), DeltaSinkError> {
+        tracing::info!(table = %self.name, error = %why, "the log before the table's latest checkpoint was removed under this writer (an erasure): reading the table again before committing");
+        self.reload().await.map_err(|e| self.err(e))?;
+        self.check_fences(positions).await
+    }
+
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
@@ -367,13 +379,11 @@ impl DeltaSink {
             source: Box::new(source),
         };
         match self.check_fences(positions).await {
-            // The log this writer's snapshot was read from is gone (see below): read it again.
+            // The log this writer's snapshot was read from is gone (see below).
             Err(DeltaSinkError::Delta { source, .. })
                 if matches!(*source, deltalake::DeltaTableError::KernelError(_)) =>
             {
-                tracing::info!(table = %self.name, error = %source, "the log before the table's latest checkpoint was removed under this writer (an erasure): reading the table again before committing");
-                self.reload().await.map_err(err)?;
-                self.check_fences(positions).await?;
+                self.read_again(positions, &source).await?
             }
             other => other?,
         }
@@ -417,13 +427,10 @@ impl DeltaSink {
                     self.check_fences(positions).await?;
                 }
                 // The commits after this writer's snapshot are gone from the log (an erasure
-                // dropped the history before it, leaving a checkpoint): read the table again
-                // from that checkpoint, then commit.
-                Err(deltalake::DeltaTableError::KernelError(e)) if catch_ups < 5 => {
+                // dropped the history before it, leaving a checkpoint).
+                Err(e @ deltalake::DeltaTableError::KernelError(_)) if catch_ups < 5 => {
                     catch_ups += 1;
-                    tracing::info!(table = %self.name, error = %e, "the log before the table's latest checkpoint was removed under this writer (an erasure): reading the table again before committing");
-                    self.reload().await.map_err(err)?;
-                    self.check_fences(positions).await?;
+                    self.read_again(positions, &e).await?;
                 }
                 Err(e) => return Err(err(e)),
             }
@@ -465,6 +472,21 @@ pub(crate) async fn open_existing(location: &LakePath, name: &str) -> Result<Opt
     Ok(Some(table))
 }
 
+/// Deletes files by their table-relative paths; files already gone count as done (a rerun).
+/// Returns how many were deleted; an error names the path.
+pub(crate) async fn delete_paths(store: &deltalake::logstore::ObjectStoreRef, paths: &[String]) -> Result<u64, String> {
+    use deltalake::logstore::object_store::ObjectStoreExt;
+    let mut deleted = 0;
+    for path in paths {
+        match store.delete(&deltalake::Path::from(path.as_str())).await {
+            Ok(()) => deleted += 1,
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
+            Err(e) => return Err(format!("{path}: {e}")),
+        }
+    }
+    Ok(deleted)
+}
+
 /// What [`drop_history`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DroppedHistory {
@@ -491,21 +513,14 @@ pub async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHisto
     let snapshot = table.snapshot().map_err(err)?;
     let version = snapshot.version();
     let store = table.object_store();
-    let mut data_files_deleted = 0;
     let mut tombstones = snapshot.all_tombstones(table.log_store().as_ref());
     let mut paths = Vec::new();
     while let Some(t) = tombstones.next().await {
         paths.push(t.map_err(err)?.path().to_string());
     }
-    for path in paths {
-        match deltalake::logstore::object_store::ObjectStoreExt::delete(&store, &deltalake::Path::from(path.as_str()))
-            .await
-        {
-            Ok(()) => data_files_deleted += 1,
-            Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
-            Err(e) => return Err(err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")))),
-        }
-    }
+    let data_files_deleted = delete_paths(&store, &paths)
+        .await
+        .map_err(|e| err(deltalake::DeltaTableError::Generic(e)))?;
     deltalake::checkpoints::create_checkpoint(table, None)
         .await
         .map_err(err)?;
