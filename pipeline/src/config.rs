@@ -379,18 +379,12 @@ struct RawKeys {
     schema: Option<String>,
     master_key_file: Option<String>,
     master_key_env: Option<String>,
-    #[serde(default = "default_cache")]
-    cache_capacity: usize,
     #[serde(default = "default_erasure_refresh_ms")]
     erasure_refresh_ms: u64,
 }
 
 fn default_erasure_refresh_ms() -> u64 {
     sluice_connectors::keystore::DEFAULT_ERASURE_REFRESH.as_millis() as u64
-}
-
-fn default_cache() -> usize {
-    50_000
 }
 
 /// Scheduled compaction of small files (`[compaction]`).
@@ -436,6 +430,15 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Bytes of the memory budget given to each part of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Unwrapped keys and the key store's page cache.
+    pub key_store: usize,
+    /// Arrow rows buffered across all sinks before a commit (at most `[batch] max_bytes`).
+    pub buffered: usize,
+}
+
 /// When buffered rows are committed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -467,6 +470,8 @@ pub struct WorkersConfig {
     pub chunk_events: usize,
     /// Chunks in flight per thread (bounds memory: backpressure, not buffering).
     pub queue_depth: usize,
+    /// The memory budget the run's buffers are sized from (see [`Config::memory`]).
+    pub memory_mb: usize,
 }
 
 impl Default for WorkersConfig {
@@ -475,6 +480,7 @@ impl Default for WorkersConfig {
             threads: 0,
             chunk_events: 4096,
             queue_depth: 2,
+            memory_mb: 192,
         }
     }
 }
@@ -566,7 +572,6 @@ pub struct Config {
     pub quarantine_path: LakePath,
     pub key_store: KeyStoreLocation,
     pub master_key: MasterKeySource,
-    pub key_cache: usize,
     /// How often running daemons re-read the tombstones of erased subjects.
     pub erasure_refresh: std::time::Duration,
     /// The append-only Delta table of erasure receipts.
@@ -847,7 +852,6 @@ impl Config {
                 file: raw.keys.master_key_file.as_deref().map(resolve),
                 env: raw.keys.master_key_env,
             },
-            key_cache: raw.keys.cache_capacity,
             batch: raw.batch,
             compaction: raw.compaction,
             workers: raw.workers,
@@ -917,6 +921,17 @@ impl Config {
     pub fn ready_max_age(&self) -> std::time::Duration {
         let default = (3 * self.batch.max_age_ms).max(60_000);
         std::time::Duration::from_millis(self.http.ready_max_age_ms.unwrap_or(default))
+    }
+
+    /// How `[workers] memory_mb` is shared out. The rest of the budget is the chunks in flight
+    /// (each at most `source::file::CHUNK_BYTES` of events, decoded once) and the program.
+    pub fn memory(&self) -> MemoryPlan {
+        let total = self.workers.memory_mb << 20;
+        MemoryPlan {
+            key_store: total / 4,
+            // Parquet encoding at the commit holds about as much again.
+            buffered: (total / 4).min(self.batch.max_bytes),
+        }
     }
 
     pub fn worker_threads(&self) -> usize {

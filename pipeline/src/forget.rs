@@ -224,7 +224,7 @@ pub fn forget(
         }
     }
     let domain = subject_domain(config, request.domain.as_deref())?;
-    let keys = runtime::open_key_store(config, 16)?;
+    let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
     let subject_tokenizer = keys.tokenizer()?.domain(&domain);
     // Canonical id → token: the one form ingest and every lookup use.
     let id_tokens: HashMap<String, String> = request
@@ -606,7 +606,7 @@ pub fn release_for_reuse(config: &Config, request: ReuseRequest) -> Result<Recei
         return Err(ForgetError::Request("the subject id is empty or blank".into()));
     }
     let domain = subject_domain(config, request.domain.as_deref())?;
-    let keys = runtime::open_key_store(config, 16)?;
+    let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
     let tokenizer = keys.tokenizer()?;
     let token = tokenizer.domain(&domain).token(&request.subject).as_str().to_string();
     let audit_tokens = tokenizer.domain(AUDIT_TOKEN_DOMAIN);

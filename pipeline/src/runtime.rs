@@ -92,12 +92,13 @@ pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
     MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("{}: {e}", file.display())))
 }
 
-/// The configured key store, caching up to `cache` unwrapped keys.
-pub fn open_key_store(config: &Config, cache: usize) -> Result<KeyStore, RunError> {
-    Ok(
-        KeyStore::open(&config.key_store, load_master_key(config)?, cache)?
-            .with_erasure_refresh(config.erasure_refresh),
-    )
+/// What a job that reads a few keys (erasure, reuse, audit) lets the key store keep.
+pub const SMALL_KEY_STORE_MEMORY: usize = 4 << 20;
+
+/// The configured key store, keeping at most `memory` bytes in memory.
+pub fn open_key_store(config: &Config, memory: usize) -> Result<KeyStore, RunError> {
+    Ok(KeyStore::open(&config.key_store, load_master_key(config)?, memory)?
+        .with_erasure_refresh(config.erasure_refresh))
 }
 
 /// Runs passes until the source is done. A pass ends early when the source asks for a new
@@ -144,7 +145,7 @@ fn run_pass(
     publisher: Option<&Publisher>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(Summary, ReaderEnd), RunError> {
-    let keys = Arc::new(open_key_store(config, config.key_cache)?);
+    let keys = Arc::new(open_key_store(config, config.memory().key_store)?);
     let tokenizer = keys.tokenizer()?;
     let quarantine_key = keys.system_key("quarantine")?;
     let transforms: Vec<TableTransform> = config
@@ -443,7 +444,7 @@ impl SinkLoop<'_> {
                 metrics().record(&p.summary);
                 summary.merge(p.summary);
                 at_boundary = p.boundary;
-                let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= config.batch.max_bytes;
+                let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= config.memory().buffered;
                 let aged = oldest.is_some_and(|t| t.elapsed() >= max_age);
                 if at_boundary && (full || spilled || aged) {
                     summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
@@ -487,6 +488,9 @@ impl SinkLoop<'_> {
         if dirty.is_empty() || self.abandoned.load(Ordering::SeqCst) {
             return Ok(0);
         }
+        // Keys are durable before the ciphertext made with them (key transactions are not
+        // synced one by one).
+        self.keys.sync()?;
         // Published rows are acknowledged before the lake records them as done (at least once).
         if let Some(publisher) = self.publisher {
             publisher.flush().await?;

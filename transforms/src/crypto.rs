@@ -284,11 +284,36 @@ pub fn random() -> &'static SystemRandom {
 
 /// Fresh random key material and id.
 pub fn generate_key() -> Result<([u8; KEY_ID_LEN], [u8; KEY_LEN]), CryptoError> {
-    let mut id = [0u8; KEY_ID_LEN];
-    let mut key = [0u8; KEY_LEN];
-    random().fill(&mut id).map_err(|_| CryptoError::Random)?;
-    random().fill(&mut key).map_err(|_| CryptoError::Random)?;
-    Ok((id, key))
+    Ok(generate_keys(1)?.remove(0))
+}
+
+/// Bytes of a key id shared by the keys of one [`generate_keys`] batch; the rest counts.
+const BATCH_ID_PREFIX: usize = 10;
+
+/// `n` fresh keys from one read of the system RNG (one `getrandom` per batch, not per key).
+/// The ids of a batch share a random 10-byte prefix and count up after it: stored by id, a
+/// batch's keys sit next to each other, so inserting them touches a few pages of the key
+/// table instead of one random page per key. Ids say nothing of whose a key is or when it
+/// was made; 80 random bits per batch keep them unique.
+pub fn generate_keys(n: usize) -> Result<Vec<([u8; KEY_ID_LEN], [u8; KEY_LEN])>, CryptoError> {
+    let mut bytes = vec![0u8; BATCH_ID_PREFIX + n * KEY_LEN];
+    random().fill(&mut bytes).map_err(|_| CryptoError::Random)?;
+    let (prefix, materials) = bytes.split_at(BATCH_ID_PREFIX);
+    let keys = materials
+        .chunks_exact(KEY_LEN)
+        .enumerate()
+        .map(|(i, material)| {
+            let mut id = [0u8; KEY_ID_LEN];
+            id[..BATCH_ID_PREFIX].copy_from_slice(prefix);
+            id[BATCH_ID_PREFIX..].copy_from_slice(&(i as u64).to_be_bytes()[8 - (KEY_ID_LEN - BATCH_ID_PREFIX)..]);
+            let mut key = [0u8; KEY_LEN];
+            key.copy_from_slice(material);
+            (id, key)
+        })
+        .collect();
+    // The material is copied out: no second copy of it is left behind in freed memory.
+    bytes.fill(0);
+    Ok(keys)
 }
 
 #[cfg(test)]
@@ -298,6 +323,18 @@ mod tests {
 
     fn key(byte: u8) -> DataKey {
         DataKey::new([byte; KEY_ID_LEN], &[byte; KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_keys_has_distinct_materials_and_adjacent_ids() {
+        let keys = generate_keys(300).unwrap();
+        let ids: std::collections::BTreeSet<_> = keys.iter().map(|(id, _)| *id).collect();
+        let materials: std::collections::HashSet<_> = keys.iter().map(|(_, m)| *m).collect();
+        assert_eq!((ids.len(), materials.len()), (300, 300));
+        // In id order, as created: inserted together into a B-tree keyed by id.
+        assert!(keys.windows(2).all(|w| w[0].0 < w[1].0));
+        let other = generate_keys(1).unwrap();
+        assert_ne!(other[0].0[..10], keys[0].0[..10], "each batch draws its own prefix");
     }
 
     #[test]

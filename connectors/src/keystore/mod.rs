@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use ring::digest;
-use sluice_transforms::crypto::{generate_key, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
+use sluice_transforms::crypto::{generate_keys, CryptoError, DataKey, Tokenizer, KEY_ID_LEN, KEY_LEN};
 use sluice_transforms::keys::{KeyError, KeyProvider, ERASED_FOR_GOOD};
 
 pub use self::postgres::PgKeyStoreSettings;
@@ -92,11 +92,14 @@ impl MasterKey {
         Ok((id, material))
     }
 
-    /// A fresh key for `owner` and its wrapped form, for a backend to store.
-    fn mint(&self, owner: Owner<'_>) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError> {
-        let (id, material) = generate_key()?;
-        let wrapped = self.wrap(&id, &material, owner)?;
-        Ok(((id, material), wrapped))
+    /// Fresh keys for `owners` (one RNG read for all) and their wrapped forms, for a backend
+    /// to store.
+    fn mint(&self, names: Names, owners: &[&str]) -> Result<Vec<(KeyMaterial, Vec<u8>)>, KeyStoreError> {
+        generate_keys(owners.len())?
+            .into_iter()
+            .zip(owners)
+            .map(|((id, material), owner)| Ok(((id, material), self.wrap(&id, &material, (names, owner))?)))
+            .collect()
     }
 }
 
@@ -166,11 +169,16 @@ struct ErasedSet {
     refreshed: Option<Instant>,
 }
 
+/// What one cached key costs in memory (the token, the key's id and bytes, the LRU's links and
+/// hash slot), measured with `keystore::tests::the_key_cache_costs_what_its_budget_assumes`.
+pub const CACHE_ENTRY_BYTES: usize = 144;
+
 pub struct KeyStore {
     location: String,
     db: Mutex<Backend>,
     master: MasterKey,
-    cache: Mutex<LruCache<String, Arc<DataKey>>>,
+    /// Unwrapped keys by subject token: the bytes, not a key schedule (a quarter of the memory).
+    cache: Mutex<LruCache<String, KeyMaterial>>,
     erased: Mutex<ErasedSet>,
     refresh: Duration,
     hits: AtomicU64,
@@ -182,12 +190,16 @@ pub struct KeyStore {
 pub const DEFAULT_ERASURE_REFRESH: Duration = Duration::from_secs(10);
 
 impl KeyStore {
-    /// Opens (or creates) the store. `cache_capacity` bounds the unwrapped keys kept in memory.
-    pub fn open(location: &KeyStoreLocation, master: MasterKey, cache_capacity: usize) -> Result<Self, KeyStoreError> {
+    /// Opens (or creates) the store. `memory_bytes` bounds what it keeps in memory: three
+    /// quarters for unwrapped keys ([`CACHE_ENTRY_BYTES`] each), a quarter for the embedded
+    /// backend's page cache (the B-tree pages above the leaves, so a look-up reads one page).
+    pub fn open(location: &KeyStoreLocation, master: MasterKey, memory_bytes: usize) -> Result<Self, KeyStoreError> {
         let name = location.to_string();
+        let page_cache = memory_bytes / 4;
+        let cache_capacity = (memory_bytes - page_cache) / CACHE_ENTRY_BYTES;
         let backend = match location {
             KeyStoreLocation::Sqlite(path) => {
-                Backend::Sqlite(sqlite::SqliteStore::open(path).map_err(|m| store_err(&name, m))?)
+                Backend::Sqlite(sqlite::SqliteStore::open(path, page_cache).map_err(|m| store_err(&name, m))?)
             }
             KeyStoreLocation::Postgres(s) => {
                 Backend::Postgres(Box::new(postgres::PgStore::open(s).map_err(|m| store_err(&name, m))?))
@@ -346,6 +358,13 @@ impl KeyStore {
         Ok(destroyed)
     }
 
+    /// Makes every key created so far durable (by this process or another sharing the store).
+    /// Called before a lake commit whose ciphertext needs them: one sync per commit, where a
+    /// sync per key transaction would cost one per chunk of events.
+    pub fn sync(&self) -> Result<(), KeyStoreError> {
+        backend!(self, db => db.sync()).map_err(|m| self.err(m))
+    }
+
     /// The saved state of an erasure job (JSON), if any.
     pub fn job_state(&self, job_id: &str) -> Result<Option<String>, KeyStoreError> {
         backend!(self, db => db.job_state(job_id)).map_err(|m| self.err(m))
@@ -383,7 +402,7 @@ impl KeyStore {
     /// daemons racing for a subject, the first commit wins and the other reads its key. A
     /// subject with a tombstone gets `None`: an erased subject never gets a new key.
     fn resolve(&self, names: Names, wanted: &[&str]) -> Result<Vec<Option<KeyMaterial>>, KeyStoreError> {
-        let rows = backend!(self, db => db.resolve(names, wanted, &|owner| self.master.mint((names, owner)))).map_err(
+        let rows = backend!(self, db => db.resolve(names, wanted, &|owners| self.master.mint(names, owners))).map_err(
             |e| match e {
                 ResolveError::Store(m) => self.err(m),
                 ResolveError::Key(k) => k,
@@ -405,6 +424,7 @@ impl KeyStore {
 }
 
 /// One name's key as a backend found or made it.
+#[derive(Clone)]
 enum Resolved {
     Existing(Vec<u8>, Vec<u8>),
     Created(KeyMaterial),
@@ -416,8 +436,8 @@ enum ResolveError {
     Key(KeyStoreError),
 }
 
-/// Makes a new key for the name given: its material and wrapped form.
-type Mint<'a> = &'a dyn Fn(&str) -> Result<(KeyMaterial, Vec<u8>), KeyStoreError>;
+/// Makes new keys for the names given: per name, its material and wrapped form.
+type Mint<'a> = &'a dyn Fn(&[&str]) -> Result<Vec<(KeyMaterial, Vec<u8>)>, KeyStoreError>;
 
 /// A tombstone as a daemon reads it.
 struct Tombstone {
@@ -447,45 +467,56 @@ impl StoredKey {
 
 impl KeyProvider for KeyStore {
     fn subject_keys(&self, tokens: &[&str]) -> Result<Vec<Option<Arc<DataKey>>>, KeyError> {
-        let mut out: Vec<Option<Arc<DataKey>>> = Vec::with_capacity(tokens.len());
+        let key = |(id, material): KeyMaterial| {
+            DataKey::new(id, &material)
+                .map(Arc::new)
+                .map_err(|e| KeyError(e.to_string()))
+        };
+        let mut found: Vec<Option<KeyMaterial>> = Vec::with_capacity(tokens.len());
         let mut missing: Vec<&str> = Vec::new();
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for t in tokens {
-                let hit = cache.get(*t).cloned();
+                let hit = cache.get(*t).copied();
                 if hit.is_none() {
                     missing.push(t);
                 }
-                out.push(hit);
+                found.push(hit);
             }
         }
         self.hits
             .fetch_add((tokens.len() - missing.len()) as u64, Ordering::Relaxed);
         self.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
         if missing.is_empty() {
-            return Ok(out);
+            return found.into_iter().map(|m| m.map(key).transpose()).collect();
         }
         let loaded = self
             .resolve(Names::Subjects, &missing)
             .map_err(|e| KeyError(e.to_string()))?;
         let mut newly_erased = Vec::new();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let mut loaded = loaded.into_iter();
-        for (slot, t) in out.iter_mut().zip(tokens) {
-            if slot.is_none() {
-                match loaded.next().expect("one result per miss") {
-                    Some((id, material)) => {
-                        let key = Arc::new(DataKey::new(id, &material).map_err(|e| KeyError(e.to_string()))?);
-                        cache.put(t.to_string(), key.clone());
-                        *slot = Some(key);
+        let mut out = Vec::with_capacity(tokens.len());
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut loaded = loaded.into_iter();
+            for (hit, t) in found.into_iter().zip(tokens) {
+                let material = match hit {
+                    Some(m) => Some(m),
+                    None => {
+                        let m = loaded.next().expect("one result per miss");
+                        match m {
+                            Some(m) => {
+                                cache.put(t.to_string(), m);
+                            }
+                            None => newly_erased.push((t.to_string(), ERASED_FOR_GOOD)),
+                        }
+                        m
                     }
-                    None => newly_erased.push((t.to_string(), ERASED_FOR_GOOD)),
-                }
+                };
+                out.push(material.map(key).transpose()?);
             }
         }
         // Erased since the last tombstone refresh: remembered, not asked again. (The cache lock
         // is released first: `erased` takes the two locks in the other order.)
-        drop(cache);
         if !newly_erased.is_empty() {
             self.erased
                 .lock()
@@ -522,6 +553,64 @@ mod tests {
             2,
         )
         .unwrap()
+    }
+
+    /// Counts what this thread allocates (tests run in parallel on other threads).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        pub struct Counting;
+
+        thread_local! {
+            static HERE: Cell<isize> = const { Cell::new(0) };
+        }
+
+        // SAFETY: delegates to the system allocator; only counts.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                HERE.with(|h| h.set(h.get() + layout.size() as isize));
+                System.alloc(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                HERE.with(|h| h.set(h.get() - layout.size() as isize));
+                System.dealloc(ptr, layout)
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        pub fn allocated_here() -> isize {
+            HERE.with(|h| h.get())
+        }
+    }
+
+    #[test]
+    fn the_key_cache_costs_what_its_budget_assumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 8 << 20;
+        let store = KeyStore::open(
+            &KeyStoreLocation::Sqlite(dir.path().join("keys.db")),
+            MasterKey::from_hex(MASTER).unwrap(),
+            budget,
+        )
+        .unwrap();
+        let capacity = store.cache.lock().unwrap().cap().get();
+        // Tokens as the tokenizer writes them: 32 hex characters.
+        let tokens: Vec<String> = (0..capacity).map(|i| format!("{i:032x}")).collect();
+        let wanted: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let before = counting::allocated_here();
+        for batch in wanted.chunks(4096) {
+            store.subject_keys(batch).unwrap();
+        }
+        let held = counting::allocated_here() - before;
+        assert_eq!(store.cache.lock().unwrap().len(), capacity, "the cache is full");
+        assert!(
+            held as usize <= budget * 3 / 4,
+            "{capacity} cached keys hold {held} bytes, over the {} the budget gives them",
+            budget * 3 / 4
+        );
     }
 
     #[test]

@@ -145,26 +145,45 @@ impl PgStore {
         } else {
             Default::default()
         };
-        let insert_key = format!("INSERT INTO {s}.keys (id, wrapped) VALUES ($1, $2)");
-        let insert_name = format!("INSERT INTO {s}.{table} ({column}, key_id) VALUES ($1, $2)");
+        // The missing names, each once, get their keys from one batch and one insert per table.
+        let mut missing: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|w| !found.contains_key(*w) && !erased.contains(*w))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
         let mut created = std::collections::HashMap::new();
-        let mut out = Vec::with_capacity(wanted.len());
-        for w in wanted {
-            out.push(if let Some((id, wrapped)) = found.get(*w) {
-                Resolved::Existing(id.clone(), wrapped.clone())
-            } else if erased.contains(*w) {
-                Resolved::Erased
-            } else if let Some(material) = created.get(*w) {
-                Resolved::Created(*material)
-            } else {
-                let (material, wrapped) = mint(w).map_err(ResolveError::Key)?;
-                tx.execute(&insert_key, &[&material.0.as_slice(), &wrapped])
-                    .map_err(store)?;
-                tx.execute(&insert_name, &[w, &material.0.as_slice()]).map_err(store)?;
-                created.insert(w.to_string(), material);
-                Resolved::Created(material)
-            });
+        if !missing.is_empty() {
+            let minted = mint(&missing).map_err(ResolveError::Key)?;
+            let ids: Vec<&[u8]> = minted.iter().map(|(m, _)| m.0.as_slice()).collect();
+            let wrapped: Vec<&[u8]> = minted.iter().map(|(_, w)| w.as_slice()).collect();
+            tx.execute(
+                &format!("INSERT INTO {s}.keys (id, wrapped) SELECT * FROM unnest($1::bytea[], $2::bytea[])"),
+                &[&ids, &wrapped],
+            )
+            .map_err(store)?;
+            tx.execute(
+                &format!("INSERT INTO {s}.{table} ({column}, key_id) SELECT * FROM unnest($1::text[], $2::bytea[])"),
+                &[&missing, &ids],
+            )
+            .map_err(store)?;
+            for (name, (material, _)) in missing.iter().zip(&minted) {
+                created.insert(*name, *material);
+            }
         }
+        let out = wanted
+            .iter()
+            .map(|w| {
+                if let Some((id, wrapped)) = found.get(*w) {
+                    Resolved::Existing(id.clone(), wrapped.clone())
+                } else if let Some(material) = created.get(*w) {
+                    Resolved::Created(*material)
+                } else {
+                    Resolved::Erased
+                }
+            })
+            .collect();
         // Durable (synchronous_commit as the server has it) before ciphertext made with these
         // keys can be committed to the lake.
         tx.commit().map_err(store)?;
@@ -267,6 +286,12 @@ impl PgStore {
     /// Dead row versions keep a deleted key's bytes in the table's pages until VACUUM prunes
     /// them. (WAL archives and base backups of this database keep them as long as they are
     /// kept: give them a retention shorter than the erasure deadline.)
+    /// Nothing to do: a key transaction is durable when it commits (as the server's
+    /// `synchronous_commit` has it).
+    pub(super) fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
     pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
         // One statement each: VACUUM cannot run inside a (multi-statement) transaction.
         for table in ["keys", "subject_keys"] {

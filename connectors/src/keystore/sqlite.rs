@@ -48,10 +48,18 @@ fn retry_while_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::
 
 pub(super) struct SqliteStore {
     db: Connection,
+    /// The write-ahead log, synced by [`SqliteStore::sync`].
+    wal: std::path::PathBuf,
 }
 
+/// Pages the write-ahead log may grow to before it is copied into the database (SQLite's
+/// default is 1,000): a chunk of new subjects dirties a page per subject, so a small log would
+/// be checkpointed after nearly every transaction.
+const WAL_PAGES_BEFORE_CHECKPOINT: i64 = 16_384;
+
 impl SqliteStore {
-    pub(super) fn open(path: &Path) -> Result<Self, String> {
+    /// Opens (or creates) the store, with a page cache of `page_cache_bytes`.
+    pub(super) fn open(path: &Path, page_cache_bytes: usize) -> Result<Self, String> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
@@ -61,9 +69,15 @@ impl SqliteStore {
         // Switching a new file to WAL while another daemon opens it too can answer "locked"
         // without consulting the busy handler: retried here for as long as it would wait.
         retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL")).map_err(|e| e.to_string())?;
-        // FULL: a key is on disk before any ciphertext made with it can be committed.
-        db.pragma_update(None, "synchronous", "FULL")
+        // NORMAL: a transaction of new keys is not synced on its own; the lake's commit that
+        // needs them syncs the log first (`KeyStore::sync`), once per commit, not per chunk.
+        db.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| e.to_string())?;
+        db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_BEFORE_CHECKPOINT)
+            .map_err(|e| e.to_string())?;
+        // Negative: KiB rather than pages.
+        let kib = (page_cache_bytes / 1024).max(2048) as i64;
+        db.pragma_update(None, "cache_size", -kib).map_err(|e| e.to_string())?;
         // A destroyed key's bytes are overwritten in the page, not left in free space.
         db.pragma_update(None, "secure_delete", "ON")
             .map_err(|e| e.to_string())?;
@@ -87,7 +101,23 @@ impl SqliteStore {
                 .map_err(|e| e.to_string())?;
         }
         tx.commit().map_err(|e| e.to_string())?;
-        Ok(Self { db })
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(Self { db, wal: wal.into() })
+    }
+
+    /// Makes every key committed so far durable, by this process or another sharing the store:
+    /// the write-ahead log is synced (a file-wide `fsync`, whoever appended the frames). Frames
+    /// already copied into the database were synced there by the checkpoint that copied them;
+    /// with no log file there is nothing unsynced.
+    pub(super) fn sync(&mut self) -> Result<(), String> {
+        match std::fs::File::open(&self.wal) {
+            Ok(wal) => wal
+                .sync_data()
+                .map_err(|e| format!("syncing {}: {e}", self.wal.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("opening {}: {e}", self.wal.display())),
+        }
     }
 
     pub(super) fn resolve(
@@ -101,7 +131,7 @@ impl SqliteStore {
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(store)?;
-        let mut out = Vec::with_capacity(wanted.len());
+        let mut by_name: Vec<(&str, Resolved)> = Vec::with_capacity(wanted.len());
         {
             let (select, insert_name) = match names {
                 Names::Subjects => (
@@ -121,30 +151,54 @@ impl SqliteStore {
             let mut tombstone = tx
                 .prepare_cached("SELECT 1 FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NULL")
                 .map_err(store)?;
-            for name in wanted {
+            // In name order, each name once: neighbouring look-ups and inserts share B-tree
+            // pages, which stay in the page cache.
+            let mut order: Vec<usize> = (0..wanted.len()).collect();
+            order.sort_unstable_by_key(|&i| wanted[i]);
+            order.dedup_by_key(|i| wanted[*i]);
+            let mut missing = Vec::new();
+            for &i in &order {
+                let name = wanted[i];
                 let existing: Option<(Vec<u8>, Vec<u8>)> = select
                     .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(store)?;
-                out.push(match existing {
-                    Some((id, wrapped)) => Resolved::Existing(id, wrapped),
-                    None if names == Names::Subjects && tombstone.exists([name]).map_err(store)? => Resolved::Erased,
-                    None => {
-                        let (material, wrapped) = mint(name).map_err(ResolveError::Key)?;
-                        insert_key
-                            .execute(params![material.0.as_slice(), wrapped])
-                            .map_err(store)?;
-                        insert_name
-                            .execute(params![name, material.0.as_slice()])
-                            .map_err(store)?;
-                        Resolved::Created(material)
+                match existing {
+                    Some((id, wrapped)) => by_name.push((name, Resolved::Existing(id, wrapped))),
+                    None if names == Names::Subjects && tombstone.exists([name]).map_err(store)? => {
+                        by_name.push((name, Resolved::Erased))
                     }
-                });
+                    None => missing.push(name),
+                }
+            }
+            if !missing.is_empty() {
+                let minted = mint(&missing).map_err(ResolveError::Key)?;
+                // Keys first, in id order: a batch's ids are adjacent (see `generate_keys`).
+                for (material, wrapped) in &minted {
+                    insert_key
+                        .execute(params![material.0.as_slice(), wrapped])
+                        .map_err(store)?;
+                }
+                for (name, (material, _)) in missing.iter().zip(minted) {
+                    insert_name
+                        .execute(params![name, material.0.as_slice()])
+                        .map_err(store)?;
+                    by_name.push((name, Resolved::Created(material)));
+                }
             }
         }
-        // Durable before any ciphertext made with these keys can be committed.
+        // Durable once synced (`sync`), before any ciphertext made with these keys is committed.
         tx.commit().map_err(store)?;
-        Ok(out)
+        by_name.sort_unstable_by_key(|(name, _)| *name);
+        Ok(wanted
+            .iter()
+            .map(|w| {
+                let at = by_name
+                    .binary_search_by_key(w, |(name, _)| name)
+                    .expect("every name resolved");
+                by_name[at].1.clone()
+            })
+            .collect())
     }
 
     pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, String> {
@@ -352,7 +406,7 @@ mod tests {
                     let (path, start) = (path.clone(), start.clone());
                     std::thread::spawn(move || {
                         start.wait();
-                        SqliteStore::open(&path).map(|_| ())
+                        SqliteStore::open(&path, 0).map(|_| ())
                     })
                 })
                 .collect::<Vec<_>>()
