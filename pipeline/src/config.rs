@@ -437,6 +437,8 @@ pub struct MemoryPlan {
     pub key_store: usize,
     /// Arrow rows buffered across all sinks before a commit (at most `[batch] max_bytes`).
     pub buffered: usize,
+    /// Tokens each sanitizing thread remembers (see `crypto::set_token_cache_bytes`).
+    pub tokens_per_thread: usize,
 }
 
 /// When buffered rows are committed.
@@ -931,6 +933,7 @@ impl Config {
             key_store: total / 4,
             // Parquet encoding at the commit holds about as much again.
             buffered: (total / 4).min(self.batch.max_bytes),
+            tokens_per_thread: total / 16 / self.worker_threads(),
         }
     }
 

@@ -146,6 +146,7 @@ fn run_pass(
     rt: &tokio::runtime::Runtime,
 ) -> Result<(Summary, ReaderEnd), RunError> {
     let keys = Arc::new(open_key_store(config, config.memory().key_store)?);
+    sluice_transforms::crypto::set_token_cache_bytes(config.memory().tokens_per_thread);
     let tokenizer = keys.tokenizer()?;
     let quarantine_key = keys.system_key("quarantine")?;
     let transforms: Vec<TableTransform> = config

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use rustc_hash::FxHashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::hmac;
@@ -80,12 +80,30 @@ impl std::fmt::Debug for Token {
 }
 
 static NEXT_TOKENIZER: AtomicU64 = AtomicU64::new(0);
-/// Tokens remembered per domain and thread. Identifiers such as foreign keys repeat across
-/// events, and an HMAC costs two SHA-256 blocks; the bound keeps memory flat.
-const TOKEN_CACHE_PER_DOMAIN: usize = 65_536;
+
+/// What one remembered token costs (the value's text, the token, the hash slot), measured by
+/// `tokens_remembered_stay_within_their_budget`.
+pub const TOKEN_CACHE_ENTRY_BYTES: usize = 96;
+
+/// Tokens each thread may remember, over all its tokenizers (see [`set_token_cache_bytes`]).
+static TOKEN_CACHE_ENTRIES: AtomicUsize = AtomicUsize::new((8 << 20) / TOKEN_CACHE_ENTRY_BYTES);
+
+/// Bounds the tokens each thread remembers to about `bytes` (from the run's memory budget).
+pub fn set_token_cache_bytes(bytes: usize) {
+    TOKEN_CACHE_ENTRIES.store((bytes / TOKEN_CACHE_ENTRY_BYTES).max(1), Ordering::Relaxed);
+}
+
+/// Tokens remembered per thread, by tokenizer. Identifiers such as foreign keys repeat across
+/// events, and an HMAC costs two SHA-256 blocks. One bound for all of a thread's tokenizers:
+/// a table has several, and ids that never repeat (a payment's) must not multiply the memory.
+#[derive(Default)]
+struct TokenCache {
+    by_tokenizer: FxHashMap<u64, FxHashMap<Box<str>, Token>>,
+    entries: usize,
+}
 
 thread_local! {
-    static TOKEN_CACHE: RefCell<FxHashMap<u64, FxHashMap<Box<str>, Token>>> = RefCell::new(FxHashMap::default());
+    static TOKEN_CACHE: RefCell<TokenCache> = RefCell::new(TokenCache::default());
 }
 
 #[derive(Clone)]
@@ -99,15 +117,22 @@ impl DomainTokenizer {
     pub fn token(&self, value: &str) -> Token {
         TOKEN_CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let domain = cache.entry(self.cache_id).or_default();
-            if let Some(token) = domain.get(value) {
+            if let Some(token) = cache.by_tokenizer.get(&self.cache_id).and_then(|d| d.get(value)) {
                 return *token;
             }
             let token = self.compute(value);
-            if domain.len() >= TOKEN_CACHE_PER_DOMAIN {
-                domain.clear();
+            // Full: forget everything (cheaper than tracking recency; the ids that repeat come
+            // back at once).
+            if cache.entries >= TOKEN_CACHE_ENTRIES.load(Ordering::Relaxed) {
+                cache.by_tokenizer = FxHashMap::default();
+                cache.entries = 0;
             }
-            domain.insert(value.into(), token);
+            cache.entries += 1;
+            cache
+                .by_tokenizer
+                .entry(self.cache_id)
+                .or_default()
+                .insert(value.into(), token);
             token
         })
     }
@@ -282,8 +307,11 @@ pub fn random() -> &'static SystemRandom {
     RNG.get_or_init(SystemRandom::new)
 }
 
+/// A key's id and its material.
+pub type KeyParts = ([u8; KEY_ID_LEN], [u8; KEY_LEN]);
+
 /// Fresh random key material and id.
-pub fn generate_key() -> Result<([u8; KEY_ID_LEN], [u8; KEY_LEN]), CryptoError> {
+pub fn generate_key() -> Result<KeyParts, CryptoError> {
     Ok(generate_keys(1)?.remove(0))
 }
 
@@ -295,7 +323,7 @@ const BATCH_ID_PREFIX: usize = 10;
 /// batch's keys sit next to each other, so inserting them touches a few pages of the key
 /// table instead of one random page per key. Ids say nothing of whose a key is or when it
 /// was made; 80 random bits per batch keep them unique.
-pub fn generate_keys(n: usize) -> Result<Vec<([u8; KEY_ID_LEN], [u8; KEY_LEN])>, CryptoError> {
+pub fn generate_keys(n: usize) -> Result<Vec<KeyParts>, CryptoError> {
     let mut bytes = vec![0u8; BATCH_ID_PREFIX + n * KEY_LEN];
     random().fill(&mut bytes).map_err(|_| CryptoError::Random)?;
     let (prefix, materials) = bytes.split_at(BATCH_ID_PREFIX);
@@ -323,6 +351,63 @@ mod tests {
 
     fn key(byte: u8) -> DataKey {
         DataKey::new([byte; KEY_ID_LEN], &[byte; KEY_LEN]).unwrap()
+    }
+
+    /// Counts what this thread allocates (tests run in parallel on other threads).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        pub struct Counting;
+
+        thread_local! {
+            static HERE: Cell<isize> = const { Cell::new(0) };
+        }
+
+        // SAFETY: delegates to the system allocator; only counts.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                HERE.with(|h| h.set(h.get() + layout.size() as isize));
+                System.alloc(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                HERE.with(|h| h.set(h.get() - layout.size() as isize));
+                System.dealloc(ptr, layout)
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+
+        pub fn allocated_here() -> isize {
+            HERE.with(|h| h.get())
+        }
+    }
+
+    #[test]
+    fn tokens_remembered_stay_within_their_budget() {
+        let budget = 4 << 20;
+        set_token_cache_bytes(budget);
+        // A thread of its own: the cache is per thread and starts empty.
+        let held = std::thread::spawn(|| {
+            let tokenizer = Tokenizer::new(&[7; KEY_LEN]);
+            let domains = ["customer", "account", "payment", "contact"].map(|d| tokenizer.domain(d));
+            let before = counting::allocated_here();
+            let mut peak = 0;
+            for i in 0..200_000 {
+                // Ids as the demo book has them: short codes that never repeat.
+                domains[i % domains.len()].token(&format!("C{i:07}"));
+                peak = peak.max(counting::allocated_here() - before);
+            }
+            peak
+        })
+        .join()
+        .unwrap();
+        set_token_cache_bytes(8 << 20);
+        assert!(
+            held as usize <= budget,
+            "remembered tokens held {held} bytes, over the budget of {budget}"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ fn legacy_wrap_aad(key_id: &[u8; KEY_ID_LEN]) -> Vec<u8> {
 const REWRAPPED_MARKER: &str = "keywrap-v2";
 
 /// A key's id and its unwrapped bytes.
-type KeyMaterial = ([u8; KEY_ID_LEN], [u8; KEY_LEN]);
+type KeyMaterial = sluice_transforms::crypto::KeyParts;
 
 /// Which name table a key is looked up in.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -176,6 +176,9 @@ pub const CACHE_ENTRY_BYTES: usize = 144;
 pub struct KeyStore {
     location: String,
     db: Mutex<Backend>,
+    /// The embedded backend's durability step, apart from `db` so that it never holds up
+    /// key look-ups.
+    checkpointer: Option<Mutex<sqlite::Checkpointer>>,
     master: MasterKey,
     /// Unwrapped keys by subject token: the bytes, not a key schedule (a quarter of the memory).
     cache: Mutex<LruCache<String, KeyMaterial>>,
@@ -197,9 +200,14 @@ impl KeyStore {
         let name = location.to_string();
         let page_cache = memory_bytes / 4;
         let cache_capacity = (memory_bytes - page_cache) / CACHE_ENTRY_BYTES;
+        let mut checkpointer = None;
         let backend = match location {
             KeyStoreLocation::Sqlite(path) => {
-                Backend::Sqlite(sqlite::SqliteStore::open(path, page_cache).map_err(|m| store_err(&name, m))?)
+                let store = sqlite::SqliteStore::open(path, page_cache).map_err(|m| store_err(&name, m))?;
+                checkpointer = Some(Mutex::new(
+                    sqlite::Checkpointer::open(path).map_err(|m| store_err(&name, m))?,
+                ));
+                Backend::Sqlite(store)
             }
             KeyStoreLocation::Postgres(s) => {
                 Backend::Postgres(Box::new(postgres::PgStore::open(s).map_err(|m| store_err(&name, m))?))
@@ -208,6 +216,7 @@ impl KeyStore {
         let store = Self {
             location: name,
             db: Mutex::new(backend),
+            checkpointer,
             master,
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cache_capacity.max(1)).expect("max(1)"))),
             erased: Mutex::new(ErasedSet {
@@ -362,7 +371,16 @@ impl KeyStore {
     /// Called before a lake commit whose ciphertext needs them: one sync per commit, where a
     /// sync per key transaction would cost one per chunk of events.
     pub fn sync(&self) -> Result<(), KeyStoreError> {
-        backend!(self, db => db.sync()).map_err(|m| self.err(m))
+        match &self.checkpointer {
+            Some(c) => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sync()
+                .map_err(|m| self.err(m)),
+            // PostgreSQL: a key transaction is durable when it commits (as the server's
+            // `synchronous_commit` has it).
+            None => Ok(()),
+        }
     }
 
     /// The saved state of an erasure job (JSON), if any.

@@ -286,12 +286,6 @@ impl PgStore {
     /// Dead row versions keep a deleted key's bytes in the table's pages until VACUUM prunes
     /// them. (WAL archives and base backups of this database keep them as long as they are
     /// kept: give them a retention shorter than the erasure deadline.)
-    /// Nothing to do: a key transaction is durable when it commits (as the server's
-    /// `synchronous_commit` has it).
-    pub(super) fn sync(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-
     pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
         // One statement each: VACUUM cannot run inside a (multi-statement) transaction.
         for table in ["keys", "subject_keys"] {

@@ -48,14 +48,13 @@ fn retry_while_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::
 
 pub(super) struct SqliteStore {
     db: Connection,
-    /// The write-ahead log, synced by [`SqliteStore::sync`].
-    wal: std::path::PathBuf,
 }
 
-/// Pages the write-ahead log may grow to before it is copied into the database (SQLite's
-/// default is 1,000): a chunk of new subjects dirties a page per subject, so a small log would
-/// be checkpointed after nearly every transaction.
-const WAL_PAGES_BEFORE_CHECKPOINT: i64 = 16_384;
+/// Pages the write-ahead log may grow to before a key transaction copies it into the database
+/// itself (SQLite's default is 1,000, which a chunk of new subjects — a page each — passes
+/// every time). A backstop: the [`Checkpointer`] copies it at every lake commit, on its own
+/// connection, so the fsyncs of a checkpoint never hold up key look-ups.
+const WAL_PAGES_BEFORE_CHECKPOINT: i64 = 65_536;
 
 impl SqliteStore {
     /// Opens (or creates) the store, with a page cache of `page_cache_bytes`.
@@ -101,23 +100,7 @@ impl SqliteStore {
                 .map_err(|e| e.to_string())?;
         }
         tx.commit().map_err(|e| e.to_string())?;
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        Ok(Self { db, wal: wal.into() })
-    }
-
-    /// Makes every key committed so far durable, by this process or another sharing the store:
-    /// the write-ahead log is synced (a file-wide `fsync`, whoever appended the frames). Frames
-    /// already copied into the database were synced there by the checkpoint that copied them;
-    /// with no log file there is nothing unsynced.
-    pub(super) fn sync(&mut self) -> Result<(), String> {
-        match std::fs::File::open(&self.wal) {
-            Ok(wal) => wal
-                .sync_data()
-                .map_err(|e| format!("syncing {}: {e}", self.wal.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("opening {}: {e}", self.wal.display())),
-        }
+        Ok(Self { db })
     }
 
     pub(super) fn resolve(
@@ -386,6 +369,43 @@ impl SqliteStore {
             )
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+/// Makes keys durable, on a connection of its own (see [`WAL_PAGES_BEFORE_CHECKPOINT`]).
+pub(super) struct Checkpointer {
+    db: Connection,
+    wal: std::path::PathBuf,
+}
+
+impl Checkpointer {
+    /// Opens a second connection to a store [`SqliteStore::open`] has opened.
+    pub(super) fn open(path: &Path) -> Result<Self, String> {
+        let db = Connection::open(path).map_err(|e| e.to_string())?;
+        db.busy_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        db.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| e.to_string())?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(Self { db, wal: wal.into() })
+    }
+
+    /// Makes every key committed so far durable, by this process or another sharing the store:
+    /// copies the write-ahead log into the database as far as readers allow (bounding the log;
+    /// the copy is synced), then syncs the log itself — a file-wide `fsync`, whoever appended
+    /// the frames. With no log file, everything is in the synced database.
+    pub(super) fn sync(&mut self) -> Result<(), String> {
+        // Busy (another checkpoint, e.g. an erasure's) is not an error: the log sync follows.
+        self.db
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| e.to_string())?;
+        match std::fs::File::open(&self.wal) {
+            Ok(wal) => wal
+                .sync_data()
+                .map_err(|e| format!("syncing {}: {e}", self.wal.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("opening {}: {e}", self.wal.display())),
+        }
     }
 }
 
