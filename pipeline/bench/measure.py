@@ -3,7 +3,7 @@ human summary: wall seconds, events/s, MB/s of input, CPU-seconds (user + system
 utilisation (CPU-seconds / wall; 200% = both cores of this machine) and peak RSS.
 
 Usage: measure.py --name NAME --events N --bytes B [--subjects S] [--results FILE] -- COMMAND…
-       measure.py --ratios < result lines (sluice, python, sluice, python, …)
+       measure.py --ratios < result lines of one compare.sh run
 """
 
 import argparse
@@ -16,11 +16,25 @@ import time
 
 
 def ratios(lines):
+    """Per cardinality: every sluice run against the Python reference, and against the base
+    build when one ran."""
     rows = [json.loads(line) for line in lines if line.strip()]
-    for s, p in zip(rows[0::2], rows[1::2]):
-        print(f"{s['name']} ({s['subjects']} subjects held): {s['events_per_s'] / p['events_per_s']:.2f}x the reference's events/s, "
-              f"{s['cpu_us_per_event'] / p['cpu_us_per_event']:.2f}x its CPU per event, "
-              f"{s['cpu_percent']}% CPU, {s['peak_rss_mib']} MiB peak RSS (reference: {p['peak_rss_mib']} MiB)")
+    for subjects in dict.fromkeys(r["subjects"] for r in rows):
+        group = [r for r in rows if r["subjects"] == subjects]
+        reference = next((r for r in group if r["name"].startswith("python")), None)
+        base = next((r for r in group if "base" in r["name"]), None)
+        for s in group:
+            if s is reference or s is base:
+                continue
+            line = f"{s['name']} ({subjects} subjects held): {s['cpu_percent']}% CPU, {s['peak_rss_mib']} MiB peak RSS"
+            if reference:
+                line += (f"; {s['events_per_s'] / reference['events_per_s']:.2f}x the reference's events/s, "
+                         f"{s['cpu_us_per_event'] / reference['cpu_us_per_event']:.2f}x its CPU per event "
+                         f"(reference: {reference['peak_rss_mib']} MiB)")
+            if base:
+                line += (f"; {s['events_per_s'] / base['events_per_s']:.2f}x the base build's events/s, "
+                         f"{s['cpu_us_per_event'] / base['cpu_us_per_event']:.2f}x its CPU per event")
+            print(line)
 
 
 def main():
