@@ -430,6 +430,9 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// The smallest `[workers] memory_mb`: below it a commit would follow every chunk.
+const MIN_MEMORY_MB: usize = 64;
+
 /// Bytes of the memory budget given to each part of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -658,6 +661,13 @@ impl Config {
                 text.find("[keys]").unwrap_or(0),
                 "keys",
                 "set master_key_file or master_key_env".into(),
+            ));
+        }
+        if raw.workers.memory_mb < MIN_MEMORY_MB {
+            return Err(invalid(
+                text.find("memory_mb").unwrap_or(0),
+                "workers.memory_mb",
+                format!("must be at least {MIN_MEMORY_MB} (MiB): the budget the run's buffers are sized from"),
             ));
         }
         if raw.policies.is_empty() {
@@ -1742,6 +1752,25 @@ mod tests {
         )
         .unwrap();
         load(dir.path(), &format!("{HEAD}[source]\nkind = \"file\"\npath = \"e\"\n")).unwrap();
+    }
+
+    #[test]
+    fn the_memory_budget_is_shared_out_and_a_tiny_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+        let config = load(
+            dir.path(),
+            &format!("{HEAD}{source}[workers]\nthreads = 2\nmemory_mb = 256\n"),
+        )
+        .unwrap();
+        let plan = config.memory();
+        assert_eq!(plan.key_store, 64 << 20);
+        assert_eq!(plan.buffered, 64 << 20, "a quarter, under [batch] max_bytes");
+        assert_eq!(plan.tokens_per_thread, 8 << 20);
+        let e = load(dir.path(), &format!("{HEAD}{source}[workers]\nmemory_mb = 8\n")).unwrap_err();
+        let LoadError::Invalid(e) = e else { panic!("{e}") };
+        assert_eq!((e.line, e.field.as_str()), (12, "workers.memory_mb"), "{e}");
+        assert!(e.message.contains("at least 64"), "{e}");
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl KeyStore {
         // keys that would silently split the lake in two.
         store.rewrap_legacy()?;
         match store.system_key("master-check") {
-            Ok(_) => Ok(store),
+            // System keys made just now are durable before anything uses them.
+            Ok(_) => store.sync().map(|()| store),
             Err(KeyStoreError::Crypto(CryptoError::Authentication)) => {
                 Err(KeyStoreError::WrongMasterKey(store.location.clone()))
             }
@@ -338,7 +339,9 @@ impl KeyStore {
     /// a new key; earlier ones (the erased person's, on a replay) are still dropped. `false`
     /// when the subject has no erasure in force. Daemons see it at their next tombstone refresh.
     pub fn release_subject(&self, token: &str, after_ms: i64) -> Result<bool, KeyStoreError> {
-        backend!(self, db => db.release(token, after_ms)).map_err(|m| self.err(m))
+        let released = backend!(self, db => db.release(token, after_ms)).map_err(|m| self.err(m))?;
+        self.sync()?;
+        Ok(released)
     }
 
     /// How many erased subjects (tombstones) this process has read.
@@ -390,7 +393,10 @@ impl KeyStore {
 
     /// Saves an erasure job's state (JSON) durably.
     pub fn save_job_state(&self, job_id: &str, state: &str, now_ms: i64) -> Result<(), KeyStoreError> {
-        backend!(self, db => db.save_job_state(job_id, state, now_ms)).map_err(|m| self.err(m))
+        backend!(self, db => db.save_job_state(job_id, state, now_ms)).map_err(|m| self.err(m))?;
+        // A job goes on only once its state is on disk (see `sync`: the store is not synced
+        // per transaction).
+        self.sync()
     }
 
     /// Per token, the source time before which its events are dropped: `None` for a subject
