@@ -85,8 +85,11 @@ static NEXT_TOKENIZER: AtomicU64 = AtomicU64::new(0);
 /// `tokens_remembered_stay_within_their_budget`.
 pub const TOKEN_CACHE_ENTRY_BYTES: usize = 96;
 
+/// What each thread's remembered tokens may hold until [`set_token_cache_bytes`] says otherwise.
+pub const DEFAULT_TOKEN_CACHE_BYTES: usize = 8 << 20;
+
 /// Tokens each thread may remember, over all its tokenizers (see [`set_token_cache_bytes`]).
-static TOKEN_CACHE_ENTRIES: AtomicUsize = AtomicUsize::new((8 << 20) / TOKEN_CACHE_ENTRY_BYTES);
+static TOKEN_CACHE_ENTRIES: AtomicUsize = AtomicUsize::new(DEFAULT_TOKEN_CACHE_BYTES / TOKEN_CACHE_ENTRY_BYTES);
 
 /// Bounds the tokens each thread remembers to about `bytes` (from the run's memory budget).
 pub fn set_token_cache_bytes(bytes: usize) {
@@ -403,7 +406,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        set_token_cache_bytes(8 << 20);
+        set_token_cache_bytes(DEFAULT_TOKEN_CACHE_BYTES);
         assert!(
             held as usize <= budget,
             "remembered tokens held {held} bytes, over the budget of {budget}"
