@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -50,10 +51,14 @@ def main():
     a = p.parse_args()
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     start = time.monotonic()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.monotonic() - start
-    stderr = child.stderr.read().decode(errors="replace")
+    # The log goes to a file: a pipe read only at the end fills up (64 KiB) on a long run and
+    # blocks the program mid-run.
+    with tempfile.TemporaryFile() as log:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.monotonic() - start
+        log.seek(0)
+        stderr = log.read().decode(errors="replace")
     if status != 0:
         sys.exit(f"{a.name} failed ({status}):\n{stderr[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
