@@ -394,6 +394,7 @@ impl SinkLoop<'_> {
         let mut spilled = false;
         let mut reported_drops: BTreeSet<(String, String)> = BTreeSet::new();
         let max_age = Duration::from_millis(config.batch.max_age_ms.max(1));
+        let buffered_limit = config.memory().buffered;
 
         loop {
             let wait = match oldest {
@@ -445,7 +446,7 @@ impl SinkLoop<'_> {
                 metrics().record(&p.summary);
                 summary.merge(p.summary);
                 at_boundary = p.boundary;
-                let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= config.memory().buffered;
+                let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= buffered_limit;
                 let aged = oldest.is_some_and(|t| t.elapsed() >= max_age);
                 if at_boundary && (full || spilled || aged) {
                     summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;

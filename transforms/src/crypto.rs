@@ -356,36 +356,10 @@ mod tests {
         DataKey::new([byte; KEY_ID_LEN], &[byte; KEY_LEN]).unwrap()
     }
 
-    /// Counts what this thread allocates (tests run in parallel on other threads).
-    mod counting {
-        use std::alloc::{GlobalAlloc, Layout, System};
-        use std::cell::Cell;
+    use crate::counting_alloc as counting;
 
-        pub struct Counting;
-
-        thread_local! {
-            static HERE: Cell<isize> = const { Cell::new(0) };
-        }
-
-        // SAFETY: delegates to the system allocator; only counts.
-        unsafe impl GlobalAlloc for Counting {
-            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-                HERE.with(|h| h.set(h.get() + layout.size() as isize));
-                System.alloc(layout)
-            }
-            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-                HERE.with(|h| h.set(h.get() - layout.size() as isize));
-                System.dealloc(ptr, layout)
-            }
-        }
-
-        #[global_allocator]
-        static COUNTING: Counting = Counting;
-
-        pub fn allocated_here() -> isize {
-            HERE.with(|h| h.get())
-        }
-    }
+    #[global_allocator]
+    static COUNTING: counting::Counting = counting::Counting;
 
     #[test]
     fn tokens_remembered_stay_within_their_budget() {

@@ -5,6 +5,8 @@
 
 pub mod actions;
 pub mod config_error;
+#[cfg(any(test, feature = "test-support"))]
+pub mod counting_alloc;
 pub mod crypto;
 pub mod engine;
 pub mod functions;
