@@ -46,10 +46,10 @@ pub enum DeltaSinkError {
     },
 }
 
-/// Snappy, but no dictionary for columns whose values never repeat (ciphertexts, positions) and
+/// The lake's Parquet settings, but no dictionary for columns whose values never repeat (ciphertexts, positions) and
 /// no compression for ciphertext (random bytes do not compress): both cost time and save nothing.
 fn writer_properties(schema: &SchemaRef) -> WriterProperties {
-    let mut props = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    let mut props = crate::lake::parquet_properties();
     for field in schema.fields() {
         let column = ColumnPath::from(field.name().as_str());
         if matches!(field.data_type(), DataType::Binary) {
@@ -689,5 +689,51 @@ mod tests {
                 .await
                 .is_err());
         });
+    }
+    #[test]
+    fn a_column_of_tokens_gives_up_its_dictionary_early_and_a_repeating_column_keeps_one() {
+        use deltalake::parquet::arrow::ArrowWriter;
+        use deltalake::parquet::basic::Encoding;
+        use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("customer_token", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+        ]));
+        let rows = 100_000;
+        // Random-looking like real tokens (so the dictionary page does not compress away).
+        let mix = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0xD6E8_FEB8_6659_FD93;
+        let tokens: Vec<String> = (0..rows as u64)
+            .map(|i| format!("{:016x}{:016x}", mix(i), mix(!i)))
+            .collect();
+        let statuses: Vec<&str> = (0..rows).map(|i| ["open", "closed", "arrears"][i % 3]).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(tokens)),
+                Arc::new(StringArray::from(statuses)),
+            ],
+        )
+        .unwrap();
+        let mut file = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut file, schema.clone(), Some(writer_properties(&schema))).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let reader = SerializedFileReader::new(bytes::Bytes::from(file)).unwrap();
+        let chunk = reader.metadata().row_group(0).column(0);
+        // The dictionary page is what was interned before giving up (and held in memory until
+        // the commit): about the lake's limit, not the parquet crate's default mebibyte.
+        let dictionary_bytes = chunk.data_page_offset() - chunk.dictionary_page_offset().unwrap();
+        assert!(
+            dictionary_bytes <= 128 << 10,
+            "{dictionary_bytes} bytes of dictionary for values that never repeat"
+        );
+        let status = reader.metadata().row_group(0).column(1);
+        assert!(status.encodings().any(|e| e == Encoding::RLE_DICTIONARY));
+        // Dictionary indices (2 bits a row), not the strings again (~10 bytes a row).
+        assert!(
+            status.uncompressed_size() < 100_000,
+            "the repeating column fell back to plain: {} bytes",
+            status.uncompressed_size()
+        );
     }
 }

@@ -193,7 +193,7 @@ pub fn position_properties(positions: &HashMap<String, i64>) -> HashMap<String, 
 /// columns that link a row to a person; manifests are history an erasure must not leave
 /// holding tokens.
 fn writer_properties(schema: &ArrowSchema, stats_columns: &[String]) -> WriterProperties {
-    let mut props = WriterProperties::builder().set_compression(deltalake::parquet::basic::Compression::SNAPPY);
+    let mut props = crate::lake::parquet_properties();
     for field in schema.fields() {
         if !stats_columns.contains(field.name()) {
             props =
