@@ -28,6 +28,9 @@ try:
     t = time.monotonic()
     broker.produce("crm", values, 3)
     print(f"produced    {len(values)} events in {time.monotonic() - t:.1f} s")
+    # Extra librdkafka settings to try, as TOML key/value pairs: BENCH_KAFKA_PROPERTIES='"fetch.wait.max.ms" = "10"'.
+    extra = os.environ.get("BENCH_KAFKA_PROPERTIES", "")
+    properties = f"properties = {{ {extra} }}\n" if extra else ""
     with open(f"{out}/sluice.toml", "w") as f:
         f.write(f"""name = "bench"
 policies = ["{repo}/schemas/demo"]
@@ -36,7 +39,7 @@ kind = "kafka"
 brokers = "{broker.address}"
 group_id = "bench"
 topics = ["crm"]
-[lake]
+{properties}[lake]
 root = "lake"
 [keys]
 store = "keys/keystore.db"
