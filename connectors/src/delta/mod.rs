@@ -46,8 +46,9 @@ pub enum DeltaSinkError {
     },
 }
 
-/// The lake's Parquet settings, but no dictionary for columns whose values never repeat (ciphertexts, positions) and
-/// no compression for ciphertext (random bytes do not compress): both cost time and save nothing.
+/// The lake's Parquet settings, but no dictionary for columns whose values never repeat
+/// (ciphertexts, positions) and no compression for ciphertext (random bytes do not compress):
+/// both cost time and save nothing.
 fn writer_properties(schema: &SchemaRef) -> WriterProperties {
     let mut props = crate::lake::parquet_properties();
     for field in schema.fields() {
@@ -690,6 +691,7 @@ mod tests {
                 .is_err());
         });
     }
+
     #[test]
     fn a_column_of_tokens_gives_up_its_dictionary_early_and_a_repeating_column_keeps_one() {
         use deltalake::parquet::arrow::ArrowWriter;
