@@ -13,6 +13,7 @@ use sluice_connectors::kafka::{
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
 use sluice_connectors::lake::TableLocation;
+use sluice_connectors::secret::Secret;
 use sluice_connectors::storage::{LakePath, StorageOptions};
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
@@ -262,7 +263,7 @@ struct RawSource {
     host: Option<String>,
     port: Option<u16>,
     user: Option<String>,
-    password_env: Option<String>,
+    password_env: Option<Spanned<String>>,
     database: Option<String>,
     slot: Option<String>,
     publication: Option<String>,
@@ -374,7 +375,7 @@ struct RawKeys {
     host: Option<String>,
     port: Option<u16>,
     user: Option<String>,
-    password_env: Option<String>,
+    password_env: Option<Spanned<String>>,
     database: Option<String>,
     schema: Option<String>,
     master_key_file: Option<String>,
@@ -518,8 +519,8 @@ pub struct PostgresSourceConfig {
     pub host: String,
     pub port: u16,
     pub user: String,
-    /// The environment variable that holds the password (never the config file).
-    pub password_env: String,
+    /// From the environment variable `password_env` names (never the config file).
+    pub password: Option<Secret>,
     pub database: String,
     pub slot: String,
     pub publication: String,
@@ -955,6 +956,26 @@ impl Config {
     }
 }
 
+/// A PostgreSQL password: from the variable `password_env` names, which must be set (an unset
+/// one is a mistake, not an empty password); without `password_env`, from `PGPASSWORD` when it
+/// is set (as libpq reads it), else none (trust or peer authentication).
+fn postgres_password(
+    password_env: &Option<Spanned<String>>,
+    field: &'static str,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<Option<Secret>, LoadError> {
+    match password_env {
+        Some(var) => Secret::from_env(var.get_ref(), field).map(Some).map_err(|_| {
+            invalid(
+                var.span().start,
+                field,
+                format!("environment variable `{}` is not set", var.get_ref()),
+            )
+        }),
+        None => Ok(Secret::from_env("PGPASSWORD", field).ok()),
+    }
+}
+
 /// Where `value` is written in the config text (for error lines), or the start.
 fn raw_text_offset(text: &str, value: &str) -> usize {
     text.find(&format!("\"{value}\"")).unwrap_or(0)
@@ -1180,7 +1201,7 @@ fn source_config(
                 host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
                 port: raw.port.unwrap_or(5432),
                 user: required(&raw.user, "source.user")?,
-                password_env: raw.password_env.clone().unwrap_or_else(|| "PGPASSWORD".into()),
+                password: postgres_password(&raw.password_env, "source.password_env", invalid)?,
                 database: required(&raw.database, "source.database")?,
                 publication: raw.publication.clone().unwrap_or(default_name),
                 slot,
@@ -1497,17 +1518,14 @@ fn key_store_config(
     };
     match kind {
         "sqlite" => Ok(KeyStoreLocation::Sqlite(resolve(&required(&raw.store, "keys.store")?))),
-        "postgres" => {
-            let password_env = raw.password_env.clone().unwrap_or_else(|| "PGPASSWORD".into());
-            Ok(KeyStoreLocation::Postgres(PgKeyStoreSettings {
-                host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
-                port: raw.port.unwrap_or(5432),
-                user: required(&raw.user, "keys.user")?,
-                password: std::env::var(&password_env).unwrap_or_default(),
-                database: required(&raw.database, "keys.database")?,
-                schema: raw.schema.clone().unwrap_or_else(|| "sluice_keys".into()),
-            }))
-        }
+        "postgres" => Ok(KeyStoreLocation::Postgres(PgKeyStoreSettings {
+            host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: raw.port.unwrap_or(5432),
+            user: required(&raw.user, "keys.user")?,
+            password: postgres_password(&raw.password_env, "keys.password_env", invalid)?,
+            database: required(&raw.database, "keys.database")?,
+            schema: raw.schema.clone().unwrap_or_else(|| "sluice_keys".into()),
+        })),
         other => Err(invalid(
             at,
             "keys.kind",
@@ -1976,6 +1994,58 @@ mod tests {
             let err = load(dir.path(), &with_lake(lake)).unwrap_err().to_string();
             assert!(err.contains(expected), "{err}\nexpected: {expected}");
         }
+    }
+
+    #[test]
+    fn a_postgres_password_variable_named_but_not_set_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = "name = \"p\"\npolicies = [\"policies\"]\n[lake]\nroot = \"lake\"\n";
+        let sqlite_keys = "[keys]\nstore = \"k.db\"\nmaster_key_env = \"K\"\n";
+        let pg_source = |var: &str| {
+            format!("[source]\nkind = \"postgres\"\nuser = \"u\"\ndatabase = \"d\"\npassword_env = \"{var}\"\n")
+        };
+        let pg_keys = |var: &str| {
+            format!("[keys]\nkind = \"postgres\"\nuser = \"u\"\ndatabase = \"d\"\nmaster_key_env = \"K\"\npassword_env = \"{var}\"\n")
+        };
+        let file_source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+        let unset = "SLUICE_TEST_UNSET_PG_PASSWORD";
+        let cases = [
+            (
+                format!("{head}{sqlite_keys}{}", pg_source(unset)),
+                "sluice.toml:12: source.password_env: environment variable `SLUICE_TEST_UNSET_PG_PASSWORD` is not set",
+            ),
+            (
+                format!("{head}{}{file_source}", pg_keys(unset)),
+                "sluice.toml:10: keys.password_env: environment variable `SLUICE_TEST_UNSET_PG_PASSWORD` is not set",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load(dir.path(), &text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}\nexpected: {expected}");
+        }
+        // Set, it is held as a secret: used, never shown.
+        std::env::set_var("SLUICE_TEST_PG_PASSWORD", "pg-s3cret");
+        let config = load(
+            dir.path(),
+            &format!(
+                "{head}{}{}",
+                pg_keys("SLUICE_TEST_PG_PASSWORD"),
+                pg_source("SLUICE_TEST_PG_PASSWORD")
+            ),
+        )
+        .unwrap();
+        let SourceConfig::Postgres(source) = &config.source else {
+            panic!("a PostgreSQL source")
+        };
+        assert_eq!(source.password.as_ref().map(Secret::expose), Some("pg-s3cret"));
+        let KeyStoreLocation::Postgres(keys) = &config.key_store else {
+            panic!("a PostgreSQL key store")
+        };
+        assert_eq!(keys.password.as_ref().map(Secret::expose), Some("pg-s3cret"));
+        assert!(
+            !format!("{config:?}").contains("pg-s3cret"),
+            "no password in Debug output"
+        );
     }
 
     #[test]

@@ -252,7 +252,7 @@ fn postgres_source(
                 host: p.host.clone(),
                 port: p.port,
                 user: p.user.clone(),
-                password: std::env::var(&p.password_env).unwrap_or_default(),
+                password: p.password.clone(),
                 database: p.database.clone(),
                 slot: p.slot.clone(),
                 publication: p.publication.clone(),

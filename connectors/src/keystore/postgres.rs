@@ -12,7 +12,8 @@ pub struct PgKeyStoreSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: String,
+    /// None: no password (trust or peer authentication, as libpq without `PGPASSWORD`).
+    pub password: Option<crate::secret::Secret>,
     pub database: String,
     /// Schema holding the key store's tables (created if absent).
     pub schema: String,
@@ -60,17 +61,19 @@ impl PgStore {
         {
             return Err(format!("schema `{}`: use lower-case letters, digits and _", s.schema));
         }
-        let mut client = postgres::Config::new()
+        let mut config = postgres::Config::new();
+        config
             .host(&s.host)
             .port(s.port)
             .user(&s.user)
-            .password(&s.password)
             .dbname(&s.database)
             .application_name("sluice-keystore")
             // "relation already exists, skipping" and the like are not worth a log line.
-            .options("-c client_min_messages=warning")
-            .connect(NoTls)
-            .map_err(e)?;
+            .options("-c client_min_messages=warning");
+        if let Some(password) = &s.password {
+            config.password(password.expose());
+        }
+        let mut client = config.connect(NoTls).map_err(e)?;
         let schema = &s.schema;
         client
             .batch_execute(&format!(

@@ -15,13 +15,16 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use values::{TableShape, TypeCatalog, TypeRow, SESSION_OPTIONS};
 
+use crate::secret::Secret;
+
 /// How to reach the database, and the slot and publication sluice reads through.
 #[derive(Clone)]
 pub struct PgSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: String,
+    /// None: no password (trust or peer authentication, as libpq without `PGPASSWORD`).
+    pub password: Option<Secret>,
     pub database: String,
     pub slot: String,
     pub publication: String,
@@ -127,23 +130,24 @@ fn quote_literal(text: &str) -> String {
 /// An ordinary SQL session (pinned to the value formats in [`SESSION_OPTIONS`]); its
 /// connection task runs on the current tokio runtime.
 pub async fn connect(s: &PgSettings) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::Config::new()
+    let mut config = tokio_postgres::Config::new();
+    config
         .host(&s.host)
         .port(s.port)
         .user(&s.user)
-        .password(&s.password)
         .dbname(&s.database)
         .options(SESSION_OPTIONS)
-        .application_name("sluice")
-        .connect(NoTls)
-        .await
-        .map_err(|e| PgError::Connect {
-            host: s.host.clone(),
-            port: s.port,
-            database: s.database.clone(),
-            user: s.user.clone(),
-            reason: describe(&e),
-        })?;
+        .application_name("sluice");
+    if let Some(password) = &s.password {
+        config.password(password.expose());
+    }
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| PgError::Connect {
+        host: s.host.clone(),
+        port: s.port,
+        database: s.database.clone(),
+        user: s.user.clone(),
+        reason: describe(&e),
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "PostgreSQL control connection ended");
@@ -577,7 +581,7 @@ pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
     ReplicationConfig::new(
         s.host.clone(),
         s.user.clone(),
-        s.password.clone(),
+        s.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default(),
         s.database.clone(),
         s.slot.clone(),
         s.publication.clone(),
