@@ -1012,14 +1012,15 @@ fn s3_options(
         ("session_token_env", "aws_session_token", &raw.session_token_env),
     ] {
         let Some(var) = var else { continue };
-        let value = std::env::var(var.get_ref()).map_err(|_| {
+        let value = Secret::from_env(var.get_ref(), "lake.s3").map_err(|_| {
             invalid(
                 var.span().start,
                 &format!("{section}.{field}"),
                 format!("environment variable `{}` is not set", var.get_ref()),
             )
         })?;
-        options.insert(key.to_string(), value);
+        // object_store takes its options as strings; `StorageOptions` never shows their values.
+        options.insert(key.to_string(), value.expose().to_string());
     }
     if raw.access_key_id_env.is_some() != raw.secret_access_key_env.is_some() {
         return Err(invalid(
@@ -1470,14 +1471,15 @@ fn iceberg_config(
             let mut properties: std::collections::HashMap<String, String> =
                 raw.properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             for (key, var) in &raw.properties_env {
-                let value = std::env::var(var).map_err(|_| {
+                let value = Secret::from_env(var, "lake.iceberg.properties_env").map_err(|_| {
                     invalid(
                         at,
                         &format!("lake.iceberg.properties_env.{key}"),
                         format!("environment variable `{var}` is not set"),
                     )
                 })?;
-                properties.insert(key.clone(), value);
+                // The client takes its properties as one map of strings.
+                properties.insert(key.clone(), value.expose().to_string());
             }
             CatalogSettings::Rest {
                 uri,
@@ -1916,6 +1918,25 @@ mod tests {
         assert!(
             err.ends_with("lake.iceberg.uri: required for `catalog = \"rest\"`"),
             "{err}"
+        );
+        // A REST catalog's credentials, read from the environment, are used and never shown.
+        std::env::set_var("SLUICE_TEST_ICEBERG_TOKEN", "iceberg-t0ken");
+        let text = format!(
+            "{}{source}",
+            with_lake("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\nproperties = { prefix = \"p1\" }\nproperties_env = { token = \"SLUICE_TEST_ICEBERG_TOKEN\" }\n")
+        );
+        let config = load(dir.path(), &text).unwrap();
+        let Some(IcebergLocation {
+            catalog: CatalogSettings::Rest { properties, .. },
+            ..
+        }) = &config.iceberg
+        else {
+            panic!("a REST catalog")
+        };
+        assert_eq!(properties.get("token").map(String::as_str), Some("iceberg-t0ken"));
+        assert!(
+            !format!("{config:?}").contains("iceberg-t0ken"),
+            "no credential in Debug output"
         );
         let text = format!("{}{source}", with_lake("[lake.iceberg]\nnamespace = \"x\"\n"));
         let err = load(dir.path(), &text).unwrap_err().to_string();

@@ -81,8 +81,8 @@ impl RunError {
 /// Reads the master key from the environment variable (if set) or the file.
 pub fn load_master_key(config: &Config) -> Result<MasterKey, RunError> {
     if let Some(var) = &config.master_key.env {
-        if let Ok(text) = std::env::var(var) {
-            return MasterKey::from_hex(&text).map_err(|e| RunError::MasterKey(format!("${var}: {e}")));
+        if let Ok(text) = sluice_connectors::secret::Secret::from_env(var, "keys.master_key_env") {
+            return MasterKey::from_hex(text.expose()).map_err(|e| RunError::MasterKey(format!("${var}: {e}")));
         }
     }
     let file = config.master_key.file.as_ref().ok_or_else(|| {

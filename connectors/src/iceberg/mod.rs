@@ -66,7 +66,7 @@ pub enum IcebergSinkError {
 }
 
 /// Which catalog holds the tables.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum CatalogSettings {
     /// The embedded SQL catalog: one SQLite file, files under a local warehouse directory
     /// (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads the same).
@@ -78,6 +78,33 @@ pub enum CatalogSettings {
         warehouse: Option<String>,
         properties: HashMap<String, String>,
     },
+}
+
+/// A REST catalog's properties are shown by name only: `token`, `credential` and the like are
+/// secrets (read from the environment through `properties_env`).
+impl std::fmt::Debug for CatalogSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatalogSettings::Sql { database, warehouse } => f
+                .debug_struct("Sql")
+                .field("database", database)
+                .field("warehouse", warehouse)
+                .finish(),
+            CatalogSettings::Rest {
+                uri,
+                warehouse,
+                properties,
+            } => {
+                let mut names: Vec<&String> = properties.keys().collect();
+                names.sort();
+                f.debug_struct("Rest")
+                    .field("uri", uri)
+                    .field("warehouse", warehouse)
+                    .field("properties", &names)
+                    .finish()
+            }
+        }
+    }
 }
 
 /// A catalog and the namespace the pipeline's tables live in.
