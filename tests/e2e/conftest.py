@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import uuid
 
@@ -72,6 +73,31 @@ def run(bin_path, *args, check=True, env=None):
     if check and result.returncode != 0:
         raise AssertionError(f"sluice {' '.join(map(str, args))} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def run_until_killed(sluice_bin, config, kill_after_commits=None, failpoint=None):
+    """Runs `run --once` until it is killed: SIGKILL right after its n-th logged commit, or an
+    abort at a failpoint (`SLUICE_FAILPOINT`)."""
+    env = dict(os.environ, SLUICE_FAILPOINT=failpoint) if failpoint else None
+    proc = subprocess.Popen(
+        [str(sluice_bin), "--log-format", "json", "run", "--config", str(config), "--once"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    commits = 0
+    for line in proc.stderr:
+        try:
+            fields = json.loads(line).get("fields", {})
+        except ValueError:
+            continue
+        if fields.get("message") == "committed":
+            commits += 1
+            if commits == kill_after_commits:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    proc.stderr.close()
+    expected = -signal.SIGKILL if kill_after_commits else -signal.SIGABRT
+    assert proc.returncode == expected, f"run ended by itself ({proc.returncode}) after {commits} commits: kill point too late"
 
 
 def source_events(events_dir):

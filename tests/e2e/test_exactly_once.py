@@ -2,36 +2,12 @@
 
 import collections
 import json
-import signal
-import subprocess
 
-from conftest import REPO, read_delta, run, source_events, write_config
+from conftest import REPO, read_delta, run, run_until_killed, source_events, write_config
 
 POLICIES = REPO / "schemas" / "demo"
 TARGETS = {"public.customers": "customers", "public.accounts": "accounts", "public.payments": "payments", "public.contact_attempts": "contact_attempts"}
 VAULTED = {"public.customers": ["full_name", "email", "phone", "street_address"], "public.contact_attempts": ["phone"]}
-
-
-def run_until_killed(sluice_bin, config, kill_after_commits):
-    """Starts a run and kills it with SIGKILL right after its n-th Delta commit is logged."""
-    proc = subprocess.Popen(
-        [str(sluice_bin), "--log-format", "json", "run", "--config", str(config), "--once"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    commits = 0
-    for line in proc.stderr:
-        try:
-            fields = json.loads(line).get("fields", {})
-        except ValueError:
-            continue
-        if fields.get("message") == "committed":
-            commits += 1
-            if commits == kill_after_commits:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, f"run ended by itself after {commits} commits: kill point too late"
 
 
 def test_kill_9_repeatedly_then_finish_exactly_once(sluice_bin, tmp_path):

@@ -5,15 +5,13 @@ kill -9 around Iceberg commits, schema evolution, erasure with no history left."
 import collections
 import json
 import shutil
-import signal
-import subprocess
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, iceberg_catalog, read_delta, read_iceberg, run,
-                      source_events, write_config)
+                      run_until_killed, source_events, write_config)
 
 BOTH = 'format = "both"'
 
@@ -65,33 +63,6 @@ def test_demo_events_land_identically_in_delta_and_iceberg(sluice_bin, tmp_path)
         assert read_iceberg(lake, target).num_rows == read_delta(lake / "tables" / target).num_rows
 
 
-def run_until(sluice_bin, config, kill_after_commits=None, failpoint=None):
-    """Runs until killed: SIGKILL after the n-th logged commit, or an abort at a failpoint."""
-    env = None
-    if failpoint:
-        import os
-        env = dict(os.environ, SLUICE_FAILPOINT=failpoint)
-    proc = subprocess.Popen(
-        [str(sluice_bin), "--log-format", "json", "run", "--config", str(config), "--once"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    commits = 0
-    for line in proc.stderr:
-        try:
-            fields = json.loads(line).get("fields", {})
-        except ValueError:
-            continue
-        if fields.get("message") == "committed":
-            commits += 1
-            if commits == kill_after_commits:
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.wait()
-    proc.stderr.close()
-    expected = -signal.SIGKILL if kill_after_commits else -signal.SIGABRT
-    assert proc.returncode == expected, f"run ended by itself ({proc.returncode}) after {commits} commits"
-
-
 def test_kill_9_around_iceberg_commits_then_finish_exactly_once(sluice_bin, tmp_path):
     events = tmp_path / "events"
     for i in range(3):
@@ -102,11 +73,11 @@ def test_kill_9_around_iceberg_commits_then_finish_exactly_once(sluice_bin, tmp_
     )
     # Files written but the catalog not yet pointing at them; committed but not yet known to
     # the run; and kills between the tables' commits of one flush (ten sinks commit per flush).
-    run_until(sluice_bin, config, failpoint="iceberg-before-commit:payments")
-    run_until(sluice_bin, config, kill_after_commits=7)
-    run_until(sluice_bin, config, failpoint="iceberg-after-commit:customers")
-    run_until(sluice_bin, config, kill_after_commits=13)
-    run_until(sluice_bin, config, failpoint="iceberg-after-commit:payments")
+    run_until_killed(sluice_bin, config, failpoint="iceberg-before-commit:payments")
+    run_until_killed(sluice_bin, config, kill_after_commits=7)
+    run_until_killed(sluice_bin, config, failpoint="iceberg-after-commit:customers")
+    run_until_killed(sluice_bin, config, kill_after_commits=13)
+    run_until_killed(sluice_bin, config, failpoint="iceberg-after-commit:payments")
     run(sluice_bin, "run", "--config", config, "--once")
 
     source = [e for e in source_events(events) if e.get("table") in DEMO_TARGETS]
