@@ -28,6 +28,20 @@ impl Secret {
             .map_err(|_| SecretError::Unset(var.to_string(), setting))
     }
 
+    /// A password that may be absent: from the variable the configuration `named`, which must
+    /// then be set (an unset one is a mistake, not an empty password); else from `fallback`
+    /// if it is set (as libpq reads `PGPASSWORD`), else none.
+    pub fn from_named_env_or(
+        named: Option<&str>,
+        fallback: &str,
+        setting: &'static str,
+    ) -> Result<Option<Self>, SecretError> {
+        match named {
+            Some(var) => Self::from_env(var, setting).map(Some),
+            None => Ok(Self::from_env(fallback, setting).ok()),
+        }
+    }
+
     /// The contents of `path`, without a trailing newline.
     pub fn from_file(path: &Path, setting: &'static str) -> Result<Self, SecretError> {
         std::fs::read_to_string(path)
@@ -72,5 +86,18 @@ mod tests {
             e.to_string(),
             "environment variable SLUICE_TEST_SECRET_UNSET (named by source.sasl.password_env) is not set"
         );
+    }
+    #[test]
+    fn a_named_password_variable_must_be_set_and_the_fallback_may_be_absent() {
+        std::env::set_var("SLUICE_TEST_PG_PW_SET", "pg-pw");
+        let named = |var| Secret::from_named_env_or(Some(var), "SLUICE_TEST_PG_PW_FALLBACK_UNSET", "keys.password_env");
+        assert_eq!(named("SLUICE_TEST_PG_PW_SET").unwrap().unwrap().expose(), "pg-pw");
+        assert_eq!(
+            named("SLUICE_TEST_PG_PW_UNSET").unwrap_err().to_string(),
+            "environment variable SLUICE_TEST_PG_PW_UNSET (named by keys.password_env) is not set"
+        );
+        let fallback = |var| Secret::from_named_env_or(None, var, "keys.password_env").unwrap();
+        assert_eq!(fallback("SLUICE_TEST_PG_PW_SET").unwrap().expose(), "pg-pw");
+        assert!(fallback("SLUICE_TEST_PG_PW_FALLBACK_UNSET").is_none());
     }
 }

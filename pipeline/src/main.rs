@@ -252,7 +252,7 @@ fn postgres_source(
                 host: p.host.clone(),
                 port: p.port,
                 user: p.user.clone(),
-                password: p.password.clone(),
+                password: p.password()?,
                 database: p.database.clone(),
                 slot: p.slot.clone(),
                 publication: p.publication.clone(),

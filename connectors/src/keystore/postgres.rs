@@ -12,8 +12,9 @@ pub struct PgKeyStoreSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
-    /// None: no password (trust or peer authentication, as libpq without `PGPASSWORD`).
-    pub password: Option<crate::secret::Secret>,
+    /// The environment variable holding the password (`keys.password_env`), read when the store
+    /// is opened; None: `PGPASSWORD` if set, else no password.
+    pub password_env: Option<String>,
     pub database: String,
     /// Schema holding the key store's tables (created if absent).
     pub schema: String,
@@ -70,7 +71,10 @@ impl PgStore {
             .application_name("sluice-keystore")
             // "relation already exists, skipping" and the like are not worth a log line.
             .options("-c client_min_messages=warning");
-        if let Some(password) = &s.password {
+        let password =
+            crate::secret::Secret::from_named_env_or(s.password_env.as_deref(), "PGPASSWORD", "keys.password_env")
+                .map_err(|e| e.to_string())?;
+        if let Some(password) = &password {
             config.password(password.expose());
         }
         let mut client = config.connect(NoTls).map_err(e)?;
