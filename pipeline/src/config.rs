@@ -675,7 +675,9 @@ impl Config {
         }
         if raw.workers.memory_mb < MIN_MEMORY_MB {
             return Err(invalid(
-                text.find("memory_mb").unwrap_or(0),
+                text.find("[workers]")
+                    .and_then(|at| text[at..].find("memory_mb").map(|i| at + i))
+                    .unwrap_or(0),
                 "workers.memory_mb",
                 format!("must be at least {MIN_MEMORY_MB} (MiB): the budget the run's buffers are sized from"),
             ));
@@ -1780,6 +1782,12 @@ mod tests {
         let LoadError::Invalid(e) = e else { panic!("{e}") };
         assert_eq!((e.line, e.field.as_str()), (12, "workers.memory_mb"), "{e}");
         assert!(e.message.contains("at least 64"), "{e}");
+        // The line is the key's in `[workers]`, not a comment that mentions it earlier.
+        let commented = format!("# memory_mb: see [workers]\n{HEAD}{source}[workers]\nmemory_mb = 8\n");
+        let LoadError::Invalid(e) = load(dir.path(), &commented).unwrap_err() else {
+            panic!("a config error")
+        };
+        assert_eq!(e.line, 13, "{e}");
     }
 
     #[test]
