@@ -9,6 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+# A clean build, the venv and the servers' data take about 6 GiB; on a fuller disk the link of
+# the largest test binary is what fails ("linking with `cc` failed"), which hides the cause.
+free_kib=$(df -Pk "${CARGO_TARGET_DIR:-$root}" | awk 'NR == 2 { print $4 }')
+if [ "${free_kib:-0}" -lt $((6 * 1024 * 1024)) ]; then
+  echo "tests/run.sh: warning: only $((free_kib / 1024)) MiB free for the build; it needs about 6 GiB" >&2
+fi
+# CI builds once from a clean tree: incremental state would only take disk.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 # librdkafka is built against the system OpenSSL (TLS and SASL to Kafka): Debian's headers.
 if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config
