@@ -25,6 +25,7 @@ pub mod kinesis;
 pub mod lake;
 pub mod postgres;
 pub mod secret;
+pub mod source;
 pub mod storage;
 
 /// Where a source stands: a stream (a file, later a topic partition or shard) and an offset in

@@ -15,11 +15,11 @@ mod quarantine;
 mod raw_capture;
 mod runtime;
 mod shutdown;
-mod source;
 mod summary;
 mod worker;
 
 use sluice_connectors::lake::TableLocation;
+use sluice_connectors::source;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -231,7 +231,7 @@ fn postgres_source(
     cfg: &config::Config,
     p: &config::PostgresSourceConfig,
     once: bool,
-) -> anyhow::Result<source::postgres::PostgresSource> {
+) -> anyhow::Result<sluice_connectors::postgres::PostgresSource> {
     // Raw mode writes no lake: its positions are its own checkpoint's.
     let snapshot_sinks = match cfg.raw_stream {
         Some(_) => Vec::new(),
@@ -246,8 +246,8 @@ fn postgres_source(
             None => ("public".to_string(), policy.table.clone()),
         })
         .collect();
-    Ok(source::postgres::PostgresSource::new(
-        source::postgres::PostgresOptions {
+    Ok(sluice_connectors::postgres::PostgresSource::new(
+        sluice_connectors::postgres::PostgresOptions {
             settings: sluice_connectors::postgres::PgSettings {
                 host: p.host.clone(),
                 port: p.port,
@@ -291,20 +291,22 @@ fn kinesis_source(
     stream: String,
     replay: Option<(source::ReplayFrom, source::ReplayTo)>,
     once: bool,
-) -> anyhow::Result<source::kinesis::KinesisSource> {
-    Ok(source::kinesis::KinesisSource::new(source::kinesis::KinesisOptions {
-        settings: k.settings.clone(),
-        stream,
-        worker_index: k.worker_index,
-        worker_count: k.worker_count,
-        start_at: k.start_at,
-        replay,
-        once,
-        poll: Duration::from_millis(k.poll_ms),
-        max_event_bytes: cfg.input.max_event_bytes,
-        lake: cfg.sink_locations(),
-        app_prefix: cfg.name.clone(),
-    })?)
+) -> anyhow::Result<sluice_connectors::kinesis::KinesisSource> {
+    Ok(sluice_connectors::kinesis::KinesisSource::new(
+        sluice_connectors::kinesis::KinesisOptions {
+            settings: k.settings.clone(),
+            stream,
+            worker_index: k.worker_index,
+            worker_count: k.worker_count,
+            start_at: k.start_at,
+            replay,
+            once,
+            poll: Duration::from_millis(k.poll_ms),
+            max_event_bytes: cfg.input.max_event_bytes,
+            lake: cfg.sink_locations(),
+            app_prefix: cfg.name.clone(),
+        },
+    )?)
 }
 
 /// Prints the summary and writes it as JSON if asked.
@@ -488,7 +490,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     follow_symlinks,
                     fingerprints,
                 } => {
-                    let mut source = source::file::FileSource::new(
+                    let mut source = sluice_connectors::file::FileSource::new(
                         path.clone(),
                         cfg.input.max_event_bytes,
                         cfg.workers.chunk_events,
@@ -499,7 +501,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     runtime::run(&cfg, &mut source)?
                 }
                 config::SourceConfig::Kafka(k) => {
-                    let positions = source::kafka::LakePositions {
+                    let positions = sluice_connectors::kafka::LakePositions {
                         tables: cfg.sink_locations(),
                         app_prefix: cfg.name.clone(),
                         start_at: k.start_at,
@@ -510,7 +512,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                         start_at: k.start_at,
                         session_timeout_ms: k.session_timeout_ms,
                     };
-                    let mut source = source::kafka::group_source(
+                    let mut source = sluice_connectors::kafka::group_source(
                         &k.settings,
                         &group,
                         positions,
@@ -587,8 +589,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     if let Some(t) = topics.iter().find(|t| t.starts_with('^')) {
                         anyhow::bail!("topic pattern {t}: name the topics to replay with --topic");
                     }
-                    let range = source::kafka::ReplayRange { topics, from, to };
-                    let mut source = source::kafka::replay_source(
+                    let range = sluice_connectors::kafka::ReplayRange { topics, from, to };
+                    let mut source = sluice_connectors::kafka::replay_source(
                         &k.settings,
                         range,
                         cfg.input.max_event_bytes,

@@ -23,9 +23,9 @@ use tracing::info;
 use crate::config::PublishConfig;
 use crate::publish::Publisher;
 use crate::runtime::RunError;
-use crate::source::postgres::PostgresSource;
-use crate::source::{ChunkSender, ReaderEnd, Source};
-use crate::worker::Chunk;
+use sluice_connectors::postgres::PostgresSource;
+use sluice_connectors::source::Chunk;
+use sluice_connectors::source::{ChunkSender, ReaderEnd, Source};
 
 /// How often positions are checkpointed (after a broker flush), at most.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -60,7 +60,13 @@ pub fn run_raw(source: &mut PostgresSource, target: &PublishConfig, checkpoint: 
         let stop = Arc::new(AtomicBool::new(false));
         let reading: &mut PostgresSource = &mut *source;
         let (result, reader) = std::thread::scope(|scope| {
-            let mut out = ChunkSender::new(chunk_tx, permit_tx, Arc::new(AtomicBool::new(false)), stop.clone());
+            let mut out = ChunkSender::new(
+                chunk_tx,
+                permit_tx,
+                Arc::new(AtomicBool::new(false)),
+                stop.clone(),
+                crate::runtime::source_hooks(),
+            );
             let reader = std::thread::Builder::new()
                 .name("sluice-reader".into())
                 .spawn_scoped(scope, move || reading.read(&start, &mut out))

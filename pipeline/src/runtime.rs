@@ -21,13 +21,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::delta::DeltaSink;
-use sluice_connectors::file::FileSourceError;
 use sluice_connectors::iceberg::IcebergSink;
-use sluice_connectors::kafka::KafkaSourceError;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
-use sluice_connectors::kinesis::KinesisError;
 use sluice_connectors::lake::{Catalogs, LakeError, TableLocation, TableSink};
-use sluice_connectors::postgres::PgError;
+use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
 use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
@@ -38,9 +35,8 @@ use crate::config::{Config, InputFormat};
 use crate::observe::metrics;
 use crate::publish::Publisher;
 use crate::quarantine::quarantine_schema;
-use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, Source};
 use crate::summary::Summary;
-use crate::worker::{catching, Chunk, Processed, Router, WorkError};
+use crate::worker::{catching, Processed, Router, WorkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -49,13 +45,7 @@ pub enum RunError {
     #[error(transparent)]
     Sink(#[from] LakeError),
     #[error(transparent)]
-    Source(#[from] FileSourceError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaSourceError),
-    #[error(transparent)]
-    Kinesis(#[from] KinesisError),
-    #[error(transparent)]
-    Postgres(#[from] PgError),
+    Source(#[from] SourceError),
     #[error("snapshot spool {0}")]
     Spool(String),
     #[error("encoding rows as JSON: {0}")]
@@ -72,9 +62,26 @@ pub enum RunError {
     Registry(#[from] RegistryError),
 }
 
-impl RunError {
-    pub fn from_kafka(e: rdkafka::error::KafkaError) -> Self {
-        RunError::Kafka(e.into())
+/// The publishers (`sluice publish`) share their connector's error with its source.
+impl From<sluice_connectors::kafka::KafkaSourceError> for RunError {
+    fn from(e: sluice_connectors::kafka::KafkaSourceError) -> Self {
+        RunError::Source(e.into())
+    }
+}
+
+impl From<sluice_connectors::kinesis::KinesisError> for RunError {
+    fn from(e: sluice_connectors::kinesis::KinesisError) -> Self {
+        RunError::Source(e.into())
+    }
+}
+
+/// The sources' view of this process: its shutdown flag and its source-lag gauge.
+pub fn source_hooks() -> RuntimeHooks {
+    RuntimeHooks {
+        shutdown_requested: crate::shutdown::requested,
+        report_lag: |source, lag| {
+            crate::observe::metrics().source_lag(source).set(lag);
+        },
     }
 }
 
@@ -222,7 +229,7 @@ fn run_pass(
     metrics().set_connected(true);
 
     let (result, reader_result) = std::thread::scope(|scope| {
-        let mut out = ChunkSender::new(chunk_tx, permit_tx, abandoned.clone(), stop.clone());
+        let mut out = ChunkSender::new(chunk_tx, permit_tx, abandoned.clone(), stop.clone(), source_hooks());
         let reader = std::thread::Builder::new()
             .name("sluice-reader".into())
             .spawn_scoped(scope, move || source.read(&start, &mut out))
@@ -256,7 +263,8 @@ fn run_pass(
     let end = match (result, reader_result) {
         (Ok(summary), Ok(end)) => (summary, end),
         (_, Ok(ReaderEnd::Abandon)) => (Summary::default(), ReaderEnd::Abandon),
-        (Err(e), _) | (_, Err(e)) => return Err(e),
+        (Err(e), _) => return Err(e),
+        (_, Err(e)) => return Err(e.into()),
     };
     let (hits, misses) = keys.cache_stats();
     info!(hits, misses, "key cache");

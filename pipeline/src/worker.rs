@@ -14,8 +14,8 @@ use arrow_schema::ArrowError;
 use sluice_connectors::avro::{self, AvroReject, RegistryError, SchemaRegistry};
 use sluice_connectors::debezium::schema::{canonical_text, ImageSchema, ValueKind};
 use sluice_connectors::debezium::{self, value_text, DecodeOptions, Decoded, Event};
-use sluice_connectors::file::LineEnd;
 use sluice_connectors::keystore::KeyStore;
+use sluice_connectors::source::Chunk;
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::{Action, KeepType};
 use sluice_transforms::crypto::{DataKey, Token};
@@ -28,47 +28,6 @@ use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 use crate::config::{ControlRecords, InputSettings, UnknownTables};
 use crate::quarantine::{QuarantineBuilder, Rejection, Seal};
 use crate::summary::{shown_name, Summary};
-
-/// Lines of one stream, read in order.
-pub struct Chunk {
-    pub seq: u64,
-    pub stream: Arc<str>,
-    pub data: Vec<u8>,
-    /// (start, end) of each line in `data`, and where it ended in the stream.
-    pub lines: Vec<(usize, usize, LineEnd)>,
-    /// Positions the source keeps beside the stream's offset as of the last line (committed
-    /// with it; e.g. a Kinesis sequence number).
-    pub attached: Vec<SourcePosition>,
-    /// Whether the last line ends a source transaction: the sink commits only after such a
-    /// chunk, so a PostgreSQL transaction is never split across lake commits.
-    pub boundary: bool,
-}
-
-impl Chunk {
-    pub fn new(stream: Arc<str>, events: usize) -> Self {
-        Self {
-            seq: 0,
-            stream,
-            data: Vec::with_capacity(events.min(4096) * 256),
-            lines: Vec::with_capacity(events),
-            attached: Vec::new(),
-            boundary: true,
-        }
-    }
-
-    pub fn push(&mut self, line: &[u8], end: LineEnd) {
-        let start = self.data.len();
-        self.data.extend_from_slice(line);
-        self.lines.push((start, self.data.len(), end));
-    }
-
-    pub fn last_offset(&self) -> u64 {
-        self.lines.last().map(|l| l.2.end_offset).unwrap_or(0)
-    }
-    fn first_offset(&self) -> u64 {
-        self.lines.first().map(|l| l.2.end_offset).unwrap_or(0)
-    }
-}
 
 /// Output of a chunk, to be written in sequence order.
 pub struct Processed {
@@ -1015,8 +974,8 @@ mod tests {
     use arrow_array::BinaryArray;
     use proptest::prelude::*;
     use proptest::test_runner::TestCaseError;
-    use sluice_connectors::file::LineEnd;
     use sluice_connectors::keystore::{KeyStoreLocation, MasterKey};
+    use sluice_connectors::source::LineEnd;
     use sluice_transforms::crypto::Tokenizer;
     use sluice_transforms::Policy;
     use std::path::Path;

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 
+pub use crate::source::LineEnd;
+
+mod source;
+pub use source::{FileSource, CHUNK_BYTES};
+
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
     #[error("source {path}: {source}")]
@@ -224,23 +229,6 @@ impl Fingerprints {
 fn is_event_file(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".jsonl.gz") || name.ends_with(".json.gz")
-}
-
-/// A line as read: where it ends in the stream, and how long it really was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LineEnd {
-    /// Offset just past the line's newline (in decompressed bytes for `.gz`).
-    pub end_offset: u64,
-    /// Full length of the line without its newline; more than the buffer holds if truncated.
-    pub len: usize,
-    /// Whether the line ended with a newline (the last line of a file may not).
-    pub terminated: bool,
-}
-
-impl LineEnd {
-    pub fn truncated(&self, max_line: usize) -> bool {
-        self.len > max_line
-    }
 }
 
 pub struct LineReader {

@@ -6,6 +6,9 @@
 //! lake holds ([`StartPositions`]), not at Kafka's committed offset — that one is written after
 //! the lake commit, for lag monitoring only.
 
+mod source;
+pub use source::{group_source, replay_source, KafkaSource, LakePositions, Membership, ReplayRange};
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -8,6 +8,9 @@
 //! ([`sequence_to_parts`]); so is the sequence number of the first record the lake took (the
 //! base every count is relative to); a finished shard gets a `done` entry.
 
+mod source;
+pub use source::{KinesisOptions, KinesisSource};
+
 use std::time::Duration;
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};

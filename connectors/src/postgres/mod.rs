@@ -4,6 +4,9 @@
 //!
 //! Errors name settings, tables, columns and positions; never a row value.
 
+mod source;
+pub use source::{PostgresOptions, PostgresSource};
+
 pub mod pgoutput;
 pub mod values;
 

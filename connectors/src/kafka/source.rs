@@ -1,7 +1,7 @@
 //! Kafka topics: a consumer group for the daemon, explicit partitions for replays.
 //!
 //! Exactly once across rebalances: partitions start where the lake says (see
-//! `sluice_connectors::kafka`); when the assignment changes, the pass is abandoned — its
+//! `crate::kafka`); when the assignment changes, the pass is abandoned — its
 //! uncommitted rows are dropped and re-read by whoever owns the partition now — and a commit
 //! that races a new owner is refused by the Delta sink's fencing.
 
@@ -10,22 +10,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka::{self as kc, GroupContext, KafkaSettings, Lag, StandaloneContext, StartAt, StartPositions};
+use crate::lake::TableLocation;
+use crate::SourcePosition;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
-use sluice_connectors::file::LineEnd;
-use sluice_connectors::kafka::{
-    self as kc, GroupContext, KafkaSettings, Lag, StandaloneContext, StartAt, StartPositions,
-};
-use sluice_connectors::lake::TableLocation;
-use sluice_connectors::SourcePosition;
 use tracing::{info, warn};
 
-use super::{ChunkSender, ProgressReporter, ReaderEnd, ReplayFrom, ReplayTo, Sent, Source};
-use crate::runtime::RunError;
-use crate::worker::Chunk;
+use crate::source::SourceError;
+use crate::source::{Chunk, LineEnd};
+use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, ReplayFrom, ReplayTo, Sent, Source};
 
 #[derive(Debug, Clone)]
 pub struct ReplayRange {
@@ -37,23 +34,23 @@ pub struct ReplayRange {
 /// What the reader needs of a consumer's context: its assignment and its changes.
 pub trait Membership {
     fn generation(&self) -> u64;
-    fn take_failure(&self) -> Option<RunError>;
+    fn take_failure(&self) -> Option<SourceError>;
     fn lag(&self) -> &Lag;
     /// Where the lake says each stream continues (group consumers only).
-    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError>;
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, SourceError>;
 }
 
 impl Membership for GroupContext {
     fn generation(&self) -> u64 {
         GroupContext::generation(self)
     }
-    fn take_failure(&self) -> Option<RunError> {
-        GroupContext::take_failure(self).map(RunError::from)
+    fn take_failure(&self) -> Option<SourceError> {
+        GroupContext::take_failure(self).map(SourceError::from)
     }
     fn lag(&self) -> &Lag {
         &self.lag
     }
-    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError> {
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, SourceError> {
         Ok(self.start_offsets(streams)?)
     }
 }
@@ -62,13 +59,13 @@ impl Membership for StandaloneContext {
     fn generation(&self) -> u64 {
         0
     }
-    fn take_failure(&self) -> Option<RunError> {
-        StandaloneContext::take_failure(self).map(RunError::from)
+    fn take_failure(&self) -> Option<SourceError> {
+        StandaloneContext::take_failure(self).map(SourceError::from)
     }
     fn lag(&self) -> &Lag {
         &self.lag
     }
-    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, RunError> {
+    fn lake_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, SourceError> {
         Ok(vec![Offset::Beginning; streams.len()])
     }
 }
@@ -158,7 +155,7 @@ pub fn group_source(
     max_event_bytes: usize,
     chunk_events: usize,
     once: bool,
-) -> Result<KafkaSource<GroupContext>, RunError> {
+) -> Result<KafkaSource<GroupContext>, SourceError> {
     let consumer = kc::group_consumer(settings, group, Box::new(positions))?;
     Ok(KafkaSource::new(
         consumer,
@@ -175,7 +172,7 @@ pub fn replay_source(
     range: ReplayRange,
     max_event_bytes: usize,
     chunk_events: usize,
-) -> Result<KafkaSource<StandaloneContext>, RunError> {
+) -> Result<KafkaSource<StandaloneContext>, SourceError> {
     let consumer = kc::standalone_consumer(settings)?;
     Ok(KafkaSource::new(
         consumer,
@@ -211,7 +208,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
 
     /// Where the reading of a pass begins: replays assign explicitly; a group pass under an
     /// assignment already read from seeks back to the committed positions.
-    fn position_partitions(&mut self, start: &HashMap<String, u64>) -> Result<(), RunError> {
+    fn position_partitions(&mut self, start: &HashMap<String, u64>) -> Result<(), SourceError> {
         let committed = |topic: &str, partition: i32| start.get(&kc::stream_name(topic, partition)).map(|&o| o as i64);
         match &self.mode {
             Mode::Replay { range, .. } => {
@@ -230,7 +227,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
                         (t.clone(), *p, offset)
                     })
                     .collect();
-                kc::assign(&self.consumer, &parts).map_err(RunError::from_kafka)?;
+                kc::assign(&self.consumer, &parts).map_err(SourceError::from_kafka)?;
             }
             Mode::Group => {
                 if self.fresh_generation == Some(self.generation) {
@@ -245,7 +242,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
                 for ((topic, partition), offset) in self.partitions.iter().zip(offsets) {
                     self.consumer
                         .seek(topic, *partition, offset, Duration::from_secs(10))
-                        .map_err(RunError::from_kafka)?;
+                        .map_err(SourceError::from_kafka)?;
                 }
             }
         }
@@ -322,7 +319,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
         if let ReplayTo::Offset(end) = self.mode_to() {
             part.done |= m.offset() + 1 >= end;
         }
-        let full = part.chunk.lines.len() >= self.chunk_events || part.chunk.data.len() >= super::file::CHUNK_BYTES;
+        let full = part.chunk.lines.len() >= self.chunk_events || part.chunk.data.len() >= crate::file::CHUNK_BYTES;
         (full || part.done)
             .then(|| std::mem::replace(&mut part.chunk, Chunk::new(part.stream.clone(), self.chunk_events)))
     }
@@ -343,7 +340,7 @@ impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
 }
 
 impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
-    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
         match &mut self.mode {
             Mode::Group => {
                 let context = self.consumer.context();
@@ -369,7 +366,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         Ok(self.partitions.iter().map(|(t, p)| kc::stream_name(t, *p)).collect())
     }
 
-    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
         if let Mode::Replay { range, topic_index } = &self.mode {
             if *topic_index >= range.topics.len() {
                 return Ok(ReaderEnd::Done);
@@ -389,7 +386,6 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
         let mut paused = false;
         let mut last_flush = Instant::now();
         let mut lag_logged = Instant::now();
-        let lag_gauge = crate::observe::metrics().source_lag("kafka");
         let mut last_error: Option<Instant> = None;
         loop {
             if let Some(e) = self.consumer.context().take_failure() {
@@ -458,7 +454,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                         )
                     ) =>
                 {
-                    return Err(RunError::from_kafka(e));
+                    return Err(SourceError::from_kafka(e));
                 }
                 Some(Err(e)) => {
                     // Broker unavailable and the like: librdkafka reconnects with backoff.
@@ -480,7 +476,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
                 }
             }
             if let Some(lag) = self.consumer.context().lag().get() {
-                lag_gauge.set(lag as i64);
+                out.report_lag("kafka", lag as i64);
             }
         }
     }

@@ -15,17 +15,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka::StartAt;
+use crate::kinesis::{self as kn, AttachedNames, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
+use crate::lake::TableLocation;
+use crate::SourcePosition;
 use aws_sdk_kinesis::Client;
-use sluice_connectors::file::LineEnd;
-use sluice_connectors::kafka::StartAt;
-use sluice_connectors::kinesis::{self as kn, AttachedNames, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
-use sluice_connectors::lake::TableLocation;
-use sluice_connectors::SourcePosition;
 use tracing::info;
 
-use super::{ChunkSender, ReaderEnd, ReplayFrom, ReplayTo, Source};
-use crate::runtime::RunError;
-use crate::worker::Chunk;
+use crate::source::SourceError;
+use crate::source::{Chunk, LineEnd};
+use crate::source::{ChunkSender, ReaderEnd, ReplayFrom, ReplayTo, Source};
 
 pub struct KinesisSource {
     rt: tokio::runtime::Runtime,
@@ -110,11 +109,11 @@ struct ShardState {
 }
 
 impl KinesisSource {
-    pub fn new(options: KinesisOptions) -> Result<Self, RunError> {
+    pub fn new(options: KinesisOptions) -> Result<Self, SourceError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(RunError::Runtime)?;
+            .map_err(SourceError::Runtime)?;
         let client = rt.block_on(kn::client(&options.settings));
         Ok(Self {
             rt,
@@ -141,7 +140,7 @@ impl KinesisSource {
     }
 
     /// The lake's state of each shard: the lowest count over the sinks that have one.
-    fn lake_state(&self, shards: &[String]) -> Result<HashMap<String, LakeShard>, RunError> {
+    fn lake_state(&self, shards: &[String]) -> Result<HashMap<String, LakeShard>, SourceError> {
         let mut names = Vec::new();
         for s in shards {
             let stream = self.shard_stream(s);
@@ -202,7 +201,7 @@ impl KinesisSource {
 
     /// A parent not owned here: finished when the lake says so in every sink, or when the
     /// stream no longer lists it (expired).
-    fn parent_finished_elsewhere(&self, parent: &str) -> Result<bool, RunError> {
+    fn parent_finished_elsewhere(&self, parent: &str) -> Result<bool, SourceError> {
         if !self.all.iter().any(|s| s.id == parent) {
             return Ok(true);
         }
@@ -238,7 +237,7 @@ impl KinesisSource {
     }
 
     /// One `GetRecords` round on a shard; returns a chunk to send, if any.
-    fn poll_shard(&self, state: &mut ShardState) -> Result<Option<Chunk>, RunError> {
+    fn poll_shard(&self, state: &mut ShardState) -> Result<Option<Chunk>, SourceError> {
         if state.end_only {
             let chunk = Chunk::new(state.stream.clone(), 1);
             return self.end_of_shard(state, chunk).map(Some);
@@ -297,7 +296,7 @@ impl KinesisSource {
                         if let StartingPoint::At(base) = &state.initial {
                             // Counts only line up if the re-read starts exactly at the base.
                             if record.sequence_number() != base {
-                                return Err(RunError::Kinesis(kn::KinesisError::Api {
+                                return Err(SourceError::Kinesis(kn::KinesisError::Api {
                                     stream: self.stream.clone(),
                                     message: format!(
                                         "shard {}: the records a table lacks have expired from the stream; rebuild it with `sluice replay --into`",
@@ -347,7 +346,7 @@ impl KinesisSource {
     }
 
     /// Closes a shard in the lake: one position past its last record, marked done.
-    fn end_of_shard(&self, state: &mut ShardState, mut chunk: Chunk) -> Result<Chunk, RunError> {
+    fn end_of_shard(&self, state: &mut ShardState, mut chunk: Chunk) -> Result<Chunk, SourceError> {
         state.finished = true;
         state.count += 1;
         chunk.push(
@@ -362,7 +361,7 @@ impl KinesisSource {
     }
 
     /// The sequence numbers (and end) committed beside the count.
-    fn attach(&self, state: &ShardState, mut chunk: Chunk, done: bool) -> Result<Chunk, RunError> {
+    fn attach(&self, state: &ShardState, mut chunk: Chunk, done: bool) -> Result<Chunk, SourceError> {
         let to_parts = |sequence: &str| {
             kn::sequence_to_parts(sequence).ok_or_else(|| kn::KinesisError::SequenceTooLong {
                 stream: self.stream.clone(),
@@ -392,7 +391,7 @@ impl KinesisSource {
 }
 
 impl Source for KinesisSource {
-    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
         self.all = self.rt.block_on(kn::list_shards(&self.client, &self.stream))?;
         self.owned = self
             .all
@@ -411,7 +410,7 @@ impl Source for KinesisSource {
         Ok(self.owned.iter().map(|s| self.shard_stream(&s.id)).collect())
     }
 
-    fn read(&mut self, _start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+    fn read(&mut self, _start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
         let ids: Vec<String> = self.owned.iter().map(|s| s.id.clone()).collect();
         let lake = self.lake_state(&ids)?;
         let mut shards: Vec<ShardState> = Vec::with_capacity(self.owned.len());
@@ -446,7 +445,7 @@ impl Source for KinesisSource {
                 // sink keeps only what it lacks. (With `start = "latest"` a table that lacks a
                 // shard starts where the others are, as with Kafka.)
                 let Some(base) = at.base else {
-                    return Err(RunError::Kinesis(kn::KinesisError::Api {
+                    return Err(SourceError::Kinesis(kn::KinesisError::Api {
                         stream: self.stream.clone(),
                         message: format!(
                             "shard {}: a table lacks records the lake's other tables hold, and the lake has no base sequence number to re-read them from",
@@ -516,7 +515,7 @@ impl Source for KinesisSource {
                 .max()
                 .unwrap_or(0);
             self.behind_ms.store(lag, Ordering::Relaxed);
-            crate::observe::metrics().source_lag("kinesis").set(lag);
+            out.report_lag("kinesis", lag);
             if lag_logged.elapsed() >= LAG_LOG_EVERY {
                 lag_logged = Instant::now();
                 info!(stream = %self.stream, millis_behind_latest = lag, "kinesis lag");

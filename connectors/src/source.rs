@@ -1,10 +1,7 @@
-//! Sources as the runtime sees them: each pass a source names the streams it will read, then
-//! reads them from the positions the lake holds into chunks of raw events.
-
-pub mod file;
-pub mod kafka;
-pub mod kinesis;
-pub mod postgres;
+//! The source port: what the runtime asks of a source. Each pass a source names the streams
+//! it will read, then reads them from the positions the lake holds into chunks of raw events,
+//! which it hands to a [`ChunkSender`]. The sources themselves live in their connector's folder
+//! (`file/`, `kafka/`, `kinesis/`, `postgres/`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,10 +9,91 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
-use sluice_connectors::SourcePosition;
 
-use crate::runtime::RunError;
-use crate::worker::Chunk;
+use crate::SourcePosition;
+
+/// Why a source stopped: the connector's own error, or the spool / runtime around it.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    File(#[from] crate::file::FileSourceError),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaSourceError),
+    #[error(transparent)]
+    Kinesis(#[from] crate::kinesis::KinesisError),
+    #[error(transparent)]
+    Postgres(#[from] crate::postgres::PgError),
+    #[error(transparent)]
+    Lake(#[from] crate::lake::LakeError),
+    #[error("snapshot spool {0}")]
+    Spool(String),
+    #[error("async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl SourceError {
+    pub fn from_kafka(e: rdkafka::error::KafkaError) -> Self {
+        SourceError::Kafka(e.into())
+    }
+}
+
+/// A line as read: where it ends in the stream, and how long it really was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineEnd {
+    /// Offset just past the line's newline (in decompressed bytes for `.gz`).
+    pub end_offset: u64,
+    /// Full length of the line without its newline; more than the buffer holds if truncated.
+    pub len: usize,
+    /// Whether the line ended with a newline (the last line of a file may not).
+    pub terminated: bool,
+}
+
+impl LineEnd {
+    pub fn truncated(&self, max_line: usize) -> bool {
+        self.len > max_line
+    }
+}
+
+/// Lines of one stream, read in order.
+pub struct Chunk {
+    pub seq: u64,
+    pub stream: Arc<str>,
+    pub data: Vec<u8>,
+    /// (start, end) of each line in `data`, and where it ended in the stream.
+    pub lines: Vec<(usize, usize, LineEnd)>,
+    /// Positions the source keeps beside the stream's offset as of the last line (committed
+    /// with it; e.g. a Kinesis sequence number).
+    pub attached: Vec<SourcePosition>,
+    /// Whether the last line ends a source transaction: the sink commits only after such a
+    /// chunk, so a PostgreSQL transaction is never split across lake commits.
+    pub boundary: bool,
+}
+
+impl Chunk {
+    pub fn new(stream: Arc<str>, events: usize) -> Self {
+        Self {
+            seq: 0,
+            stream,
+            data: Vec::with_capacity(events.min(4096) * 256),
+            lines: Vec::with_capacity(events),
+            attached: Vec::new(),
+            boundary: true,
+        }
+    }
+
+    pub fn push(&mut self, line: &[u8], end: LineEnd) {
+        let start = self.data.len();
+        self.data.extend_from_slice(line);
+        self.lines.push((start, self.data.len(), end));
+    }
+
+    pub fn last_offset(&self) -> u64 {
+        self.lines.last().map(|l| l.2.end_offset).unwrap_or(0)
+    }
+    pub fn first_offset(&self) -> u64 {
+        self.lines.first().map(|l| l.2.end_offset).unwrap_or(0)
+    }
+}
 
 /// How a reader's pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +134,11 @@ pub enum ReplayTo {
 pub trait Source: Send {
     /// Prepares a pass and returns the streams it reads; their committed positions are read
     /// from every sink before [`Source::read`].
-    fn begin_pass(&mut self) -> Result<Vec<String>, RunError>;
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError>;
 
     /// Reads from `start` (per stream: the lowest position any sink committed) until the pass
     /// ends.
-    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError>;
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError>;
 
     /// Called by the sink loop after the lake committed `positions` (e.g. to report consumer
     /// lag). Must not block.
@@ -83,6 +161,25 @@ pub struct ChunkSender {
     pub abandoned: Arc<AtomicBool>,
     /// Set when the sink loop has stopped: a reader waiting on a quiet source ends its pass.
     stop: Arc<AtomicBool>,
+    hooks: RuntimeHooks,
+}
+
+/// What the process around the sources provides: whether a shutdown was asked for (signals),
+/// and the source-lag gauge (metrics). Plain functions: a source calls them from any thread.
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeHooks {
+    pub shutdown_requested: fn() -> bool,
+    /// `(source kind, lag)`: Kafka messages, Kinesis milliseconds, PostgreSQL retained WAL bytes.
+    pub report_lag: fn(&'static str, i64),
+}
+
+impl Default for RuntimeHooks {
+    fn default() -> Self {
+        Self {
+            shutdown_requested: || false,
+            report_lag: |_, _| {},
+        }
+    }
 }
 
 pub enum Sent {
@@ -94,20 +191,36 @@ pub enum Sent {
 }
 
 impl ChunkSender {
-    pub fn new(tx: Sender<Chunk>, permits: Sender<()>, abandoned: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        tx: Sender<Chunk>,
+        permits: Sender<()>,
+        abandoned: Arc<AtomicBool>,
+        stop: Arc<AtomicBool>,
+        hooks: RuntimeHooks,
+    ) -> Self {
         Self {
             tx,
             permits,
             seq: 0,
             abandoned,
             stop,
+            hooks,
         }
+    }
+
+    /// Sets the source's lag gauge.
+    pub fn report_lag(&self, source: &'static str, lag: i64) {
+        (self.hooks.report_lag)(source, lag)
+    }
+
+    pub fn hooks(&self) -> RuntimeHooks {
+        self.hooks
     }
 
     /// Whether the sink loop has stopped (the pass is over) or a shutdown was asked for: the
     /// reader ends its pass, what it sent is committed.
     pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst) || crate::shutdown::requested()
+        self.stop.load(Ordering::SeqCst) || (self.hooks.shutdown_requested)()
     }
 
     /// Sends, waiting while too many chunks are in flight. False when the sink loop is gone.
@@ -125,7 +238,7 @@ impl ChunkSender {
     /// Sends, waiting at most `wait` for a permit. After a shutdown request nothing more is
     /// sent: the reader ends its pass and what it sent before is committed.
     pub fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
-        if crate::shutdown::requested() {
+        if (self.hooks.shutdown_requested)() {
             return Sent::Closed;
         }
         let permit = if wait.is_zero() {

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_connectors::file::{list_files, FileSourceError, Fingerprints, LineReader, SourceFile};
+use crate::file::{list_files, FileSourceError, Fingerprints, LineReader, SourceFile};
 
-use super::{ChunkSender, ReaderEnd, Source};
-use crate::runtime::RunError;
-use crate::worker::Chunk;
+use crate::source::Chunk;
+use crate::source::SourceError;
+use crate::source::{ChunkSender, ReaderEnd, Source};
 
 pub struct FileSource {
     root: PathBuf,
@@ -49,7 +49,7 @@ impl FileSource {
 
     /// Sends the file's lines from `start` in chunks; returns where it stopped, or `None` when
     /// the receiving side is gone.
-    fn read_file(&self, file: &SourceFile, start: u64, out: &mut ChunkSender) -> Result<Option<u64>, RunError> {
+    fn read_file(&self, file: &SourceFile, start: u64, out: &mut ChunkSender) -> Result<Option<u64>, SourceError> {
         let mut reader = LineReader::open(file, start, self.max_line)?;
         let stream: Arc<str> = Arc::from(file.stream.as_str());
         let mut line = Vec::new();
@@ -84,12 +84,12 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
         self.files = list_files(&self.root, self.follow_symlinks)?;
         Ok(self.files.iter().map(|f| f.stream.clone()).collect())
     }
 
-    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
         // Before anything is read: a file that is not the one its committed position is in.
         if let Some(path) = &self.fingerprints {
             Fingerprints::load(path.clone())?.check(&self.files, start)?;

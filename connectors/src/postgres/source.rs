@@ -27,21 +27,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::lake::TableLocation;
+use crate::postgres::pgoutput::{self, Datum, Message};
+use crate::postgres::values::{parse_copy_line, write_event, EventSource, TableShape, TypeCatalog};
+use crate::postgres::{self as pg, PgError, PgSettings, SlotState, Snapshot};
+use crate::SourcePosition;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use sluice_connectors::file::LineEnd;
-use sluice_connectors::lake::TableLocation;
-use sluice_connectors::postgres::pgoutput::{self, Datum, Message};
-use sluice_connectors::postgres::values::{parse_copy_line, write_event, EventSource, TableShape, TypeCatalog};
-use sluice_connectors::postgres::{self as pg, PgError, PgSettings, SlotState, Snapshot};
-use sluice_connectors::SourcePosition;
 use sluice_transforms::crypto::DataKey;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use super::file::CHUNK_BYTES;
-use super::{ChunkSender, ProgressReporter, ReaderEnd, Source};
-use crate::runtime::RunError;
-use crate::worker::Chunk;
+use crate::file::CHUNK_BYTES;
+use crate::source::SourceError;
+use crate::source::{Chunk, LineEnd};
+use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, Source};
 
 /// A chunk this old is handed over at the next transaction end, full or not.
 const HAND_OVER_AFTER: Duration = Duration::from_millis(100);
@@ -119,7 +118,7 @@ struct Txn {
 }
 
 impl PostgresSource {
-    pub fn new(o: PostgresOptions) -> Result<Self, RunError> {
+    pub fn new(o: PostgresOptions) -> Result<Self, SourceError> {
         // The replication session's task keeps answering the server while the reader thread
         // waits on a full queue.
         let rt = Arc::new(
@@ -127,7 +126,7 @@ impl PostgresSource {
                 .worker_threads(1)
                 .enable_all()
                 .build()
-                .map_err(RunError::Runtime)?,
+                .map_err(SourceError::Runtime)?,
         );
         Ok(Self {
             o,
@@ -171,20 +170,20 @@ impl PostgresSource {
         (dir.join(format!("{name}.meta.json")), dir.join(format!("{name}.spool")))
     }
 
-    fn read_meta(&self, table: &(String, String)) -> Result<Option<SpoolMeta>, RunError> {
+    fn read_meta(&self, table: &(String, String)) -> Result<Option<SpoolMeta>, SourceError> {
         let (meta, _) = self.spool_paths(table);
         match std::fs::read(&meta) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| RunError::Spool(format!("{}: {e}", meta.display()))),
+                .map_err(|e| SourceError::Spool(format!("{}: {e}", meta.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RunError::Spool(format!("{}: {e}", meta.display()))),
+            Err(e) => Err(SourceError::Spool(format!("{}: {e}", meta.display()))),
         }
     }
 
     /// How many rows of `stream` the tables table `i` lands in hold: (fewest, most). Without
     /// lake tables (raw mode) what `start` says.
-    fn held(&self, i: usize, stream: &str, start: &HashMap<String, u64>) -> Result<(u64, u64), RunError> {
+    fn held(&self, i: usize, stream: &str, start: &HashMap<String, u64>) -> Result<(u64, u64), SourceError> {
         if self.o.snapshot_sinks.is_empty() {
             let n = start.get(stream).copied().unwrap_or(0);
             return Ok((n, n));
@@ -201,7 +200,7 @@ impl PostgresSource {
     }
 
     /// Whether table `i`'s own lake table holds any of `stream` (never in raw mode: no lake).
-    fn own_table_holds(&self, i: usize, stream: &str) -> Result<bool, RunError> {
+    fn own_table_holds(&self, i: usize, stream: &str) -> Result<bool, SourceError> {
         let Some(location) = self.o.snapshot_sinks.get(i).and_then(|s| s.first()) else {
             return Ok(false);
         };
@@ -221,7 +220,7 @@ impl PostgresSource {
     }
 
     /// Reads the tables that have no spool yet into spools, under one snapshot.
-    fn build_spools(&mut self, tables: &[(String, String)]) -> Result<(), RunError> {
+    fn build_spools(&mut self, tables: &[(String, String)]) -> Result<(), SourceError> {
         let control = self.control.as_ref().expect("connected in begin_pass");
         let exported = self.created.as_ref().map(|(_, name)| name.clone());
         let (snapshot, snapshot_lsn) = self.rt.block_on(pg::begin_snapshot(control, exported.as_deref()))?;
@@ -232,17 +231,17 @@ impl PostgresSource {
                 .block_on(pg::table_shape(control, &table.0, &table.1, &self.types))?;
             let (meta_path, spool_path) = self.spool_paths(table);
             let dir = spool_path.parent().expect("spool dir");
-            std::fs::create_dir_all(dir).map_err(|e| RunError::Spool(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| SourceError::Spool(format!("{}: {e}", dir.display())))?;
             // An earlier meta must never be paired with the spool written now.
             match std::fs::remove_file(&meta_path) {
                 Ok(()) => File::open(dir)
                     .and_then(|d| d.sync_all())
-                    .map_err(|e| RunError::Spool(format!("{}: {e}", dir.display())))?,
+                    .map_err(|e| SourceError::Spool(format!("{}: {e}", dir.display())))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RunError::Spool(format!("{}: {e}", meta_path.display()))),
+                Err(e) => return Err(SourceError::Spool(format!("{}: {e}", meta_path.display()))),
             }
             let partial = spool_path.with_extension("spool.partial");
-            let io = |e: std::io::Error| RunError::Spool(format!("{}: {e}", partial.display()));
+            let io = |e: std::io::Error| SourceError::Spool(format!("{}: {e}", partial.display()));
             let mut file = BufWriter::new(File::create(&partial).map_err(io)?);
             let mut frame: Vec<u8> = Vec::new();
             let (mut rows, mut frames) = (0u64, 0u64);
@@ -301,7 +300,7 @@ impl PostgresSource {
                 .and_then(|_| File::open(&tmp)?.sync_all())
                 .and_then(|_| std::fs::rename(&tmp, &meta_path))
                 .and_then(|_| File::open(dir)?.sync_all())
-                .map_err(|e| RunError::Spool(format!("{}: {e}", meta_path.display())))?;
+                .map_err(|e| SourceError::Spool(format!("{}: {e}", meta_path.display())))?;
             info!(table = %format!("{}.{}", table.0, table.1), rows, "snapshot read into the spool");
         }
         self.rt
@@ -323,9 +322,9 @@ impl PostgresSource {
         meta: &SpoolMeta,
         from: u64,
         out: &mut ChunkSender,
-    ) -> Result<bool, RunError> {
+    ) -> Result<bool, SourceError> {
         let (_, path) = self.spool_paths(table);
-        let io = |e: std::io::Error| RunError::Spool(format!("{}: {e}", path.display()));
+        let io = |e: std::io::Error| SourceError::Spool(format!("{}: {e}", path.display()));
         let mut file = BufReader::new(File::open(&path).map_err(io)?);
         let stream: Arc<str> = Arc::from(self.snapshot_stream(table, meta).as_str());
         let mut chunk = Chunk::new(stream.clone(), self.o.chunk_events);
@@ -340,7 +339,7 @@ impl PostgresSource {
         while ordinal < meta.rows {
             let len = read_len(&mut file).map_err(io)?;
             if u64::from(len) > size.saturating_sub(file.stream_position().map_err(io)?) {
-                return Err(RunError::Spool(format!(
+                return Err(SourceError::Spool(format!(
                     "{}: frame {frame} is cut short",
                     path.display()
                 )));
@@ -351,7 +350,7 @@ impl PostgresSource {
                 .o
                 .spool_key
                 .open(&sealed, &self.frame_aad(table, meta.snapshot_lsn, frame))
-                .map_err(|_| RunError::Spool(format!("{}: frame {frame} does not decrypt", path.display())))?;
+                .map_err(|_| SourceError::Spool(format!("{}: frame {frame} does not decrypt", path.display())))?;
             for line in plain.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                 ordinal += 1;
                 if ordinal <= from {
@@ -378,7 +377,7 @@ impl PostgresSource {
             frame += 1;
         }
         if ordinal != meta.rows {
-            return Err(RunError::Spool(format!(
+            return Err(SourceError::Spool(format!(
                 "{}: holds {ordinal} rows, its meta says {}",
                 path.display(),
                 meta.rows
@@ -394,7 +393,7 @@ impl PostgresSource {
         start_lsn: u64,
         seen: HashMap<String, (Snapshot, u64)>,
         out: &mut ChunkSender,
-    ) -> Result<ReaderEnd, RunError> {
+    ) -> Result<ReaderEnd, SourceError> {
         let mut client = pg::start_stream(&self.o.settings, start_lsn).await?;
         let result = self.stream_events(&mut client, start_lsn, seen, out).await;
         // Release the slot before a next pass (or process) wants it.
@@ -409,7 +408,7 @@ impl PostgresSource {
         start_lsn: u64,
         seen: HashMap<String, (Snapshot, u64)>,
         out: &mut ChunkSender,
-    ) -> Result<ReaderEnd, RunError> {
+    ) -> Result<ReaderEnd, SourceError> {
         let control = self.control.as_ref().expect("connected in begin_pass");
         let settings = &self.o.settings;
         let replication = |source| PgError::Replication {
@@ -476,7 +475,7 @@ impl PostgresSource {
                 let retained = pg::retained_wal(control, &settings.slot).await.ok().flatten();
                 let behind_ms = (last_commit_ms > 0).then(|| chrono::Utc::now().timestamp_millis() - last_commit_ms);
                 if let Some(bytes) = retained {
-                    crate::observe::metrics().source_lag("postgres").set(bytes);
+                    out.report_lag("postgres", bytes);
                 }
                 info!(
                     slot = %settings.slot,
@@ -637,7 +636,7 @@ async fn relation(
     r: pgoutput::Relation,
     seen: &HashMap<String, (Snapshot, u64)>,
     relations: &mut HashMap<u32, Relation>,
-) -> Result<(), RunError> {
+) -> Result<(), SourceError> {
     if r.columns.iter().any(|c| types.kind(c.type_oid).is_none()) {
         // A type created since start-up (an enum, a domain).
         *types = pg::load_types(control).await?;
@@ -684,15 +683,15 @@ fn read_len(file: &mut impl Read) -> std::io::Result<u32> {
 }
 
 impl Source for PostgresSource {
-    fn begin_pass(&mut self) -> Result<Vec<String>, RunError> {
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
         if self.lock.is_none() {
             let dir = self.o.spool_dir.join(&self.o.settings.slot);
             let path = dir.join("lock");
-            let fail = |e: std::io::Error| RunError::Spool(format!("{}: {e}", path.display()));
+            let fail = |e: std::io::Error| SourceError::Spool(format!("{}: {e}", path.display()));
             std::fs::create_dir_all(&dir).map_err(fail)?;
             let file = File::create(&path).map_err(fail)?;
             file.try_lock().map_err(|_| {
-                RunError::Spool(format!(
+                SourceError::Spool(format!(
                     "{}: another capture of slot `{}` is running",
                     path.display(),
                     self.o.settings.slot
@@ -735,7 +734,7 @@ impl Source for PostgresSource {
         Ok(streams)
     }
 
-    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, RunError> {
+    fn read(&mut self, start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
         let tables = self.o.tables.clone();
         let mut metas: Vec<Option<SpoolMeta>> = tables.iter().map(|t| self.read_meta(t)).collect::<Result<_, _>>()?;
         let change_stream = self.stream_name();
@@ -778,7 +777,7 @@ impl Source for PostgresSource {
             let name = format!("{}.{}", table.0, table.1);
             match meta {
                 None if was_captured => {
-                    return Err(RunError::Spool(format!(
+                    return Err(SourceError::Spool(format!(
                         "{name}: captured before, but its snapshot record in {} is gone; \
                          restore the spool directory, or recreate the pipeline's tables to start over",
                         self.o.spool_dir.display()
@@ -787,7 +786,7 @@ impl Source for PostgresSource {
                 None => missing.push(table.clone()),
                 Some(m) if fewest < m.rows && !self.spool_paths(table).1.exists() => {
                     if most > 0 {
-                        return Err(RunError::Spool(format!(
+                        return Err(SourceError::Spool(format!(
                             "{name}: some of the lake's tables hold {most} of the snapshot's {} rows, \
                              others {fewest}, and the spool is gone; recreate the pipeline's tables to start over",
                             m.rows
