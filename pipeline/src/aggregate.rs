@@ -18,15 +18,10 @@ use std::sync::Arc;
 use arrow_array::{Array, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use sluice_connectors::datafusion::common::ScalarValue;
-use sluice_connectors::datafusion::datasource::file_format::parquet::ParquetFormat;
-use sluice_connectors::datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
 use sluice_connectors::datafusion::functions::expr_fn::date_trunc;
 use sluice_connectors::datafusion::functions_aggregate::expr_fn::{avg, count, count_distinct, sum};
 use sluice_connectors::datafusion::logical_expr::{binary_expr, cast, JoinType, Operator};
 use sluice_connectors::datafusion::prelude::{col, lit, DataFrame, Expr, SessionContext};
-use sluice_connectors::delta::erase::RowMatcher;
 use sluice_connectors::lake::{Catalogs, TableLocation};
 use sluice_connectors::SourcePosition;
 use tracing::info;
@@ -92,17 +87,12 @@ fn watermark_stream(a: &Aggregate) -> String {
 
 /// Where an aggregate (or its suppressions table) is written, per format.
 pub fn locations(config: &Config, table: &str) -> Vec<TableLocation> {
-    let mut out = Vec::new();
-    if config.lake_format.delta() {
-        out.push(TableLocation::Delta(config.aggregates_root().join(table)));
-    }
-    if let Some(location) = &config.iceberg {
-        out.push(TableLocation::Iceberg {
-            location: location.clone(),
-            table: table.to_string(),
-        });
-    }
-    out
+    sluice_connectors::lake::table_locations(
+        config.lake_format,
+        config.aggregates_root(),
+        config.iceberg.as_ref(),
+        table,
+    )
 }
 
 pub fn suppressions_table(a: &Aggregate) -> String {
@@ -166,48 +156,10 @@ async fn register_base(
     let Some(location) = config.table_locations(policy).into_iter().next() else {
         return Ok(false);
     };
-    match location {
-        TableLocation::Delta(path) => {
-            let Some(table) = sluice_connectors::delta::open_table(&path, target)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
-                return Ok(false);
-            };
-            table
-                .update_datafusion_session(&session.state())
-                .map_err(|e| e.to_string())?;
-            let provider = table.table_provider().await.map_err(|e| e.to_string())?;
-            session.register_table("base", provider).map_err(|e| e.to_string())?;
-        }
-        TableLocation::Iceberg { location, table } => {
-            let catalog = catalogs.get(&location).await.map_err(|e| e.to_string())?;
-            let Some((files, schema)) = sluice_connectors::iceberg::data_files(catalog.as_ref(), &location, &table)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
-                return Ok(false);
-            };
-            if files.is_empty() {
-                return Ok(false);
-            }
-            // The live Parquet files of the current snapshot; columns added later are null in
-            // older files.
-            let urls = files
-                .iter()
-                .map(|f| ListingTableUrl::parse(f).map_err(|e| e.to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-            let listing = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(schema);
-            let provider = ListingTable::try_new(listing).map_err(|e| e.to_string())?;
-            session
-                .register_table("base", Arc::new(provider))
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(true)
+    location
+        .register(catalogs, session, target, "base")
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<AggregateReport, AggregateError> {
@@ -431,18 +383,19 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
         (suppressions_table(a), suppression_rows.schema(), vec![suppression_rows]),
     ] {
         for location in locations(config, &table) {
-            replace_hours(
-                config,
-                &mut catalogs,
-                &location,
-                &table,
-                schema.clone(),
-                batches.clone(),
-                &hours_set,
-                &positions,
-            )
-            .await
-            .map_err(|e| c.err(e))?;
+            location
+                .replace_where_time_in(
+                    &mut catalogs,
+                    &table,
+                    &config.name,
+                    schema.clone(),
+                    batches.clone(),
+                    "hour",
+                    &hours_set,
+                    &positions,
+                )
+                .await
+                .map_err(|e| c.err(e))?;
             tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, table = %location.describe(), "replaced");
         }
     }
@@ -556,69 +509,6 @@ fn suppression_batch<'a>(hours: impl Iterator<Item = &'a HourReport>) -> RecordB
         ],
     )
     .expect("columns match the schema")
-}
-
-/// Replaces the rows of `hours` in one table of the aggregate with `batches`.
-#[allow(clippy::too_many_arguments)]
-async fn replace_hours(
-    config: &Config,
-    catalogs: &mut Catalogs,
-    location: &TableLocation,
-    table: &str,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-    hours: &[i64],
-    positions: &[SourcePosition],
-) -> Result<(), String> {
-    let stats: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    match location {
-        TableLocation::Delta(path) => {
-            let predicate = col("hour").in_list(hours.iter().map(|h| ts(*h)).collect(), false);
-            sluice_connectors::delta::replace_where(
-                path,
-                table,
-                &config.name,
-                schema,
-                &stats,
-                batches,
-                predicate,
-                positions,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        }
-        TableLocation::Iceberg { location, table } => {
-            let catalog = catalogs.get(location).await.map_err(|e| e.to_string())?;
-            let mut sink = sluice_connectors::iceberg::IcebergSink::open_or_create(
-                catalog,
-                location,
-                table,
-                &config.name,
-                schema,
-                None,
-                &stats,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            for batch in batches {
-                sink.write(batch).await.map_err(|e| e.to_string())?;
-            }
-            let wanted: BTreeSet<i64> = hours.iter().copied().collect();
-            let matcher = RowMatcher {
-                columns: vec!["hour".into()],
-                matches: Box::new(move |batch: &RecordBatch| {
-                    let hour = timestamps(batch, "hour")?;
-                    Ok((0..batch.num_rows())
-                        .map(|i| Some(!hour.is_null(i) && wanted.contains(&hour.value(i))))
-                        .collect())
-                }),
-            };
-            sink.replace_rows(&matcher, positions)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(())
 }
 
 fn iso_hour(us: i64) -> String {

@@ -8,7 +8,7 @@
 //! compaction replaced stay for time travel; an erasure deletes those holding its subjects.
 
 use sluice_connectors::delta::Compaction;
-use sluice_connectors::lake::{Catalogs, LakeError, TableLocation};
+use sluice_connectors::lake::{delta_table, Catalogs, LakeError, TableLocation};
 use sluice_transforms::crypto::Tokenizer;
 use sluice_transforms::engine::TableTransform;
 use tracing::{info, warn};
@@ -49,37 +49,15 @@ pub fn compact_all(config: &Config) -> Result<Vec<TableCompaction>, LakeError> {
             }
         }
     }
-    tables.push((TableLocation::Delta(config.vault_path.clone()), "vault".into(), None));
-    tables.push((
-        TableLocation::Delta(config.quarantine_path.clone()),
-        "quarantine".into(),
-        None,
-    ));
+    tables.push((delta_table(config.vault_path.clone()), "vault".into(), None));
+    tables.push((delta_table(config.quarantine_path.clone()), "quarantine".into(), None));
 
     let mut catalogs = Catalogs::default();
     let mut out = Vec::new();
     for (location, name, stats) in tables {
-        let result: Result<Option<Compaction>, LakeError> = rt.block_on(async {
-            match &location {
-                TableLocation::Delta(path) => Ok(sluice_connectors::delta::compact(path, &name, target).await?),
-                TableLocation::Iceberg { location, table } => {
-                    let catalog = catalogs.get(location).await?;
-                    Ok(sluice_connectors::iceberg::compact(
-                        catalog,
-                        location,
-                        table,
-                        &config.name,
-                        stats.as_deref(),
-                        target,
-                    )
-                    .await?)
-                }
-            }
-        });
-        let format = match &location {
-            TableLocation::Delta(_) => "delta",
-            TableLocation::Iceberg { .. } => "iceberg",
-        };
+        let result: Result<Option<Compaction>, LakeError> =
+            rt.block_on(location.compact(&mut catalogs, &name, &config.name, stats.as_deref(), target));
+        let format = location.format();
         let result = match result {
             Ok(r) => r,
             Err(e) if e.is_conflict() => {

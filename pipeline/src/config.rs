@@ -12,7 +12,8 @@ use sluice_connectors::kafka::{
 };
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::KinesisSettings;
-use sluice_connectors::lake::TableLocation;
+pub use sluice_connectors::lake::LakeFormat;
+use sluice_connectors::lake::{delta_table, table_locations, TableLocation};
 use sluice_connectors::secret::Secret;
 use sluice_connectors::storage::{LakePath, StorageOptions};
 use sluice_transforms::{ConfigError, Policy};
@@ -341,28 +342,6 @@ struct RawIceberg {
     properties_env: BTreeMap<String, String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
-}
-
-/// Which table formats the analytic tables are written in (the vault, quarantine and audit
-/// tables are Delta whatever this says: erasure works on them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LakeFormat {
-    Delta,
-    Iceberg,
-    Both,
-}
-
-impl LakeFormat {
-    pub fn delta(self) -> bool {
-        self != LakeFormat::Iceberg
-    }
-    pub fn iceberg(self) -> bool {
-        self != LakeFormat::Delta
-    }
-    /// How many tables each policy writes.
-    pub fn count(self) -> usize {
-        usize::from(self.delta()) + usize::from(self.iceberg())
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -754,16 +733,14 @@ impl Config {
             None => base.clone(),
         };
         let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
-            None | Some("delta") => LakeFormat::Delta,
-            Some("iceberg") => LakeFormat::Iceberg,
-            Some("both") => LakeFormat::Both,
-            Some(other) => {
-                return Err(invalid(
+            None => LakeFormat::Delta,
+            Some(text) => LakeFormat::parse(text).ok_or_else(|| {
+                invalid(
                     raw.lake.format.as_ref().map_or(0, |f| f.span().start),
                     "lake.format",
-                    format!("`{other}`: expected `delta`, `iceberg` or `both`"),
-                ))
-            }
+                    format!("`{text}`: expected `delta`, `iceberg` or `both`"),
+                )
+            })?,
         };
         if lake_format.iceberg() && lake_root.is_object_store() {
             return Err(invalid(
@@ -890,25 +867,20 @@ impl Config {
 
     /// Where a policy's table is written: its Delta table and/or its Iceberg table.
     pub fn table_locations(&self, policy: &Policy) -> Vec<TableLocation> {
-        let mut out = Vec::with_capacity(2);
-        if self.lake_format.delta() {
-            out.push(TableLocation::Delta(self.tables_root.join(&policy.target)));
-        }
-        if let Some(location) = &self.iceberg {
-            out.push(TableLocation::Iceberg {
-                location: location.clone(),
-                table: policy.target.clone(),
-            });
-        }
-        out
+        table_locations(
+            self.lake_format,
+            &self.tables_root,
+            self.iceberg.as_ref(),
+            &policy.target,
+        )
     }
 
     /// Every table a run commits to, in sink order: each policy's (one per format), the vault,
     /// the quarantine.
     pub fn sink_locations(&self) -> Vec<TableLocation> {
         let mut out: Vec<TableLocation> = self.policies.iter().flat_map(|p| self.table_locations(p)).collect();
-        out.push(TableLocation::Delta(self.vault_path.clone()));
-        out.push(TableLocation::Delta(self.quarantine_path.clone()));
+        out.push(delta_table(self.vault_path.clone()));
+        out.push(delta_table(self.quarantine_path.clone()));
         out
     }
 

@@ -30,7 +30,7 @@ use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, T
 use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
 use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
-use sluice_connectors::lake::{Catalogs, ErasureTable, LakeError, TableLocation};
+use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLocation};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::timestamp_type;
 use sluice_transforms::crypto::{canonical_identifier, DataKey};
@@ -706,12 +706,8 @@ fn targets(
             }
         };
         for location in config.table_locations(policy) {
-            let name = match &location {
-                TableLocation::Delta(_) => policy.target.clone(),
-                TableLocation::Iceberg { .. } => format!("iceberg/{}", policy.target),
-            };
             out.push(Target {
-                name,
+                name: location.label(&policy.target),
                 location,
                 matcher: token_matcher("_subject", set.clone(), sightings.tokens.clone()),
                 treatment: treatment.clone(),
@@ -721,14 +717,14 @@ fn targets(
     }
     out.push(Target {
         name: "vault".into(),
-        location: TableLocation::Delta(config.vault_path.clone()),
+        location: delta_table(config.vault_path.clone()),
         matcher: token_matcher("subject_token", set, sightings.tokens.clone()),
         treatment: Treatment::Delete,
         mode: "vault",
     });
     out.push(Target {
         name: "quarantine".into(),
-        location: TableLocation::Delta(config.quarantine_path.clone()),
+        location: delta_table(config.quarantine_path.clone()),
         matcher: quarantine_matcher(
             keys.system_key("quarantine")?,
             &config.policies,

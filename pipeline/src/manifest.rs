@@ -5,7 +5,7 @@ use std::fmt::Write;
 use sluice_transforms::actions::Action;
 use sluice_transforms::engine::META_COLUMNS;
 
-use crate::config::{Config, LakeFormat, Suppression};
+use crate::config::{Config, Suppression};
 
 pub fn render(config: &Config) -> String {
     let mut s = String::new();
@@ -57,11 +57,7 @@ pub fn render(config: &Config) -> String {
             "  any other column: dropped (default deny), counted and reported by name"
         );
     }
-    let format = match config.lake_format {
-        LakeFormat::Delta => "Delta",
-        LakeFormat::Iceberg => "Iceberg",
-        LakeFormat::Both => "Delta and Iceberg",
-    };
+    let format = config.lake_format.describe();
     let _ = writeln!(s, "\ntables written as {format} (vault, quarantine and audit: Delta)");
     for a in &config.aggregates {
         let measures: Vec<&str> = a.measures.iter().map(|m| m.name.as_str()).collect();

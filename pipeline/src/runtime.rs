@@ -20,10 +20,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
-use sluice_connectors::delta::DeltaSink;
-use sluice_connectors::iceberg::IcebergSink;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
-use sluice_connectors::lake::{Catalogs, LakeError, TableLocation, TableSink};
+use sluice_connectors::lake::{delta_table, Catalogs, LakeError, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
@@ -278,68 +276,46 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
     let mut sinks = Vec::new();
     for t in transforms {
         for location in config.table_locations(t.policy()) {
-            sinks.push(open_table_sink(config, &mut catalogs, &location, t).await?);
+            let sink = location
+                .open_sink(
+                    &mut catalogs,
+                    &t.policy().target,
+                    &config.name,
+                    t.schema(),
+                    Some(PARTITION_COLUMN),
+                    &t.stats_columns(),
+                )
+                .await?;
+            sinks.push(sink);
         }
     }
     let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // No statistics on subject tokens, ciphertexts or positions (see `open_or_create`).
-    sinks.push(TableSink::Delta(
-        DeltaSink::open_or_create(
-            &config.vault_path,
-            "vault",
-            &config.name,
-            vault_schema(),
-            &[],
-            &names(VAULT_STATS_COLUMNS),
-        )
-        .await?,
-    ));
-    sinks.push(TableSink::Delta(
-        DeltaSink::open_or_create(
-            &config.quarantine_path,
-            "quarantine",
-            &config.name,
-            quarantine_schema(),
-            &[crate::quarantine::PARTITION_COLUMN],
-            &names(crate::quarantine::STATS_COLUMNS),
-        )
-        .await?,
-    ));
+    sinks.push(
+        delta_table(config.vault_path.clone())
+            .open_sink(
+                &mut catalogs,
+                "vault",
+                &config.name,
+                vault_schema(),
+                None,
+                &names(VAULT_STATS_COLUMNS),
+            )
+            .await?,
+    );
+    sinks.push(
+        delta_table(config.quarantine_path.clone())
+            .open_sink(
+                &mut catalogs,
+                "quarantine",
+                &config.name,
+                quarantine_schema(),
+                Some(crate::quarantine::PARTITION_COLUMN),
+                &names(crate::quarantine::STATS_COLUMNS),
+            )
+            .await?,
+    );
     Ok(sinks)
-}
-
-async fn open_table_sink(
-    config: &Config,
-    catalogs: &mut Catalogs,
-    location: &TableLocation,
-    t: &TableTransform,
-) -> Result<TableSink, LakeError> {
-    let target = &t.policy().target;
-    Ok(match location {
-        TableLocation::Delta(path) => TableSink::Delta(
-            DeltaSink::open_or_create(
-                path,
-                target,
-                &config.name,
-                t.schema(),
-                &[PARTITION_COLUMN],
-                &t.stats_columns(),
-            )
-            .await?,
-        ),
-        TableLocation::Iceberg { location, table } => TableSink::Iceberg(
-            IcebergSink::open_or_create(
-                catalogs.get(location).await?,
-                location,
-                table,
-                &config.name,
-                t.schema(),
-                Some(PARTITION_COLUMN),
-                &t.stats_columns(),
-            )
-            .await?,
-        ),
-    })
 }
 
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {

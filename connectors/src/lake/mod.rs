@@ -6,6 +6,10 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use iceberg::Catalog;
 
+mod layout;
+mod ops;
+pub use layout::{delta_table, table_locations, LakeFormat};
+
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};
 use crate::storage::LakePath;
@@ -32,6 +36,9 @@ pub enum LakeError {
     Delta(#[from] DeltaSinkError),
     #[error(transparent)]
     Iceberg(#[from] IcebergSinkError),
+    /// A table could not be registered for a query (DataFusion's message).
+    #[error("{0}")]
+    Query(String),
 }
 
 impl LakeError {
@@ -41,6 +48,7 @@ impl LakeError {
         match self {
             LakeError::Delta(e) => e.is_conflict(),
             LakeError::Iceberg(e) => e.is_conflict(),
+            LakeError::Query(_) => false,
         }
     }
 
