@@ -19,6 +19,8 @@ use sluice_connectors::storage::{LakePath, StorageOptions};
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;
 
+use crate::sinks::SinkSet;
+
 /// What to do with events of a table that no policy names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -878,10 +880,16 @@ impl Config {
     /// Every table a run commits to, in sink order: each policy's (one per format), the vault,
     /// the quarantine.
     pub fn sink_locations(&self) -> Vec<TableLocation> {
-        let mut out: Vec<TableLocation> = self.policies.iter().flat_map(|p| self.table_locations(p)).collect();
-        out.push(delta_table(self.vault_path.clone()));
-        out.push(delta_table(self.quarantine_path.clone()));
-        out
+        self.sink_set().arrange(
+            self.policies.iter().map(|p| self.table_locations(p)),
+            delta_table(self.vault_path.clone()),
+            delta_table(self.quarantine_path.clone()),
+        )
+    }
+
+    /// How many sinks a run has of each kind (see [`SinkSet`]).
+    pub fn sink_set(&self) -> SinkSet {
+        SinkSet::new(self.policies.len(), self.lake_format.count())
     }
 
     /// Writes tables, vault and quarantine under another lake root (a replay `--into`).

@@ -15,6 +15,7 @@ mod quarantine;
 mod raw_capture;
 mod runtime;
 mod shutdown;
+mod sinks;
 mod summary;
 mod worker;
 
@@ -273,8 +274,8 @@ fn postgres_source(
 /// Per policy table, the tables its rows can land in: its own (one per format), the vault, the
 /// quarantine.
 fn snapshot_sinks(cfg: &config::Config) -> Vec<Vec<TableLocation>> {
-    let locations = cfg.sink_locations();
-    let (vault, quarantine) = (&locations[locations.len() - 2], &locations[locations.len() - 1]);
+    let (locations, set) = (cfg.sink_locations(), cfg.sink_set());
+    let (vault, quarantine) = (&locations[set.vault()], &locations[set.quarantine()]);
     cfg.policies
         .iter()
         .map(|p| {

@@ -33,6 +33,7 @@ use crate::config::{Config, InputFormat};
 use crate::observe::metrics;
 use crate::publish::Publisher;
 use crate::quarantine::quarantine_schema;
+use crate::sinks::SinkId;
 use crate::summary::Summary;
 use crate::worker::{catching, Processed, Router, WorkError};
 
@@ -207,7 +208,7 @@ fn run_pass(
     ));
     // Tables named without their database take it from the rows they already hold.
     for t in 0..router.transforms.len() {
-        if let [database] = sinks[t * config.lake_format.count()]
+        if let [database] = sinks[config.sink_set().index(SinkId::Table { policy: t, format: 0 })]
             .column_values_in_stats("_source_db")?
             .as_slice()
         {
@@ -269,8 +270,7 @@ fn run_pass(
     Ok(end)
 }
 
-/// Opens every sink in [`Config::sink_locations`] order: each table's (one per format), the
-/// vault, the quarantine.
+/// Opens every sink in [`SinkSet`](crate::sinks::SinkSet) order (that of [`Config::sink_locations`]).
 async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<TableSink>, LakeError> {
     let mut catalogs = Catalogs::default();
     let mut sinks = Vec::new();

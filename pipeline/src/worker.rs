@@ -27,6 +27,7 @@ use sluice_transforms::{Policy, RawBatchBuilder, Sensitive, TableTransform};
 
 use crate::config::{ControlRecords, InputSettings, UnknownTables};
 use crate::quarantine::{QuarantineBuilder, Rejection, Seal};
+use crate::sinks::SinkSet;
 use crate::summary::{shown_name, Summary};
 
 /// Output of a chunk, to be written in sequence order.
@@ -36,7 +37,7 @@ pub struct Processed {
     pub last_offset: u64,
     pub attached: Vec<SourcePosition>,
     pub boundary: bool,
-    /// (sink index, rows) — see [`Sinks`](crate::runtime) for the numbering.
+    /// (sink index, rows) — see [`SinkSet`] for the numbering.
     pub outputs: Vec<(usize, RecordBatch)>,
     pub summary: Summary,
 }
@@ -84,8 +85,8 @@ pub struct Router {
     placeholders: [String; 2],
     /// Per sink: stream → offset committed before this run (for skipping re-read rows).
     pub committed: Vec<HashMap<String, i64>>,
-    /// Per table, its sinks (one per lake format); the first is its primary (summary, publish).
-    table_sinks: Vec<Vec<usize>>,
+    /// Where each table's sinks, the vault and the quarantine are among the run's sinks.
+    sinks: SinkSet,
 }
 
 impl Router {
@@ -139,28 +140,21 @@ impl Router {
             registry,
             placeholders,
             committed,
-            table_sinks: (0..transforms_len)
-                .map(|t| (t * formats..(t + 1) * formats).collect())
-                .collect(),
+            sinks: SinkSet::new(transforms_len, formats),
         }
     }
 
     pub fn vault_sink(&self) -> usize {
-        self.transforms.len() * self.formats()
+        self.sinks.vault()
     }
 
     pub fn quarantine_sink(&self) -> usize {
-        self.vault_sink() + 1
-    }
-
-    fn formats(&self) -> usize {
-        self.table_sinks.first().map_or(1, Vec::len)
+        self.sinks.quarantine()
     }
 
     /// The table whose primary sink `sink` is (its rows are counted and published once).
     pub fn primary_of(&self, sink: usize) -> Option<usize> {
-        let formats = self.formats();
-        (sink < self.vault_sink() && sink.is_multiple_of(formats)).then_some(sink / formats)
+        self.sinks.primary_of(sink)
     }
 
     pub fn process(&self, chunk: &Chunk, ingested_at_us: i64) -> Result<Processed, WorkError> {
@@ -457,7 +451,7 @@ impl Router {
                     })?;
             }
             if out.table.num_rows() > 0 {
-                for &sink in &self.table_sinks[t] {
+                for sink in self.sinks.tables_of(t) {
                     outputs.push((sink, out.table.clone()));
                 }
             }

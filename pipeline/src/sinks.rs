@@ -1,0 +1,131 @@
+//! The sinks of a run, in the one order every part of the runtime agrees on: each policy's
+//! table once per lake format (in policy order), then the vault, then the quarantine. A sink is
+//! named by its [`SinkId`]; its position in that order is computed here and nowhere else.
+
+/// One sink of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkId {
+    /// Policy `policy`'s table in the run's `format`-th lake format (0 is its primary: its rows
+    /// are counted and published once, whatever the number of formats).
+    Table {
+        policy: usize,
+        format: usize,
+    },
+    Vault,
+    Quarantine,
+}
+
+/// How many sinks of each kind a run has, and so where each one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkSet {
+    policies: usize,
+    formats: usize,
+}
+
+impl SinkSet {
+    pub fn new(policies: usize, formats: usize) -> Self {
+        Self {
+            policies,
+            formats: formats.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies * self.formats + 2
+    }
+
+    pub fn index(&self, id: SinkId) -> usize {
+        match id {
+            SinkId::Table { policy, format } => policy * self.formats + format,
+            SinkId::Vault => self.policies * self.formats,
+            SinkId::Quarantine => self.policies * self.formats + 1,
+        }
+    }
+
+    pub fn id(&self, index: usize) -> SinkId {
+        let tables = self.policies * self.formats;
+        match index {
+            i if i < tables => SinkId::Table {
+                policy: i / self.formats,
+                format: i % self.formats,
+            },
+            i if i == tables => SinkId::Vault,
+            _ => SinkId::Quarantine,
+        }
+    }
+
+    pub fn vault(&self) -> usize {
+        self.index(SinkId::Vault)
+    }
+
+    pub fn quarantine(&self) -> usize {
+        self.index(SinkId::Quarantine)
+    }
+
+    /// The sinks of policy `policy`'s table, its primary first.
+    pub fn tables_of(&self, policy: usize) -> std::ops::Range<usize> {
+        let first = self.index(SinkId::Table { policy, format: 0 });
+        first..first + self.formats
+    }
+
+    /// The policy whose primary sink `index` is.
+    pub fn primary_of(&self, index: usize) -> Option<usize> {
+        match self.id(index) {
+            SinkId::Table { policy, format: 0 } => Some(policy),
+            _ => None,
+        }
+    }
+
+    /// Lays per-sink items out in sink order: each policy's (one per format), the vault's,
+    /// the quarantine's.
+    pub fn arrange<T>(&self, tables: impl IntoIterator<Item = Vec<T>>, vault: T, quarantine: T) -> Vec<T> {
+        let mut out: Vec<T> = Vec::with_capacity(self.len());
+        for per_format in tables {
+            debug_assert_eq!(per_format.len(), self.formats, "one item per lake format");
+            out.extend(per_format);
+        }
+        out.push(vault);
+        out.push(quarantine);
+        debug_assert_eq!(out.len(), self.len());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sink_has_one_index_and_back() {
+        for (policies, formats) in [(0, 1), (1, 1), (3, 1), (3, 2)] {
+            let set = SinkSet::new(policies, formats);
+            let ids: Vec<SinkId> = (0..set.len()).map(|i| set.id(i)).collect();
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(set.index(*id), i, "{policies} policies, {formats} formats");
+            }
+            assert_eq!(ids[ids.len() - 2], SinkId::Vault);
+            assert_eq!(ids[ids.len() - 1], SinkId::Quarantine);
+            let primaries: Vec<usize> = (0..set.len()).filter_map(|i| set.primary_of(i)).collect();
+            assert_eq!(primaries, (0..policies).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn arrange_puts_each_policy_per_format_then_vault_and_quarantine() {
+        let set = SinkSet::new(2, 2);
+        let laid = set.arrange(
+            vec![vec!["a.delta", "a.iceberg"], vec!["b.delta", "b.iceberg"]],
+            "vault",
+            "quarantine",
+        );
+        assert_eq!(
+            laid,
+            ["a.delta", "a.iceberg", "b.delta", "b.iceberg", "vault", "quarantine"]
+        );
+        assert_eq!(laid[set.index(SinkId::Table { policy: 1, format: 1 })], "b.iceberg");
+        assert_eq!(
+            set.tables_of(1).map(|i| laid[i]).collect::<Vec<_>>(),
+            ["b.delta", "b.iceberg"]
+        );
+    }
+}
