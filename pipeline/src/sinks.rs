@@ -30,7 +30,7 @@ impl SinkSet {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.policies * self.formats + 2
     }
 
@@ -79,14 +79,14 @@ impl SinkSet {
     /// Lays per-sink items out in sink order: each policy's (one per format), the vault's,
     /// the quarantine's.
     pub fn arrange<T>(&self, tables: impl IntoIterator<Item = Vec<T>>, vault: T, quarantine: T) -> Vec<T> {
-        let mut out: Vec<T> = Vec::with_capacity(self.len());
+        let mut out: Vec<T> = Vec::with_capacity(self.count());
         for per_format in tables {
             debug_assert_eq!(per_format.len(), self.formats, "one item per lake format");
             out.extend(per_format);
         }
         out.push(vault);
         out.push(quarantine);
-        debug_assert_eq!(out.len(), self.len());
+        debug_assert_eq!(out.len(), self.count());
         out
     }
 }
@@ -99,13 +99,13 @@ mod tests {
     fn every_sink_has_one_index_and_back() {
         for (policies, formats) in [(0, 1), (1, 1), (3, 1), (3, 2)] {
             let set = SinkSet::new(policies, formats);
-            let ids: Vec<SinkId> = (0..set.len()).map(|i| set.id(i)).collect();
+            let ids: Vec<SinkId> = (0..set.count()).map(|i| set.id(i)).collect();
             for (i, id) in ids.iter().enumerate() {
                 assert_eq!(set.index(*id), i, "{policies} policies, {formats} formats");
             }
             assert_eq!(ids[ids.len() - 2], SinkId::Vault);
             assert_eq!(ids[ids.len() - 1], SinkId::Quarantine);
-            let primaries: Vec<usize> = (0..set.len()).filter_map(|i| set.primary_of(i)).collect();
+            let primaries: Vec<usize> = (0..set.count()).filter_map(|i| set.primary_of(i)).collect();
             assert_eq!(primaries, (0..policies).collect::<Vec<_>>());
         }
     }

@@ -1,0 +1,72 @@
+//! The one-shot jobs and tools: `aggregate`, `compact`, `check`, `generate`, `audit-leaks`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::args::{AggregateArgs, AuditLeaksArgs, GenerateArgs};
+use crate::{aggregate, audit, compact, config, generate, manifest};
+
+pub fn aggregate(args: AggregateArgs) -> anyhow::Result<ExitCode> {
+    let AggregateArgs { config, from, to } = args;
+    let cfg = config::Config::load(&config)?;
+    let hours = match (from, to) {
+        (Some(from), Some(to)) => {
+            let parse = |t: &str| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.timestamp_micros())
+                    .with_context(|| format!("`{t}`: expected an RFC 3339 time"))
+            };
+            aggregate::Hours::Range {
+                from_us: parse(&from)?,
+                to_us: parse(&to)?,
+            }
+        }
+        _ => aggregate::Hours::Due {
+            now_us: chrono::Utc::now().timestamp_micros(),
+        },
+    };
+    let reports = aggregate::run(&cfg, hours)?;
+    println!("{}", serde_json::to_string_pretty(&reports)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn compact(config: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = config::Config::load(config)?;
+    let report = compact::compact_all(&cfg)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn check(config: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = config::Config::load(config)?;
+    print!("{}", manifest::render(&cfg));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    let GenerateArgs {
+        events,
+        out,
+        seed,
+        wrapped,
+        span_hours,
+        subjects,
+    } = args;
+    let written = generate::write_events(&out, events, seed, wrapped, span_hours, subjects)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {written} events to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audit_leaks(args: AuditLeaksArgs) -> anyhow::Result<ExitCode> {
+    let AuditLeaksArgs { values, paths } = args;
+    let report = audit::scan(&values, &paths)?;
+    print!("{}", report.render());
+    Ok(if report.hits.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
