@@ -63,6 +63,7 @@ while True:
 PY
 
 cargo fmt --all --check
+cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked -p sluice
 cargo test --workspace --locked
 SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/sluice" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"

@@ -179,12 +179,59 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
         return Ok(report);
     }
     let base = session.table("base").await.map_err(|e| c.err(e))?;
-    let hour_of = || date_trunc(lit("hour"), col("_source_ts"));
+    let previous = read_watermark(config, &c).await?;
+    let (due, watermark) = due_hours(&c, &base, hours, previous).await?;
+    tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, hours = due.len(), "hours found");
+    report.watermark_us = watermark;
+    if due.is_empty() {
+        return Ok(report);
+    }
+    let (schema, rows, per_hour) = k_anonymous_groups(&c, base, &due).await?;
+    tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, "groups computed");
+    let suppression_rows = suppression_batch(per_hour.values());
+    let positions: Vec<SourcePosition> = watermark
+        .map(|w| SourcePosition {
+            stream: watermark_stream(a),
+            offset: w,
+        })
+        .into_iter()
+        .collect();
+    for (table, schema, batches) in [
+        (a.name.clone(), schema, rows),
+        (suppressions_table(a), suppression_rows.schema(), vec![suppression_rows]),
+    ] {
+        for location in locations(config, &table) {
+            location
+                .replace_where_time_in(
+                    &mut catalogs,
+                    &table,
+                    &config.name,
+                    schema.clone(),
+                    batches.clone(),
+                    "hour",
+                    &due,
+                    &positions,
+                )
+                .await
+                .map_err(|e| c.err(e))?;
+            tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, table = %location.describe(), "replaced");
+        }
+    }
+    report.hours = per_hour.into_values().collect();
+    let suppressed: u64 = report.hours.iter().map(|h| h.groups_suppressed).sum();
+    info!(aggregate = %a.name, hours = report.hours.len(), groups_suppressed = suppressed, "aggregated");
+    Ok(report)
+}
 
-    // The watermark: the lowest any of the aggregate's tables committed.
+fn hour_of() -> Expr {
+    date_trunc(lit("hour"), col("_source_ts"))
+}
+
+/// The watermark: the lowest any of the aggregate's tables committed (none if one has none).
+async fn read_watermark(config: &Config, c: &Ctx<'_>) -> Result<Option<i64>, AggregateError> {
+    let a = c.a;
     let stream = watermark_stream(a);
     let mut previous: Option<i64> = None;
-    let mut missing = false;
     for table in [a.name.clone(), suppressions_table(a)] {
         for location in locations(config, &table) {
             match location
@@ -193,15 +240,22 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
                 .map_err(|e| c.lake(e))?[0]
             {
                 Some(w) => previous = Some(previous.map_or(w, |p: i64| p.min(w))),
-                None => missing = true,
+                None => return Ok(None),
             }
         }
     }
-    if missing {
-        previous = None;
-    }
+    Ok(previous)
+}
 
-    let (due, watermark): (Vec<i64>, Option<i64>) = match hours {
+/// The hours to compute (sorted) and the watermark to commit with them.
+async fn due_hours(
+    c: &Ctx<'_>,
+    base: &DataFrame,
+    hours: Hours,
+    previous: Option<i64>,
+) -> Result<(Vec<i64>, Option<i64>), AggregateError> {
+    let a = c.a;
+    Ok(match hours {
         Hours::Range { from_us, to_us } => {
             let first = from_us.div_euclid(HOUR_US) * HOUR_US;
             ((first..to_us).step_by(HOUR_US as usize).collect(), previous)
@@ -250,13 +304,17 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
             due.sort_unstable();
             (due, watermark)
         }
-    };
-    tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, hours = due.len(), "hours found");
-    report.watermark_us = watermark;
-    if due.is_empty() {
-        return Ok(report);
-    }
+    })
+}
 
+/// The groups of `due` hours that cover at least k subjects (with, per `on_suppressed`, the
+/// merged rest of each hour), their schema, and per hour what was published and suppressed.
+async fn k_anonymous_groups(
+    c: &Ctx<'_>,
+    base: DataFrame,
+    due: &[i64],
+) -> Result<(SchemaRef, Vec<RecordBatch>, BTreeMap<i64, HourReport>), AggregateError> {
+    let a = c.a;
     let hour_list: Vec<Expr> = due.iter().map(|h| ts(*h)).collect();
     let facts = base
         .filter(col("_op").in_list(vec![lit("c"), lit("r")], false))
@@ -269,21 +327,20 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
         .map_err(|e| c.err(e))?
         .with_column("hour", hour_of())
         .map_err(|e| c.err(e))?
-        .filter(col("hour").in_list(hour_list.clone(), false))
+        .filter(col("hour").in_list(hour_list, false))
         .map_err(|e| c.err(e))?;
     let mut group: Vec<Expr> = vec![col("hour")];
     group.extend(a.dimensions.iter().map(|d| col(d.as_str())));
-    let measures = measures(a);
     let grouped = facts
         .clone()
-        .aggregate(group.clone(), measures.clone())
+        .aggregate(group.clone(), measures(a))
         .map_err(|e| c.err(e))?;
     let k = lit(a.k as i64);
     let published = grouped
         .clone()
         .filter(col(SUBJECTS).gt_eq(k.clone()))
         .map_err(|e| c.err(e))?;
-    let suppressed = grouped.filter(col(SUBJECTS).lt(k.clone())).map_err(|e| c.err(e))?;
+    let suppressed = grouped.filter(col(SUBJECTS).lt(k)).map_err(|e| c.err(e))?;
 
     let mut per_hour: BTreeMap<i64, HourReport> = due
         .iter()
@@ -300,7 +357,7 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
         })
         .collect();
     let output = output_columns(a);
-    let selected = published.clone().select(output.clone()).map_err(|e| c.err(e))?;
+    let selected = published.clone().select(output).map_err(|e| c.err(e))?;
     let schema = output_schema(selected.schema().as_arrow(), &output_names(a));
     let mut rows = selected.collect().await.map_err(|e| c.err(e))?;
     count_per_hour(&rows, &mut per_hour, |r, n| r.groups_published += n).map_err(|e| c.err(e))?;
@@ -314,95 +371,76 @@ async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<Aggrega
     count_per_hour(&suppressed_keys, &mut per_hour, |r, n| r.groups_suppressed += n).map_err(|e| c.err(e))?;
 
     if a.on_suppressed == Suppression::Merge && suppressed_keys.iter().any(|b| b.num_rows() > 0) {
-        // The facts of the suppressed groups, grouped by hour alone (dimensions null).
-        let keys = suppressed
-            .select(
-                group
-                    .iter()
-                    .zip(std::iter::once("hour".to_string()).chain(a.dimensions.iter().cloned()))
-                    .map(|(e, name)| e.clone().alias(format!("__key_{name}")))
-                    .collect::<Vec<_>>(),
-            )
-            .map_err(|e| c.err(e))?;
-        let on: Vec<Expr> = std::iter::once("hour".to_string())
-            .chain(a.dimensions.iter().cloned())
-            .map(|name| {
-                binary_expr(
-                    col(name.as_str()),
-                    Operator::IsNotDistinctFrom,
-                    col(format!("__key_{name}")),
-                )
-            })
-            .collect();
-        let merged = facts
-            .join_on(keys, JoinType::LeftSemi, on)
-            .map_err(|e| c.err(e))?
-            .aggregate(vec![col("hour")], measures)
-            .map_err(|e| c.err(e))?
-            .filter(col(SUBJECTS).gt_eq(k))
-            .map_err(|e| c.err(e))?;
-        let mut select = vec![col("hour")];
-        for d in &a.dimensions {
-            let data_type = published
-                .schema()
-                .field_with_unqualified_name(d)
-                .map_err(|e| c.err(e))?
-                .data_type()
-                .clone();
-            select.push(cast(lit(ScalarValue::Null), data_type).alias(d.as_str()));
-        }
-        select.extend(output.iter().skip(1 + a.dimensions.len()).cloned());
-        let merged_rows = merged
-            .select(select)
-            .map_err(|e| c.err(e))?
-            .collect()
-            .await
-            .map_err(|e| c.err(e))?;
+        let merged_rows = merge_suppressed(c, facts, suppressed, &published, &group).await?;
         count_per_hour(&merged_rows, &mut per_hour, |r, n| r.merged_published |= n > 0).map_err(|e| c.err(e))?;
         rows.extend(merged_rows);
     }
-
     let rows = rows
         .into_iter()
         .filter(|b| b.num_rows() > 0)
         .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| c.err(e))?;
-    tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, "groups computed");
-    let suppression_rows = suppression_batch(per_hour.values());
-    let positions: Vec<SourcePosition> = watermark
-        .map(|w| SourcePosition {
-            stream: stream.clone(),
-            offset: w,
+    Ok((schema, rows, per_hour))
+}
+
+/// The facts of the suppressed groups, grouped by hour alone (dimensions null): published
+/// where they cover k subjects together.
+async fn merge_suppressed(
+    c: &Ctx<'_>,
+    facts: DataFrame,
+    suppressed: DataFrame,
+    published: &DataFrame,
+    group: &[Expr],
+) -> Result<Vec<RecordBatch>, AggregateError> {
+    let a = c.a;
+    let output = output_columns(a);
+    let k = lit(a.k as i64);
+    let measures = measures(a);
+    let keys = suppressed
+        .select(
+            group
+                .iter()
+                .zip(std::iter::once("hour".to_string()).chain(a.dimensions.iter().cloned()))
+                .map(|(e, name)| e.clone().alias(format!("__key_{name}")))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| c.err(e))?;
+    let on: Vec<Expr> = std::iter::once("hour".to_string())
+        .chain(a.dimensions.iter().cloned())
+        .map(|name| {
+            binary_expr(
+                col(name.as_str()),
+                Operator::IsNotDistinctFrom,
+                col(format!("__key_{name}")),
+            )
         })
-        .into_iter()
         .collect();
-    let hours_set: Vec<i64> = due.clone();
-    for (table, schema, batches) in [
-        (a.name.clone(), schema.clone(), rows),
-        (suppressions_table(a), suppression_rows.schema(), vec![suppression_rows]),
-    ] {
-        for location in locations(config, &table) {
-            location
-                .replace_where_time_in(
-                    &mut catalogs,
-                    &table,
-                    &config.name,
-                    schema.clone(),
-                    batches.clone(),
-                    "hour",
-                    &hours_set,
-                    &positions,
-                )
-                .await
-                .map_err(|e| c.err(e))?;
-            tracing::debug!(aggregate = %a.name, ms = started.elapsed().as_millis() as u64, table = %location.describe(), "replaced");
-        }
+    let merged = facts
+        .join_on(keys, JoinType::LeftSemi, on)
+        .map_err(|e| c.err(e))?
+        .aggregate(vec![col("hour")], measures)
+        .map_err(|e| c.err(e))?
+        .filter(col(SUBJECTS).gt_eq(k))
+        .map_err(|e| c.err(e))?;
+    let mut select = vec![col("hour")];
+    for d in &a.dimensions {
+        let data_type = published
+            .schema()
+            .field_with_unqualified_name(d)
+            .map_err(|e| c.err(e))?
+            .data_type()
+            .clone();
+        select.push(cast(lit(ScalarValue::Null), data_type).alias(d.as_str()));
     }
-    report.hours = per_hour.into_values().collect();
-    let suppressed: u64 = report.hours.iter().map(|h| h.groups_suppressed).sum();
-    info!(aggregate = %a.name, hours = report.hours.len(), groups_suppressed = suppressed, "aggregated");
-    Ok(report)
+    select.extend(output.iter().skip(1 + a.dimensions.len()).cloned());
+    let merged_rows = merged
+        .select(select)
+        .map_err(|e| c.err(e))?
+        .collect()
+        .await
+        .map_err(|e| c.err(e))?;
+    Ok(merged_rows)
 }
 
 /// The aggregate expressions: every measure, and the distinct subjects k is checked on.

@@ -206,13 +206,40 @@ pub fn forget(
     request: ForgetRequest,
     hooks: &[Box<dyn ErasureHook + '_>],
 ) -> Result<Receipt, ForgetError> {
+    check_request(config, &request)?;
+    let mut job = match ErasureJob::start(config, &request)? {
+        Started::Finished(receipt) => return Ok(receipt),
+        Started::Job(job) => job,
+    };
+    job.shred()?;
+    let sightings = Sightings::default();
+    let targets = targets(
+        config,
+        &job.keys,
+        &job.domain,
+        &job.id_tokens,
+        request.unattributed,
+        &sightings,
+    )?;
+    job.note_hooks(hooks)?;
+    job.erase_tables(&targets, &sightings)?;
+    if request.dry_run {
+        return Ok(job.dry_run_receipt());
+    }
+    job.run_hooks(hooks)?;
+    job.verify(&targets)?;
+    job.write_audit()?;
+    Ok(job.state.receipt)
+}
+
+/// Refused before any key is destroyed: an empty id, or tables that could not be rewritten.
+fn check_request(config: &Config, request: &ForgetRequest) -> Result<(), ForgetError> {
     if request.subjects.is_empty() {
         return Err(ForgetError::Request("no subject given".into()));
     }
     if request.subjects.iter().any(|s| canonical_identifier(s).is_empty()) {
         return Err(ForgetError::Request("a subject id is empty or blank".into()));
     }
-    // Refused before any key is destroyed: the tables could not be rewritten afterwards.
     if let Some(iceberg) = &config.iceberg {
         if matches!(
             iceberg.catalog,
@@ -223,328 +250,462 @@ pub fn forget(
             ));
         }
     }
-    let domain = subject_domain(config, request.domain.as_deref())?;
-    let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
-    let subject_tokenizer = keys.tokenizer()?.domain(&domain);
-    // Canonical id → token: the one form ingest and every lookup use.
-    let id_tokens: HashMap<String, String> = request
-        .subjects
-        .iter()
-        .map(|s| {
-            (
-                canonical_identifier(s).into_owned(),
-                subject_tokenizer.token(s).as_str().to_string(),
-            )
-        })
-        .collect();
-    let mut tokens: Vec<String> = id_tokens.values().cloned().collect();
-    tokens.sort();
-    tokens.dedup();
-    // The request's reference and requester are kept as keyed tokens: operators put emails
-    // there, the subject's own among them, and the receipt outlives the erasure.
-    let audit_tokenizer = keys.tokenizer()?.domain(AUDIT_TOKEN_DOMAIN);
-    let request_ref = request
-        .request_id
-        .as_ref()
-        .map(|r| audit_tokenizer.token(r).as_str().to_string());
-    let requested_by = audit_tokenizer.token(&request.requested_by).as_str().to_string();
-    let job_id = match &request_ref {
-        Some(r) => format!("req-{}", &r[..16]),
-        None => format!("subjects-{}", short_hash(&tokens.join(","))),
-    };
-    let mut state: JobState = match keys.job_state(&job_id)? {
-        Some(text) if !request.dry_run => {
-            serde_json::from_str(&text).map_err(|e| ForgetError::State(job_id.clone(), e.to_string()))?
+    Ok(())
+}
+
+/// Where a job stands, read from its saved state (whose fields stay as they are, so that a job
+/// interrupted under an older version resumes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Keys not destroyed yet (or a dry run).
+    Shred,
+    /// Keys destroyed; tables being rewritten (those in `tables_done` are), then the hooks
+    /// (aggregates) run.
+    Tables,
+    Verify,
+    Audit,
+    Done,
+}
+
+impl JobState {
+    fn phase(&self) -> Phase {
+        if self.audit_written {
+            Phase::Done
+        } else if self.verification_done {
+            Phase::Audit
+        } else if self.hooks_done {
+            Phase::Verify
+        } else if self.shredded_at_ms.is_some() {
+            Phase::Tables
+        } else {
+            Phase::Shred
         }
-        _ => JobState::default(),
-    };
-    if !state.receipt.job_id.is_empty()
-        && (state.receipt.subject_tokens != tokens || state.receipt.token_domain != domain)
-    {
-        return Err(ForgetError::Request(format!(
-            "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
-        )));
     }
-    if state.audit_written && state.receipt.verification.passed {
-        info!(job = %job_id, "this erasure job finished before; printing its receipt");
-        return Ok(state.receipt);
-    }
-    if state.audit_written {
-        // Finished, but the verification found something: go through the tables again.
-        info!(job = %job_id, "the job's verification found rows left; running it again");
-        state = JobState {
-            attempt: state.attempt + 1,
-            shredded_at_ms: state.shredded_at_ms,
-            found: state.found.clone(),
-            earlier: state.receipt.tables.clone(),
-            receipt: Receipt {
-                tables: state.receipt.tables.clone(),
-                ..state.receipt
-            },
-            ..JobState::default()
+}
+
+// Returned once per job, never stored: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Started<'a> {
+    /// The job finished before with a passing verification: its receipt.
+    Finished(Receipt),
+    Job(ErasureJob<'a>),
+}
+
+/// One erasure job, a method per phase; its state is saved (in the key store) after every step.
+struct ErasureJob<'a> {
+    config: &'a Config,
+    request: &'a ForgetRequest,
+    keys: KeyStore,
+    domain: String,
+    job_id: String,
+    /// Canonical id → token: the one form ingest and every lookup use.
+    id_tokens: HashMap<String, String>,
+    /// The subjects' tokens, sorted.
+    tokens: Vec<String>,
+    state: JobState,
+    rt: tokio::runtime::Runtime,
+    catalogs: Catalogs,
+}
+
+impl<'a> ErasureJob<'a> {
+    /// Tokenizes the request and loads the job's saved state (a rerun resumes it).
+    fn start(config: &'a Config, request: &'a ForgetRequest) -> Result<Started<'a>, ForgetError> {
+        let domain = subject_domain(config, request.domain.as_deref())?;
+        let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
+        let subject_tokenizer = keys.tokenizer()?.domain(&domain);
+        let id_tokens: HashMap<String, String> = request
+            .subjects
+            .iter()
+            .map(|s| {
+                (
+                    canonical_identifier(s).into_owned(),
+                    subject_tokenizer.token(s).as_str().to_string(),
+                )
+            })
+            .collect();
+        let mut tokens: Vec<String> = id_tokens.values().cloned().collect();
+        tokens.sort();
+        tokens.dedup();
+        // The request's reference and requester are kept as keyed tokens: operators put emails
+        // there, the subject's own among them, and the receipt outlives the erasure.
+        let audit_tokenizer = keys.tokenizer()?.domain(AUDIT_TOKEN_DOMAIN);
+        let request_ref = request
+            .request_id
+            .as_ref()
+            .map(|r| audit_tokenizer.token(r).as_str().to_string());
+        let requested_by = audit_tokenizer.token(&request.requested_by).as_str().to_string();
+        let job_id = match &request_ref {
+            Some(r) => format!("req-{}", &r[..16]),
+            None => format!("subjects-{}", short_hash(&tokens.join(","))),
         };
-    } else if state.receipt.job_id.is_empty() {
-        state.attempt = 1;
-        state.receipt = Receipt {
-            job_id: job_id.clone(),
-            request_id: request_ref.clone().unwrap_or_default(),
-            requested_by,
-            token_domain: domain.clone(),
-            subject_tokens: tokens.clone(),
-            started_at: iso(now_ms()),
-            ..Receipt::default()
+        let saved: JobState = match keys.job_state(&job_id)? {
+            Some(text) if !request.dry_run => {
+                serde_json::from_str(&text).map_err(|e| ForgetError::State(job_id.clone(), e.to_string()))?
+            }
+            _ => JobState::default(),
         };
-    } else {
-        info!(job = %job_id, "resuming an interrupted erasure job");
+        if !saved.receipt.job_id.is_empty()
+            && (saved.receipt.subject_tokens != tokens || saved.receipt.token_domain != domain)
+        {
+            return Err(ForgetError::Request(format!(
+                "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
+            )));
+        }
+        if saved.phase() == Phase::Done && saved.receipt.verification.passed {
+            info!(job = %job_id, "this erasure job finished before; printing its receipt");
+            return Ok(Started::Finished(saved.receipt));
+        }
+        let mut state = if saved.phase() == Phase::Done {
+            // Finished, but the verification found something: go through the tables again.
+            info!(job = %job_id, "the job's verification found rows left; running it again");
+            JobState {
+                attempt: saved.attempt + 1,
+                shredded_at_ms: saved.shredded_at_ms,
+                found: saved.found.clone(),
+                earlier: saved.receipt.tables.clone(),
+                receipt: Receipt {
+                    tables: saved.receipt.tables.clone(),
+                    ..saved.receipt
+                },
+                ..JobState::default()
+            }
+        } else if saved.receipt.job_id.is_empty() {
+            JobState {
+                attempt: 1,
+                receipt: Receipt {
+                    job_id: job_id.clone(),
+                    request_id: request_ref.clone().unwrap_or_default(),
+                    requested_by,
+                    token_domain: domain.clone(),
+                    subject_tokens: tokens.clone(),
+                    started_at: iso(now_ms()),
+                    ..Receipt::default()
+                },
+                ..saved
+            }
+        } else {
+            info!(job = %job_id, "resuming an interrupted erasure job");
+            saved
+        };
+        state.receipt.dry_run = request.dry_run;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RunError::Runtime)?;
+        let job = ErasureJob {
+            config,
+            request,
+            keys,
+            domain,
+            job_id,
+            id_tokens,
+            tokens,
+            state,
+            rt,
+            catalogs: Catalogs::default(),
+        };
+        job.save()?;
+        Ok(Started::Job(job))
     }
-    state.receipt.dry_run = request.dry_run;
-    let save = |state: &JobState| -> Result<(), ForgetError> {
-        if request.dry_run {
+
+    fn save(&self) -> Result<(), ForgetError> {
+        if self.request.dry_run {
             return Ok(());
         }
-        let text = serde_json::to_string(state).expect("job state serializes");
-        Ok(keys.save_job_state(&job_id, &text, now_ms())?)
-    };
-    save(&state)?;
+        let text = serde_json::to_string(&self.state).expect("job state serializes");
+        Ok(self.keys.save_job_state(&self.job_id, &text, now_ms())?)
+    }
 
-    // 1. Crypto-shredding first: from here on nothing new of theirs can be encrypted, and
-    //    daemons drop their events. Idempotent, so every run does it (a key some daemon minted
-    //    while an earlier run was killed is destroyed too).
-    if request.dry_run {
-        state.receipt.keys_destroyed = keys.subjects_with_keys(&tokens)?.len() as u64;
-    } else {
-        let destroyed = keys.erase_subjects(&job_id, &tokens, now_ms())?;
-        state.receipt.keys_destroyed = destroyed.keys;
-        state.receipt.tombstones_written = destroyed.tombstones;
-        let shredded_at = *state.shredded_at_ms.get_or_insert_with(now_ms);
-        save(&state)?;
-        info!(job = %job_id, keys = destroyed.keys, "subject keys destroyed");
+    fn app_id(&self, target: &str) -> String {
+        erasure_app_id(&self.config.name, &self.job_id, self.state.attempt, target)
+    }
+
+    /// 1. Crypto-shredding first: from here on nothing new of theirs can be encrypted, and
+    ///    daemons drop their events. Idempotent, so every run does it (a key some daemon minted
+    ///    while an earlier run was killed is destroyed too).
+    fn shred(&mut self) -> Result<(), ForgetError> {
+        if self.request.dry_run {
+            self.state.receipt.keys_destroyed = self.keys.subjects_with_keys(&self.tokens)?.len() as u64;
+            return Ok(());
+        }
+        let destroyed = self.keys.erase_subjects(&self.job_id, &self.tokens, now_ms())?;
+        self.state.receipt.keys_destroyed = destroyed.keys;
+        self.state.receipt.tombstones_written = destroyed.tombstones;
+        let shredded_at = *self.state.shredded_at_ms.get_or_insert_with(now_ms);
+        self.save()?;
+        info!(job = %self.job_id, keys = destroyed.keys, "subject keys destroyed");
         failpoint("after-shred");
         // Running daemons may hold rows of theirs sanitized before they saw the tombstones:
         // wait until those are committed, so the tables below include them.
-        let settle_until = shredded_at + request.settle.as_millis() as i64;
+        let settle_until = shredded_at + self.request.settle.as_millis() as i64;
         let wait = settle_until - now_ms();
-        if wait > 0 && state.tables_done.is_empty() {
-            info!(job = %job_id, seconds = wait as f64 / 1000.0, "waiting for running daemons to see the tombstones and commit what they hold");
+        if wait > 0 && self.state.tables_done.is_empty() {
+            info!(job = %self.job_id, seconds = wait as f64 / 1000.0, "waiting for running daemons to see the tombstones and commit what they hold");
             std::thread::sleep(std::time::Duration::from_millis(wait as u64));
         }
+        Ok(())
     }
 
-    // 2. Tables.
-    let sightings = Sightings::default();
-    let targets = targets(config, &keys, &domain, &id_tokens, request.unattributed, &sightings)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(RunError::Runtime)?;
-    let app_id = |target: &str| format!("sluice/{}/erasure/{}/{}/{}", config.name, job_id, state.attempt, target);
-    if !request.dry_run {
+    /// What each hook notes before the tables are rewritten (saved: a resumed job has it).
+    fn note_hooks(&mut self, hooks: &[Box<dyn ErasureHook + '_>]) -> Result<(), ForgetError> {
+        if self.request.dry_run {
+            return Ok(());
+        }
         for hook in hooks {
-            if !state.hook_notes.contains_key(hook.name()) {
+            if !self.state.hook_notes.contains_key(hook.name()) {
                 let notes = hook
-                    .before_erasure(&tokens)
+                    .before_erasure(&self.tokens)
                     .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
-                state.hook_notes.insert(hook.name().to_string(), notes);
-                save(&state)?;
+                self.state.hook_notes.insert(hook.name().to_string(), notes);
+                self.save()?;
             }
         }
+        Ok(())
     }
-    let mut catalogs = Catalogs::default();
-    let bar = progress_bar(&rt, &mut catalogs, &targets, &app_id)?;
-    for target in &targets {
-        if state.tables_done.contains(&target.name) {
-            continue;
+
+    /// 2. Tables: each rewritten without the subjects' rows in one commit, old files deleted.
+    fn erase_tables(&mut self, targets: &[Target], sightings: &Sightings) -> Result<(), ForgetError> {
+        let (pipeline, job_id, attempt) = (&self.config.name, &self.job_id, self.state.attempt);
+        let bar = progress_bar(&self.rt, &mut self.catalogs, targets, &|t| {
+            erasure_app_id(pipeline, job_id, attempt, t)
+        })?;
+        for target in targets {
+            if self.state.tables_done.contains(&target.name) {
+                continue;
+            }
+            if !self.erase_table(target, sightings, &bar)? {
+                self.state.tables_done.push(target.name.clone());
+                continue;
+            }
+            if !self.request.dry_run {
+                self.state.tables_done.push(target.name.clone());
+                self.save()?;
+                failpoint(&format!("after-table:{}", target.name));
+            }
         }
-        let Some(mut table) = rt.block_on(ErasureTable::open(
+        bar.finish_and_clear();
+        let (tokens, state) = (&self.tokens, &mut self.state);
+        state.receipt.subjects_without_rows = tokens.iter().filter(|t| !state.found.contains(*t)).count() as u64;
+        state.receipt.review_quarantined = state.review.iter().cloned().collect();
+        if state.receipt.subjects_without_rows > 0 {
+            warn!(job = %self.job_id, subjects = state.receipt.subjects_without_rows, "subjects with no rows in any table: never ingested, already erased, or a wrong id or --domain");
+        }
+        if !state.receipt.review_quarantined.is_empty() {
+            warn!(job = %self.job_id, events = state.receipt.review_quarantined.len(), "quarantined events mention an id but cannot be attributed: kept, listed in the receipt for review");
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, target: &Target) -> Result<Option<ErasureTable>, ForgetError> {
+        let app_id = self.app_id(&target.name);
+        Ok(self.rt.block_on(ErasureTable::open(
             &target.location,
-            &mut catalogs,
+            &mut self.catalogs,
             &target.name,
-            app_id(&target.name),
-        ))?
-        else {
-            state.tables_done.push(target.name.clone());
-            continue;
+            app_id,
+        ))?)
+    }
+
+    /// Erases the subjects' rows from one table; false when the table does not exist.
+    fn erase_table(&mut self, target: &Target, sightings: &Sightings, bar: &ProgressBar) -> Result<bool, ForgetError> {
+        let Some(mut table) = self.open(target)? else {
+            return Ok(false);
         };
-        state.receipt.tables.entry(target.name.clone()).or_default().mode = target.mode.to_string();
-        if rt.block_on(table.committed())? {
+        self.state.receipt.tables.entry(target.name.clone()).or_default().mode = target.mode.to_string();
+        if self.rt.block_on(table.committed())? {
             // Killed between the commit and the deletion of the old files: delete them now.
-            let paths = state.pending_removal.get(&target.name).cloned().unwrap_or_default();
-            rt.block_on(table.delete_files(&paths))?;
-            drop_history(
-                &rt,
-                &table,
-                state.receipt.tables.entry(target.name.clone()).or_default(),
-            )?;
-        } else {
-            // A compaction (or another rewrite) committing in between replaces files this job
-            // prepared to replace: prepare again on the new version, a few times at most.
-            let mut attempt = 0;
-            let prepared = loop {
-                attempt += 1;
-                let mut prepared =
-                    rt.block_on(table.prepare(&target.matcher, &target.treatment, request.dry_run, &|n| bar.inc(n)))?;
-                // Saved with the state below, so a resumed job still knows whom this table held.
-                state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
-                state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
-                let base = state.earlier.get(&target.name).cloned().unwrap_or_default();
-                let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
-                record(receipt, &base, prepared.outcome(), &target.treatment);
-                if request.dry_run || prepared.outcome().files_removed.is_empty() {
+            let paths = self
+                .state
+                .pending_removal
+                .get(&target.name)
+                .cloned()
+                .unwrap_or_default();
+            self.rt.block_on(table.delete_files(&paths))?;
+            let receipt = self.state.receipt.tables.entry(target.name.clone()).or_default();
+            drop_history(&self.rt, &table, receipt)?;
+            return Ok(true);
+        }
+        // A compaction (or another rewrite) committing in between replaces files this job
+        // prepared to replace: prepare again on the new version, a few times at most.
+        let mut attempt = 0;
+        let prepared = loop {
+            attempt += 1;
+            let mut prepared = self.rt.block_on(table.prepare(
+                &target.matcher,
+                &target.treatment,
+                self.request.dry_run,
+                &|n| bar.inc(n),
+            ))?;
+            // Saved with the state below, so a resumed job still knows whom this table held.
+            self.state.found.extend(std::mem::take(&mut *lock(&sightings.tokens)));
+            self.state.review.extend(std::mem::take(&mut *lock(&sightings.review)));
+            let base = self.state.earlier.get(&target.name).cloned().unwrap_or_default();
+            let receipt = self.state.receipt.tables.entry(target.name.clone()).or_default();
+            record(receipt, &base, prepared.outcome(), &target.treatment);
+            if self.request.dry_run || prepared.outcome().files_removed.is_empty() {
+                break prepared;
+            }
+            // Saved before the commit: a job killed right after it finds the files to
+            // delete, and the numbers for its receipt, here.
+            self.state
+                .pending_removal
+                .insert(target.name.clone(), prepared.outcome().files_removed.clone());
+            self.save()?;
+            failpoint(&format!("before-commit:{}", target.name));
+            match self.rt.block_on(table.commit(&mut prepared)) {
+                Ok(version) => {
+                    failpoint(&format!("after-commit:{}", target.name));
+                    self.rt
+                        .block_on(table.delete_files(&prepared.outcome().files_removed))?;
+                    let receipt = self.state.receipt.tables.entry(target.name.clone()).or_default();
+                    receipt.version = version;
+                    drop_history(&self.rt, &table, receipt)?;
                     break prepared;
                 }
-                // Saved before the commit: a job killed right after it finds the files to
-                // delete, and the numbers for its receipt, here.
-                state
-                    .pending_removal
-                    .insert(target.name.clone(), prepared.outcome().files_removed.clone());
-                save(&state)?;
-                failpoint(&format!("before-commit:{}", target.name));
-                match rt.block_on(table.commit(&mut prepared)) {
-                    Ok(version) => {
-                        failpoint(&format!("after-commit:{}", target.name));
-                        rt.block_on(table.delete_files(&prepared.outcome().files_removed))?;
-                        let receipt = state.receipt.tables.entry(target.name.clone()).or_default();
-                        receipt.version = version;
-                        drop_history(&rt, &table, receipt)?;
-                        break prepared;
-                    }
-                    Err(e) if e.is_conflict() && attempt < 3 => {
-                        warn!(job = %job_id, table = %target.name, "another writer rewrote files of the table meanwhile (a compaction?): preparing again");
-                        table = rt
-                            .block_on(ErasureTable::open(
-                                &target.location,
-                                &mut catalogs,
-                                &target.name,
-                                app_id(&target.name),
-                            ))?
-                            .ok_or_else(|| ForgetError::Request(format!("table {} disappeared", target.name)))?;
-                    }
-                    Err(e) => return Err(e.into()),
+                Err(e) if e.is_conflict() && attempt < 3 => {
+                    warn!(job = %self.job_id, table = %target.name, "another writer rewrote files of the table meanwhile (a compaction?): preparing again");
+                    table = self
+                        .open(target)?
+                        .ok_or_else(|| ForgetError::Request(format!("table {} disappeared", target.name)))?;
                 }
-            };
-            let result = prepared.outcome();
-            info!(job = %job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
-        }
-        if !request.dry_run {
-            state.tables_done.push(target.name.clone());
-            save(&state)?;
-            failpoint(&format!("after-table:{}", target.name));
-        }
-    }
-    bar.finish_and_clear();
-    state.receipt.subjects_without_rows = tokens.iter().filter(|t| !state.found.contains(*t)).count() as u64;
-    state.receipt.review_quarantined = state.review.iter().cloned().collect();
-    if state.receipt.subjects_without_rows > 0 {
-        warn!(job = %job_id, subjects = state.receipt.subjects_without_rows, "subjects with no rows in any table: never ingested, already erased, or a wrong id or --domain");
-    }
-    if !state.receipt.review_quarantined.is_empty() {
-        warn!(job = %job_id, events = state.receipt.review_quarantined.len(), "quarantined events mention an id but cannot be attributed: kept, listed in the receipt for review");
-    }
-    if request.dry_run {
-        state.receipt.finished_at = iso(now_ms());
-        state.receipt.verification.findings = vec!["dry run: nothing was changed".into()];
-        return Ok(state.receipt);
-    }
-    if !state.hooks_done {
-        state.receipt.hooks.clear();
-        for hook in hooks {
-            let before = state.hook_notes.get(hook.name()).cloned().unwrap_or_default();
-            let line = hook
-                .after_erasure(&tokens, &before)
-                .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
-            state.receipt.hooks.push(format!("{}: {line}", hook.name()));
-        }
-        state.hooks_done = true;
-        save(&state)?;
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let result = prepared.outcome();
+        info!(job = %self.job_id, table = %target.name, rows = result.rows_matched, files = result.files_removed.len(), "table erased");
+        Ok(true)
     }
 
-    // 3. Verification.
-    if !state.verification_done {
+    fn dry_run_receipt(mut self) -> Receipt {
+        self.state.receipt.finished_at = iso(now_ms());
+        self.state.receipt.verification.findings = vec!["dry run: nothing was changed".into()];
+        self.state.receipt
+    }
+
+    /// What depended on the subjects' rows (aggregates) is recomputed without them.
+    fn run_hooks(&mut self, hooks: &[Box<dyn ErasureHook + '_>]) -> Result<(), ForgetError> {
+        if self.state.hooks_done {
+            return Ok(());
+        }
+        self.state.receipt.hooks.clear();
+        for hook in hooks {
+            let before = self.state.hook_notes.get(hook.name()).cloned().unwrap_or_default();
+            let line = hook
+                .after_erasure(&self.tokens, &before)
+                .map_err(|e| ForgetError::Request(format!("{}: {e}", hook.name())))?;
+            self.state.receipt.hooks.push(format!("{}: {line}", hook.name()));
+        }
+        self.state.hooks_done = true;
+        self.save()
+    }
+
+    /// 3. Verification: every file of every table (current, older, orphaned), the commit logs
+    ///    and the key store are scanned again for the subjects.
+    fn verify(&mut self, targets: &[Target]) -> Result<(), ForgetError> {
+        if self.state.verification_done {
+            return Ok(());
+        }
         let mut findings = Vec::new();
-        let names_token = aho_corasick::AhoCorasick::new(&tokens).map_err(|e| ForgetError::Request(e.to_string()))?;
-        for target in &targets {
-            let Some(table) = rt.block_on(ErasureTable::open(
-                &target.location,
-                &mut catalogs,
-                &target.name,
-                app_id(&target.name),
-            ))?
-            else {
+        let names_token =
+            aho_corasick::AhoCorasick::new(&self.tokens).map_err(|e| ForgetError::Request(e.to_string()))?;
+        for target in targets {
+            let Some(table) = self.open(target)? else {
                 continue;
             };
-            let active: HashSet<String> = rt.block_on(table.active_files())?.into_iter().collect();
-            // Files older versions still hold (a compaction's inputs): history, deleted now.
-            let history = rt.block_on(table.history_files())?;
-            let mut orphans = Vec::new();
-            for (path, matched, modified_ms) in rt.block_on(table.scan_all_files(&target.matcher))? {
-                if matched == 0 {
-                    continue;
-                }
-                if active.contains(&path) {
-                    // A current row of theirs: written after the rewrite by a daemon that had
-                    // not yet seen the tombstones. Running the job again erases it.
-                    findings.push(format!("{}: {matched} rows in {path}", target.name));
-                } else if history.contains(&path) || now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
-                    orphans.push(path);
-                } else {
-                    findings.push(format!(
-                        "{}: {matched} rows in {path}, a file no table version holds, written less than 7 days ago (possibly a writer's transaction in flight): it is deleted by a run of this job after that",
-                        target.name
-                    ));
-                }
-            }
-            if !orphans.is_empty() {
-                let removed = rt.block_on(table.delete_files(&orphans))?;
-                state
-                    .receipt
-                    .tables
-                    .entry(target.name.clone())
-                    .or_default()
-                    .files_removed += removed;
-                save(&state)?;
-                warn!(table = %target.name, files = removed, "removed orphaned data files holding erased subjects");
-            }
-            let in_log = rt.block_on(table.log_files_where(&|bytes: &[u8]| names_token.is_match(bytes)))?;
-            if !in_log.is_empty() {
-                findings.push(format!(
-                    "{}: {} commit log files name an erased subject (file statistics written before they were restricted), e.g. {}",
-                    target.name,
-                    in_log.len(),
-                    in_log[0]
-                ));
-            }
+            findings.extend(self.verify_table(target, &table, &names_token)?);
         }
-        if request.unattributed == Unattributed::Fail && !state.review.is_empty() {
+        if self.request.unattributed == Unattributed::Fail && !self.state.review.is_empty() {
             findings.push(format!(
                 "quarantine: {} events mention an erased id but cannot be attributed (positions in review_quarantined): look at them, then run the job again with --unattributed delete (they are the subjects') or --unattributed keep (they are not)",
-                state.review.len()
+                self.state.review.len()
             ));
         }
-        let left = keys.subjects_with_keys(&tokens)?;
+        let left = self.keys.subjects_with_keys(&self.tokens)?;
         if !left.is_empty() {
             findings.push(format!("key store: {} subject keys still present", left.len()));
         }
-        state.receipt.verification = Verification {
+        self.state.receipt.verification = Verification {
             passed: findings.is_empty(),
             findings,
         };
-        state.receipt.finished_at = iso(now_ms());
-        state.verification_done = true;
-        save(&state)?;
+        self.state.receipt.finished_at = iso(now_ms());
+        self.state.verification_done = true;
+        self.save()?;
         failpoint("after-verify");
+        Ok(())
     }
 
-    // 4. The audit record (its own commit marks it written: a rerun adds no second row).
-    write_audit(
-        config,
-        &rt,
-        &state.receipt,
-        format!("erasure-audit/{job_id}/{}", state.attempt),
-    )?;
-    failpoint("after-audit");
-    state.audit_written = true;
-    save(&state)?;
-    Ok(state.receipt)
+    /// One table's findings; orphaned files holding the subjects are deleted on the way.
+    fn verify_table(
+        &mut self,
+        target: &Target,
+        table: &ErasureTable,
+        names_token: &aho_corasick::AhoCorasick,
+    ) -> Result<Vec<String>, ForgetError> {
+        let mut findings = Vec::new();
+        let active: HashSet<String> = self.rt.block_on(table.active_files())?.into_iter().collect();
+        // Files older versions still hold (a compaction's inputs): history, deleted now.
+        let history = self.rt.block_on(table.history_files())?;
+        let mut orphans = Vec::new();
+        for (path, matched, modified_ms) in self.rt.block_on(table.scan_all_files(&target.matcher))? {
+            if matched == 0 {
+                continue;
+            }
+            if active.contains(&path) {
+                // A current row of theirs: written after the rewrite by a daemon that had
+                // not yet seen the tombstones. Running the job again erases it.
+                findings.push(format!("{}: {matched} rows in {path}", target.name));
+            } else if history.contains(&path) || now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
+                orphans.push(path);
+            } else {
+                findings.push(format!(
+                    "{}: {matched} rows in {path}, a file no table version holds, written less than 7 days ago (possibly a writer's transaction in flight): it is deleted by a run of this job after that",
+                    target.name
+                ));
+            }
+        }
+        if !orphans.is_empty() {
+            let removed = self.rt.block_on(table.delete_files(&orphans))?;
+            self.state
+                .receipt
+                .tables
+                .entry(target.name.clone())
+                .or_default()
+                .files_removed += removed;
+            self.save()?;
+            warn!(table = %target.name, files = removed, "removed orphaned data files holding erased subjects");
+        }
+        let in_log = self
+            .rt
+            .block_on(table.log_files_where(&|bytes: &[u8]| names_token.is_match(bytes)))?;
+        if !in_log.is_empty() {
+            findings.push(format!(
+                "{}: {} commit log files name an erased subject (file statistics written before they were restricted), e.g. {}",
+                target.name,
+                in_log.len(),
+                in_log[0]
+            ));
+        }
+        Ok(findings)
+    }
+
+    /// 4. The audit record (its own commit marks it written: a rerun adds no second row).
+    fn write_audit(&mut self) -> Result<(), ForgetError> {
+        write_audit(
+            self.config,
+            &self.rt,
+            &self.state.receipt,
+            format!("erasure-audit/{}/{}", self.job_id, self.state.attempt),
+        )?;
+        failpoint("after-audit");
+        self.state.audit_written = true;
+        self.save()
+    }
+}
+
+/// The app id of an erasure's commit to `target`: its `txn` marks the rewrite done.
+fn erasure_app_id(pipeline: &str, job_id: &str, attempt: u32, target: &str) -> String {
+    format!("sluice/{pipeline}/erasure/{job_id}/{attempt}/{target}")
 }
 
 /// The token domain of the subjects: the one given, else the one every policy's subject shares.

@@ -975,20 +975,7 @@ mod tests {
     use std::path::Path;
     use std::sync::OnceLock;
 
-    const POLICY: &str = r#"
-table = "public.people"
-target = "people"
-subject = "id"
-token_domain = "person"
-[columns.id]
-action = "tokenize"
-[columns.email]
-action = "vault"
-derive = [{ name = "has_email", fn = "is_present" }]
-[columns.balance]
-action = "keep"
-type = "int64"
-"#;
+    const POLICY: &str = include_str!("../../fixtures/test-policies/people-router.toml");
 
     fn router_of(policy: &str, input: InputSettings) -> (tempfile::TempDir, Router) {
         router_of_all(&[policy], input)

@@ -14,6 +14,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MASTER_KEY = REPO / "fixtures" / "keys" / "TEST-ONLY-master.key"
+# The policies the tests run with, one file each (fixtures/test-policies/README.md).
+TEST_POLICIES = REPO / "fixtures" / "test-policies"
 
 
 def require_or_skip(reason):

@@ -18,37 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MASTER_KEY, read_delta, require_or_skip, run
+from conftest import MASTER_KEY, TEST_POLICIES, read_delta, require_or_skip, run
 
-PEOPLE = """
-table = "public.people"
-target = "people"
-subject = "id"
-token_domain = "person"
-
-[columns.id]
-action = "tokenize"
-[columns.full_name]
-action = "vault"
-[columns.email]
-action = "vault"
-derive = [{ name = "has_email", fn = "is_present" }]
-[columns.phone]
-action = "encrypt"
-[columns.national_id]
-action = "encrypt"
-[columns.date_of_birth]
-action = "generalize"
-fn = "age_band"
-bands = [18, 30, 45, 65]
-[columns.postcode]
-action = "generalize"
-fn = "prefix"
-length = 3
-[columns.balance_pence]
-action = "keep"
-type = "int64"
-"""
+PEOPLE = (TEST_POLICIES / "people-erasure.toml").read_text()
 
 # Visits stay for statistics after an erasure, unlinked from the person.
 VISITS = """

@@ -12,32 +12,10 @@ import deltalake
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_POLICIES, read_delta, run, write_config
+from conftest import DEMO_POLICIES, TEST_POLICIES, read_delta, run, write_config
 from test_aggregates import AGGREGATES
 
-PEOPLE = """
-table = "public.people"
-target = "people"
-subject = "id"
-token_domain = "person"
-
-[columns.id]
-action = "tokenize"
-[columns.email]
-action = "vault"
-derive = [{ name = "email_domain", fn = "email_domain" }]
-[columns.postcode]
-action = "generalize"
-fn = "prefix"
-length = 4
-as = "postcode_area"
-[columns.balance_pence]
-action = "keep"
-type = "int64"
-[columns.joined_at]
-action = "keep"
-type = "timestamp"
-"""
+PEOPLE = (TEST_POLICIES / "people-hardening.toml").read_text()
 
 # A person whose every value is distinctive, so a byte scan finds any trace of them.
 VICTIM = {"id": "C0042   ", "email": "victim@zq-unusual-domain.example", "postcode": "ZQ97 1AA",

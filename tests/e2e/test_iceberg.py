@@ -10,7 +10,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, iceberg_catalog, read_delta, read_iceberg, run,
+from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, TEST_POLICIES, iceberg_catalog, read_delta, read_iceberg, run,
                       run_until_killed, source_events, write_config)
 
 BOTH = 'format = "both"'
@@ -92,17 +92,7 @@ def test_kill_9_around_iceberg_commits_then_finish_exactly_once(sluice_bin, tmp_
             assert set(positions) == expected, f"{fmt} {target}: {len(expected - set(positions))} events lost"
 
 
-POLICY = """
-table = "public.people"
-target = "people"
-subject = "id"
-token_domain = "person"
-[columns.id]
-action = "tokenize"
-[columns.balance]
-action = "keep"
-type = "int64"
-"""
+POLICY = (TEST_POLICIES / "people-balance.toml").read_text()
 
 
 def people_events(path, ids, with_region):

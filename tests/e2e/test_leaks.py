@@ -10,51 +10,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import read_delta, run, write_config
+from conftest import TEST_POLICIES, read_delta, run, write_config
 
-POLICY = """
-table = "public.people"
-target = "people"
-subject = "id"
-token_domain = "person"
-
-[columns.id]
-action = "tokenize"
-[columns.full_name]
-action = "vault"
-[columns.email]
-action = "vault"
-derive = [{ name = "has_email", fn = "is_present" }, { name = "email_domain", fn = "email_domain" }]
-[columns.phone]
-action = "encrypt"
-[columns.national_id]
-action = "encrypt"
-derive = [{ name = "national_id_length", fn = "length" }]
-[columns.date_of_birth]
-action = "generalize"
-fn = "age_band"
-bands = [18, 30, 45, 65]
-[columns.street_address]
-action = "vault"
-[columns.postcode]
-action = "generalize"
-fn = "prefix"
-length = 3
-[columns.iban]
-action = "encrypt"
-[columns.card_number]
-action = "drop"
-derive = [{ name = "has_card", fn = "is_present" }]
-[columns.diagnosis_code]
-action = "drop"
-[columns.free_text_note]
-action = "drop"
-derive = [{ name = "note_length", fn = "length" }]
-[columns.balance_pence]
-action = "keep"
-type = "int64"
-derive = [{ name = "balance_band", fn = "bucket", edges = [0, 1000000, 3000000] }]
-"""
+POLICY = (TEST_POLICIES / "people-canary.toml").read_text()
 
 
 def envelope(table, op, before, after, ts):

@@ -405,24 +405,7 @@ mod tests {
         DataKey::new(id, &token.as_bytes()[..32]).unwrap()
     }
 
-    const POLICY: &str = r#"
-table = "public.customers"
-target = "customers"
-subject = "id"
-token_domain = "customer"
-[columns.id]
-action = "tokenize"
-[columns.email]
-action = "vault"
-derive = [{ name = "has_email", fn = "is_present" }]
-[columns.national_id]
-action = "encrypt"
-[columns.balance]
-action = "keep"
-type = "int64"
-[columns.notes]
-action = "drop"
-"#;
+    const POLICY: &str = include_str!("../../fixtures/test-policies/customers-engine.toml");
 
     fn transform() -> TableTransform {
         TableTransform::new(

@@ -561,40 +561,7 @@ mod ordered {
 mod tests {
     use super::*;
 
-    const CUSTOMERS: &str = r#"
-table = "public.customers"
-target = "customers"
-subject = "id"
-token_domain = "customer"
-
-[columns.id]
-action = "tokenize"
-
-[columns.email]
-action = "vault"
-derive = [{ name = "has_email", fn = "is_present" }, { name = "email_domain", fn = "email_domain" }]
-
-[columns.date_of_birth]
-action = "generalize"
-fn = "age_band"
-bands = [18, 25, 35, 45, 55, 65]
-
-[columns.postcode]
-action = "generalize"
-fn = "prefix"
-length = 3
-as = "postcode_area"
-
-[columns.national_id]
-action = "encrypt"
-
-[columns.balance]
-action = "keep"
-type = "int64"
-
-[columns.notes]
-action = "drop"
-"#;
+    const CUSTOMERS: &str = include_str!("../../fixtures/test-policies/customers-parser.toml");
 
     fn parse(text: &str) -> Result<Policy, ConfigError> {
         Policy::from_toml(Path::new("customers.toml"), text)
