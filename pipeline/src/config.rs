@@ -663,161 +663,14 @@ impl Config {
                 format!("must be at least {MIN_MEMORY_MB} (MiB): the budget the run's buffers are sized from"),
             ));
         }
-        if raw.policies.is_empty() {
-            return Err(invalid(
-                text.find("policies").unwrap_or(0),
-                "policies",
-                "name at least one policy file or directory".into(),
-            ));
-        }
-
-        let mut policies = Vec::new();
-        let mut policy_texts = Vec::new();
-        for entry in &raw.policies {
-            let path = resolve(entry.get_ref());
-            let files = policy_files(&path)
-                .map_err(|e| invalid(entry.span().start, "policies", format!("{}: {e}", path.display())))?;
-            if files.is_empty() {
-                return Err(invalid(
-                    entry.span().start,
-                    "policies",
-                    format!("{}: no .toml policy files", path.display()),
-                ));
-            }
-            for f in files {
-                let ptext = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
-                    path: f.clone(),
-                    source,
-                })?;
-                policies.push(Policy::from_toml(&f, &ptext)?);
-                policy_texts.push((f, ptext));
-            }
-        }
-        subjects_never_shown(&policies, &policy_texts)?;
-        let mut tables = HashSet::new();
-        let mut targets = HashSet::new();
-        for p in &policies {
-            if !tables.insert(p.table.clone()) {
-                return Err(invalid(
-                    0,
-                    "policies",
-                    format!("two policies name source table `{}`", p.table),
-                ));
-            }
-            if !targets.insert(p.target.clone()) {
-                return Err(invalid(
-                    0,
-                    "policies",
-                    format!("two policies write target table `{}`", p.target),
-                ));
-            }
-        }
-        let s3 = match &raw.lake.s3 {
-            Some(s3) => s3_options(s3, "lake.s3", &text, &invalid)?,
-            None => StorageOptions::default(),
-        };
-        let vault_s3 = match &raw.lake.vault_s3 {
-            Some(v) => s3_options(v, "lake.vault_s3", &text, &invalid)?,
-            None => s3.clone(),
-        };
-        let location = |text_value: &str, field: &str, options: &StorageOptions| {
-            LakePath::parse(text_value, &base, options.clone()).map_err(|e| {
-                invalid(
-                    raw_text_offset(&text, text_value),
-                    field,
-                    format!("{e}: expected a directory or an s3://bucket/prefix URL"),
-                )
-            })
-        };
-        let lake_root = location(&raw.lake.root, "lake.root", &s3)?;
-        let root = match lake_root.local() {
-            Some(path) => path.to_path_buf(),
-            None => base.clone(),
-        };
-        let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
-            None => LakeFormat::Delta,
-            Some(text) => LakeFormat::parse(text).ok_or_else(|| {
-                invalid(
-                    raw.lake.format.as_ref().map_or(0, |f| f.span().start),
-                    "lake.format",
-                    format!("`{text}`: expected `delta`, `iceberg` or `both`"),
-                )
-            })?,
-        };
-        if lake_format.iceberg() && lake_root.is_object_store() {
-            return Err(invalid(
-                raw.lake.format.as_ref().map_or(0, |f| f.span().start),
-                "lake.format",
-                "Iceberg tables on object storage are not supported yet: use `delta` with an s3:// lake root".into(),
-            ));
-        }
-        let iceberg = match (lake_format.iceberg(), &raw.lake.iceberg) {
-            (true, iceberg) => Some(iceberg_config(
-                iceberg.as_ref(),
-                name,
-                &root,
-                &text,
-                &resolve,
-                &invalid,
-            )?),
-            (false, Some(_)) => {
-                return Err(invalid(
-                    text.find("[lake.iceberg]").unwrap_or(0),
-                    "lake.iceberg",
-                    "set, but `lake.format` does not include `iceberg`".into(),
-                ))
-            }
-            (false, None) => None,
-        };
-        let aggregates = raw
-            .aggregates
-            .iter()
-            .map(|a| aggregate_config(a, &policies, &invalid))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut names = HashSet::new();
-        for (a, raw_a) in aggregates.iter().zip(&raw.aggregates) {
-            if !names.insert(a.name.clone()) || targets.contains(&a.name) {
-                return Err(invalid(
-                    raw_a.name.span().start,
-                    "aggregates.name",
-                    format!("`{}` is already the name of a table or another aggregate", a.name),
-                ));
-            }
-        }
-        let input = InputSettings {
-            format: input_format(&raw.source, &resolve, &invalid)?,
-            unknown_tables: raw.unknown_tables,
-            control_records: raw.source.control_records.unwrap_or(ControlRecords::Skip),
-            max_event_bytes: raw.source.max_event_bytes.max(1024),
-            decode: DecodeOptions {
-                event_time_window_ms: match &raw.source.event_time_window {
-                    None => DecodeOptions::DEFAULT_EVENT_TIME_WINDOW_MS,
-                    Some(w) => event_time_window(w.get_ref()).ok_or_else(|| {
-                        invalid(
-                            w.span().start,
-                            "source.event_time_window",
-                            "expected [from, to]: two RFC 3339 dates or times, from before to".into(),
-                        )
-                    })?,
-                },
-                time_optional: false,
-            },
-            unavailable_placeholder: match &raw.source.unavailable_value_placeholder {
-                None => DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
-                Some(p) if p.get_ref().is_empty() => {
-                    return Err(invalid(
-                        p.span().start,
-                        "source.unavailable_value_placeholder",
-                        "must not be empty".into(),
-                    ))
-                }
-                Some(p) => p.get_ref().clone(),
-            },
-        };
+        let policies = load_policies(&raw, &text, &resolve, &invalid)?;
+        let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
+        let aggregates = aggregates_config(&raw, &policies, &invalid)?;
+        let input = input_settings(&raw, &resolve, &invalid)?;
         Ok(Config {
             input,
-            lake_format,
-            iceberg,
+            lake_format: lake.format,
+            iceberg: lake.iceberg,
             aggregates,
             file: file.to_path_buf(),
             name: name.clone(),
@@ -825,32 +678,14 @@ impl Config {
             source,
             publish,
             raw_stream,
-            tables_root: lake_root.join("tables"),
-            aggregates_root: lake_root.join("aggregates"),
-            vault_path: match raw.lake.vault.as_deref() {
-                Some(v) => location(v, "lake.vault", &vault_s3)?,
-                None => match raw.lake.vault_s3 {
-                    Some(_) => {
-                        return Err(invalid(
-                            text.find("[lake.vault_s3]").unwrap_or(0),
-                            "lake.vault_s3",
-                            "set, but `lake.vault` does not name an s3:// location of its own".into(),
-                        ))
-                    }
-                    None => lake_root.join("vault"),
-                },
-            },
-            quarantine_path: match raw.lake.quarantine.as_deref() {
-                Some(q) => location(q, "lake.quarantine", &s3)?,
-                None => lake_root.join("quarantine"),
-            },
+            tables_root: lake.root.join("tables"),
+            aggregates_root: lake.root.join("aggregates"),
+            vault_path: lake.vault,
+            quarantine_path: lake.quarantine,
             key_store,
             erasure_refresh: std::time::Duration::from_millis(raw.keys.erasure_refresh_ms),
-            audit_path: match raw.lake.audit.as_deref() {
-                Some(a) => location(a, "lake.audit", &s3)?,
-                None => lake_root.join("audit").join("erasures"),
-            },
-            lake_root,
+            audit_path: lake.audit,
+            lake_root: lake.root,
             master_key: MasterKeySource {
                 file: raw.keys.master_key_file.as_deref().map(resolve),
                 env: raw.keys.master_key_env,
@@ -945,6 +780,224 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// The policy files `policies` names, parsed; no two name one source table or one target.
+fn load_policies(
+    raw: &RawConfig,
+    text: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<Vec<Policy>, LoadError> {
+    if raw.policies.is_empty() {
+        return Err(invalid(
+            text.find("policies").unwrap_or(0),
+            "policies",
+            "name at least one policy file or directory".into(),
+        ));
+    }
+    let mut policies = Vec::new();
+    let mut policy_texts = Vec::new();
+    for entry in &raw.policies {
+        let path = resolve(entry.get_ref());
+        let files = policy_files(&path)
+            .map_err(|e| invalid(entry.span().start, "policies", format!("{}: {e}", path.display())))?;
+        if files.is_empty() {
+            return Err(invalid(
+                entry.span().start,
+                "policies",
+                format!("{}: no .toml policy files", path.display()),
+            ));
+        }
+        for f in files {
+            let ptext = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            policies.push(Policy::from_toml(&f, &ptext)?);
+            policy_texts.push((f, ptext));
+        }
+    }
+    subjects_never_shown(&policies, &policy_texts)?;
+    let mut tables = HashSet::new();
+    let mut targets = HashSet::new();
+    for p in &policies {
+        if !tables.insert(p.table.clone()) {
+            return Err(invalid(
+                0,
+                "policies",
+                format!("two policies name source table `{}`", p.table),
+            ));
+        }
+        if !targets.insert(p.target.clone()) {
+            return Err(invalid(
+                0,
+                "policies",
+                format!("two policies write target table `{}`", p.target),
+            ));
+        }
+    }
+    Ok(policies)
+}
+
+/// Where the lake's tables, vault, quarantine and audit table are, and in which format(s).
+struct LakeLayout {
+    root: LakePath,
+    format: LakeFormat,
+    iceberg: Option<IcebergLocation>,
+    vault: LakePath,
+    quarantine: LakePath,
+    audit: LakePath,
+}
+
+fn lake_layout(
+    raw: &RawConfig,
+    name: &str,
+    base: &Path,
+    text: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<LakeLayout, LoadError> {
+    let s3 = match &raw.lake.s3 {
+        Some(s3) => s3_options(s3, "lake.s3", text, &invalid)?,
+        None => StorageOptions::default(),
+    };
+    let vault_s3 = match &raw.lake.vault_s3 {
+        Some(v) => s3_options(v, "lake.vault_s3", text, &invalid)?,
+        None => s3.clone(),
+    };
+    let location = |text_value: &str, field: &str, options: &StorageOptions| {
+        LakePath::parse(text_value, base, options.clone()).map_err(|e| {
+            invalid(
+                raw_text_offset(text, text_value),
+                field,
+                format!("{e}: expected a directory or an s3://bucket/prefix URL"),
+            )
+        })
+    };
+    let lake_root = location(&raw.lake.root, "lake.root", &s3)?;
+    let root = match lake_root.local() {
+        Some(path) => path.to_path_buf(),
+        None => base.to_path_buf(),
+    };
+    let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
+        None => LakeFormat::Delta,
+        Some(text) => LakeFormat::parse(text).ok_or_else(|| {
+            invalid(
+                raw.lake.format.as_ref().map_or(0, |f| f.span().start),
+                "lake.format",
+                format!("`{text}`: expected `delta`, `iceberg` or `both`"),
+            )
+        })?,
+    };
+    if lake_format.iceberg() && lake_root.is_object_store() {
+        return Err(invalid(
+            raw.lake.format.as_ref().map_or(0, |f| f.span().start),
+            "lake.format",
+            "Iceberg tables on object storage are not supported yet: use `delta` with an s3:// lake root".into(),
+        ));
+    }
+    let iceberg = match (lake_format.iceberg(), &raw.lake.iceberg) {
+        (true, iceberg) => Some(iceberg_config(iceberg.as_ref(), name, &root, text, &resolve, &invalid)?),
+        (false, Some(_)) => {
+            return Err(invalid(
+                text.find("[lake.iceberg]").unwrap_or(0),
+                "lake.iceberg",
+                "set, but `lake.format` does not include `iceberg`".into(),
+            ))
+        }
+        (false, None) => None,
+    };
+    let vault = match raw.lake.vault.as_deref() {
+        Some(v) => location(v, "lake.vault", &vault_s3)?,
+        None => match raw.lake.vault_s3 {
+            Some(_) => {
+                return Err(invalid(
+                    text.find("[lake.vault_s3]").unwrap_or(0),
+                    "lake.vault_s3",
+                    "set, but `lake.vault` does not name an s3:// location of its own".into(),
+                ))
+            }
+            None => lake_root.join("vault"),
+        },
+    };
+    Ok(LakeLayout {
+        vault,
+        quarantine: match raw.lake.quarantine.as_deref() {
+            Some(q) => location(q, "lake.quarantine", &s3)?,
+            None => lake_root.join("quarantine"),
+        },
+        audit: match raw.lake.audit.as_deref() {
+            Some(a) => location(a, "lake.audit", &s3)?,
+            None => lake_root.join("audit").join("erasures"),
+        },
+        root: lake_root,
+        format: lake_format,
+        iceberg,
+    })
+}
+
+/// The `[[aggregates]]`, each named apart from every table and other aggregate.
+fn aggregates_config(
+    raw: &RawConfig,
+    policies: &[Policy],
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<Vec<Aggregate>, LoadError> {
+    let targets: HashSet<&str> = policies.iter().map(|p| p.target.as_str()).collect();
+    let aggregates = raw
+        .aggregates
+        .iter()
+        .map(|a| aggregate_config(a, policies, invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = HashSet::new();
+    for (a, raw_a) in aggregates.iter().zip(&raw.aggregates) {
+        if !names.insert(a.name.clone()) || targets.contains(a.name.as_str()) {
+            return Err(invalid(
+                raw_a.name.span().start,
+                "aggregates.name",
+                format!("`{}` is already the name of a table or another aggregate", a.name),
+            ));
+        }
+    }
+    Ok(aggregates)
+}
+
+/// How events are read: format, unknown tables, control records, size and time limits.
+fn input_settings(
+    raw: &RawConfig,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<InputSettings, LoadError> {
+    Ok(InputSettings {
+        format: input_format(&raw.source, &resolve, &invalid)?,
+        unknown_tables: raw.unknown_tables,
+        control_records: raw.source.control_records.unwrap_or(ControlRecords::Skip),
+        max_event_bytes: raw.source.max_event_bytes.max(1024),
+        decode: DecodeOptions {
+            event_time_window_ms: match &raw.source.event_time_window {
+                None => DecodeOptions::DEFAULT_EVENT_TIME_WINDOW_MS,
+                Some(w) => event_time_window(w.get_ref()).ok_or_else(|| {
+                    invalid(
+                        w.span().start,
+                        "source.event_time_window",
+                        "expected [from, to]: two RFC 3339 dates or times, from before to".into(),
+                    )
+                })?,
+            },
+            time_optional: false,
+        },
+        unavailable_placeholder: match &raw.source.unavailable_value_placeholder {
+            None => DEFAULT_UNAVAILABLE_PLACEHOLDER.into(),
+            Some(p) if p.get_ref().is_empty() => {
+                return Err(invalid(
+                    p.span().start,
+                    "source.unavailable_value_placeholder",
+                    "must not be empty".into(),
+                ))
+            }
+            Some(p) => p.get_ref().clone(),
+        },
+    })
 }
 
 /// Where `value` is written in the config text (for error lines), or the start.
