@@ -1,0 +1,107 @@
+//! The run's own sections: `[batch]`, `[workers]` (the memory budget), `[compaction]`,
+//! `[http]` and `[shutdown]`.
+
+use super::*;
+
+/// Scheduled compaction of small files (`[compaction]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// A daemon compacts every table this often (milliseconds; 0: never).
+    pub interval_ms: u64,
+    /// Files are bin-packed to about this size.
+    pub target_file_mb: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 6 * 3_600_000,
+            target_file_mb: 128,
+        }
+    }
+}
+
+/// The HTTP endpoints of a daemon (`/metrics`, `/health`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to serve on (port 0: any free port, logged); no server when absent.
+    pub listen: Option<String>,
+    /// `/ready` fails when rows have waited this long without a commit (milliseconds; default
+    /// three times `batch.max_age_ms`, at least a minute).
+    pub ready_max_age_ms: Option<u64>,
+}
+
+/// How long a daemon may take to stop after SIGTERM/SIGINT (`[shutdown]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 30_000 }
+    }
+}
+
+/// The smallest `[workers] memory_mb`: below it a commit would follow every chunk.
+pub(super) const MIN_MEMORY_MB: usize = 64;
+
+/// Bytes of the memory budget given to each part of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Unwrapped keys and the key store's page cache.
+    pub key_store: usize,
+    /// Arrow rows buffered across all sinks before a commit (at most `[batch] max_bytes`).
+    pub buffered: usize,
+    /// Tokens each sanitizing thread remembers (see `crypto::set_token_cache_bytes`).
+    pub tokens_per_thread: usize,
+}
+
+/// When buffered rows are committed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Commit when this many rows are buffered across all tables.
+    pub max_rows: usize,
+    /// Commit when buffered Arrow data reaches this many bytes.
+    pub max_bytes: usize,
+    /// Commit at least this often while events flow (milliseconds).
+    pub max_age_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 250_000,
+            max_bytes: 128 << 20,
+            max_age_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Sanitizing threads; 0 means one per core.
+    pub threads: usize,
+    /// Events per unit of work handed to a thread.
+    pub chunk_events: usize,
+    /// Chunks in flight per thread (bounds memory: backpressure, not buffering).
+    pub queue_depth: usize,
+    /// The memory budget the run's buffers are sized from (see [`Config::memory`]).
+    pub memory_mb: usize,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            chunk_events: 4096,
+            queue_depth: 2,
+            memory_mb: 192,
+        }
+    }
+}
