@@ -144,6 +144,36 @@ pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError
     Ok(summary)
 }
 
+/// Where each sink stands (per sink: stream → committed offset), and where reading resumes:
+/// per stream, the lowest position any sink committed. A stream some sink never committed is
+/// absent: its source starts it from the beginning (or wherever its settings say).
+#[allow(clippy::type_complexity)]
+fn read_committed(
+    rt: &tokio::runtime::Runtime,
+    sinks: &mut [TableSink],
+    streams: &[String],
+) -> Result<(Vec<HashMap<String, i64>>, HashMap<String, u64>), RunError> {
+    let mut committed: Vec<HashMap<String, i64>> = Vec::with_capacity(sinks.len());
+    for sink in sinks.iter_mut() {
+        let mut positions = HashMap::new();
+        for stream in streams {
+            if let Some(offset) = rt.block_on(sink.committed(stream))? {
+                positions.insert(stream.clone(), offset);
+            }
+        }
+        committed.push(positions);
+    }
+    let start: HashMap<String, u64> = streams
+        .iter()
+        .filter_map(|stream| {
+            let positions: Option<Vec<i64>> = committed.iter().map(|c| c.get(stream).copied()).collect();
+            let lowest = positions?.into_iter().min()?;
+            Some((stream.clone(), lowest.max(0) as u64))
+        })
+        .collect();
+    Ok((committed, start))
+}
+
 /// One pass: open keys and sinks, read back committed positions, process until the reader ends.
 fn run_pass(
     config: &Config,
@@ -170,27 +200,7 @@ fn run_pass(
     let mut sinks = rt.block_on(open_sinks(config, &transforms))?;
     let streams = source.begin_pass()?;
 
-    // Where each sink stands, and where reading resumes: the lowest position of any sink.
-    let mut committed: Vec<HashMap<String, i64>> = Vec::with_capacity(sinks.len());
-    for sink in &mut sinks {
-        let mut positions = HashMap::new();
-        for stream in &streams {
-            if let Some(offset) = rt.block_on(sink.committed(stream))? {
-                positions.insert(stream.clone(), offset);
-            }
-        }
-        committed.push(positions);
-    }
-    // A stream some sink never committed is absent: its source starts it from the beginning
-    // (or wherever its settings say), not from an offset.
-    let start: HashMap<String, u64> = streams
-        .iter()
-        .filter_map(|stream| {
-            let positions: Option<Vec<i64>> = committed.iter().map(|c| c.get(stream).copied()).collect();
-            let lowest = positions?.into_iter().min()?;
-            Some((stream.clone(), lowest.max(0) as u64))
-        })
-        .collect();
+    let (committed, start) = read_committed(rt, &mut sinks, &streams)?;
     for (stream, offset) in &start {
         if *offset > 0 {
             info!(stream = %stream, offset, "resuming after committed position");

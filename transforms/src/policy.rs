@@ -99,84 +99,9 @@ impl Policy {
         }
         let mut rules = Vec::with_capacity(raw.columns.len());
         for (column, spec) in raw.columns {
-            let field = format!("columns.{column}");
-            let span = spec.span();
-            let spec = spec.into_inner();
-            let action = parse_action(&spec, raw.token_domain.get_ref()).map_err(|(at, message)| {
-                err(
-                    at.unwrap_or_else(|| span.clone()),
-                    &format!("{field}.{}", message.0),
-                    message.1,
-                )
-            })?;
-            let mut derive = Vec::with_capacity(spec.derive.len());
-            for d in spec.derive {
-                let dspan = d.span();
-                let d = d.into_inner();
-                let function = parse_function(&d.func, &d.params())
-                    .map_err(|m| err(d.func.span(), &format!("{field}.derive.fn"), m))?;
-                if !is_identifier(&d.name) {
-                    return Err(err(
-                        dspan,
-                        &format!("{field}.derive.name"),
-                        "must be letters, digits and _".into(),
-                    ));
-                }
-                derive.push(Derived { name: d.name, function });
-            }
-            let rename = spec.rename.map(|r| {
-                let name = r.get_ref().clone();
-                (name, r.span())
-            });
-            if let Some((name, at)) = &rename {
-                if !is_identifier(name) {
-                    return Err(err(
-                        at.clone(),
-                        &format!("{field}.as"),
-                        "must be letters, digits and _".into(),
-                    ));
-                }
-                if matches!(action, Action::Drop | Action::Vault) {
-                    return Err(err(
-                        at.clone(),
-                        &format!("{field}.as"),
-                        format!("`{}` writes no column to rename", action.name()),
-                    ));
-                }
-            }
-            let unit = match &spec.unit {
-                None => None,
-                Some(u) => Some(IntegerTime::parse(u.get_ref()).ok_or_else(|| {
-                    err(
-                        u.span(),
-                        &format!("{field}.unit"),
-                        format!(
-                            "unknown unit `{}`: one of {}",
-                            u.get_ref(),
-                            IntegerTime::NAMES.join(", ")
-                        ),
-                    )
-                })?),
-            };
-            if column == *raw.subject.get_ref() && action.shows_value() {
-                return Err(err(
-                    span,
-                    &format!("{field}.action"),
-                    format!(
-                        "`{}` would write the subject id (or a part of it) in plain: tokenize, encrypt, vault or drop the subject column",
-                        action.name()
-                    ),
-                ));
-            }
-            rules.push(ColumnRule {
-                column,
-                action,
-                rename: rename.map(|r| r.0),
-                derive,
-                unit,
-            });
+            rules.push(column_rule(column, spec, &raw.subject, &raw.token_domain, &err)?);
         }
-        let policy = Policy {
+        let mut policy = Policy {
             table: raw.table.into_inner(),
             target: raw.target.into_inner(),
             subject: raw.subject.into_inner(),
@@ -184,6 +109,16 @@ impl Policy {
             rules,
             erasure: Erasure::Delete,
         };
+        let outputs = policy.checked_output_names(file, text)?;
+        if let Some(erasure) = raw.erasure {
+            policy.erasure = erasure_mode(erasure.into_inner(), &outputs, &err)?;
+        }
+        Ok(policy)
+    }
+
+    /// The output column names: unique, and none taking the `_` prefix of metadata columns.
+    fn checked_output_names(&self, file: &Path, text: &str) -> Result<HashSet<String>, ConfigError> {
+        let policy = self;
         // Output names must be unique and must not take the `_` prefix of metadata columns.
         let mut seen = HashSet::new();
         for out in policy.output_columns() {
@@ -206,46 +141,7 @@ impl Policy {
                 ));
             }
         }
-        let mut policy = policy;
-        if let Some(erasure) = raw.erasure {
-            let erasure = erasure.into_inner();
-            policy.erasure = match erasure.mode.get_ref().as_str() {
-                "delete" if erasure.blank.is_empty() => Erasure::Delete,
-                "delete" => {
-                    return Err(err(
-                        erasure.blank[0].span(),
-                        "erasure.blank",
-                        "only `mode = \"anonymize\"` blanks columns".into(),
-                    ))
-                }
-                "anonymize" => {
-                    for b in &erasure.blank {
-                        if !seen.contains(b.get_ref()) && !BLANKABLE_META_COLUMNS.contains(&b.get_ref().as_str()) {
-                            return Err(err(
-                                b.span(),
-                                "erasure.blank",
-                                format!(
-                                    "`{}` is not an output column of this policy (nor one of {})",
-                                    b.get_ref(),
-                                    BLANKABLE_META_COLUMNS.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                    Erasure::Anonymize {
-                        also_blank: erasure.blank.into_iter().map(Spanned::into_inner).collect(),
-                    }
-                }
-                other => {
-                    return Err(err(
-                        erasure.mode.span(),
-                        "erasure.mode",
-                        format!("unknown mode `{other}`: `delete` or `anonymize`"),
-                    ))
-                }
-            };
-        }
-        Ok(policy)
+        Ok(seen)
     }
 
     /// Output columns erasure blanks in `anonymize` mode: those that link a row to a person
@@ -428,6 +324,135 @@ fn parse_function(name: &Spanned<String>, p: &RawParams) -> Result<Function, Str
             return Err(format!(
                 "unknown function `{other}`: one of {}",
                 Function::NAMES.join(", ")
+            ))
+        }
+    })
+}
+
+/// One `[columns.<name>]` rule, checked: its action, derives, rename and unit.
+fn column_rule(
+    column: String,
+    spec: Spanned<RawColumn>,
+    subject: &Spanned<String>,
+    token_domain: &Spanned<String>,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<ColumnRule, ConfigError> {
+    let field = format!("columns.{column}");
+    let span = spec.span();
+    let spec = spec.into_inner();
+    let action = parse_action(&spec, token_domain.get_ref()).map_err(|(at, message)| {
+        err(
+            at.unwrap_or_else(|| span.clone()),
+            &format!("{field}.{}", message.0),
+            message.1,
+        )
+    })?;
+    let mut derive = Vec::with_capacity(spec.derive.len());
+    for d in spec.derive {
+        let dspan = d.span();
+        let d = d.into_inner();
+        let function =
+            parse_function(&d.func, &d.params()).map_err(|m| err(d.func.span(), &format!("{field}.derive.fn"), m))?;
+        if !is_identifier(&d.name) {
+            return Err(err(
+                dspan,
+                &format!("{field}.derive.name"),
+                "must be letters, digits and _".into(),
+            ));
+        }
+        derive.push(Derived { name: d.name, function });
+    }
+    let rename = spec.rename.map(|r| {
+        let name = r.get_ref().clone();
+        (name, r.span())
+    });
+    if let Some((name, at)) = &rename {
+        if !is_identifier(name) {
+            return Err(err(
+                at.clone(),
+                &format!("{field}.as"),
+                "must be letters, digits and _".into(),
+            ));
+        }
+        if matches!(action, Action::Drop | Action::Vault) {
+            return Err(err(
+                at.clone(),
+                &format!("{field}.as"),
+                format!("`{}` writes no column to rename", action.name()),
+            ));
+        }
+    }
+    let unit = match &spec.unit {
+        None => None,
+        Some(u) => Some(IntegerTime::parse(u.get_ref()).ok_or_else(|| {
+            err(
+                u.span(),
+                &format!("{field}.unit"),
+                format!(
+                    "unknown unit `{}`: one of {}",
+                    u.get_ref(),
+                    IntegerTime::NAMES.join(", ")
+                ),
+            )
+        })?),
+    };
+    if column == *subject.get_ref() && action.shows_value() {
+        return Err(err(
+            span,
+            &format!("{field}.action"),
+            format!(
+                "`{}` would write the subject id (or a part of it) in plain: tokenize, encrypt, vault or drop the subject column",
+                action.name()
+            ),
+        ));
+    }
+    Ok(ColumnRule {
+        column,
+        action,
+        rename: rename.map(|r| r.0),
+        derive,
+        unit,
+    })
+}
+
+/// `[erasure]`: delete the subject's rows, or blank the linking columns (and `blank`).
+fn erasure_mode(
+    erasure: RawErasure,
+    outputs: &HashSet<String>,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<Erasure, ConfigError> {
+    Ok(match erasure.mode.get_ref().as_str() {
+        "delete" if erasure.blank.is_empty() => Erasure::Delete,
+        "delete" => {
+            return Err(err(
+                erasure.blank[0].span(),
+                "erasure.blank",
+                "only `mode = \"anonymize\"` blanks columns".into(),
+            ))
+        }
+        "anonymize" => {
+            for b in &erasure.blank {
+                if !outputs.contains(b.get_ref()) && !BLANKABLE_META_COLUMNS.contains(&b.get_ref().as_str()) {
+                    return Err(err(
+                        b.span(),
+                        "erasure.blank",
+                        format!(
+                            "`{}` is not an output column of this policy (nor one of {})",
+                            b.get_ref(),
+                            BLANKABLE_META_COLUMNS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Erasure::Anonymize {
+                also_blank: erasure.blank.into_iter().map(Spanned::into_inner).collect(),
+            }
+        }
+        other => {
+            return Err(err(
+                erasure.mode.span(),
+                "erasure.mode",
+                format!("unknown mode `{other}`: `delete` or `anonymize`"),
             ))
         }
     })
