@@ -67,6 +67,10 @@ pub enum Suppression {
     Merge,
 }
 
+/// A group is published only when it covers at least this many distinct subjects, unless
+/// `k_anonymity` says otherwise.
+pub const DEFAULT_K_ANONYMITY: u32 = 11;
+
 pub(super) fn aggregate_config(
     raw: &RawAggregate,
     policies: &[Policy],
@@ -124,47 +128,7 @@ pub(super) fn aggregate_config(
     let mut measures = Vec::new();
     for m in raw.measures.get_ref() {
         let at = m.function.span().start;
-        let function = match m.function.get_ref().as_str() {
-            "count" => MeasureFn::Count,
-            "count_distinct_subjects" => MeasureFn::CountDistinctSubjects,
-            "sum" => MeasureFn::Sum,
-            "avg" => MeasureFn::Avg,
-            other => {
-                return Err(invalid(
-                    at,
-                    "aggregates.measures.fn",
-                    format!("unknown measure `{other}`: expected `count`, `count_distinct_subjects`, `sum` or `avg` (min and max would publish one person's exact value)"),
-                ))
-            }
-        };
-        let column = match (function, &m.column) {
-            (MeasureFn::Count | MeasureFn::CountDistinctSubjects, None) => None,
-            (MeasureFn::Count | MeasureFn::CountDistinctSubjects, Some(c)) => {
-                return Err(invalid(
-                    c.span().start,
-                    "aggregates.measures.column",
-                    "this measure takes no column".into(),
-                ))
-            }
-            (_, None) => {
-                return Err(invalid(
-                    at,
-                    "aggregates.measures.column",
-                    "required for `sum` and `avg`".into(),
-                ))
-            }
-            (_, Some(c)) => {
-                let data_type = safe(c, "aggregates.measures.column")?;
-                if !data_type.is_numeric() {
-                    return Err(invalid(
-                        c.span().start,
-                        "aggregates.measures.column",
-                        format!("`{}` is {data_type}, not a number", c.get_ref()),
-                    ));
-                }
-                Some(c.get_ref().clone())
-            }
-        };
+        let (function, column) = measure_of(m, &safe, invalid)?;
         let name = m.name.clone().unwrap_or_else(|| match (function, &column) {
             (MeasureFn::Count, _) => "count".into(),
             (MeasureFn::CountDistinctSubjects, _) => "distinct_subjects".into(),
@@ -188,7 +152,7 @@ pub(super) fn aggregate_config(
         ));
     }
     let k = match &raw.k_anonymity {
-        None => 11,
+        None => DEFAULT_K_ANONYMITY,
         Some(k) if *k.get_ref() >= 2 => *k.get_ref(),
         Some(k) => {
             return Err(invalid(
@@ -218,4 +182,59 @@ pub(super) fn aggregate_config(
         on_suppressed,
         lateness: std::time::Duration::from_millis(raw.lateness_ms),
     })
+}
+
+/// Checks that a column may be grouped or measured, and gives its type.
+type SafeColumn = dyn Fn(&Spanned<String>, &str) -> Result<arrow_schema::DataType, LoadError>;
+
+/// A measure's function and column: counts take none; sums and averages take a number the
+/// policy made safe to show (`safe` checks it and gives its type).
+fn measure_of(
+    m: &RawMeasure,
+    safe: &SafeColumn,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<(MeasureFn, Option<String>), LoadError> {
+    let at = m.function.span().start;
+    let function = match m.function.get_ref().as_str() {
+        "count" => MeasureFn::Count,
+        "count_distinct_subjects" => MeasureFn::CountDistinctSubjects,
+        "sum" => MeasureFn::Sum,
+        "avg" => MeasureFn::Avg,
+        other => {
+            return Err(invalid(
+                at,
+                "aggregates.measures.fn",
+                format!("unknown measure `{other}`: expected `count`, `count_distinct_subjects`, `sum` or `avg` (min and max would publish one person's exact value)"),
+            ))
+        }
+    };
+    let column = match (function, &m.column) {
+        (MeasureFn::Count | MeasureFn::CountDistinctSubjects, None) => None,
+        (MeasureFn::Count | MeasureFn::CountDistinctSubjects, Some(c)) => {
+            return Err(invalid(
+                c.span().start,
+                "aggregates.measures.column",
+                "this measure takes no column".into(),
+            ))
+        }
+        (_, None) => {
+            return Err(invalid(
+                at,
+                "aggregates.measures.column",
+                "required for `sum` and `avg`".into(),
+            ))
+        }
+        (_, Some(c)) => {
+            let data_type = safe(c, "aggregates.measures.column")?;
+            if !data_type.is_numeric() {
+                return Err(invalid(
+                    c.span().start,
+                    "aggregates.measures.column",
+                    format!("`{}` is {data_type}, not a number", c.get_ref()),
+                ));
+            }
+            Some(c.get_ref().clone())
+        }
+    };
+    Ok((function, column))
 }
