@@ -390,29 +390,10 @@ impl KinesisSource {
     }
 }
 
-impl Source for KinesisSource {
-    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
-        self.all = self.rt.block_on(kn::list_shards(&self.client, &self.stream))?;
-        self.owned = self
-            .all
-            .iter()
-            .filter(|s| owner(&s.id, self.worker_count) == self.worker_index)
-            .cloned()
-            .collect();
-        info!(
-            stream = %self.stream,
-            shards = self.all.len(),
-            owned = self.owned.len(),
-            worker = self.worker_index,
-            of = self.worker_count,
-            "kinesis: shards of this worker"
-        );
-        Ok(self.owned.iter().map(|s| self.shard_stream(&s.id)).collect())
-    }
-
-    fn read(&mut self, _start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
-        let ids: Vec<String> = self.owned.iter().map(|s| s.id.clone()).collect();
-        let lake = self.lake_state(&ids)?;
+impl KinesisSource {
+    /// Where each owned shard starts this pass, from what the lake holds of it: a shard some
+    /// table lacks is read again from its first record (each sink keeps only what it lacks).
+    fn shard_states(&self, lake: &HashMap<String, LakeShard>) -> Result<Vec<ShardState>, SourceError> {
         let mut shards: Vec<ShardState> = Vec::with_capacity(self.owned.len());
         for info in &self.owned {
             let at = lake.get(&info.id).cloned().unwrap_or_default();
@@ -446,12 +427,12 @@ impl Source for KinesisSource {
                 // shard starts where the others are, as with Kafka.)
                 let Some(base) = at.base else {
                     return Err(SourceError::Kinesis(kn::KinesisError::Api {
-                        stream: self.stream.clone(),
-                        message: format!(
-                            "shard {}: a table lacks records the lake's other tables hold, and the lake has no base sequence number to re-read them from",
-                            info.id
-                        ),
-                    }));
+                    stream: self.stream.clone(),
+                    message: format!(
+                        "shard {}: a table lacks records the lake's other tables hold, and the lake has no base sequence number to re-read them from",
+                        info.id
+                    ),
+                }));
                 };
                 info!(shard = %info.id, "kinesis: a table is behind on this shard: re-reading it from its first record");
                 state.count = 0;
@@ -461,6 +442,34 @@ impl Source for KinesisSource {
             }
             shards.push(state);
         }
+        Ok(shards)
+    }
+}
+
+impl Source for KinesisSource {
+    fn begin_pass(&mut self) -> Result<Vec<String>, SourceError> {
+        self.all = self.rt.block_on(kn::list_shards(&self.client, &self.stream))?;
+        self.owned = self
+            .all
+            .iter()
+            .filter(|s| owner(&s.id, self.worker_count) == self.worker_index)
+            .cloned()
+            .collect();
+        info!(
+            stream = %self.stream,
+            shards = self.all.len(),
+            owned = self.owned.len(),
+            worker = self.worker_index,
+            of = self.worker_count,
+            "kinesis: shards of this worker"
+        );
+        Ok(self.owned.iter().map(|s| self.shard_stream(&s.id)).collect())
+    }
+
+    fn read(&mut self, _start: &HashMap<String, u64>, out: &mut ChunkSender) -> Result<ReaderEnd, SourceError> {
+        let ids: Vec<String> = self.owned.iter().map(|s| s.id.clone()).collect();
+        let lake = self.lake_state(&ids)?;
+        let mut shards = self.shard_states(&lake)?;
         let owned_ids: HashSet<String> = ids.into_iter().collect();
         let mut parents_ready: HashSet<String> = HashSet::new();
         let mut listed = Instant::now();
@@ -532,21 +541,8 @@ impl Source for KinesisSource {
                     return Ok(ReaderEnd::NewPass);
                 }
             }
-            if self.once {
-                let finished_here = |p: &String| shards.iter().any(|x| &x.info.id == p && x.finished);
-                // Done when every open shard is caught up, or waits on a parent another worker
-                // owns. A shard whose parents all finished here is about to be read: not done.
-                let done = shards.iter().filter(|s| !s.finished).all(|s| {
-                    if parents_ready.contains(&s.info.id) {
-                        s.caught_up
-                    } else {
-                        s.info.parents.iter().any(|p| !owned_ids.contains(p))
-                            && !s.info.parents.iter().all(finished_here)
-                    }
-                });
-                if done {
-                    return Ok(ReaderEnd::Done);
-                }
+            if self.once && caught_up(&shards, &parents_ready, &owned_ids) {
+                return Ok(ReaderEnd::Done);
             }
             if !sent_any {
                 // Nothing came: wait for the earliest shard's next allowed call.
@@ -560,6 +556,19 @@ impl Source for KinesisSource {
             }
         }
     }
+}
+
+/// `--once`: done when every open shard is caught up, or waits on a parent another worker
+/// owns. A shard whose parents all finished here is about to be read: not done.
+fn caught_up(shards: &[ShardState], parents_ready: &HashSet<String>, owned_ids: &HashSet<String>) -> bool {
+    let finished_here = |p: &String| shards.iter().any(|x| &x.info.id == p && x.finished);
+    shards.iter().filter(|s| !s.finished).all(|s| {
+        if parents_ready.contains(&s.info.id) {
+            s.caught_up
+        } else {
+            s.info.parents.iter().any(|p| !owned_ids.contains(p)) && !s.info.parents.iter().all(finished_here)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -185,13 +185,13 @@ pub(super) fn aggregate_config(
 }
 
 /// Checks that a column may be grouped or measured, and gives its type.
-type SafeColumn = dyn Fn(&Spanned<String>, &str) -> Result<arrow_schema::DataType, LoadError>;
+type SafeColumn<'a> = dyn Fn(&Spanned<String>, &str) -> Result<arrow_schema::DataType, LoadError> + 'a;
 
 /// A measure's function and column: counts take none; sums and averages take a number the
 /// policy made safe to show (`safe` checks it and gives its type).
 fn measure_of(
     m: &RawMeasure,
-    safe: &SafeColumn,
+    safe: &SafeColumn<'_>,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<(MeasureFn, Option<String>), LoadError> {
     let at = m.function.span().start;
