@@ -187,7 +187,6 @@ impl TableTransform {
         keys: &dyn KeyProvider,
         ingested_at_us: i64,
     ) -> Result<Transformed, TransformError> {
-        let n = raw.len();
         let mut rejects = Vec::new();
         let subjects: Vec<Option<Token>> = raw.columns[self.subject_input]
             .iter()
@@ -204,7 +203,53 @@ impl TableTransform {
                 });
             }
         }
-        let (distinct, slot_of) = distinct_subjects(&subjects);
+        let (row_keys, erased) = self.row_keys(raw, keys, &subjects)?;
+        let ctx = RowContext {
+            target: &self.policy.target,
+            ops: &raw.ops,
+            subjects: &subjects,
+            keys: &row_keys,
+        };
+        let (mut columns, vault) = self.apply_rules(raw, &ctx, &mut rejects)?;
+        columns.extend(meta_columns(raw, &subjects, ingested_at_us));
+        let table = RecordBatch::try_new(self.schema.clone(), columns)?;
+
+        // An erased subject's rows go nowhere (not even the quarantine); a value error in one
+        // of them is not reported either.
+        rejects.retain(|r| !erased[r.row]);
+        rejects.sort_by_key(|r| r.row);
+        rejects.dedup_by_key(|r| r.row);
+        let mut dropped = erased;
+        for r in &rejects {
+            dropped[r.row] = true;
+        }
+        let erased_rows = dropped.iter().filter(|d| **d).count() - rejects.len();
+        let vault = vault.finish(raw, &dropped, ingested_at_us)?;
+        let table = if dropped.iter().any(|d| *d) {
+            let keep: BooleanArray = dropped.iter().map(|d| Some(!d)).collect();
+            filter_record_batch(&table, &keep)?
+        } else {
+            table
+        };
+        Ok(Transformed {
+            table,
+            vault,
+            rejects,
+            erased_rows,
+        })
+    }
+
+    /// Each row's data key (when the policy needs keys) and whether its subject is erased for
+    /// the row's event time; one key-store look-up per distinct subject.
+    #[allow(clippy::type_complexity)]
+    fn row_keys(
+        &self,
+        raw: &RawBatch,
+        keys: &dyn KeyProvider,
+        subjects: &[Option<Token>],
+    ) -> Result<(Vec<Option<Arc<DataKey>>>, Vec<bool>), TransformError> {
+        let n = raw.len();
+        let (distinct, slot_of) = distinct_subjects(subjects);
         let erased_subject = keys.erased_subjects(&distinct)?;
         let mut row_keys = vec![None; n];
         if self.policy.needs_keys() {
@@ -246,13 +291,17 @@ impl TableTransform {
                 None => false,
             })
             .collect();
-        let ctx = RowContext {
-            target: &self.policy.target,
-            ops: &raw.ops,
-            subjects: &subjects,
-            keys: &row_keys,
-        };
+        Ok((row_keys, erased))
+    }
 
+    /// Every rule's output columns (in schema order, before the metadata columns) and the
+    /// vault's rows; values that do not fit become rejects.
+    fn apply_rules(
+        &self,
+        raw: &RawBatch,
+        ctx: &RowContext<'_>,
+        rejects: &mut Vec<RowReject>,
+    ) -> Result<(Vec<ArrayRef>, VaultRowsBuilder), TransformError> {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         let mut vault = VaultRowsBuilder::default();
         let mut errors: Vec<RowError> = Vec::new();
@@ -263,14 +312,14 @@ impl TableTransform {
                 Action::Keep(ty) => columns.push(actions::keep::apply(*ty, input, compiled.rule.unit, &mut errors)),
                 Action::Drop => {}
                 Action::Tokenize { .. } if compiled.is_subject_token => {
-                    columns.push(actions::tokenize::from_tokens(&subjects))
+                    columns.push(actions::tokenize::from_tokens(ctx.subjects))
                 }
                 Action::Tokenize { .. } => columns.push(actions::tokenize::apply(
                     compiled.tokenizer.as_ref().expect("compiled"),
                     input,
                 )),
-                Action::Encrypt => columns.push(actions::encrypt::apply(&ctx, column, input)?),
-                Action::Vault => actions::vault::apply(&ctx, column, input, &mut vault)?,
+                Action::Encrypt => columns.push(actions::encrypt::apply(ctx, column, input)?),
+                Action::Vault => actions::vault::apply(ctx, column, input, &mut vault)?,
                 Action::Generalize(f) => columns.push(actions::generalize::apply(
                     f,
                     input,
@@ -291,35 +340,10 @@ impl TableTransform {
                 column: column.to_string(),
                 code: "type_mismatch",
                 reason,
-                subject: subjects[row],
+                subject: ctx.subjects[row],
             }));
         }
-        columns.extend(meta_columns(raw, &subjects, ingested_at_us));
-        let table = RecordBatch::try_new(self.schema.clone(), columns)?;
-
-        // An erased subject's rows go nowhere (not even the quarantine); a value error in one
-        // of them is not reported either.
-        rejects.retain(|r| !erased[r.row]);
-        rejects.sort_by_key(|r| r.row);
-        rejects.dedup_by_key(|r| r.row);
-        let mut dropped = erased;
-        for r in &rejects {
-            dropped[r.row] = true;
-        }
-        let erased_rows = dropped.iter().filter(|d| **d).count() - rejects.len();
-        let vault = vault.finish(raw, &dropped, ingested_at_us)?;
-        let table = if dropped.iter().any(|d| *d) {
-            let keep: BooleanArray = dropped.iter().map(|d| Some(!d)).collect();
-            filter_record_batch(&table, &keep)?
-        } else {
-            table
-        };
-        Ok(Transformed {
-            table,
-            vault,
-            rejects,
-            erased_rows,
-        })
+        Ok((columns, vault))
     }
 }
 

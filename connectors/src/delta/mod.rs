@@ -140,60 +140,8 @@ impl DeltaSink {
                 }
             };
         }
-        let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
-        let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-        let names = |s: &StructType| {
-            s.fields()
-                .map(|f| format!("{}:{}", f.name(), f.data_type()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if names(&existing) != names(&wanted) {
-            // Nullable columns appended at the end (a metadata column a newer sluice writes)
-            // are added to the table; older rows read them as null. Anything else is refused.
-            let old: Vec<_> = existing.fields().collect();
-            let new: Vec<_> = wanted.fields().collect();
-            let appended = new.len() > old.len()
-                && old
-                    .iter()
-                    .zip(&new)
-                    .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type())
-                && new[old.len()..].iter().all(|f| f.is_nullable());
-            if !appended {
-                return Err(DeltaSinkError::SchemaChanged {
-                    table: name.to_string(),
-                    existing: names(&existing),
-                    wanted: names(&wanted),
-                });
-            }
-            tracing::info!(table = name, "adding new columns to the table");
-            let added: Vec<StructField> = new[old.len()..].iter().map(|f| (*f).clone()).collect();
-            table = table.add_columns().with_fields(added).await.map_err(err)?;
-        }
-        // Tables created before statistics were restricted get the property now: their future
-        // commits name no token (older commits still do; `sluice forget` reports those).
-        let wanted_stats = stats_columns.join(",");
-        let current_stats = table
-            .snapshot()
-            .map_err(err)?
-            .metadata()
-            .configuration()
-            .get("delta.dataSkippingStatsColumns")
-            .cloned();
-        if current_stats.as_deref() != Some(wanted_stats.as_str()) {
-            tracing::info!(
-                table = name,
-                "restricting the columns with statistics in the table's log"
-            );
-            table = table
-                .set_tbl_properties()
-                .with_properties(HashMap::from([(
-                    "delta.dataSkippingStatsColumns".to_string(),
-                    wanted_stats,
-                )]))
-                .await
-                .map_err(err)?;
-        }
+        let table = evolve_schema(table, name, &schema).await?;
+        let table = restrict_stats(table, name, stats_columns).await?;
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err)?
             .with_writer_properties(writer_properties(&schema));
@@ -444,6 +392,83 @@ impl DeltaSink {
         }
         Ok(version)
     }
+}
+
+/// The table's schema, or `wanted` when it only appends nullable columns (a metadata column a
+/// newer sluice writes: older rows read them as null); any other difference is refused.
+async fn evolve_schema(mut table: DeltaTable, name: &str, schema: &SchemaRef) -> Result<DeltaTable, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
+    let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
+    let names = |s: &StructType| {
+        s.fields()
+            .map(|f| format!("{}:{}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if names(&existing) != names(&wanted) {
+        // Nullable columns appended at the end (a metadata column a newer sluice writes)
+        // are added to the table; older rows read them as null. Anything else is refused.
+        let old: Vec<_> = existing.fields().collect();
+        let new: Vec<_> = wanted.fields().collect();
+        let appended = new.len() > old.len()
+            && old
+                .iter()
+                .zip(&new)
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type())
+            && new[old.len()..].iter().all(|f| f.is_nullable());
+        if !appended {
+            return Err(DeltaSinkError::SchemaChanged {
+                table: name.to_string(),
+                existing: names(&existing),
+                wanted: names(&wanted),
+            });
+        }
+        tracing::info!(table = name, "adding new columns to the table");
+        let added: Vec<StructField> = new[old.len()..].iter().map(|f| (*f).clone()).collect();
+        table = table.add_columns().with_fields(added).await.map_err(err)?;
+    }
+    Ok(table)
+}
+
+/// Restricts the statistics in the log to `stats_columns`.
+async fn restrict_stats(
+    mut table: DeltaTable,
+    name: &str,
+    stats_columns: &[String],
+) -> Result<DeltaTable, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    // Tables created before statistics were restricted get the property now: their future
+    // commits name no token (older commits still do; `sluice forget` reports those).
+    let wanted_stats = stats_columns.join(",");
+    let current_stats = table
+        .snapshot()
+        .map_err(err)?
+        .metadata()
+        .configuration()
+        .get("delta.dataSkippingStatsColumns")
+        .cloned();
+    if current_stats.as_deref() != Some(wanted_stats.as_str()) {
+        tracing::info!(
+            table = name,
+            "restricting the columns with statistics in the table's log"
+        );
+        table = table
+            .set_tbl_properties()
+            .with_properties(HashMap::from([(
+                "delta.dataSkippingStatsColumns".to_string(),
+                wanted_stats,
+            )]))
+            .await
+            .map_err(err)?;
+    }
+    Ok(table)
 }
 
 /// The table at `location` as it is now (for reading); `None` where there is no table (yet).

@@ -189,40 +189,13 @@ impl Rewriter {
         let mut found = 0usize;
         let list = table.manifest_list_reader(current).load().await?;
         for (n, file) in list.entries().iter().enumerate() {
-            let manifest = file.load_manifest(file_io).await?;
-            let touched = manifest
-                .entries()
-                .iter()
-                .any(|e| e.is_alive() && removed.contains(e.file_path()));
-            if !touched {
-                manifests.push(file.clone());
-                continue;
-            }
-            let spec = metadata
-                .partition_spec_by_id(file.partition_spec_id)
-                .ok_or_else(|| unexpected("manifest of an unknown partition spec"))?;
-            let mut writer = ManifestWriterBuilder::new(
-                file_io.new_output(manifest_path(n))?,
-                Some(snapshot_id),
-                metadata.current_schema().clone(),
-                spec.as_ref().clone(),
-            )
-            .build_v2_data();
-            for entry in manifest.entries() {
-                if !entry.is_alive() {
-                    continue;
+            match without_removed(table, file, snapshot_id, manifest_path(n), removed).await? {
+                Some((manifest, removed_here)) => {
+                    found += removed_here;
+                    manifests.push(manifest);
                 }
-                let seq = entry.sequence_number().unwrap_or(file.sequence_number);
-                let file_seq = entry.file_sequence_number.or(Some(seq));
-                if removed.contains(entry.file_path()) {
-                    found += 1;
-                    writer.add_delete_file(entry.data_file().clone(), seq, file_seq)?;
-                } else {
-                    let added_by = entry.snapshot_id().unwrap_or(file.added_snapshot_id);
-                    writer.add_existing_file(entry.data_file().clone(), added_by, seq, file_seq)?;
-                }
+                None => manifests.push(file.clone()),
             }
-            manifests.push(writer.write_manifest_file().await?);
         }
         if found != removed.len() {
             // Another rewrite (a compaction, an erasure) replaced them first: prepare again.
@@ -394,4 +367,50 @@ fn new_snapshot_id(table: &Table) -> i64 {
             return id;
         }
     }
+}
+
+/// A manifest holding files to remove, written again (at `path`) with them as deleted and the
+/// rest as existing: the new manifest and how many it removed. `None`: it holds none of them.
+async fn without_removed(
+    table: &Table,
+    file: &ManifestFile,
+    snapshot_id: i64,
+    path: String,
+    removed: &HashSet<String>,
+) -> iceberg::Result<Option<(ManifestFile, usize)>> {
+    let metadata = table.metadata();
+    let manifest = file.load_manifest(table.file_io()).await?;
+    let touched = manifest
+        .entries()
+        .iter()
+        .any(|e| e.is_alive() && removed.contains(e.file_path()));
+    if !touched {
+        return Ok(None);
+    }
+    let spec = metadata
+        .partition_spec_by_id(file.partition_spec_id)
+        .ok_or_else(|| unexpected("manifest of an unknown partition spec"))?;
+    let mut writer = ManifestWriterBuilder::new(
+        table.file_io().new_output(path)?,
+        Some(snapshot_id),
+        metadata.current_schema().clone(),
+        spec.as_ref().clone(),
+    )
+    .build_v2_data();
+    let mut found = 0;
+    for entry in manifest.entries() {
+        if !entry.is_alive() {
+            continue;
+        }
+        let seq = entry.sequence_number().unwrap_or(file.sequence_number);
+        let file_seq = entry.file_sequence_number.or(Some(seq));
+        if removed.contains(entry.file_path()) {
+            found += 1;
+            writer.add_delete_file(entry.data_file().clone(), seq, file_seq)?;
+        } else {
+            let added_by = entry.snapshot_id().unwrap_or(file.added_snapshot_id);
+            writer.add_existing_file(entry.data_file().clone(), added_by, seq, file_seq)?;
+        }
+    }
+    Ok(Some((writer.write_manifest_file().await?, found)))
 }

@@ -66,6 +66,36 @@ struct StreamState {
     last_commit_ms: i64,
 }
 
+impl StreamState {
+    fn begin(&mut self, final_lsn: u64, xid: u32, commit_time_micros: i64) {
+        let commit_ms = commit_time_micros / 1000 + PG_EPOCH_UNIX_MS;
+        self.last_commit_ms = commit_ms;
+        self.txn = Some(Txn {
+            xid,
+            lsn: final_lsn,
+            commit_ms,
+            emitted: false,
+            // Sent again after a restart at its commit LSN: every sink holds it.
+            done: final_lsn <= self.start_lsn,
+        });
+    }
+
+    /// A transaction's end: the chunk may be handed over here. False when the sink loop is gone.
+    fn commit(&mut self, out: &mut ChunkSender) -> bool {
+        if let Some(t) = self.txn.take() {
+            if t.emitted {
+                self.last_sent = t.lsn;
+            }
+        }
+        let o = &mut self.outgoing;
+        o.chunk.boundary = true;
+        let due = o.chunk.lines.len() >= o.chunk_events
+            || o.chunk.data.len() >= CHUNK_BYTES
+            || o.since.is_some_and(|t| t.elapsed() >= HAND_OVER_AFTER);
+        !due || o.hand_over(out)
+    }
+}
+
 impl PostgresSource {
     /// Streams changes from the slot until the sink stops (or, with `once`, until every change
     /// committed before the start is taken).
@@ -152,31 +182,10 @@ impl PostgresSource {
                     xid,
                     commit_time_micros,
                 } => {
-                    let commit_ms = commit_time_micros / 1000 + PG_EPOCH_UNIX_MS;
-                    s.last_commit_ms = commit_ms;
-                    s.txn = Some(Txn {
-                        xid,
-                        lsn: final_lsn.as_u64(),
-                        commit_ms,
-                        emitted: false,
-                        // Sent again after a restart at its commit LSN: every sink holds it.
-                        done: final_lsn.as_u64() <= s.start_lsn,
-                    });
+                    s.begin(final_lsn.as_u64(), xid, commit_time_micros);
                     true
                 }
-                ReplicationEvent::Commit { .. } => {
-                    if let Some(t) = s.txn.take() {
-                        if t.emitted {
-                            s.last_sent = t.lsn;
-                        }
-                    }
-                    let o = &mut s.outgoing;
-                    o.chunk.boundary = true;
-                    let due = o.chunk.lines.len() >= self.o.chunk_events
-                        || o.chunk.data.len() >= CHUNK_BYTES
-                        || o.since.is_some_and(|t| t.elapsed() >= HAND_OVER_AFTER);
-                    !due || o.hand_over(out)
-                }
+                ReplicationEvent::Commit { .. } => s.commit(out),
                 ReplicationEvent::XLogData { data, wal_start, .. } => {
                     let message = pgoutput::decode(&data).map_err(|source| PgError::Decode {
                         lsn: wal_start.to_string(),
