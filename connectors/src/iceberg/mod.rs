@@ -27,15 +27,25 @@ use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation,
 
 use crate::SourcePosition;
 
+mod catalog;
+mod compact;
 pub mod erase;
 pub mod rewrite;
+mod schema;
+
+pub use catalog::*;
+pub use compact::*;
+use schema::*;
 
 /// Snapshot summary property holding a stream's committed offset: `sluice.position.<app id>`.
 const POSITION_PROPERTY_PREFIX: &str = "sluice.position.";
+
 /// Commits are retried by us, after re-checking the fences, never blindly by the library.
 const NO_LIBRARY_RETRIES: (&str, &str) = ("commit.retry.num-retries", "0");
+
 /// Parquet files of about this size (the Iceberg default is 512 MiB; ours are per batch).
 const TARGET_FILE_BYTES: usize = 256 << 20;
+
 const MAX_COMMIT_ATTEMPTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,123 +73,6 @@ pub enum IcebergSinkError {
         column: String,
         data_type: String,
     },
-}
-
-/// Which catalog holds the tables.
-#[derive(Clone, PartialEq)]
-pub enum CatalogSettings {
-    /// The embedded SQL catalog: one SQLite file, files under a local warehouse directory
-    /// (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads the same).
-    Sql { database: PathBuf, warehouse: PathBuf },
-    /// A REST catalog (Polaris, Nessie, Glue's REST endpoint, …). `properties` are passed to
-    /// the client as they are (`token`, `credential`, `oauth2-server-uri`, `prefix`, …).
-    Rest {
-        uri: String,
-        warehouse: Option<String>,
-        properties: HashMap<String, String>,
-    },
-}
-
-/// A REST catalog's properties are shown by name only: `token`, `credential` and the like are
-/// secrets (read from the environment through `properties_env`).
-impl std::fmt::Debug for CatalogSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CatalogSettings::Sql { database, warehouse } => f
-                .debug_struct("Sql")
-                .field("database", database)
-                .field("warehouse", warehouse)
-                .finish(),
-            CatalogSettings::Rest {
-                uri,
-                warehouse,
-                properties,
-            } => {
-                let mut names: Vec<&String> = properties.keys().collect();
-                names.sort();
-                f.debug_struct("Rest")
-                    .field("uri", uri)
-                    .field("warehouse", warehouse)
-                    .field("properties", &names)
-                    .finish()
-            }
-        }
-    }
-}
-
-/// A catalog and the namespace the pipeline's tables live in.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IcebergLocation {
-    /// The catalog's name (for the SQL catalog, the `catalog_name` column readers filter on).
-    pub catalog_name: String,
-    pub catalog: CatalogSettings,
-    pub namespace: String,
-}
-
-impl IcebergLocation {
-    pub async fn connect(&self) -> Result<Arc<dyn Catalog>, IcebergSinkError> {
-        let err = |source| IcebergSinkError::Iceberg {
-            table: format!("(catalog {})", self.catalog_name),
-            source: Box::new(source),
-        };
-        let storage = Arc::new(iceberg::io::LocalFsStorageFactory);
-        match &self.catalog {
-            CatalogSettings::Sql { database, warehouse } => {
-                for dir in [
-                    database.parent().unwrap_or(std::path::Path::new(".")),
-                    warehouse.as_path(),
-                ] {
-                    std::fs::create_dir_all(dir).map_err(|source| IcebergSinkError::Io {
-                        path: dir.to_path_buf(),
-                        source,
-                    })?;
-                }
-                let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                let database = abs(&database.parent().map(Path::to_path_buf).unwrap_or_default())
-                    .join(database.file_name().unwrap_or_default());
-                let props = HashMap::from([
-                    ("uri".to_string(), format!("sqlite:{}?mode=rwc", database.display())),
-                    ("warehouse".to_string(), format!("file://{}", abs(warehouse).display())),
-                    (
-                        "sql_bind_style".to_string(),
-                        iceberg_catalog_sql::SqlBindStyle::QMark.to_string(),
-                    ),
-                ]);
-                let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
-                    .with_storage_factory(storage)
-                    .load(&self.catalog_name, props)
-                    .await
-                    .map_err(err)?;
-                Ok(Arc::new(catalog))
-            }
-            CatalogSettings::Rest {
-                uri,
-                warehouse,
-                properties,
-            } => {
-                let mut props = properties.clone();
-                props.insert("uri".into(), uri.clone());
-                if let Some(w) = warehouse {
-                    props.insert("warehouse".into(), w.clone());
-                }
-                let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
-                    .with_storage_factory(storage)
-                    .load(&self.catalog_name, props)
-                    .await
-                    .map_err(err)?;
-                Ok(Arc::new(catalog))
-            }
-        }
-    }
-
-    pub fn table_ident(&self, table: &str) -> TableIdent {
-        TableIdent::new(self.namespace_ident(), table.to_string())
-    }
-
-    fn namespace_ident(&self) -> NamespaceIdent {
-        NamespaceIdent::from_strs(self.namespace.split('.'))
-            .unwrap_or_else(|_| NamespaceIdent::new(self.namespace.clone()))
-    }
 }
 
 /// The summary property of a stream's offset.
@@ -257,35 +150,6 @@ pub struct IcebergSink {
     /// Files written and not committed yet (invisible to readers until the commit adds them).
     written: Vec<DataFile>,
     known: HashMap<String, Option<i64>>,
-}
-
-fn type_error(table: &str, field: &arrow_schema::Field) -> IcebergSinkError {
-    IcebergSinkError::UnsupportedType {
-        table: table.to_string(),
-        column: field.name().clone(),
-        data_type: field.data_type().to_string(),
-    }
-}
-
-/// The Iceberg schema of `schema`, ids from 1 in column order; timestamps as `timestamptz`.
-fn iceberg_schema(table: &str, schema: &ArrowSchema) -> Result<Schema, IcebergSinkError> {
-    let mut fields = Vec::with_capacity(schema.fields().len());
-    for (i, f) in schema.fields().iter().enumerate() {
-        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(table, f))?;
-        let id = i as i32 + 1;
-        fields.push(Arc::new(if f.is_nullable() {
-            NestedField::optional(id, f.name(), ty)
-        } else {
-            NestedField::required(id, f.name(), ty)
-        }));
-    }
-    Schema::builder()
-        .with_fields(fields)
-        .build()
-        .map_err(|source| IcebergSinkError::Iceberg {
-            table: table.to_string(),
-            source: Box::new(source),
-        })
 }
 
 impl IcebergSink {
@@ -567,104 +431,6 @@ impl IcebergSinkError {
     }
 }
 
-/// Rewrites each partition's small files (under `target_bytes`, two or more) into files of
-/// about `target_bytes`, in one `replace` snapshot (data unchanged; older snapshots kept for
-/// time travel). Only `stats_columns` get statistics in the new files. `None` if there is no
-/// table.
-pub async fn compact(
-    catalog: Arc<dyn Catalog>,
-    location: &IcebergLocation,
-    name: &str,
-    app_prefix: &str,
-    stats_columns: Option<&[String]>,
-    target_bytes: u64,
-) -> Result<Option<crate::delta::Compaction>, IcebergSinkError> {
-    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |source| IcebergSinkError::Iceberg {
-        table: name.to_string(),
-        source: Box::new(source),
-    };
-    let ident = location.table_ident(name);
-    if !catalog.table_exists(&ident).await.map_err(err)? {
-        return Ok(None);
-    }
-    let table = catalog.load_table(&ident).await.map_err(err)?;
-    let schema = Arc::new(strip_field_ids(
-        &schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?,
-    ));
-    let all: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let mut sink = IcebergSink::open_or_create(
-        catalog.clone(),
-        location,
-        name,
-        app_prefix,
-        schema,
-        None,
-        stats_columns.unwrap_or(&all),
-    )
-    .await?;
-    let mut by_partition: HashMap<iceberg::spec::Struct, Vec<DataFile>> = HashMap::new();
-    for (file, _) in rewrite::live_files(&sink.table).await.map_err(err)? {
-        if file.file_size_in_bytes() < target_bytes {
-            by_partition.entry(file.partition().clone()).or_default().push(file);
-        }
-    }
-    let mut removed = std::collections::HashSet::new();
-    for files in by_partition.into_values().filter(|f| f.len() > 1) {
-        for file in files {
-            let path = file.file_path().to_string();
-            let bytes = sink
-                .table
-                .file_io()
-                .new_input(&path)
-                .map_err(err)?
-                .read()
-                .await
-                .map_err(err)?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .and_then(|b| b.with_batch_size(65_536).build())
-                .map_err(|e| err(iceberg::Error::new(ErrorKind::DataInvalid, format!("{path}: {e}"))))?;
-            for batch in reader {
-                let batch =
-                    batch.map_err(|e| err(iceberg::Error::new(ErrorKind::DataInvalid, format!("{path}: {e}"))))?;
-                sink.write(batch).await?;
-            }
-            removed.insert(path);
-        }
-        // One partition's files closed before the next is read: memory stays one partition's.
-        sink.spill().await?;
-    }
-    if removed.is_empty() {
-        return Ok(Some(crate::delta::Compaction::default()));
-    }
-    let added = std::mem::take(&mut sink.written);
-    let files_added = added.len() as u64;
-    rewrite::Rewriter::new(catalog, location, name)
-        .await?
-        .replace(
-            &removed,
-            added,
-            iceberg::spec::Operation::Replace,
-            HashMap::new(),
-            false,
-        )
-        .await?;
-    Ok(Some(crate::delta::Compaction {
-        files_removed: removed.len() as u64,
-        files_added,
-    }))
-}
-
-fn strip_field_ids(schema: &ArrowSchema) -> ArrowSchema {
-    ArrowSchema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| arrow_schema::Field::new(f.name(), f.data_type().clone(), f.is_nullable()))
-            .collect::<Vec<_>>(),
-    )
-}
-
 impl IcebergSink {
     /// Replaces the rows `drop` matches with the rows written since the last commit, in one
     /// `overwrite` snapshot carrying `positions`; older snapshots are expired (for small derived
@@ -733,90 +499,6 @@ impl IcebergSink {
         self.table = done.table;
         self.buffered_rows = 0;
         Ok(())
-    }
-}
-
-/// Adds the columns of `schema` the table lacks; any other difference is an error.
-async fn evolve_schema(
-    catalog: &dyn Catalog,
-    table: Table,
-    name: &str,
-    schema: &ArrowSchema,
-) -> Result<Table, IcebergSinkError> {
-    let err = |source| IcebergSinkError::Iceberg {
-        table: name.to_string(),
-        source: Box::new(source),
-    };
-    let current = table.metadata().current_schema().clone();
-    let describe = |fields: Vec<(String, String)>| {
-        fields
-            .into_iter()
-            .map(|(n, t)| format!("{n}:{t}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let existing: Vec<(String, String)> = current
-        .as_struct()
-        .fields()
-        .iter()
-        .map(|f| (f.name.clone(), f.field_type.to_string()))
-        .collect();
-    let mut wanted = Vec::new();
-    let mut added = Vec::new();
-    for f in schema.fields() {
-        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(name, f))?;
-        wanted.push((f.name().clone(), ty.to_string()));
-        match current.field_by_name(f.name()) {
-            Some(existing) if *existing.field_type == ty => {}
-            Some(_) => {
-                return Err(IcebergSinkError::SchemaChanged {
-                    table: name.to_string(),
-                    existing: describe(existing),
-                    wanted: describe(wanted),
-                })
-            }
-            None => added.push(AddColumn::optional(f.name(), ty)),
-        }
-    }
-    let removed = existing.iter().any(|(n, _)| schema.field_with_name(n).is_err());
-    if removed {
-        return Err(IcebergSinkError::SchemaChanged {
-            table: name.to_string(),
-            existing: describe(existing),
-            wanted: describe(wanted),
-        });
-    }
-    if added.is_empty() {
-        return Ok(table);
-    }
-    tracing::info!(
-        table = name,
-        columns = added.len(),
-        "adding the policy's new columns to the table"
-    );
-    let tx = Transaction::new(&table);
-    let mut update = tx.update_schema();
-    for column in added {
-        update = update.add_column(column);
-    }
-    let tx = update.apply(tx).map_err(err)?;
-    tx.commit(catalog).await.map_err(err)
-}
-
-/// The same values under the table's Arrow type: timestamps differ only in how UTC is spelled,
-/// binary is Iceberg's large binary.
-fn retag(array: &ArrayRef, want: &DataType) -> Result<ArrayRef, deltalake::arrow::error::ArrowError> {
-    match (array.data_type(), want) {
-        (have, want) if have == want => Ok(array.clone()),
-        (DataType::Timestamp(TimeUnit::Microsecond, _), DataType::Timestamp(TimeUnit::Microsecond, Some(tz))) => {
-            Ok(Arc::new(
-                array
-                    .as_primitive::<TimestampMicrosecondType>()
-                    .clone()
-                    .with_timezone(tz.clone()),
-            ))
-        }
-        _ => deltalake::arrow::compute::cast(array, want),
     }
 }
 

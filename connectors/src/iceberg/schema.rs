@@ -1,0 +1,116 @@
+//! Arrow schemas as Iceberg schemas, and a table's schema evolved to a policy's.
+
+use super::*;
+
+pub(super) fn type_error(table: &str, field: &arrow_schema::Field) -> IcebergSinkError {
+    IcebergSinkError::UnsupportedType {
+        table: table.to_string(),
+        column: field.name().clone(),
+        data_type: field.data_type().to_string(),
+    }
+}
+
+/// The Iceberg schema of `schema`, ids from 1 in column order; timestamps as `timestamptz`.
+pub(super) fn iceberg_schema(table: &str, schema: &ArrowSchema) -> Result<Schema, IcebergSinkError> {
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    for (i, f) in schema.fields().iter().enumerate() {
+        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(table, f))?;
+        let id = i as i32 + 1;
+        fields.push(Arc::new(if f.is_nullable() {
+            NestedField::optional(id, f.name(), ty)
+        } else {
+            NestedField::required(id, f.name(), ty)
+        }));
+    }
+    Schema::builder()
+        .with_fields(fields)
+        .build()
+        .map_err(|source| IcebergSinkError::Iceberg {
+            table: table.to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// Adds the columns of `schema` the table lacks; any other difference is an error.
+pub(super) async fn evolve_schema(
+    catalog: &dyn Catalog,
+    table: Table,
+    name: &str,
+    schema: &ArrowSchema,
+) -> Result<Table, IcebergSinkError> {
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let current = table.metadata().current_schema().clone();
+    let describe = |fields: Vec<(String, String)>| {
+        fields
+            .into_iter()
+            .map(|(n, t)| format!("{n}:{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let existing: Vec<(String, String)> = current
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| (f.name.clone(), f.field_type.to_string()))
+        .collect();
+    let mut wanted = Vec::new();
+    let mut added = Vec::new();
+    for f in schema.fields() {
+        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(name, f))?;
+        wanted.push((f.name().clone(), ty.to_string()));
+        match current.field_by_name(f.name()) {
+            Some(existing) if *existing.field_type == ty => {}
+            Some(_) => {
+                return Err(IcebergSinkError::SchemaChanged {
+                    table: name.to_string(),
+                    existing: describe(existing),
+                    wanted: describe(wanted),
+                })
+            }
+            None => added.push(AddColumn::optional(f.name(), ty)),
+        }
+    }
+    let removed = existing.iter().any(|(n, _)| schema.field_with_name(n).is_err());
+    if removed {
+        return Err(IcebergSinkError::SchemaChanged {
+            table: name.to_string(),
+            existing: describe(existing),
+            wanted: describe(wanted),
+        });
+    }
+    if added.is_empty() {
+        return Ok(table);
+    }
+    tracing::info!(
+        table = name,
+        columns = added.len(),
+        "adding the policy's new columns to the table"
+    );
+    let tx = Transaction::new(&table);
+    let mut update = tx.update_schema();
+    for column in added {
+        update = update.add_column(column);
+    }
+    let tx = update.apply(tx).map_err(err)?;
+    tx.commit(catalog).await.map_err(err)
+}
+
+/// The same values under the table's Arrow type: timestamps differ only in how UTC is spelled,
+/// binary is Iceberg's large binary.
+pub(super) fn retag(array: &ArrayRef, want: &DataType) -> Result<ArrayRef, deltalake::arrow::error::ArrowError> {
+    match (array.data_type(), want) {
+        (have, want) if have == want => Ok(array.clone()),
+        (DataType::Timestamp(TimeUnit::Microsecond, _), DataType::Timestamp(TimeUnit::Microsecond, Some(tz))) => {
+            Ok(Arc::new(
+                array
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .clone()
+                    .with_timezone(tz.clone()),
+            ))
+        }
+        _ => deltalake::arrow::compute::cast(array, want),
+    }
+}
