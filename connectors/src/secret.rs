@@ -43,7 +43,7 @@ impl Secret {
     }
 
     /// The contents of `path`, without a trailing newline.
-    pub fn from_file(path: &Path, setting: &'static str) -> Result<Self, SecretError> {
+    pub(crate) fn from_file(path: &Path, setting: &'static str) -> Result<Self, SecretError> {
         std::fs::read_to_string(path)
             .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
             .map_err(|source| SecretError::File {

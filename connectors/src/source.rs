@@ -32,7 +32,7 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    pub fn from_kafka(e: rdkafka::error::KafkaError) -> Self {
+    pub(crate) fn from_kafka(e: rdkafka::error::KafkaError) -> Self {
         SourceError::Kafka(e.into())
     }
 }
@@ -182,7 +182,7 @@ impl Default for RuntimeHooks {
     }
 }
 
-pub enum Sent {
+pub(crate) enum Sent {
     Yes,
     /// The queue is full (backpressure); the chunk comes back.
     Full(Chunk),
@@ -237,7 +237,7 @@ impl ChunkSender {
 
     /// Sends, waiting at most `wait` for a permit. After a shutdown request nothing more is
     /// sent: the reader ends its pass and what it sent before is committed.
-    pub fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
+    pub(crate) fn send_within(&mut self, mut chunk: Chunk, wait: Duration) -> Sent {
         if (self.hooks.shutdown_requested)() {
             return Sent::Closed;
         }
@@ -263,7 +263,7 @@ impl ChunkSender {
         Sent::Yes
     }
 
-    pub fn abandon(&self) {
+    pub(crate) fn abandon(&self) {
         self.abandoned.store(true, Ordering::SeqCst);
     }
 }

@@ -19,7 +19,7 @@ impl StorageOptions {
         Self(options)
     }
 
-    pub fn to_map(&self) -> std::collections::HashMap<String, String> {
+    pub(crate) fn to_map(&self) -> std::collections::HashMap<String, String> {
         self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
@@ -36,7 +36,7 @@ impl fmt::Debug for StorageOptions {
 }
 
 /// What `deltalake` opens a table with: its URL and storage options.
-pub type TableUrl = (Url, std::collections::HashMap<String, String>);
+pub(crate) type TableUrl = (Url, std::collections::HashMap<String, String>);
 
 /// A directory of the lake (a table, or a root tables go under).
 #[derive(Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ impl LakePath {
 
     /// The table URL and storage options `deltalake` opens. A local directory is created when
     /// `create` (a table about to be written), otherwise `None` is returned if it is absent.
-    pub fn table_url(&self, create: bool) -> Result<Option<TableUrl>, LakePathError> {
+    pub(crate) fn table_url(&self, create: bool) -> Result<Option<TableUrl>, LakePathError> {
         match self {
             LakePath::Local(path) => {
                 if create {

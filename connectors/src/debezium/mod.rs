@@ -369,7 +369,7 @@ fn classify_without_op<'a>(env: &Envelope<'a>, body: &'a str) -> Result<Decoded<
 
 /// Objects and arrays nested deeper than this are malformed: readers downstream refuse them
 /// (Python's `json`, serde_json's `Value`: 128 levels).
-pub const MAX_NESTING: usize = 128;
+pub(crate) const MAX_NESTING: usize = 128;
 
 /// The text of a JSON scalar (strings unescaped); objects and arrays stay JSON; null is `None`.
 pub fn value_text(raw: &RawValue) -> Result<Option<Sensitive<Cow<'_, str>>>, DecodeError> {

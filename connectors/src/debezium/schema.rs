@@ -73,7 +73,7 @@ pub enum ValueKind {
 
 impl ValueKind {
     /// From a Connect schema's semantic name (and its parameters' `scale`).
-    pub fn from_semantic_name(name: &str, scale: Option<u32>) -> Self {
+    pub(crate) fn from_semantic_name(name: &str, scale: Option<u32>) -> Self {
         match name {
             "org.apache.kafka.connect.data.Decimal" => ValueKind::Decimal { scale },
             "io.debezium.data.VariableScaleDecimal" => ValueKind::VariableScaleDecimal,
@@ -106,7 +106,7 @@ impl ValueKind {
 }
 
 /// Why a value does not match its schema. Static text: never any part of the value.
-pub type ValueError = &'static str;
+pub(crate) type ValueError = &'static str;
 
 /// The canonical text of a value of kind `kind`, written into `out`; `raw` is its JSON.
 /// `Ok(false)`: JSON null.

@@ -27,7 +27,7 @@ use deltalake::{DeltaTable, Path as StorePath};
 use super::{writer_properties, DeltaSinkError};
 
 /// Marks the rows of a batch (holding a matcher's columns) that belong to erased subjects.
-pub type MatchRows = dyn Fn(&RecordBatch) -> Result<BooleanArray, String> + Send + Sync;
+pub(crate) type MatchRows = dyn Fn(&RecordBatch) -> Result<BooleanArray, String> + Send + Sync;
 
 /// Which rows belong to the erased subjects: reads only `columns` of each file.
 pub struct RowMatcher {
@@ -73,7 +73,7 @@ pub struct ErasureTarget {
 }
 
 /// Progress of a long job: called after each file.
-pub type FileProgress<'a> = &'a (dyn Fn(u64) + Sync);
+pub(crate) type FileProgress<'a> = &'a (dyn Fn(u64) + Sync);
 
 impl ErasureTarget {
     /// Opens the table at `location`; `None` if there is no table there. `app_id` marks the

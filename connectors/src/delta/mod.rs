@@ -472,7 +472,7 @@ async fn restrict_stats(
 }
 
 /// The table at `location` as it is now (for reading); `None` where there is no table (yet).
-pub async fn open_table(location: &LakePath, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+pub(crate) async fn open_table(location: &LakePath, name: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
     open_existing(location, name).await
 }
 
@@ -571,7 +571,7 @@ pub async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHisto
 /// recomputed, such as aggregates. Older versions are dropped ([`drop_history`]). Returns the
 /// new version.
 #[allow(clippy::too_many_arguments)]
-pub async fn replace_where(
+pub(crate) async fn replace_where(
     location: &LakePath,
     name: &str,
     app_prefix: &str,

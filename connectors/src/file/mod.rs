@@ -30,13 +30,13 @@ pub enum FileSourceError {
 /// One input file; `stream` is its name relative to the source root, stable across runs, and
 /// is what positions are committed under.
 #[derive(Debug, Clone)]
-pub struct SourceFile {
+pub(crate) struct SourceFile {
     pub stream: String,
     pub path: PathBuf,
 }
 
 impl SourceFile {
-    pub fn gzipped(&self) -> bool {
+    pub(crate) fn gzipped(&self) -> bool {
         self.path.extension().is_some_and(|e| e == "gz")
     }
 }
@@ -46,7 +46,7 @@ impl SourceFile {
 /// unless `follow_symlinks`: a link to a directory of the source would list its files twice,
 /// under two stream names, and ingest them twice. Followed, a file reached twice (or a link
 /// loop) is listed once, by its first name in order.
-pub fn list_files(root: &Path, follow_symlinks: bool) -> Result<Vec<SourceFile>, FileSourceError> {
+pub(crate) fn list_files(root: &Path, follow_symlinks: bool) -> Result<Vec<SourceFile>, FileSourceError> {
     let io_err = |source| FileSourceError::Io {
         path: root.to_path_buf(),
         source,
@@ -107,12 +107,12 @@ pub fn list_files(root: &Path, follow_symlinks: bool) -> Result<Vec<SourceFile>,
 }
 
 /// Bytes of a file's beginning its fingerprint hashes.
-pub const FINGERPRINT_HEAD: u64 = 4096;
+pub(crate) const FINGERPRINT_HEAD: u64 = 4096;
 
 /// What identifies a source file behind its name: a hash of its first bytes (appending never
 /// changes them; another file under the name has other ones) and its inode.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Fingerprint {
+pub(crate) struct Fingerprint {
     pub head_len: u64,
     pub head_sha256: String,
     pub inode: u64,
@@ -146,7 +146,7 @@ fn inode_of(_: &std::fs::Metadata) -> u64 {
 /// Each stream's fingerprint, recorded when it was first read (a JSON file, replaced
 /// atomically): a file that is not the one whose events were committed is an error naming it,
 /// never read from the middle.
-pub struct Fingerprints {
+pub(crate) struct Fingerprints {
     path: PathBuf,
     known: std::collections::BTreeMap<String, Fingerprint>,
 }
@@ -231,7 +231,7 @@ fn is_event_file(path: &Path) -> bool {
     name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".jsonl.gz") || name.ends_with(".json.gz")
 }
 
-pub struct LineReader {
+pub(crate) struct LineReader {
     reader: Box<dyn BufRead + Send>,
     offset: u64,
     max_line: usize,
@@ -275,7 +275,7 @@ impl LineReader {
     }
 
     /// Reads the next line into `buf` (cleared first, newline removed). `None` at end of file.
-    pub fn next_line(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<LineEnd>> {
+    pub(crate) fn next_line(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<LineEnd>> {
         buf.clear();
         let mut len = 0usize;
         let mut consumed = 0u64;

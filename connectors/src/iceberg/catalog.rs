@@ -109,7 +109,7 @@ impl IcebergLocation {
         }
     }
 
-    pub fn table_ident(&self, table: &str) -> TableIdent {
+    pub(crate) fn table_ident(&self, table: &str) -> TableIdent {
         TableIdent::new(self.namespace_ident(), table.to_string())
     }
 

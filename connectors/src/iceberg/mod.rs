@@ -29,8 +29,8 @@ use crate::SourcePosition;
 
 mod catalog;
 mod compact;
-pub mod erase;
-pub mod rewrite;
+pub(crate) mod erase;
+pub(crate) mod rewrite;
 mod schema;
 
 pub use catalog::*;
@@ -82,7 +82,7 @@ fn position_property(app_id: &str) -> String {
 
 /// Every stream's newest committed offset: the current snapshot carries all of them; the walk
 /// through its ancestry also finds those of snapshots written by other tools (which carry none).
-pub fn committed_positions(table: &Table) -> HashMap<String, i64> {
+pub(crate) fn committed_positions(table: &Table) -> HashMap<String, i64> {
     let metadata = table.metadata();
     let mut out = HashMap::new();
     let mut next = metadata.current_snapshot_id();
@@ -102,7 +102,7 @@ pub fn committed_positions(table: &Table) -> HashMap<String, i64> {
 
 /// The summary properties that carry every stream's position forward (for a rewrite
 /// snapshot, so that expiring older snapshots loses no position).
-pub fn position_properties(positions: &HashMap<String, i64>) -> HashMap<String, String> {
+pub(crate) fn position_properties(positions: &HashMap<String, i64>) -> HashMap<String, String> {
     positions
         .iter()
         .map(|(app_id, offset)| (position_property(app_id), offset.to_string()))
@@ -435,7 +435,7 @@ impl IcebergSink {
     /// Replaces the rows `drop` matches with the rows written since the last commit, in one
     /// `overwrite` snapshot carrying `positions`; older snapshots are expired (for small derived
     /// tables that are recomputed, such as aggregates). Files holding no matched row are kept.
-    pub async fn replace_rows(
+    pub(crate) async fn replace_rows(
         &mut self,
         drop: &crate::delta::erase::RowMatcher,
         positions: &[SourcePosition],
@@ -504,7 +504,7 @@ impl IcebergSink {
 
 /// The data files of table `name`'s current snapshot and its schema as Arrow (UTC timestamps,
 /// no field ids: for reading the files with another engine); `None` if there is no table.
-pub async fn data_files(
+pub(crate) async fn data_files(
     catalog: &dyn Catalog,
     location: &IcebergLocation,
     name: &str,

@@ -30,14 +30,12 @@ fn unexpected(message: impl Into<String>) -> iceberg::Error {
 
 /// What a rewrite did.
 pub struct Rewritten {
+    /// The table as the rewrite left it.
     pub table: Table,
-    pub snapshot_id: i64,
-    /// Files no retained snapshot references any more, deleted.
-    pub files_deleted: u64,
 }
 
 /// A table of the SQL catalog opened for rewrites.
-pub struct Rewriter {
+pub(crate) struct Rewriter {
     catalog: Arc<dyn Catalog>,
     location: IcebergLocation,
     name: String,
@@ -137,10 +135,9 @@ impl Rewriter {
         } else {
             0
         };
+        tracing::debug!(table = %self.name, snapshot_id, files_deleted, "rewrite committed");
         Ok(Rewritten {
             table: self.load().await?,
-            snapshot_id,
-            files_deleted,
         })
     }
 
@@ -308,7 +305,7 @@ impl Rewriter {
 }
 
 /// Deletes a file; one already gone (a rerun) is fine. Returns 1 if it was there.
-pub async fn delete_if_present(table: &Table, path: &str) -> iceberg::Result<u64> {
+pub(crate) async fn delete_if_present(table: &Table, path: &str) -> iceberg::Result<u64> {
     if !table.file_io().exists(path).await? {
         return Ok(0);
     }
@@ -317,7 +314,7 @@ pub async fn delete_if_present(table: &Table, path: &str) -> iceberg::Result<u64
 }
 
 /// Every live data file, manifest and manifest list the table's snapshots reference.
-pub async fn referenced_files(table: &Table) -> iceberg::Result<HashSet<String>> {
+pub(crate) async fn referenced_files(table: &Table) -> iceberg::Result<HashSet<String>> {
     let mut out = HashSet::new();
     let mut seen_manifests = HashSet::new();
     for snapshot in table.metadata().snapshots() {
@@ -339,7 +336,7 @@ pub async fn referenced_files(table: &Table) -> iceberg::Result<HashSet<String>>
 }
 
 /// The data files of the current snapshot, each with its partition spec's id.
-pub async fn live_files(table: &Table) -> iceberg::Result<Vec<(DataFile, i32)>> {
+pub(crate) async fn live_files(table: &Table) -> iceberg::Result<Vec<(DataFile, i32)>> {
     let Some(current) = table.metadata().current_snapshot() else {
         return Ok(Vec::new());
     };

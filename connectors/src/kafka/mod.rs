@@ -7,7 +7,7 @@
 //! the lake commit, for lag monitoring only.
 
 mod source;
-pub use source::{group_source, replay_source, KafkaSource, LakePositions, Membership, ReplayRange};
+pub use source::{group_source, replay_source, LakePositions, ReplayRange};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -43,13 +43,13 @@ pub enum KafkaSourceError {
 }
 
 /// The stream name of a partition (also the `txn` application id suffix).
-pub fn stream_name(topic: &str, partition: i32) -> String {
+pub(crate) fn stream_name(topic: &str, partition: i32) -> String {
     format!("kafka/{topic}/{partition}")
 }
 
 /// Where the lake says each stream continues, asked on every assignment. `None`: never
 /// committed (start per the `start` setting).
-pub trait StartPositions: Send + Sync + 'static {
+pub(crate) trait StartPositions: Send + Sync + 'static {
     fn start_offsets(&self, streams: &[String]) -> Result<Vec<Option<i64>>, String>;
 }
 
@@ -290,7 +290,7 @@ pub struct StandaloneContext {
 
 impl StandaloneContext {
     /// Refused credentials or a failed TLS handshake, once librdkafka has reported one.
-    pub fn take_failure(&self) -> Option<KafkaSourceError> {
+    pub(crate) fn take_failure(&self) -> Option<KafkaSourceError> {
         self.security_failure.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -333,13 +333,13 @@ pub struct GroupContext {
 }
 
 impl GroupContext {
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
     /// An error raised inside a rebalance callback, where it cannot be returned, or refused
     /// credentials or a failed TLS handshake reported by librdkafka.
-    pub fn take_failure(&self) -> Option<KafkaSourceError> {
+    pub(crate) fn take_failure(&self) -> Option<KafkaSourceError> {
         let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         failure.or_else(|| self.security_failure.lock().unwrap_or_else(|p| p.into_inner()).take())
     }
@@ -349,7 +349,7 @@ impl GroupContext {
     }
 
     /// Where each stream starts per the lake (as on assignment), for a pass that must seek back.
-    pub fn start_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, KafkaSourceError> {
+    pub(crate) fn start_offsets(&self, streams: &[String]) -> Result<Vec<Offset>, KafkaSourceError> {
         let offsets = self
             .positions
             .start_offsets(streams)
@@ -430,7 +430,7 @@ pub struct GroupSettings {
 
 /// Joins the group and subscribes. The consumer is polled by one thread; the context reports
 /// assignments.
-pub fn group_consumer(
+pub(crate) fn group_consumer(
     settings: &KafkaSettings,
     group: &GroupSettings,
     positions: Box<dyn StartPositions>,
@@ -476,7 +476,9 @@ fn bounded_prefetch(config: &mut ClientConfig) {
 }
 
 /// A consumer outside any group, for replays: partitions are assigned explicitly.
-pub fn standalone_consumer(settings: &KafkaSettings) -> Result<BaseConsumer<StandaloneContext>, KafkaSourceError> {
+pub(crate) fn standalone_consumer(
+    settings: &KafkaSettings,
+) -> Result<BaseConsumer<StandaloneContext>, KafkaSourceError> {
     let mut config = settings.client_config()?;
     config
         .set("group.id", "sluice-replay")
@@ -513,7 +515,10 @@ pub fn partitions<C: ConsumerContext>(
 }
 
 /// Assigns `(topic, partition, offset)` explicitly (replays).
-pub fn assign<C: ConsumerContext>(consumer: &BaseConsumer<C>, parts: &[(String, i32, Offset)]) -> KafkaResult<()> {
+pub(crate) fn assign<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    parts: &[(String, i32, Offset)],
+) -> KafkaResult<()> {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, offset) in parts {
         tpl.add_partition_offset(topic, *partition, *offset)?;
@@ -522,7 +527,7 @@ pub fn assign<C: ConsumerContext>(consumer: &BaseConsumer<C>, parts: &[(String, 
 }
 
 /// Pauses or resumes every assigned partition (backpressure: stop fetching rather than buffer).
-pub fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: bool) -> KafkaResult<()> {
+pub(crate) fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: bool) -> KafkaResult<()> {
     let assignment = consumer.assignment()?;
     if assignment.count() == 0 {
         return Ok(());
@@ -536,7 +541,7 @@ pub fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: bool) 
 
 /// Writes the lake's positions to Kafka's offset store after a lake commit, so the usual lag
 /// tools see the group's progress. Failures (e.g. a partition moved on) only cost monitoring.
-pub fn report_progress<C: ConsumerContext>(consumer: &BaseConsumer<C>, positions: &[(String, i32, i64)]) {
+pub(crate) fn report_progress<C: ConsumerContext>(consumer: &BaseConsumer<C>, positions: &[(String, i32, i64)]) {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, offset) in positions {
         if tpl
@@ -555,7 +560,7 @@ pub fn report_progress<C: ConsumerContext>(consumer: &BaseConsumer<C>, positions
 
 /// Counts deliveries that failed, and keeps a refusal of the credentials or certificates;
 /// checked before every lake commit.
-pub struct DeliveryTracker {
+pub(crate) struct DeliveryTracker {
     failed: AtomicU64,
     settings: KafkaSettings,
     security_failure: Mutex<Option<KafkaSourceError>>,

@@ -171,7 +171,7 @@ struct ErasedSet {
 
 /// What one cached key costs in memory (the token, the key's id and bytes, the LRU's links and
 /// hash slot), measured with `keystore::tests::the_key_cache_costs_what_its_budget_assumes`.
-pub const CACHE_ENTRY_BYTES: usize = 144;
+pub(crate) const CACHE_ENTRY_BYTES: usize = 144;
 
 pub struct KeyStore {
     location: String,

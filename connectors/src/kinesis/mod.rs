@@ -54,15 +54,15 @@ pub async fn client(settings: &KinesisSettings) -> Client {
 }
 
 /// The stream name of a shard (also the `txn` application id suffix).
-pub fn stream_name(stream: &str, shard: &str) -> String {
+pub(crate) fn stream_name(stream: &str, shard: &str) -> String {
     format!("kinesis/{stream}/{shard}")
 }
 
-pub const SEQUENCE_PARTS: usize = 4;
+pub(crate) const SEQUENCE_PARTS: usize = 4;
 const PART_DIGITS: usize = 15;
 
 /// The `txn` names kept beside a shard's count.
-pub struct AttachedNames {
+pub(crate) struct AttachedNames {
     /// The last record's sequence number, in parts.
     pub sequence: [String; SEQUENCE_PARTS],
     /// The first record's sequence number (count 1), in parts.
@@ -91,7 +91,7 @@ impl AttachedNames {
 
 /// A decimal sequence number as [`SEQUENCE_PARTS`] numbers of 15 digits (most significant
 /// first); `None` if it is not decimal or longer than 60 digits.
-pub fn sequence_to_parts(sequence: &str) -> Option<[i64; SEQUENCE_PARTS]> {
+pub(crate) fn sequence_to_parts(sequence: &str) -> Option<[i64; SEQUENCE_PARTS]> {
     let total = SEQUENCE_PARTS * PART_DIGITS;
     if sequence.is_empty() || sequence.len() > total || !sequence.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -104,7 +104,7 @@ pub fn sequence_to_parts(sequence: &str) -> Option<[i64; SEQUENCE_PARTS]> {
     Some(parts)
 }
 
-pub fn parts_to_sequence(parts: &[i64; SEQUENCE_PARTS]) -> String {
+pub(crate) fn parts_to_sequence(parts: &[i64; SEQUENCE_PARTS]) -> String {
     let joined: String = parts.iter().map(|p| format!("{p:0>PART_DIGITS$}")).collect();
     let trimmed = joined.trim_start_matches('0');
     if trimmed.is_empty() {
@@ -115,7 +115,7 @@ pub fn parts_to_sequence(parts: &[i64; SEQUENCE_PARTS]) -> String {
 }
 
 #[derive(Debug, Clone)]
-pub struct ShardInfo {
+pub(crate) struct ShardInfo {
     pub id: String,
     pub parents: Vec<String>,
 }
@@ -128,7 +128,7 @@ fn api_error<E: std::error::Error + 'static, R: std::fmt::Debug>(stream: &str, e
 }
 
 /// Every shard of the stream, open or closed (within the retention period).
-pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>, KinesisError> {
+pub(crate) async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>, KinesisError> {
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -157,7 +157,7 @@ pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<ShardInfo>
 
 /// Where a shard iterator starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StartingPoint {
+pub(crate) enum StartingPoint {
     TrimHorizon,
     Latest,
     At(String),
@@ -166,7 +166,7 @@ pub enum StartingPoint {
     AtTimestamp(i64),
 }
 
-pub async fn shard_iterator(
+pub(crate) async fn shard_iterator(
     client: &Client,
     stream: &str,
     shard: &str,
@@ -191,7 +191,7 @@ pub async fn shard_iterator(
 }
 
 /// One `GetRecords` answer.
-pub enum Fetched {
+pub(crate) enum Fetched {
     Records {
         records: Vec<Record>,
         /// `None`: the shard is closed and fully read.
@@ -204,7 +204,12 @@ pub enum Fetched {
     Expired,
 }
 
-pub async fn get_records(client: &Client, stream: &str, iterator: &str, limit: i32) -> Result<Fetched, KinesisError> {
+pub(crate) async fn get_records(
+    client: &Client,
+    stream: &str,
+    iterator: &str,
+    limit: i32,
+) -> Result<Fetched, KinesisError> {
     match client.get_records().shard_iterator(iterator).limit(limit).send().await {
         Ok(out) => Ok(Fetched::Records {
             next: out.next_shard_iterator().map(str::to_string),

@@ -20,11 +20,11 @@ use crate::SourcePosition;
 /// and the parquet crate's default of 1 MiB kept up to a mebibyte of them interned per column
 /// and partition until each commit (~40 MiB of a 192 MiB budget, `heaptrack`) before falling
 /// back to plain encoding anyway.
-pub const DICTIONARY_PAGE_LIMIT: usize = 64 << 10;
+pub(crate) const DICTIONARY_PAGE_LIMIT: usize = 64 << 10;
 
 /// Parquet settings every table of the lake starts from, whatever its format: snappy, and small
 /// dictionaries (see [`DICTIONARY_PAGE_LIMIT`]).
-pub fn parquet_properties() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
+pub(crate) fn parquet_properties() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     deltalake::parquet::file::properties::WriterProperties::builder()
         .set_compression(deltalake::parquet::basic::Compression::SNAPPY)
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT)

@@ -7,8 +7,8 @@
 mod source;
 pub use source::{PostgresOptions, PostgresSource};
 
-pub mod pgoutput;
-pub mod values;
+pub(crate) mod pgoutput;
+pub(crate) mod values;
 
 use std::collections::BTreeSet;
 
@@ -117,12 +117,12 @@ fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError
     }
 }
 
-pub fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// `schema.table` quoted for SQL.
-pub fn quote_table(schema: &str, table: &str) -> String {
+pub(crate) fn quote_table(schema: &str, table: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
@@ -342,7 +342,7 @@ async fn ensure_publication(client: &Client, s: &PgSettings, tables: &[(String, 
 }
 
 /// Every type's OID and how its values are written (reloaded when an unknown OID appears).
-pub async fn load_types(client: &Client) -> Result<TypeCatalog, PgError> {
+pub(crate) async fn load_types(client: &Client) -> Result<TypeCatalog, PgError> {
     let rows = client
         .query(
             "SELECT oid::int8, typname::text, typtype::text, typelem::int8, typcategory::text, typbasetype::int8 FROM pg_type",
@@ -365,7 +365,7 @@ pub async fn load_types(client: &Client) -> Result<TypeCatalog, PgError> {
 }
 
 /// A table's live columns, in order.
-pub async fn table_shape(
+pub(crate) async fn table_shape(
     client: &Client,
     schema: &str,
     table: &str,
@@ -397,7 +397,7 @@ pub async fn table_shape(
 }
 
 /// The primary-key columns of a table, in key order (empty without a primary key).
-pub async fn primary_key(client: &Client, schema: &str, table: &str) -> Result<Vec<String>, PgError> {
+pub(crate) async fn primary_key(client: &Client, schema: &str, table: &str) -> Result<Vec<String>, PgError> {
     let rows = client
         .query(
             "SELECT a.attname::text FROM pg_index i \
@@ -447,7 +447,7 @@ impl Snapshot {
 /// Opens a REPEATABLE READ, read-only transaction (on `exported`, the slot's snapshot, when
 /// given) and returns its snapshot and the WAL insert position read after it: a transaction
 /// whose commit record lies at or past that position cannot be one the snapshot saw.
-pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<(Snapshot, u64), PgError> {
+pub(crate) async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<(Snapshot, u64), PgError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
@@ -481,7 +481,7 @@ pub async fn begin_snapshot(client: &Client, exported: Option<&str>) -> Result<(
 
 /// Moves an idle slot forward to `lsn` (what every sink committed), e.g. after a `--once` run
 /// ended before acknowledging its last commit.
-pub async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<(), PgError> {
+pub(crate) async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<(), PgError> {
     // Never backwards (heartbeats may have moved it further); a session that just ended may
     // hold the slot for a moment.
     let deadline = std::time::Instant::now() + SLOT_RELEASE_WAIT;
@@ -507,7 +507,7 @@ pub async fn advance_slot(client: &Client, slot: &str, lsn: u64) -> Result<(), P
 }
 
 /// Streams `COPY (SELECT columns FROM table) TO STDOUT` (text format) line by line.
-pub async fn copy_table(
+pub(crate) async fn copy_table(
     client: &Client,
     shape: &TableShape,
     mut line: impl FnMut(&[u8]) -> std::io::Result<()>,
@@ -543,7 +543,7 @@ pub async fn copy_table(
 
 /// Creates the slot on a replication session and returns the session (which must stay open
 /// and idle while the exported snapshot is read) with the snapshot's name.
-pub async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String), PgError> {
+pub(crate) async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String), PgError> {
     let replication_error = |source| PgError::Replication {
         slot: s.slot.clone(),
         source,
@@ -580,7 +580,7 @@ pub async fn create_slot(s: &PgSettings) -> Result<(ReplicationClient, String), 
     Ok((session, snapshot))
 }
 
-pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
+pub(crate) fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
     ReplicationConfig::new(
         s.host.clone(),
         s.user.clone(),
@@ -600,7 +600,7 @@ pub fn replication_config(s: &PgSettings, start_lsn: u64) -> ReplicationConfig {
 }
 
 /// Starts streaming the slot from `start_lsn` (0: from the slot's confirmed position).
-pub async fn start_stream(s: &PgSettings, start_lsn: u64) -> Result<ReplicationClient, PgError> {
+pub(crate) async fn start_stream(s: &PgSettings, start_lsn: u64) -> Result<ReplicationClient, PgError> {
     let mut client = ReplicationClient::connect(replication_config(s, start_lsn))
         .await
         .map_err(|source| PgError::Replication {
@@ -617,7 +617,7 @@ pub async fn start_stream(s: &PgSettings, start_lsn: u64) -> Result<ReplicationC
 /// Writes a non-transactional logical message (prefix `sluice`, this content) into the WAL; it
 /// comes back on the stream in WAL order, so every transaction committed before it has been
 /// received when it arrives.
-pub async fn emit_marker(client: &Client, content: &str) -> Result<(), PgError> {
+pub(crate) async fn emit_marker(client: &Client, content: &str) -> Result<(), PgError> {
     client
         .execute("SELECT pg_logical_emit_message(false, 'sluice', $1::text)", &[&content])
         .await
@@ -626,7 +626,7 @@ pub async fn emit_marker(client: &Client, content: &str) -> Result<(), PgError> 
 }
 
 /// Bytes of WAL the slot holds back on the server.
-pub async fn retained_wal(client: &Client, slot: &str) -> Result<Option<i64>, PgError> {
+pub(crate) async fn retained_wal(client: &Client, slot: &str) -> Result<Option<i64>, PgError> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
@@ -637,7 +637,7 @@ pub async fn retained_wal(client: &Client, slot: &str) -> Result<Option<i64>, Pg
     Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
 }
 
-pub fn lsn_text(lsn: u64) -> String {
+pub(crate) fn lsn_text(lsn: u64) -> String {
     Lsn::from_u64(lsn).to_string()
 }
 

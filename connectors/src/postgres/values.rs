@@ -13,12 +13,12 @@ use base64::Engine;
 use super::pgoutput::Datum;
 
 /// Session settings every connection sluice opens uses (as a libpq `options` string).
-pub const SESSION_OPTIONS: &str =
+pub(crate) const SESSION_OPTIONS: &str =
     "-c TimeZone=UTC -c DateStyle=ISO -c bytea_output=hex -c extra_float_digits=3 -c IntervalStyle=iso_8601";
 
 /// How a PostgreSQL type is written to JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TypeKind {
+pub(crate) enum TypeKind {
     Bool,
     /// Integers: the text is a JSON number.
     Integer,
@@ -43,7 +43,7 @@ pub enum TypeKind {
 }
 
 /// A row of `pg_type`: oid, typname, typtype, typelem, typcategory, typbasetype.
-pub struct TypeRow {
+pub(crate) struct TypeRow {
     pub oid: u32,
     pub name: String,
     pub typtype: u8,
@@ -54,7 +54,7 @@ pub struct TypeRow {
 
 /// Type OID → how its values are written.
 #[derive(Default)]
-pub struct TypeCatalog {
+pub(crate) struct TypeCatalog {
     kinds: HashMap<u32, TypeKind>,
     names: HashMap<u32, String>,
 }
@@ -116,10 +116,10 @@ impl TypeCatalog {
 
 /// A value that cannot be written faithfully (unsupported type, unparsable text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unwritable;
+pub(crate) struct Unwritable;
 
 /// Appends `text` (a value's PostgreSQL text form) as JSON; on `Err` nothing is appended.
-pub fn write_value(kind: &TypeKind, text: &[u8], out: &mut Vec<u8>) -> Result<(), Unwritable> {
+pub(crate) fn write_value(kind: &TypeKind, text: &[u8], out: &mut Vec<u8>) -> Result<(), Unwritable> {
     let s = std::str::from_utf8(text).map_err(|_| Unwritable)?;
     match kind {
         TypeKind::Bool => out.extend_from_slice(match s {
@@ -264,7 +264,7 @@ impl ArrayParser<'_> {
 }
 
 /// One line of `COPY … TO STDOUT` text format: tab-separated, `\N` for null, backslash escapes.
-pub fn parse_copy_line(line: &[u8]) -> Vec<Option<Cow<'_, [u8]>>> {
+pub(crate) fn parse_copy_line(line: &[u8]) -> Vec<Option<Cow<'_, [u8]>>> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.split(|&b| b == b'\t')
         .map(|field| {
@@ -322,14 +322,14 @@ pub fn parse_copy_line(line: &[u8]) -> Vec<Option<Cow<'_, [u8]>>> {
 
 /// A captured table's columns as the event writer needs them.
 #[derive(Debug, Clone)]
-pub struct TableShape {
+pub(crate) struct TableShape {
     pub schema: String,
     pub table: String,
     pub columns: Vec<(String, TypeKind)>,
 }
 
 /// Where an event comes from, for its `source` block.
-pub struct EventSource<'a> {
+pub(crate) struct EventSource<'a> {
     pub connector_name: &'a str,
     pub database: &'a str,
     /// Commit LSN (0 for snapshot rows).
@@ -340,13 +340,13 @@ pub struct EventSource<'a> {
 }
 
 /// A row image: one datum per column of the shape.
-pub type Image<'a, 'b> = &'b [Datum<'a>];
+pub(crate) type Image<'a, 'b> = &'b [Datum<'a>];
 
 /// Writes one Debezium change event (`op` c/u/d/r/t) as a JSON line. Columns whose value cannot
 /// be written faithfully (unsupported type; an unchanged TOAST value with no old row to take
 /// it from) are left out of the images and listed in `source.sluice_unavailable`, so an event
 /// whose policy needs one is quarantined instead of carrying a placeholder.
-pub fn write_event(
+pub(crate) fn write_event(
     out: &mut Vec<u8>,
     op: u8,
     shape: &TableShape,
