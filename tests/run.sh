@@ -64,6 +64,9 @@ PY
 
 cargo fmt --all --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo build --locked -p sluice
 cargo test --workspace --locked
+# The exactly-once core in process, crashed between sink commits (failpoints feature).
+cargo test --locked -p sluice --features failpoints --test exactly_once
+# Last, so the end-to-end tests run the binary as shipped (built without failpoints).
+cargo build --locked -p sluice
 SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/sluice" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider "$@"

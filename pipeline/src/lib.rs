@@ -11,6 +11,7 @@ pub mod cli;
 pub mod compact;
 pub mod config;
 pub mod config_env;
+pub mod failpoints;
 pub mod forget;
 pub mod generate;
 pub mod manifest;

@@ -524,6 +524,7 @@ impl SinkLoop<'_> {
             let rows = sink.buffered_rows();
             let started = Instant::now();
             let version = sink.commit(&covered, &attached).await?;
+            crate::failpoints::hit(&format!("after-commit:{i}"));
             commits += 1;
             metrics().committed(sink.name(), sink.format(), rows, started.elapsed());
             info!(
