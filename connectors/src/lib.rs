@@ -17,6 +17,7 @@
 pub mod avro;
 pub mod debezium;
 pub mod delta;
+pub mod error;
 pub mod file;
 pub mod iceberg;
 pub mod kafka;

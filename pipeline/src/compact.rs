@@ -8,6 +8,7 @@
 //! compaction replaced stay for time travel; an erasure deletes those holding its subjects.
 
 use sluice_connectors::delta::Compaction;
+use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::lake::{delta_table, Catalogs, LakeError, TableLocation};
 use sluice_transforms::crypto::Tokenizer;
 use sluice_transforms::engine::TableTransform;
@@ -60,7 +61,7 @@ pub fn compact_all(config: &Config) -> Result<Vec<TableCompaction>, LakeError> {
         let format = location.format();
         let result = match result {
             Ok(r) => r,
-            Err(e) if e.is_conflict() => {
+            Err(e) if e.kind() == ErrorKind::Conflict => {
                 warn!(table = %name, format, "another writer rewrote the table meanwhile: compaction skipped until next time");
                 None
             }

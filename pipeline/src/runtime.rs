@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
+use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
 use sluice_connectors::lake::{delta_table, Catalogs, LakeError, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
@@ -59,6 +60,23 @@ pub enum RunError {
     WorkerLost,
     #[error(transparent)]
     Registry(#[from] RegistryError),
+}
+
+impl Kind for RunError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RunError::Keys(e) => e.kind(),
+            RunError::Sink(e) => e.kind(),
+            RunError::Source(e) => e.kind(),
+            RunError::Spool(_) => ErrorKind::Data,
+            RunError::Work(WorkError::Registry { .. }) | RunError::Registry(_) => ErrorKind::SourceUnavailable,
+            RunError::Work(WorkError::Transform { .. }) => ErrorKind::Keys,
+            RunError::MasterKey(_) => ErrorKind::Config,
+            RunError::Encode(_) | RunError::Work(_) | RunError::Runtime(_) | RunError::WorkerLost => {
+                ErrorKind::Internal
+            }
+        }
+    }
 }
 
 /// The publishers (`sluice publish`) share their connector's error with its source.
@@ -133,7 +151,7 @@ pub fn run(config: &Config, source: &mut dyn Source) -> Result<Summary, RunError
                 }
                 info!("starting a new pass from the committed positions");
             }
-            Err(RunError::Sink(e)) if e.is_fenced() => {
+            Err(e) if e.kind() == ErrorKind::Fenced => {
                 warn!("{e}");
             }
             Err(e) => return Err(e),

@@ -346,7 +346,7 @@ impl<'a> ErasureJob<'a> {
                     drop_history(&self.rt, &table, receipt)?;
                     break prepared;
                 }
-                Err(e) if e.is_conflict() && attempt < 3 => {
+                Err(e) if e.kind() == ErrorKind::Conflict && attempt < 3 => {
                     warn!(job = %self.job_id, table = %target.name, "another writer rewrote files of the table meanwhile (a compaction?): preparing again");
                     table = self
                         .open(target)?

@@ -28,6 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, Treatment};
 use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
+use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
 use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLocation};
