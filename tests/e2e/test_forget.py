@@ -23,27 +23,7 @@ from conftest import MASTER_KEY, TEST_POLICIES, read_delta, require_or_skip, run
 PEOPLE = (TEST_POLICIES / "people-erasure.toml").read_text()
 
 # Visits stay for statistics after an erasure, unlinked from the person.
-VISITS = """
-table = "public.visits"
-target = "visits"
-subject = "person_id"
-token_domain = "person"
-
-[columns.id]
-action = "tokenize"
-domain = "visit"
-[columns.person_id]
-action = "tokenize"
-[columns.clinic]
-action = "keep"
-type = "string"
-[columns.cost]
-action = "keep"
-type = "int64"
-
-[erasure]
-mode = "anonymize"
-"""
+VISITS = (TEST_POLICIES / "visits-anonymize.toml").read_text()
 
 TABLES = ("people", "visits")
 

@@ -19,11 +19,9 @@ pub async fn compact(
         table: name.to_string(),
         source: Box::new(source),
     };
-    let ident = location.table_ident(name);
-    if !catalog.table_exists(&ident).await.map_err(err)? {
+    let Some(table) = load_existing(catalog.as_ref(), location, name).await? else {
         return Ok(None);
-    }
-    let table = catalog.load_table(&ident).await.map_err(err)?;
+    };
     let schema = Arc::new(strip_field_ids(
         &schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?,
     ));

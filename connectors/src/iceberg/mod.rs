@@ -513,11 +513,9 @@ pub(crate) async fn data_files(
         table: name.to_string(),
         source: Box::new(source),
     };
-    let ident = location.table_ident(name);
-    if !catalog.table_exists(&ident).await.map_err(err)? {
+    let Some(table) = load_existing(catalog, location, name).await? else {
         return Ok(None);
-    }
-    let table = catalog.load_table(&ident).await.map_err(err)?;
+    };
     let files = rewrite::live_files(&table)
         .await
         .map_err(err)?
@@ -548,18 +546,29 @@ pub async fn read_positions(
     app_prefix: &str,
     streams: &[String],
 ) -> Result<Vec<Option<i64>>, IcebergSinkError> {
-    let ident = location.table_ident(name);
-    let err = |source| IcebergSinkError::Iceberg {
-        table: name.to_string(),
-        source: Box::new(source),
-    };
-    if !catalog.table_exists(&ident).await.map_err(err)? {
+    let Some(table) = load_existing(catalog, location, name).await? else {
         return Ok(vec![None; streams.len()]);
-    }
-    let table = catalog.load_table(&ident).await.map_err(err)?;
+    };
     let committed = committed_positions(&table);
     Ok(streams
         .iter()
         .map(|s| committed.get(&format!("sluice/{app_prefix}/{s}")).copied())
         .collect())
+}
+
+/// Table `name` of `location`'s namespace; `None` if the catalog has no such table.
+pub(crate) async fn load_existing(
+    catalog: &dyn Catalog,
+    location: &IcebergLocation,
+    name: &str,
+) -> Result<Option<Table>, IcebergSinkError> {
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let ident = location.table_ident(name);
+    if !catalog.table_exists(&ident).await.map_err(err)? {
+        return Ok(None);
+    }
+    Ok(Some(catalog.load_table(&ident).await.map_err(err)?))
 }

@@ -48,6 +48,21 @@ pub struct Processed {
     pub summary: Summary,
 }
 
+impl Processed {
+    /// A chunk's outputs, with the chunk's place in its stream.
+    fn of(chunk: &Chunk, outputs: Vec<(usize, RecordBatch)>, summary: Summary) -> Self {
+        Processed {
+            seq: chunk.seq,
+            stream: chunk.stream.clone(),
+            last_offset: chunk.last_offset(),
+            attached: chunk.attached.clone(),
+            boundary: chunk.boundary,
+            outputs,
+            summary,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {
     #[error("table {table}, position {position}: {source}")]
@@ -207,15 +222,7 @@ impl Router {
                 summary.vault_rows_written += rows;
             }
         }
-        Ok(Processed {
-            seq: chunk.seq,
-            stream: chunk.stream.clone(),
-            last_offset: chunk.last_offset(),
-            attached: chunk.attached.clone(),
-            boundary: chunk.boundary,
-            outputs,
-            summary,
-        })
+        Ok(Processed::of(chunk, outputs, summary))
     }
 
     /// Runs each table's policy over its raw batch (column-wise): the output batches per sink,
@@ -322,15 +329,7 @@ impl Router {
         if let Some(q) = quarantine.finish(ingested_at_us) {
             outputs.extend(self.skip_committed(chunk, vec![(self.quarantine_sink(), q)], &mut summary)?);
         }
-        Ok(Processed {
-            seq: chunk.seq,
-            stream: chunk.stream.clone(),
-            last_offset: chunk.last_offset(),
-            attached: chunk.attached.clone(),
-            boundary: chunk.boundary,
-            outputs,
-            summary,
-        })
+        Ok(Processed::of(chunk, outputs, summary))
     }
 
     /// After a restart, rows a sink already committed are removed from its output. Only chunks
