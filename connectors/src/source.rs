@@ -209,7 +209,7 @@ impl ChunkSender {
     }
 
     /// Sets the source's lag gauge.
-    pub fn report_lag(&self, source: &'static str, lag: i64) {
+    pub(crate) fn report_lag(&self, source: &'static str, lag: i64) {
         (self.hooks.report_lag)(source, lag)
     }
 
@@ -219,12 +219,12 @@ impl ChunkSender {
 
     /// Whether the sink loop has stopped (the pass is over) or a shutdown was asked for: the
     /// reader ends its pass, what it sent is committed.
-    pub fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst) || (self.hooks.shutdown_requested)()
     }
 
     /// Sends, waiting while too many chunks are in flight. False when the sink loop is gone.
-    pub fn send(&mut self, mut chunk: Chunk) -> bool {
+    pub(crate) fn send(&mut self, mut chunk: Chunk) -> bool {
         loop {
             match self.send_within(chunk, Duration::from_millis(200)) {
                 Sent::Yes => return true,

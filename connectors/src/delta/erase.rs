@@ -78,7 +78,7 @@ pub(crate) type FileProgress<'a> = &'a (dyn Fn(u64) + Sync);
 impl ErasureTarget {
     /// Opens the table at `location`; `None` if there is no table there. `app_id` marks the
     /// erasure commit (one per job), so a rerun knows it is done.
-    pub async fn open(
+    pub(crate) async fn open(
         location: &crate::storage::LakePath,
         name: &str,
         app_id: String,
@@ -106,7 +106,7 @@ impl ErasureTarget {
     }
 
     /// Whether this job's erasure commit is in the table already.
-    pub async fn committed(&self) -> Result<bool, DeltaSinkError> {
+    pub(crate) async fn committed(&self) -> Result<bool, DeltaSinkError> {
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         Ok(snapshot
             .transaction_version(self.table.log_store().as_ref(), self.app_id.clone())
@@ -116,7 +116,7 @@ impl ErasureTarget {
     }
 
     /// Number of data files in the current version (for progress bars).
-    pub fn file_count(&self) -> Result<u64, DeltaSinkError> {
+    pub(crate) fn file_count(&self) -> Result<u64, DeltaSinkError> {
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         Ok(snapshot.log_data().into_iter().count() as u64)
     }
@@ -197,7 +197,7 @@ impl ErasureTarget {
 
     /// Commits a prepared erasure (nothing to do when nothing matched). The old files stay
     /// until [`ErasureTarget::delete_files`].
-    pub async fn commit(&mut self, prepared: &mut PreparedErasure) -> Result<(), DeltaSinkError> {
+    pub(crate) async fn commit(&mut self, prepared: &mut PreparedErasure) -> Result<(), DeltaSinkError> {
         if prepared.actions.is_empty() {
             return Ok(());
         }
@@ -220,7 +220,7 @@ impl ErasureTarget {
     }
 
     /// Drops every version before the current one (see [`super::drop_history`]).
-    pub async fn drop_history(&self) -> Result<super::DroppedHistory, DeltaSinkError> {
+    pub(crate) async fn drop_history(&self) -> Result<super::DroppedHistory, DeltaSinkError> {
         let table = super::open_existing(&self.location, &self.name)
             .await?
             .ok_or_else(|| self.store_err("the table disappeared"))?;
@@ -228,7 +228,7 @@ impl ErasureTarget {
     }
 
     /// Deletes data files by their table-relative paths; files already gone are fine (a rerun).
-    pub async fn delete_files(&self, paths: &[String]) -> Result<u64, DeltaSinkError> {
+    pub(crate) async fn delete_files(&self, paths: &[String]) -> Result<u64, DeltaSinkError> {
         super::delete_paths(&self.table.object_store(), paths)
             .await
             .map_err(|e| self.store_err(e))
@@ -263,7 +263,10 @@ impl ErasureTarget {
 
     /// Commit files and checkpoints of the log in which `found` finds something (file
     /// statistics written before they were restricted can hold a token).
-    pub async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, DeltaSinkError> {
+    pub(crate) async fn log_files_where(
+        &self,
+        found: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<Vec<String>, DeltaSinkError> {
         use futures_util::StreamExt;
         let store = self.table.object_store();
         let prefix = StorePath::from("_delta_log");
@@ -295,7 +298,7 @@ impl ErasureTarget {
 
     /// Paths of data files that committed versions removed (compaction, earlier rewrites):
     /// history, still readable by time travel until deleted.
-    pub async fn history_files(&self) -> Result<std::collections::HashSet<String>, DeltaSinkError> {
+    pub(crate) async fn history_files(&self) -> Result<std::collections::HashSet<String>, DeltaSinkError> {
         use futures_util::StreamExt;
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         let log_store = self.table.log_store();
@@ -308,7 +311,7 @@ impl ErasureTarget {
     }
 
     /// Paths of the data files the current version holds.
-    pub fn active_files(&self) -> Result<Vec<String>, DeltaSinkError> {
+    pub(crate) fn active_files(&self) -> Result<Vec<String>, DeltaSinkError> {
         let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
         Ok(snapshot.log_data().into_iter().map(|f| f.path().to_string()).collect())
     }

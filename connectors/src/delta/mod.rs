@@ -157,13 +157,13 @@ impl DeltaSink {
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The distinct values of a string column, from the minimum and maximum each file's
     /// statistics record (no data file is read).
-    pub fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, DeltaSinkError> {
+    pub(crate) fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, DeltaSinkError> {
         let err = |e: deltalake::DeltaTableError| DeltaSinkError::Delta {
             table: self.name.clone(),
             source: Box::new(e),
@@ -190,7 +190,7 @@ impl DeltaSink {
     }
 
     /// The `txn` application id of a stream.
-    pub fn app_id(&self, stream: &str) -> String {
+    pub(crate) fn app_id(&self, stream: &str) -> String {
         format!("sluice/{}/{}", self.app_prefix, stream)
     }
 
@@ -219,7 +219,7 @@ impl DeltaSink {
 
     /// Positions of `streams` in the table at `location` as it is now (`None` where the table
     /// or the stream has none), without opening a writer.
-    pub async fn read_positions(
+    pub(crate) async fn read_positions(
         location: &LakePath,
         app_prefix: &str,
         streams: &[String],
@@ -263,13 +263,13 @@ impl DeltaSink {
         }
     }
 
-    pub fn buffered_rows(&self) -> usize {
+    pub(crate) fn buffered_rows(&self) -> usize {
         self.buffered_rows
     }
 
     /// Writes the buffered rows out as Parquet files without committing them, so a source
     /// transaction larger than memory can wait for its end: the next commit adds the files.
-    pub async fn spill(&mut self) -> Result<(), DeltaSinkError> {
+    pub(crate) async fn spill(&mut self) -> Result<(), DeltaSinkError> {
         let adds = self.writer.flush().await.map_err(|source| DeltaSinkError::Delta {
             table: self.name.clone(),
             source: Box::new(source),
@@ -645,7 +645,7 @@ pub async fn compact(location: &LakePath, name: &str, target_bytes: u64) -> Resu
 
 impl DeltaSinkError {
     /// Another writer's commit conflicted with this one (try again on the new version).
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         matches!(
             self,
             DeltaSinkError::Delta { source, .. }

@@ -120,7 +120,7 @@ pub(crate) struct Fingerprint {
 
 impl Fingerprint {
     /// The fingerprint of the file's first `head_len` bytes (fewer if it is shorter).
-    pub fn of(path: &Path, head_len: u64) -> io::Result<Self> {
+    pub(crate) fn of(path: &Path, head_len: u64) -> io::Result<Self> {
         let file = File::open(path)?;
         let inode = inode_of(&file.metadata()?);
         let mut head = Vec::with_capacity(head_len as usize);
@@ -152,7 +152,7 @@ pub(crate) struct Fingerprints {
 }
 
 impl Fingerprints {
-    pub fn load(path: PathBuf) -> Result<Self, FileSourceError> {
+    pub(crate) fn load(path: PathBuf) -> Result<Self, FileSourceError> {
         let known = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| FileSourceError::State {
                 path: path.clone(),
@@ -166,7 +166,7 @@ impl Fingerprints {
 
     /// Checks every file whose stream has a committed position (`committed`, bytes) against
     /// its recorded fingerprint, and records new streams (and longer heads of growing ones).
-    pub fn check(
+    pub(crate) fn check(
         &mut self,
         files: &[SourceFile],
         committed: &std::collections::HashMap<String, u64>,
@@ -240,7 +240,7 @@ pub(crate) struct LineReader {
 impl LineReader {
     /// Opens `file` positioned at `start` (a line boundary from a committed position). Lines
     /// longer than `max_line` bytes are cut to that length (the caller quarantines them).
-    pub fn open(file: &SourceFile, start: u64, max_line: usize) -> Result<Self, FileSourceError> {
+    pub(crate) fn open(file: &SourceFile, start: u64, max_line: usize) -> Result<Self, FileSourceError> {
         let io_err = |source| FileSourceError::Io {
             path: file.path.clone(),
             source,

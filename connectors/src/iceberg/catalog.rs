@@ -54,7 +54,7 @@ pub struct IcebergLocation {
 }
 
 impl IcebergLocation {
-    pub async fn connect(&self) -> Result<Arc<dyn Catalog>, IcebergSinkError> {
+    pub(crate) async fn connect(&self) -> Result<Arc<dyn Catalog>, IcebergSinkError> {
         let err = |source| IcebergSinkError::Iceberg {
             table: format!("(catalog {})", self.catalog_name),
             source: Box::new(source),

@@ -36,7 +36,7 @@ pub struct IcebergErasureTarget {
 
 impl IcebergErasureTarget {
     /// `None` if the catalog has no such table.
-    pub async fn open(
+    pub(crate) async fn open(
         catalog: Arc<dyn Catalog>,
         location: &IcebergLocation,
         name: &str,
@@ -78,7 +78,7 @@ impl IcebergErasureTarget {
     }
 
     /// Whether this job's erasure snapshot is in the table already.
-    pub async fn committed(&self) -> Result<bool, IcebergSinkError> {
+    pub(crate) async fn committed(&self) -> Result<bool, IcebergSinkError> {
         Ok(self
             .table
             .metadata()
@@ -86,7 +86,7 @@ impl IcebergErasureTarget {
             .any(|s| s.summary().additional_properties.get(ERASURE_PROPERTY) == Some(&self.app_id)))
     }
 
-    pub async fn file_count(&self) -> Result<u64, IcebergSinkError> {
+    pub(crate) async fn file_count(&self) -> Result<u64, IcebergSinkError> {
         Ok(live_files(&self.table).await.map_err(|e| self.err(e))?.len() as u64)
     }
 
@@ -97,7 +97,7 @@ impl IcebergErasureTarget {
 
     /// Finds the matched rows and, unless `dry_run`, writes the replacement files (not
     /// committed yet).
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         &mut self,
         matcher: &RowMatcher,
         treatment: &Treatment,
@@ -161,7 +161,7 @@ impl IcebergErasureTarget {
 
     /// Commits a prepared erasure (nothing to do when nothing matched): one `overwrite`
     /// snapshot, then every older snapshot expired and the files only they held deleted.
-    pub async fn commit(&mut self, prepared: &mut PreparedIcebergErasure) -> Result<(), IcebergSinkError> {
+    pub(crate) async fn commit(&mut self, prepared: &mut PreparedIcebergErasure) -> Result<(), IcebergSinkError> {
         if prepared.removed.is_empty() {
             return Ok(());
         }
@@ -183,7 +183,7 @@ impl IcebergErasureTarget {
     /// After a job killed between its commit and the clean-up: expires what is still older
     /// than the erasure snapshot, deletes `paths` no snapshot references. Returns how many were
     /// deleted.
-    pub async fn delete_files(&self, paths: &[String]) -> Result<u64, IcebergSinkError> {
+    pub(crate) async fn delete_files(&self, paths: &[String]) -> Result<u64, IcebergSinkError> {
         let referenced = referenced_files(&self.table).await.map_err(|e| self.err(e))?;
         let mut deleted = 0;
         for p in paths.iter().filter(|p| !referenced.contains(*p)) {
@@ -194,7 +194,10 @@ impl IcebergErasureTarget {
 
     /// Every Parquet file under the table's data directory, referenced or not: rows the
     /// matcher finds in each, and when it was last modified.
-    pub async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, IcebergSinkError> {
+    pub(crate) async fn scan_all_files(
+        &self,
+        matcher: &RowMatcher,
+    ) -> Result<Vec<(String, u64, i64)>, IcebergSinkError> {
         let mut out = Vec::new();
         for (path, modified_ms) in self.local_files("data")? {
             if !path.ends_with(".parquet") {
@@ -209,7 +212,7 @@ impl IcebergErasureTarget {
 
     /// Metadata files (table metadata, manifest lists, manifests with their column bounds
     /// decoded) in which `found` finds something.
-    pub async fn log_files_where(
+    pub(crate) async fn log_files_where(
         &self,
         found: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<Vec<String>, IcebergSinkError> {
@@ -227,7 +230,7 @@ impl IcebergErasureTarget {
     }
 
     /// Data files older snapshots still reference (none once the erasure has expired them).
-    pub async fn history_files(&self) -> Result<HashSet<String>, IcebergSinkError> {
+    pub(crate) async fn history_files(&self) -> Result<HashSet<String>, IcebergSinkError> {
         let live: HashSet<String> = self.active_files().await?.into_iter().collect();
         Ok(referenced_files(&self.table)
             .await
@@ -237,7 +240,7 @@ impl IcebergErasureTarget {
             .collect())
     }
 
-    pub async fn active_files(&self) -> Result<Vec<String>, IcebergSinkError> {
+    pub(crate) async fn active_files(&self) -> Result<Vec<String>, IcebergSinkError> {
         Ok(live_files(&self.table)
             .await
             .map_err(|e| self.err(e))?

@@ -157,7 +157,7 @@ impl IcebergSink {
     /// from `schema`, identity partition on `partition_column`) if absent. Columns the policy
     /// added since are added to the table (optional: older rows hold null). Only
     /// `stats_columns` get Parquet statistics and manifest bounds.
-    pub async fn open_or_create(
+    pub(crate) async fn open_or_create(
         catalog: Arc<dyn Catalog>,
         location: &IcebergLocation,
         name: &str,
@@ -252,7 +252,7 @@ impl IcebergSink {
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -264,25 +264,25 @@ impl IcebergSink {
     }
 
     /// The application id of a stream (the same as the Delta sink's `txn` ids).
-    pub fn app_id(&self, stream: &str) -> String {
+    pub(crate) fn app_id(&self, stream: &str) -> String {
         format!("sluice/{}/{}", self.app_prefix, stream)
     }
 
     /// Last position of `stream` committed to this table, if any; later commits of the
     /// stream are fenced on it.
-    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, IcebergSinkError> {
+    pub(crate) async fn committed(&mut self, stream: &str) -> Result<Option<i64>, IcebergSinkError> {
         self.table = self.catalog.load_table(&self.ident).await.map_err(|e| self.err(e))?;
         let position = committed_positions(&self.table).get(&self.app_id(stream)).copied();
         self.known.insert(stream.to_string(), position);
         Ok(position)
     }
 
-    pub fn buffered_rows(&self) -> usize {
+    pub(crate) fn buffered_rows(&self) -> usize {
         self.buffered_rows
     }
 
     /// Buffers rows (accepted, not durable): written into open Parquet files per partition.
-    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), IcebergSinkError> {
+    pub(crate) async fn write(&mut self, batch: RecordBatch) -> Result<(), IcebergSinkError> {
         let batch = self.conform(batch)?;
         if self.writer.is_none() {
             let metadata = self.table.metadata();
@@ -346,7 +346,7 @@ impl IcebergSink {
     }
 
     /// Closes the open files; they are committed by the next commit.
-    pub async fn spill(&mut self) -> Result<(), IcebergSinkError> {
+    pub(crate) async fn spill(&mut self) -> Result<(), IcebergSinkError> {
         if let Some(writer) = self.writer.take() {
             let files = writer.close().await.map_err(|e| self.err(e))?;
             self.written.extend(files);
@@ -371,7 +371,7 @@ impl IcebergSink {
 
     /// Commits the written files in one snapshot whose summary carries `positions` (and the
     /// unfenced `attached` ones): durable. Returns the new snapshot's sequence number.
-    pub async fn commit(
+    pub(crate) async fn commit(
         &mut self,
         positions: &[SourcePosition],
         attached: &[SourcePosition],
@@ -426,7 +426,7 @@ impl IcebergSink {
 
 impl IcebergSinkError {
     /// Another writer's commit conflicted with this one (try again on the new snapshot).
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         matches!(self, IcebergSinkError::Iceberg { source, .. } if source.kind() == ErrorKind::CatalogCommitConflicts)
     }
 }
@@ -539,7 +539,7 @@ pub(crate) async fn data_files(
 
 /// Positions of `streams` in table `name` as it is now (`None` where the table or the stream
 /// has none), without opening a writer.
-pub async fn read_positions(
+pub(crate) async fn read_positions(
     catalog: &dyn Catalog,
     location: &IcebergLocation,
     name: &str,

@@ -29,7 +29,7 @@ fn unexpected(message: impl Into<String>) -> iceberg::Error {
 }
 
 /// What a rewrite did.
-pub struct Rewritten {
+pub(crate) struct Rewritten {
     /// The table as the rewrite left it.
     pub table: Table,
 }
@@ -43,7 +43,7 @@ pub(crate) struct Rewriter {
 }
 
 impl Rewriter {
-    pub async fn new(
+    pub(crate) async fn new(
         catalog: Arc<dyn Catalog>,
         location: &IcebergLocation,
         name: &str,
@@ -79,7 +79,7 @@ impl Rewriter {
         }
     }
 
-    pub async fn load(&self) -> Result<Table, IcebergSinkError> {
+    pub(crate) async fn load(&self) -> Result<Table, IcebergSinkError> {
         self.catalog
             .load_table(&self.location.table_ident(&self.name))
             .await
@@ -90,7 +90,7 @@ impl Rewriter {
     /// one snapshot whose summary carries every stream's position and `properties`; retried
     /// over concurrent appends (whose files are kept). With `expire`, then expires every older
     /// snapshot and deletes the files only they referenced (an erasure: no history left).
-    pub async fn replace(
+    pub(crate) async fn replace(
         &self,
         removed: &HashSet<String>,
         added: Vec<DataFile>,

@@ -497,7 +497,7 @@ pub(crate) fn standalone_consumer(
 }
 
 /// The partitions of `topic`, from the broker's metadata.
-pub fn partitions<C: ConsumerContext>(
+pub(crate) fn partitions<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     timeout: Duration,

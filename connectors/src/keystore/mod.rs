@@ -402,7 +402,7 @@ impl KeyStore {
     /// Per token, the source time before which its events are dropped: `None` for a subject
     /// never erased, [`ERASED_FOR_GOOD`] for an erased one, the release time of one released
     /// for reuse. From the tombstones as of at most `refresh` ago.
-    pub fn erased(&self, tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyStoreError> {
+    pub(crate) fn erased(&self, tokens: &[&str]) -> Result<Vec<Option<i64>>, KeyStoreError> {
         let mut erased = self.erased.lock().unwrap_or_else(|p| p.into_inner());
         if erased.refreshed.is_none_or(|at| at.elapsed() >= self.refresh) {
             let fresh = backend!(self, db => db.tombstones_since(erased.last_seq)).map_err(|m| self.err(m))?;

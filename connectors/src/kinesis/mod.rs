@@ -72,7 +72,7 @@ pub(crate) struct AttachedNames {
 }
 
 impl AttachedNames {
-    pub fn of(shard_stream: &str) -> Self {
+    pub(crate) fn of(shard_stream: &str) -> Self {
         Self {
             sequence: std::array::from_fn(|i| format!("{shard_stream}@seq{i}")),
             base: std::array::from_fn(|i| format!("{shard_stream}@base{i}")),
@@ -81,7 +81,7 @@ impl AttachedNames {
     }
 
     /// All of them: sequence parts, base parts, done.
-    pub fn all(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = &String> {
         self.sequence
             .iter()
             .chain(&self.base)

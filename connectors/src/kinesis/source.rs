@@ -69,7 +69,7 @@ const LAG_LOG_EVERY: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Which worker owns a shard: stable whatever else the stream holds.
-pub fn owner(shard_id: &str, worker_count: u32) -> u32 {
+pub(crate) fn owner(shard_id: &str, worker_count: u32) -> u32 {
     let digest = ring::digest::digest(&ring::digest::SHA256, shard_id.as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_ref()[..8]);

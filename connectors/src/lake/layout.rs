@@ -24,7 +24,7 @@ impl LakeFormat {
         }
     }
 
-    pub fn delta(self) -> bool {
+    pub(crate) fn delta(self) -> bool {
         self != LakeFormat::Iceberg
     }
 

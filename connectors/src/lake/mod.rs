@@ -44,7 +44,7 @@ pub enum LakeError {
 impl LakeError {
     /// Another writer's commit conflicted with this one's (a compaction, an erasure): prepare
     /// again on the new version.
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         match self {
             LakeError::Delta(e) => e.is_conflict(),
             LakeError::Iceberg(e) => e.is_conflict(),
@@ -53,7 +53,7 @@ impl LakeError {
     }
 
     /// Another writer committed a stream this one holds: drop uncommitted work, read again.
-    pub fn is_fenced(&self) -> bool {
+    pub(crate) fn is_fenced(&self) -> bool {
         matches!(
             self,
             LakeError::Delta(DeltaSinkError::Fenced { .. }) | LakeError::Iceberg(IcebergSinkError::Fenced { .. })

@@ -102,7 +102,7 @@ pub enum PgError {
 
 /// A server error as its SQLSTATE and primary message only: DETAIL and HINT can quote row
 /// values (`Key (email)=(…)`), which must never reach a log.
-pub fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => e.to_string(),
@@ -132,7 +132,7 @@ fn quote_literal(text: &str) -> String {
 
 /// An ordinary SQL session (pinned to the value formats in [`SESSION_OPTIONS`]); its
 /// connection task runs on the current tokio runtime.
-pub async fn connect(s: &PgSettings) -> Result<Client, PgError> {
+pub(crate) async fn connect(s: &PgSettings) -> Result<Client, PgError> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&s.host)
@@ -174,7 +174,7 @@ const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 
 /// What start-up found about the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotState {
+pub(crate) enum SlotState {
     Missing,
     /// Exists and is idle; its confirmed position.
     Ready {
@@ -184,7 +184,11 @@ pub enum SlotState {
 
 /// Checks the server and the tables, and makes the publication hold exactly the policy
 /// tables (created when missing; a different existing one is an error, not silently changed).
-pub async fn prepare(client: &Client, s: &PgSettings, tables: &[(String, String)]) -> Result<SlotState, PgError> {
+pub(crate) async fn prepare(
+    client: &Client,
+    s: &PgSettings,
+    tables: &[(String, String)],
+) -> Result<SlotState, PgError> {
     let wal_level = one_value(client, "SHOW wal_level", "reading wal_level")
         .await?
         .unwrap_or_default();
@@ -414,7 +418,7 @@ pub(crate) async fn primary_key(client: &Client, schema: &str, table: &str) -> R
 
 /// A transaction snapshot (`pg_current_snapshot()`): which transactions a snapshot read saw.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub xmin: u64,
     pub xmax: u64,
     pub xip: Vec<u64>,
@@ -422,7 +426,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Parses `xmin:xmax:xip,…`.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split(':');
         let xmin = parts.next()?.parse().ok()?;
         let xmax = parts.next()?.parse().ok()?;
@@ -437,7 +441,7 @@ impl Snapshot {
     /// as committed: then a table read under it already holds that transaction's changes.
     /// Streamed transactions are recent, so the 32-bit comparison is taken modulo 2^32
     /// around `xmax`, as PostgreSQL compares xids.
-    pub fn saw(&self, xid: u32) -> bool {
+    pub(crate) fn saw(&self, xid: u32) -> bool {
         let xmax = self.xmax as u32;
         let before_xmax = (xid.wrapping_sub(xmax) as i32) < 0;
         before_xmax && !self.xip.iter().any(|&x| x as u32 == xid)

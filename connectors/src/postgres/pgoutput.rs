@@ -6,7 +6,7 @@
 
 /// A tuple column as pgoutput sends it.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Datum<'a> {
+pub(crate) enum Datum<'a> {
     Null,
     /// An unchanged TOASTed value the server did not send (`u`).
     UnchangedToast,
@@ -25,14 +25,14 @@ impl std::fmt::Debug for Datum<'_> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
+pub(crate) struct Column {
     pub name: String,
     pub type_oid: u32,
     pub is_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relation {
+pub(crate) struct Relation {
     pub id: u32,
     pub namespace: String,
     pub name: String,
@@ -42,7 +42,7 @@ pub struct Relation {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Message<'a> {
+pub(crate) enum Message<'a> {
     Relation(Relation),
     Insert {
         relation: u32,
@@ -130,7 +130,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes one message (the XLogData payload).
-pub fn decode(data: &[u8]) -> Result<Message<'_>, DecodeError> {
+pub(crate) fn decode(data: &[u8]) -> Result<Message<'_>, DecodeError> {
     let Some((&tag, rest)) = data.split_first() else {
         return Err(DecodeError {
             message: "message",

@@ -76,7 +76,7 @@ fn kind_by_name(name: &str) -> TypeKind {
 }
 
 impl TypeCatalog {
-    pub fn new(rows: &[TypeRow]) -> Self {
+    pub(crate) fn new(rows: &[TypeRow]) -> Self {
         let by_oid: HashMap<u32, &TypeRow> = rows.iter().map(|r| (r.oid, r)).collect();
         fn resolve(row: &TypeRow, by_oid: &HashMap<u32, &TypeRow>, depth: u8) -> TypeKind {
             if depth > 8 {
@@ -105,11 +105,11 @@ impl TypeCatalog {
     }
 
     /// `None` for a type created after the catalog was read (reload it).
-    pub fn kind(&self, oid: u32) -> Option<&TypeKind> {
+    pub(crate) fn kind(&self, oid: u32) -> Option<&TypeKind> {
         self.kinds.get(&oid)
     }
 
-    pub fn name(&self, oid: u32) -> &str {
+    pub(crate) fn name(&self, oid: u32) -> &str {
         self.names.get(&oid).map(String::as_str).unwrap_or("unknown")
     }
 }
