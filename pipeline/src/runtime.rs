@@ -22,7 +22,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
-use sluice_connectors::lake::{delta_table, Catalogs, LakeError, TableSink};
+use sluice_connectors::lake::{delta_table, Catalogs, LakeError, StreamStanding, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::engine::PARTITION_COLUMN;
@@ -184,9 +184,8 @@ fn read_committed(
     let start: HashMap<String, u64> = streams
         .iter()
         .filter_map(|stream| {
-            let positions: Option<Vec<i64>> = committed.iter().map(|c| c.get(stream).copied()).collect();
-            let lowest = positions?.into_iter().min()?;
-            Some((stream.clone(), lowest.max(0) as u64))
+            let standing = StreamStanding::over(committed.iter().map(|c| c.get(stream).copied()));
+            Some((stream.clone(), standing.resume_at()?.max(0) as u64))
         })
         .collect();
     Ok((committed, start))

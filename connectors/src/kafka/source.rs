@@ -84,30 +84,16 @@ impl StartPositions for LakePositions {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let mut lowest: Vec<Option<i64>> = vec![None; streams.len()];
-        let mut missing = vec![false; streams.len()];
-        for table in &self.tables {
-            let positions = rt
-                .block_on(table.read_positions(&self.app_prefix, streams))
-                .map_err(|e| e.to_string())?;
-            for (i, p) in positions.into_iter().enumerate() {
-                match p {
-                    Some(v) => lowest[i] = Some(lowest[i].map_or(v, |l| l.min(v))),
-                    None => missing[i] = true,
-                }
-            }
-        }
+        let standings = rt
+            .block_on(crate::lake::standings(&self.tables, &self.app_prefix, streams))
+            .map_err(|e| e.to_string())?;
         // From the earliest, a table that never saw the stream (e.g. a new policy) gets it
         // all; from the latest, it starts where the others are.
-        Ok(lowest
+        Ok(standings
             .into_iter()
-            .zip(missing)
-            .map(|(low, missing)| {
-                if missing && self.start_at == StartAt::Earliest {
-                    None
-                } else {
-                    low
-                }
+            .map(|s| match self.start_at {
+                StartAt::Earliest => s.resume_at(),
+                _ => s.lowest,
             })
             .collect())
     }

@@ -8,7 +8,9 @@ use iceberg::Catalog;
 
 mod layout;
 mod ops;
+mod positions;
 pub use layout::{delta_table, table_locations, LakeFormat};
+pub use positions::{standings, StreamStanding};
 
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};

@@ -120,15 +120,19 @@ impl PostgresSource {
             let n = start.get(stream).copied().unwrap_or(0);
             return Ok((n, n));
         }
-        let (mut fewest, mut most) = (u64::MAX, 0);
-        for location in &self.o.snapshot_sinks[i] {
-            let held = self
-                .rt
-                .block_on(location.read_positions(&self.o.app_prefix, &[stream.to_string()]))?;
-            let n = held[0].map_or(0, |p| p.max(0) as u64);
-            (fewest, most) = (fewest.min(n), most.max(n));
-        }
-        Ok((fewest.min(most), most))
+        let standing = self.rt.block_on(crate::lake::standings(
+            &self.o.snapshot_sinks[i],
+            &self.o.app_prefix,
+            &[stream.to_string()],
+        ))?[0];
+        let rows = |offset: Option<i64>| offset.map_or(0, |p| p.max(0) as u64);
+        // A table that holds none of the stream holds 0 rows of it.
+        let fewest = if standing.missing_somewhere {
+            0
+        } else {
+            rows(standing.lowest)
+        };
+        Ok((fewest, rows(standing.highest)))
     }
 
     /// Whether table `i`'s own lake table holds any of `stream` (never in raw mode: no lake).
