@@ -173,15 +173,6 @@ pub struct RuntimeHooks {
     pub report_lag: fn(&'static str, i64),
 }
 
-impl Default for RuntimeHooks {
-    fn default() -> Self {
-        Self {
-            shutdown_requested: || false,
-            report_lag: |_, _| {},
-        }
-    }
-}
-
 pub(crate) enum Sent {
     Yes,
     /// The queue is full (backpressure); the chunk comes back.
@@ -211,10 +202,6 @@ impl ChunkSender {
     /// Sets the source's lag gauge.
     pub(crate) fn report_lag(&self, source: &'static str, lag: i64) {
         (self.hooks.report_lag)(source, lag)
-    }
-
-    pub fn hooks(&self) -> RuntimeHooks {
-        self.hooks
     }
 
     /// Whether the sink loop has stopped (the pass is over) or a shutdown was asked for: the

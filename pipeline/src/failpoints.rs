@@ -1,6 +1,7 @@
 //! Crash points for the Rust tests of the exactly-once core (cargo feature `failpoints`): a test
 //! arms one by name; the run panics when it reaches it, as a crash there would stop it (what
-//! was committed stays, the rest is lost with the process). Without the feature `hit` is empty.
+//! was committed stays, the rest is lost with the process). Without the feature there is
+//! nothing here, and the call sites compile away with it.
 //! The end-to-end tests crash the real binary with kill -9 and `SLUICE_FAILPOINT` instead.
 
 #[cfg(feature = "failpoints")]
@@ -13,22 +14,17 @@ pub fn arm(name: &str, skip: usize) {
 }
 
 /// Reached `name`: panics if a test armed it (once).
-#[inline]
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
-    #[cfg(feature = "failpoints")]
-    {
-        let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, skip)) = armed.as_mut() {
-            if at == name {
-                if *skip == 0 {
-                    *armed = None;
-                    drop(armed);
-                    panic!("failpoint {name}");
-                }
-                *skip -= 1;
+    let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, skip)) = armed.as_mut() {
+        if at == name {
+            if *skip == 0 {
+                *armed = None;
+                drop(armed);
+                panic!("failpoint {name}");
             }
+            *skip -= 1;
         }
     }
-    #[cfg(not(feature = "failpoints"))]
-    let _ = name;
 }

@@ -70,7 +70,10 @@ impl Kind for RunError {
             RunError::Source(e) => e.kind(),
             RunError::Spool(_) => ErrorKind::Data,
             RunError::Work(WorkError::Registry { .. }) | RunError::Registry(_) => ErrorKind::SourceUnavailable,
-            RunError::Work(WorkError::Transform { .. }) => ErrorKind::Keys,
+            RunError::Work(WorkError::Transform {
+                source: sluice_transforms::engine::TransformError::Keys(_),
+                ..
+            }) => ErrorKind::Keys,
             RunError::MasterKey(_) => ErrorKind::Config,
             RunError::Encode(_) | RunError::Work(_) | RunError::Runtime(_) | RunError::WorkerLost => {
                 ErrorKind::Internal
@@ -541,6 +544,7 @@ impl SinkLoop<'_> {
             let rows = sink.buffered_rows();
             let started = Instant::now();
             let version = sink.commit(&covered, &attached).await?;
+            #[cfg(feature = "failpoints")]
             crate::failpoints::hit(&format!("after-commit:{i}"));
             commits += 1;
             metrics().committed(sink.name(), sink.format(), rows, started.elapsed());

@@ -32,36 +32,6 @@ pub(super) struct JobState {
 /// deleted-file retention): a younger one may be a running writer's transaction in flight.
 pub(super) const ORPHAN_MIN_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
 
-/// Where a job stands, read from its saved state (whose fields stay as they are, so that a job
-/// interrupted under an older version resumes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    /// Keys not destroyed yet (or a dry run).
-    Shred,
-    /// Keys destroyed; tables being rewritten (those in `tables_done` are), then the hooks
-    /// (aggregates) run.
-    Tables,
-    Verify,
-    Audit,
-    Done,
-}
-
-impl JobState {
-    pub(super) fn phase(&self) -> Phase {
-        if self.audit_written {
-            Phase::Done
-        } else if self.verification_done {
-            Phase::Audit
-        } else if self.hooks_done {
-            Phase::Verify
-        } else if self.shredded_at_ms.is_some() {
-            Phase::Tables
-        } else {
-            Phase::Shred
-        }
-    }
-}
-
 // Returned once per job, never stored: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Started<'a> {
@@ -130,11 +100,11 @@ impl<'a> ErasureJob<'a> {
                 "job {job_id} exists for other subjects: give the same subjects as its first run, or another --request-id"
             )));
         }
-        if saved.phase() == Phase::Done && saved.receipt.verification.passed {
+        if saved.audit_written && saved.receipt.verification.passed {
             info!(job = %job_id, "this erasure job finished before; printing its receipt");
             return Ok(Started::Finished(saved.receipt));
         }
-        let mut state = if saved.phase() == Phase::Done {
+        let mut state = if saved.audit_written {
             // Finished, but the verification found something: go through the tables again.
             info!(job = %job_id, "the job's verification found rows left; running it again");
             JobState {
