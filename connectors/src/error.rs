@@ -79,7 +79,8 @@ impl Kind for crate::source::SourceError {
             S::Postgres(_) => ErrorKind::SourceUnavailable,
             S::Lake(e) => e.kind(),
             S::Spool(_) => ErrorKind::Data,
-            S::Runtime(_) => ErrorKind::Internal,
+            S::Secret(_) => ErrorKind::Config,
+            S::Runtime(_) | S::Internal(_) => ErrorKind::Internal,
         }
     }
 }

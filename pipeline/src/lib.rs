@@ -23,5 +23,6 @@ pub mod raw_capture;
 pub mod runtime;
 pub mod shutdown;
 pub mod sinks;
+pub mod sources;
 pub mod summary;
 pub mod worker;

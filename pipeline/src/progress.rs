@@ -1,37 +1,28 @@
 //! Progress of long jobs (replays): a live line on a terminal, a periodic log line otherwise.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_connectors::kafka::Lag;
+use sluice_connectors::source::Behind;
 use tracing::info;
 
-/// How far behind the source's end the job is.
-pub enum Behind {
-    /// Kafka: messages behind the high watermarks.
-    Messages(Lag),
-    /// Kinesis: `MillisBehindLatest` (the largest over the shards), -1 before the first read.
-    Millis(Arc<AtomicI64>),
-}
-
-impl Behind {
-    /// e.g. `lag 12,000 messages, ETA 4 s` or `2.5 s behind`.
-    fn describe(&self, rate: f64) -> String {
-        match self {
-            Behind::Messages(lag) => match lag.get() {
-                Some(n) if rate > 0.0 => format!("lag {n} messages, ETA {:.0} s", n as f64 / rate),
-                Some(n) => format!("lag {n} messages"),
-                None => "lag unknown".into(),
-            },
-            Behind::Millis(ms) => match ms.load(Ordering::Relaxed) {
-                ms if ms >= 0 => format!("{:.1} s behind the stream's end", ms as f64 / 1000.0),
-                _ => "lag unknown".into(),
-            },
-        }
+/// How far behind the source's end the job is, e.g. `lag 12,000 messages, ETA 4 s` or `2.5 s
+/// behind`.
+fn describe(behind: &Behind, rate: f64) -> String {
+    match behind {
+        Behind::Messages(lag) => match lag.get() {
+            Some(n) if rate > 0.0 => format!("lag {n} messages, ETA {:.0} s", n as f64 / rate),
+            Some(n) => format!("lag {n} messages"),
+            None => "lag unknown".into(),
+        },
+        Behind::Millis(ms) => match ms.load(Ordering::Relaxed) {
+            ms if ms >= 0 => format!("{:.1} s behind the stream's end", ms as f64 / 1000.0),
+            _ => "lag unknown".into(),
+        },
     }
 }
 
@@ -61,7 +52,7 @@ impl Progress {
                     while !flag.load(Ordering::Relaxed) {
                         let n = events.load(Ordering::Relaxed);
                         bar.set_position(n);
-                        bar.set_message(behind.describe(n as f64 / started.elapsed().as_secs_f64().max(0.001)));
+                        bar.set_message(describe(&behind, n as f64 / started.elapsed().as_secs_f64().max(0.001)));
                         std::thread::park_timeout(Duration::from_millis(200));
                     }
                     bar.finish_and_clear();
@@ -73,7 +64,7 @@ impl Progress {
                             last = Instant::now();
                             let n = events.load(Ordering::Relaxed);
                             let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
-                            info!(events = n, rate = rate.round() as u64, behind = %behind.describe(rate), "replay progress");
+                            info!(events = n, rate = rate.round() as u64, behind = %describe(&behind, rate), "replay progress");
                         }
                     }
                 }

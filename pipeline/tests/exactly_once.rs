@@ -5,12 +5,10 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use sluice::config::Config;
 use sluice::{failpoints, generate, runtime};
 use sluice_connectors::datafusion::prelude::SessionContext;
-use sluice_connectors::file::FileSource;
 use sluice_connectors::lake::Catalogs;
 
 const EVENTS: u64 = 4_000;
@@ -62,17 +60,8 @@ chunk_events = {CHUNK_EVENTS}
 }
 
 fn run_once(config: &Config) -> Result<sluice::summary::Summary, runtime::RunError> {
-    let sluice::config::SourceConfig::File { path, .. } = &config.source else {
-        panic!("a file source");
-    };
-    let mut source = FileSource::new(
-        path.clone(),
-        config.input.max_event_bytes,
-        config.workers.chunk_events,
-        true,
-        Duration::from_millis(100),
-    );
-    runtime::run(config, &mut source)
+    let mut source = sluice::sources::build(config, true).unwrap();
+    runtime::run(config, source.as_mut())
 }
 
 /// Per sink (tables in each format, vault, quarantine): rows, and distinct `_position`s where a

@@ -10,8 +10,10 @@ use flate2::read::MultiGzDecoder;
 
 pub use crate::source::LineEnd;
 
+mod config;
 mod source;
-pub use source::{FileSource, CHUNK_BYTES};
+pub use config::FileSourceConfig;
+pub(crate) use source::{FileSource, CHUNK_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {

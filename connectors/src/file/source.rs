@@ -11,7 +11,7 @@ use crate::source::Chunk;
 use crate::source::SourceError;
 use crate::source::{ChunkSender, ReaderEnd, Source};
 
-pub struct FileSource {
+pub(crate) struct FileSource {
     root: PathBuf,
     files: Vec<SourceFile>,
     max_line: usize,
@@ -24,10 +24,10 @@ pub struct FileSource {
 }
 
 /// Bytes of line data per chunk at most, so a chunk of huge events stays bounded too.
-pub const CHUNK_BYTES: usize = 8 << 20;
+pub(crate) const CHUNK_BYTES: usize = 8 << 20;
 
 impl FileSource {
-    pub fn new(root: PathBuf, max_line: usize, chunk_events: usize, once: bool, poll: Duration) -> Self {
+    pub(crate) fn new(root: PathBuf, max_line: usize, chunk_events: usize, once: bool, poll: Duration) -> Self {
         Self {
             root,
             files: Vec::new(),
@@ -41,7 +41,7 @@ impl FileSource {
     }
 
     /// Symbolic links followed or not, and the file recording each stream's fingerprint.
-    pub fn with_files(mut self, follow_symlinks: bool, fingerprints: std::path::PathBuf) -> Self {
+    pub(crate) fn with_files(mut self, follow_symlinks: bool, fingerprints: std::path::PathBuf) -> Self {
         self.follow_symlinks = follow_symlinks;
         self.fingerprints = Some(fingerprints);
         self

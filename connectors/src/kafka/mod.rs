@@ -6,8 +6,10 @@
 //! lake holds ([`StartPositions`]), not at Kafka's committed offset — that one is written after
 //! the lake commit, for lag monitoring only.
 
+mod config;
 mod source;
-pub use source::{group_source, replay_source, LakePositions, ReplayRange};
+pub use config::KafkaSourceConfig;
+pub(crate) use source::ReplayRange;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -282,7 +284,7 @@ macro_rules! client_context_with_lag {
     };
 }
 
-pub struct StandaloneContext {
+pub(crate) struct StandaloneContext {
     pub lag: Lag,
     settings: KafkaSettings,
     security_failure: Mutex<Option<KafkaSourceError>>,
@@ -322,7 +324,7 @@ fn log_client_error(error: KafkaError, reason: &str) {
 
 /// Rebalance handling: every assignment starts at the lake's positions, and every change of
 /// assignment bumps a generation the reader watches (it then abandons its uncommitted work).
-pub struct GroupContext {
+pub(crate) struct GroupContext {
     positions: Box<dyn StartPositions>,
     start_at: StartAt,
     generation: AtomicU64,
@@ -420,7 +422,7 @@ impl ConsumerContext for GroupContext {
 }
 
 /// Consumer-group settings.
-pub struct GroupSettings {
+pub(crate) struct GroupSettings {
     pub group_id: String,
     /// Topic names, or regular expressions starting with `^`.
     pub topics: Vec<String>,

@@ -25,14 +25,14 @@ use crate::source::{Chunk, LineEnd};
 use crate::source::{ChunkSender, ProgressReporter, ReaderEnd, ReplayFrom, ReplayTo, Sent, Source};
 
 #[derive(Debug, Clone)]
-pub struct ReplayRange {
+pub(crate) struct ReplayRange {
     pub topics: Vec<String>,
     pub from: ReplayFrom,
     pub to: ReplayTo,
 }
 
 /// What the reader needs of a consumer's context: its assignment and its changes.
-pub trait Membership {
+pub(crate) trait Membership {
     fn generation(&self) -> u64;
     fn take_failure(&self) -> Option<SourceError>;
     fn lag(&self) -> &Lag;
@@ -72,7 +72,7 @@ impl Membership for StandaloneContext {
 
 /// Reads the lake's committed positions for a new assignment: per stream the lowest over every
 /// sink (a sink that never committed the stream means: from the beginning).
-pub struct LakePositions {
+pub(crate) struct LakePositions {
     pub tables: Vec<TableLocation>,
     pub app_prefix: String,
     pub start_at: StartAt,
@@ -117,7 +117,7 @@ enum Mode {
     Replay { range: ReplayRange, topic_index: usize },
 }
 
-pub struct KafkaSource<C: ConsumerContext + Membership + 'static> {
+pub(crate) struct KafkaSource<C: ConsumerContext + Membership + 'static> {
     consumer: Arc<BaseConsumer<C>>,
     mode: Mode,
     max_event_bytes: usize,
@@ -134,7 +134,7 @@ pub struct KafkaSource<C: ConsumerContext + Membership + 'static> {
 }
 
 /// The daemon's group consumer.
-pub fn group_source(
+pub(crate) fn group_source(
     settings: &KafkaSettings,
     group: &kc::GroupSettings,
     positions: LakePositions,
@@ -153,7 +153,7 @@ pub fn group_source(
 }
 
 /// A replay of `range`, one topic per pass.
-pub fn replay_source(
+pub(crate) fn replay_source(
     settings: &KafkaSettings,
     range: ReplayRange,
     max_event_bytes: usize,
@@ -488,7 +488,7 @@ impl<C: ConsumerContext + Membership + 'static> Source for KafkaSource<C> {
 
 impl<C: ConsumerContext + Membership + 'static> KafkaSource<C> {
     /// Messages behind the high watermarks of this consumer's partitions.
-    pub fn lag(&self) -> Lag {
+    pub(crate) fn lag(&self) -> Lag {
         self.consumer.context().lag().clone()
     }
 

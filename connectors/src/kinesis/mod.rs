@@ -8,8 +8,9 @@
 //! ([`sequence_to_parts`]); so is the sequence number of the first record the lake took (the
 //! base every count is relative to); a finished shard gets a `done` entry.
 
+mod config;
 mod source;
-pub use source::{KinesisOptions, KinesisSource};
+pub use config::KinesisSourceConfig;
 
 use std::time::Duration;
 

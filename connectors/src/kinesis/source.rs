@@ -26,7 +26,7 @@ use crate::source::SourceError;
 use crate::source::{Chunk, LineEnd};
 use crate::source::{ChunkSender, ReaderEnd, ReplayFrom, ReplayTo, Source};
 
-pub struct KinesisSource {
+pub(crate) struct KinesisSource {
     rt: tokio::runtime::Runtime,
     client: Client,
     stream: String,
@@ -48,7 +48,7 @@ pub struct KinesisSource {
     pub behind_ms: Arc<AtomicI64>,
 }
 
-pub struct KinesisOptions {
+pub(crate) struct KinesisOptions {
     pub settings: kn::KinesisSettings,
     pub stream: String,
     pub worker_index: u32,
@@ -109,7 +109,7 @@ struct ShardState {
 }
 
 impl KinesisSource {
-    pub fn new(options: KinesisOptions) -> Result<Self, SourceError> {
+    pub(crate) fn new(options: KinesisOptions) -> Result<Self, SourceError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -4,8 +4,11 @@
 //!
 //! Errors name settings, tables, columns and positions; never a row value.
 
+mod config;
 mod source;
-pub use source::{PostgresOptions, PostgresSource};
+pub use config::PostgresSourceConfig;
+pub(crate) use source::PostgresOptions;
+pub use source::PostgresSource;
 
 pub(crate) mod pgoutput;
 pub(crate) mod values;
@@ -22,7 +25,7 @@ use crate::secret::Secret;
 
 /// How to reach the database, and the slot and publication sluice reads through.
 #[derive(Clone)]
-pub struct PgSettings {
+pub(crate) struct PgSettings {
     pub host: String,
     pub port: u16,
     pub user: String,

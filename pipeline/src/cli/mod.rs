@@ -7,7 +7,6 @@ mod jobs;
 mod replay;
 mod run;
 mod service;
-mod sources;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,7 @@ use sluice_connectors::source;
 
 use super::args::ReplayArgs;
 use super::service::{report, start_service};
-use super::sources::kinesis_source;
+use crate::sources;
 use crate::{config, progress, runtime, summary};
 
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -26,7 +26,8 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         cfg.redirect_lake(root);
     }
     start_service(&cfg)?;
-    let summary = match cfg.source.clone() {
+    // The flags' checks are the CLI's; the connector builds the reader.
+    let (topics, stream) = match &cfg.source {
         config::SourceConfig::Kafka(k) => {
             if stream.is_some() {
                 anyhow::bail!("{}: --stream is for a kinesis source", config.display());
@@ -35,16 +36,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             if let Some(t) = topics.iter().find(|t| t.starts_with('^')) {
                 anyhow::bail!("topic pattern {t}: name the topics to replay with --topic");
             }
-            let range = sluice_connectors::kafka::ReplayRange { topics, from, to };
-            let mut source = sluice_connectors::kafka::replay_source(
-                &k.settings,
-                range,
-                cfg.input.max_event_bytes,
-                cfg.workers.chunk_events,
-            )?;
-            let behind = progress::Behind::Messages(source.lag());
-            let events = source.events.clone();
-            run_with_progress(&cfg, &mut source, events, behind)?
+            (topics, String::new())
         }
         config::SourceConfig::Kinesis(k) => {
             if !topic.is_empty() {
@@ -53,16 +45,22 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             if matches!(from, source::ReplayFrom::Offset(_)) || matches!(to, source::ReplayTo::Offset(_)) {
                 anyhow::bail!("kinesis replays take earliest, latest or a time, not an offset");
             }
-            let name = stream.unwrap_or_else(|| k.stream.clone());
-            let mut source = kinesis_source(&cfg, &k, name, Some((from, to)), true)?;
-            let behind = progress::Behind::Millis(source.behind_ms.clone());
-            let events = source.events.clone();
-            run_with_progress(&cfg, &mut source, events, behind)?
+            (Vec::new(), stream.unwrap_or_else(|| k.stream.clone()))
         }
-        config::SourceConfig::File { .. } | config::SourceConfig::Postgres(_) => {
+        config::SourceConfig::File(_) | config::SourceConfig::Postgres(_) => {
             anyhow::bail!("{}: replay needs a kafka or kinesis source", config.display())
         }
     };
+    let replay = source::Replay {
+        from,
+        to,
+        topics,
+        stream,
+    };
+    let Some(mut replaying) = sources::replay(&cfg, replay)? else {
+        anyhow::bail!("{}: replay needs a kafka or kinesis source", config.display())
+    };
+    let summary = run_with_progress(&cfg, replaying.source.as_mut(), replaying.progress)?;
     report(&cfg, &summary, summary_json.as_deref())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -113,10 +111,9 @@ fn parse_to(text: &str) -> anyhow::Result<source::ReplayTo> {
 fn run_with_progress(
     cfg: &config::Config,
     source: &mut dyn source::Source,
-    events: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    behind: progress::Behind,
+    read: source::ReadProgress,
 ) -> Result<summary::Summary, runtime::RunError> {
-    let progress = progress::Progress::start(events, behind);
+    let progress = progress::Progress::start(read.events, read.behind);
     let summary = runtime::run(cfg, source);
     progress.finish();
     summary

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use super::args::RunArgs;
 use super::service::{aggregate_due, report, schedule_aggregation, schedule_compaction, start_service};
-use super::sources;
+use crate::sources;
 use crate::{config, raw_capture, runtime, shutdown};
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

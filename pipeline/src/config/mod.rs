@@ -11,15 +11,19 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sluice_connectors::avro::{registry_auth, RegistrySettings};
 use sluice_connectors::debezium::DecodeOptions;
+use sluice_connectors::file::FileSourceConfig;
 use sluice_connectors::iceberg::{CatalogSettings, IcebergLocation};
+use sluice_connectors::kafka::KafkaSourceConfig;
 use sluice_connectors::kafka::{
     KafkaSecurity, KafkaSettings, PasswordSource, SaslMechanism, SaslSettings, StartAt, TlsSettings,
 };
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
-use sluice_connectors::kinesis::KinesisSettings;
+use sluice_connectors::kinesis::{KinesisSettings, KinesisSourceConfig};
 pub use sluice_connectors::lake::LakeFormat;
 use sluice_connectors::lake::{delta_table, table_locations, TableLocation};
+use sluice_connectors::postgres::PostgresSourceConfig;
 use sluice_connectors::secret::Secret;
+pub use sluice_connectors::source::SourceConfig;
 use sluice_connectors::storage::{LakePath, StorageOptions};
 use sluice_transforms::{ConfigError, Policy};
 use toml::Spanned;

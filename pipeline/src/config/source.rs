@@ -1,68 +1,9 @@
-//! `[source]` by kind (files, Kafka, Kinesis, PostgreSQL), and `[publish]` / `[raw_stream]`.
+//! `[source]` by kind (files, Kafka, Kinesis, PostgreSQL), and `[publish]` / `[raw_stream]`:
+//! read and checked here, with the file's lines in errors; each kind's settings are its
+//! connector's (`sluice_connectors::{file, kafka, kinesis, postgres}::*SourceConfig`), which
+//! builds the source.
 
 use super::*;
-
-/// A Kafka consumer group.
-#[derive(Debug, Clone)]
-pub struct KafkaSourceConfig {
-    pub settings: KafkaSettings,
-    pub group_id: String,
-    /// Topic names, or regular expressions starting with `^`.
-    pub topics: Vec<String>,
-    pub start_at: StartAt,
-    pub session_timeout_ms: u32,
-}
-
-/// A Kinesis data stream: all its shards, or this worker's share of them.
-#[derive(Debug, Clone)]
-pub struct KinesisSourceConfig {
-    pub settings: KinesisSettings,
-    pub stream: String,
-    pub worker_index: u32,
-    pub worker_count: u32,
-    pub start_at: StartAt,
-    pub poll_ms: u64,
-}
-
-/// A PostgreSQL database captured through logical replication.
-#[derive(Debug, Clone)]
-pub struct PostgresSourceConfig {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    /// The environment variable holding the password (never the config file), read when a run
-    /// starts (so `sluice check` needs no secrets); None: `PGPASSWORD` if set, else none.
-    pub password_env: Option<String>,
-    pub database: String,
-    pub slot: String,
-    pub publication: String,
-    /// Encrypted snapshot spools.
-    pub spool_dir: PathBuf,
-    pub heartbeat_ms: u64,
-}
-
-impl PostgresSourceConfig {
-    /// The password, from the environment now: a `password_env` naming an unset variable is an
-    /// error naming both.
-    pub fn password(&self) -> Result<Option<Secret>, sluice_connectors::secret::SecretError> {
-        Secret::from_named_env_or(self.password_env.as_deref(), "PGPASSWORD", "source.password_env")
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum SourceConfig {
-    File {
-        path: PathBuf,
-        poll_ms: u64,
-        /// Whether symbolic links inside a source directory are followed.
-        follow_symlinks: bool,
-        /// Where each file stream's fingerprint is recorded (beside the embedded key store).
-        fingerprints: PathBuf,
-    },
-    Kafka(KafkaSourceConfig),
-    Kinesis(KinesisSourceConfig),
-    Postgres(PostgresSourceConfig),
-}
 
 /// Where sanitized rows are also pushed, one JSON message per row keyed by subject token.
 #[derive(Debug, Clone)]
@@ -81,12 +22,12 @@ pub(super) fn source_config(
     let at = raw.kind.span().start;
     let required = |value: &Option<String>, field: &str| required(value, field, "source", &raw.kind, invalid);
     Ok(match raw.kind.get_ref().as_str() {
-        "file" => SourceConfig::File {
+        "file" => SourceConfig::File(FileSourceConfig {
             path: resolve(&required(&raw.path, "source.path")?),
             poll_ms: raw.poll_ms,
             follow_symlinks: raw.follow_symlinks,
             fingerprints: spool_base.join("file-streams").join(format!("{name}.json")),
-        },
+        }),
         "kinesis" => {
             let worker_count = raw.worker_count.unwrap_or(1);
             let worker_index = raw.worker_index.unwrap_or(0);

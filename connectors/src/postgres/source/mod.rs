@@ -45,7 +45,7 @@ mod stream;
 
 use spool::SpoolMeta;
 
-pub struct PostgresOptions {
+pub(crate) struct PostgresOptions {
     pub settings: PgSettings,
     /// Pipeline name (the events' `source.name`).
     pub name: String,
@@ -85,7 +85,7 @@ pub struct PostgresSource {
 }
 
 impl PostgresSource {
-    pub fn new(o: PostgresOptions) -> Result<Self, SourceError> {
+    pub(crate) fn new(o: PostgresOptions) -> Result<Self, SourceError> {
         // The replication session's task keeps answering the server while the reader thread
         // waits on a full queue.
         let rt = Arc::new(

@@ -12,6 +12,9 @@ use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 
 use crate::SourcePosition;
 
+mod config;
+pub use config::{Behind, ReadProgress, Replay, Replaying, SourceConfig, SourceContext};
+
 /// Why a source stopped: the connector's own error, or the spool / runtime around it.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -27,8 +30,12 @@ pub enum SourceError {
     Lake(#[from] crate::lake::LakeError),
     #[error("snapshot spool {0}")]
     Spool(String),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     #[error("async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Internal(&'static str),
 }
 
 impl SourceError {
