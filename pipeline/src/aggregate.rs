@@ -30,13 +30,34 @@ use crate::config::{Aggregate, Config, MeasureFn, Suppression};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregateError {
-    #[error("aggregate {aggregate}: {message}")]
-    Query { aggregate: String, message: String },
+    #[error("aggregate {aggregate}: {source}")]
+    Query { aggregate: String, source: QueryError },
     #[error("aggregate {aggregate}: {source}")]
     Lake {
         aggregate: String,
         source: sluice_connectors::lake::LakeError,
     },
+}
+
+/// What failed in an aggregate's query (names and the engine's own message, never a value).
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Engine(#[from] sluice_connectors::datafusion::error::DataFusionError),
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error(transparent)]
+    Lake(#[from] sluice_connectors::lake::LakeError),
+    #[error("async runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for QueryError {
+    fn from(message: String) -> Self {
+        QueryError::Invalid(message)
+    }
 }
 
 /// Which hours to compute.
@@ -107,7 +128,7 @@ pub fn run(config: &Config, hours: Hours) -> Result<Vec<AggregateReport>, Aggreg
         .build()
         .map_err(|e| AggregateError::Query {
             aggregate: "(all)".into(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
     let mut reports = Vec::new();
     for a in &config.aggregates {
@@ -126,10 +147,10 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, e: impl std::fmt::Display) -> AggregateError {
+    fn err(&self, e: impl Into<QueryError>) -> AggregateError {
         AggregateError::Query {
             aggregate: self.a.name.clone(),
-            message: e.to_string(),
+            source: e.into(),
         }
     }
     fn lake(&self, source: sluice_connectors::lake::LakeError) -> AggregateError {
@@ -146,7 +167,7 @@ async fn register_base(
     catalogs: &mut Catalogs,
     session: &SessionContext,
     target: &str,
-) -> Result<bool, String> {
+) -> Result<bool, QueryError> {
     let policy = config
         .policies
         .iter()
@@ -159,7 +180,7 @@ async fn register_base(
     location
         .register(catalogs, session, target, "base")
         .await
-        .map_err(|e| e.to_string())
+        .map_err(QueryError::from)
 }
 
 async fn compute(config: &Config, a: &Aggregate, hours: Hours) -> Result<AggregateReport, AggregateError> {
@@ -492,18 +513,18 @@ fn output_schema(schema: &Schema, names: &[String]) -> SchemaRef {
     ))
 }
 
-fn timestamps<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b TimestampMicrosecondArray, String> {
+fn timestamps<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b TimestampMicrosecondArray, QueryError> {
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
-        .ok_or_else(|| format!("column {name} is not a microsecond timestamp"))
+        .ok_or_else(|| QueryError::Invalid(format!("column {name} is not a microsecond timestamp")))
 }
 
 fn count_per_hour(
     batches: &[RecordBatch],
     per_hour: &mut BTreeMap<i64, HourReport>,
     add: impl Fn(&mut HourReport, u64),
-) -> Result<(), String> {
+) -> Result<(), QueryError> {
     for batch in batches {
         let hour = timestamps(batch, "hour")?;
         for i in 0..batch.num_rows() {
@@ -557,12 +578,15 @@ fn iso_hour(us: i64) -> String {
 
 /// Hour starts (microseconds) in which `subject_tokens` have rows in `target`: what an erasure
 /// of them changes, found before their rows are removed.
-pub fn hours_of_subjects(config: &Config, target: &str, subject_tokens: &[String]) -> Result<BTreeSet<i64>, String> {
+pub fn hours_of_subjects(
+    config: &Config,
+    target: &str,
+    subject_tokens: &[String],
+) -> Result<BTreeSet<i64>, QueryError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     rt.block_on(async {
         let session = SessionContext::new();
         let mut catalogs = Catalogs::default();
@@ -573,13 +597,13 @@ pub fn hours_of_subjects(config: &Config, target: &str, subject_tokens: &[String
         let df: DataFrame = session
             .table("base")
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(QueryError::from)?
             .filter(col("_subject").in_list(tokens, false))
-            .map_err(|e| e.to_string())?
+            .map_err(QueryError::from)?
             .aggregate(vec![date_trunc(lit("hour"), col("_source_ts")).alias("hour")], vec![])
-            .map_err(|e| e.to_string())?;
+            .map_err(QueryError::from)?;
         let mut out = BTreeSet::new();
-        for batch in df.collect().await.map_err(|e| e.to_string())? {
+        for batch in df.collect().await.map_err(QueryError::from)? {
             let hour = timestamps(&batch, "hour")?;
             out.extend((0..batch.num_rows()).map(|i| hour.value(i)));
         }
@@ -592,12 +616,14 @@ pub struct AggregatesAfterErasure<'a> {
     pub config: &'a Config,
 }
 
+use crate::forget::HookError;
+
 impl crate::forget::ErasureHook for AggregatesAfterErasure<'_> {
     fn name(&self) -> &str {
         "aggregates"
     }
 
-    fn before_erasure(&self, subject_tokens: &[String]) -> Result<Vec<String>, String> {
+    fn before_erasure(&self, subject_tokens: &[String]) -> Result<Vec<String>, HookError> {
         let mut hours = BTreeSet::new();
         let sources: BTreeSet<&str> = self.config.aggregates.iter().map(|a| a.from.as_str()).collect();
         for target in sources {
@@ -606,12 +632,12 @@ impl crate::forget::ErasureHook for AggregatesAfterErasure<'_> {
         Ok(hours.into_iter().map(|h| h.to_string()).collect())
     }
 
-    fn after_erasure(&self, _subject_tokens: &[String], before: &[String]) -> Result<String, String> {
+    fn after_erasure(&self, _subject_tokens: &[String], before: &[String]) -> Result<String, HookError> {
         let hours: BTreeSet<i64> = before.iter().filter_map(|h| h.parse().ok()).collect();
         if hours.is_empty() || self.config.aggregates.is_empty() {
             return Ok("no aggregated hour held the subjects".into());
         }
-        recompute_hours(self.config, &hours).map_err(|e| e.to_string())?;
+        recompute_hours(self.config, &hours)?;
         Ok(format!(
             "{} hours recomputed; no older version of the aggregate tables is kept (Delta history removed, Iceberg snapshots expired)",
             hours.len()

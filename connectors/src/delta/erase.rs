@@ -26,6 +26,24 @@ use deltalake::{DeltaTable, Path as StorePath};
 
 use super::{writer_properties, DeltaSinkError};
 
+/// Why a data file could not be read or rewritten for an erasure (never a value: names only).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FileError {
+    #[error(transparent)]
+    Parquet(#[from] deltalake::parquet::errors::ParquetError),
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("column {0} is missing")]
+    MissingColumn(String),
+    #[error("column {0} is not a timestamp")]
+    NotTimestamp(String),
+    #[error("column {0} is neither nullable nor text: cannot blank it")]
+    CannotBlank(String),
+    /// The caller's matcher refused a batch.
+    #[error("{0}")]
+    Matcher(String),
+}
+
 /// Marks the rows of a batch (holding a matcher's columns) that belong to erased subjects.
 pub(crate) type MatchRows = dyn Fn(&RecordBatch) -> Result<BooleanArray, String> + Send + Sync;
 
@@ -317,17 +335,17 @@ impl ErasureTarget {
     }
 }
 
-fn checkpoint_as_json<T: ChunkReader + 'static>(bytes: T) -> Result<Vec<u8>, String> {
+fn checkpoint_as_json<T: ChunkReader + 'static>(bytes: T) -> Result<Vec<u8>, FileError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())
-        .map_err(|e| e.to_string())?;
+        .map_err(FileError::from)?;
     let mut writer = deltalake::arrow::json::LineDelimitedWriter::new(Vec::new());
     for batch in reader {
         writer
-            .write(&batch.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+            .write(&batch.map_err(FileError::from)?)
+            .map_err(FileError::from)?;
     }
-    writer.finish().map_err(|e| e.to_string())?;
+    writer.finish().map_err(FileError::from)?;
     Ok(writer.into_inner())
 }
 
@@ -359,14 +377,17 @@ fn sibling_path(old: &str) -> String {
 
 /// The matcher's columns a file has, and those it lacks. Only `_subject` may be missing: a
 /// column added to the quarantine later (schema evolution), null in older files.
-fn matcher_columns(schema: &arrow_schema::Schema, matcher: &RowMatcher) -> Result<(Vec<usize>, Vec<String>), String> {
+fn matcher_columns(
+    schema: &arrow_schema::Schema,
+    matcher: &RowMatcher,
+) -> Result<(Vec<usize>, Vec<String>), FileError> {
     let mut present = Vec::new();
     let mut missing = Vec::new();
     for c in &matcher.columns {
         match schema.index_of(c) {
             Ok(i) => present.push(i),
             Err(_) if c == EVOLVED_SUBJECT_COLUMN => missing.push(c.clone()),
-            Err(_) => return Err(format!("column {c} is missing")),
+            Err(_) => return Err(FileError::MissingColumn(c.clone())),
         }
     }
     Ok((present, missing))
@@ -376,7 +397,7 @@ fn matcher_columns(schema: &arrow_schema::Schema, matcher: &RowMatcher) -> Resul
 const EVOLVED_SUBJECT_COLUMN: &str = "_subject";
 
 /// `batch` (matched columns only) with the `missing` ones added as nulls.
-fn with_missing(batch: RecordBatch, missing: &[String]) -> Result<RecordBatch, String> {
+fn with_missing(batch: RecordBatch, missing: &[String]) -> Result<RecordBatch, FileError> {
     if missing.is_empty() {
         return Ok(batch);
     }
@@ -386,11 +407,11 @@ fn with_missing(batch: RecordBatch, missing: &[String]) -> Result<RecordBatch, S
         fields.push(Arc::new(arrow_schema::Field::new(name, DataType::Utf8, true)));
         columns.push(new_null_array(&DataType::Utf8, batch.num_rows()));
     }
-    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).map_err(|e| e.to_string())
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).map_err(FileError::from)
 }
 
-pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
+pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, FileError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(FileError::from)?;
     let schema = builder.schema().clone();
     let (indices, missing) = matcher_columns(&schema, matcher)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
@@ -398,11 +419,11 @@ pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMat
         .with_projection(mask)
         .with_batch_size(65_536)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(FileError::from)?;
     let mut n = 0;
     for batch in reader {
-        let batch = with_missing(batch.map_err(|e| e.to_string())?, &missing)?;
-        n += (matcher.matches)(&batch)?.true_count() as u64;
+        let batch = with_missing(batch.map_err(FileError::from)?, &missing)?;
+        n += (matcher.matches)(&batch).map_err(FileError::Matcher)?.true_count() as u64;
     }
     Ok(n)
 }
@@ -412,37 +433,37 @@ pub(crate) fn rewrite<T: ChunkReader + 'static>(
     bytes: T,
     matcher: &RowMatcher,
     treatment: &Treatment,
-) -> Result<(Vec<u8>, u64), String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| e.to_string())?;
+) -> Result<(Vec<u8>, u64), FileError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(FileError::from)?;
     let schema = builder.schema().clone();
-    let reader = builder.with_batch_size(65_536).build().map_err(|e| e.to_string())?;
+    let reader = builder.with_batch_size(65_536).build().map_err(FileError::from)?;
     let mut buffer = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(writer_properties(&schema)))
-        .map_err(|e| e.to_string())?;
+    let mut writer =
+        ArrowWriter::try_new(&mut buffer, schema.clone(), Some(writer_properties(&schema))).map_err(FileError::from)?;
     let mut rows = 0u64;
     let (indices, missing) = matcher_columns(&schema, matcher)?;
     for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let projected = with_missing(batch.project(&indices).map_err(|e| e.to_string())?, &missing)?;
-        let matched = (matcher.matches)(&projected)?;
+        let batch = batch.map_err(FileError::from)?;
+        let projected = with_missing(batch.project(&indices).map_err(FileError::from)?, &missing)?;
+        let matched = (matcher.matches)(&projected).map_err(FileError::Matcher)?;
         let out = match treatment {
             Treatment::Delete => {
                 let keep: BooleanArray = matched.iter().map(|m| Some(m != Some(true))).collect();
-                arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?
+                arrow_select::filter::filter_record_batch(&batch, &keep).map_err(FileError::from)?
             }
             Treatment::Blank(columns) => blank(&batch, &matched, columns)?,
         };
         rows += out.num_rows() as u64;
         if out.num_rows() > 0 {
-            writer.write(&out).map_err(|e| e.to_string())?;
+            writer.write(&out).map_err(FileError::from)?;
         }
     }
-    writer.close().map_err(|e| e.to_string())?;
+    writer.close().map_err(FileError::from)?;
     Ok((buffer, rows))
 }
 
 /// Matched rows' `columns` set to null, or to "" in non-nullable string columns.
-fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Result<RecordBatch, String> {
+fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Result<RecordBatch, FileError> {
     let schema = batch.schema();
     let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
     let wanted: HashMap<&str, ()> = columns.iter().map(|c| (c.as_str(), ())).collect();
@@ -459,21 +480,18 @@ fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Res
             let times = arrays[i]
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>()
-                .ok_or_else(|| format!("column {} is not a timestamp", field.name()))?;
+                .ok_or_else(|| FileError::NotTimestamp(field.name().clone()))?;
             const DAY_US: i64 = 86_400_000_000;
             let days = times.unary::<_, TimestampMicrosecondType>(|t| t.div_euclid(DAY_US) * DAY_US);
             let days: ArrayRef = Arc::new(days.with_data_type(field.data_type().clone()));
-            arrays[i] = arrow_select::zip::zip(matched, &days, &arrays[i]).map_err(|e| e.to_string())?;
+            arrays[i] = arrow_select::zip::zip(matched, &days, &arrays[i]).map_err(FileError::from)?;
             continue;
         } else {
-            return Err(format!(
-                "column {} is neither nullable nor text: cannot blank it",
-                field.name()
-            ));
+            return Err(FileError::CannotBlank(field.name().clone()));
         };
-        arrays[i] = arrow_select::zip::zip(matched, &Scalar::new(blank), &arrays[i]).map_err(|e| e.to_string())?;
+        arrays[i] = arrow_select::zip::zip(matched, &Scalar::new(blank), &arrays[i]).map_err(FileError::from)?;
     }
-    RecordBatch::try_new(schema, arrays).map_err(|e| e.to_string())
+    RecordBatch::try_new(schema, arrays).map_err(FileError::from)
 }
 
 /// Rows whose `column` (text) is one of `tokens`; the tokens met are added to `seen`.

@@ -25,6 +25,7 @@ use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
+use crate::delta::erase::{count_matches, FileError};
 use crate::SourcePosition;
 
 mod catalog;
@@ -449,26 +450,24 @@ impl IcebergSink {
             let path = file.file_path().to_string();
             let input = self.table.file_io().new_input(&path).map_err(|e| self.err(e))?;
             let bytes = input.read().await.map_err(|e| self.err(e))?;
-            let invalid = |e: String| self.err(iceberg::Error::new(ErrorKind::DataInvalid, format!("{path}: {e}")));
-            if crate::delta::erase::count_matches(bytes.clone(), drop).map_err(invalid)? == 0 {
+            let invalid = |e: FileError| self.err(iceberg::Error::new(ErrorKind::DataInvalid, format!("{path}: {e}")));
+            if count_matches(bytes.clone(), drop).map_err(invalid)? == 0 {
                 continue;
             }
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
                 .and_then(|b| b.build())
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| invalid(e.into()))?;
             for batch in reader {
-                let batch = batch.map_err(|e| invalid(e.to_string()))?;
+                let batch = batch.map_err(|e| invalid(e.into()))?;
                 let columns: Vec<usize> = drop
                     .columns
                     .iter()
-                    .map(|c| batch.schema().index_of(c).map_err(|e| invalid(e.to_string())))
+                    .map(|c| batch.schema().index_of(c).map_err(|e| invalid(e.into())))
                     .collect::<Result<_, _>>()?;
-                let matched =
-                    (drop.matches)(&batch.project(&columns).map_err(|e| invalid(e.to_string()))?).map_err(invalid)?;
+                let matched = (drop.matches)(&batch.project(&columns).map_err(|e| invalid(e.into()))?)
+                    .map_err(|e| invalid(FileError::Matcher(e)))?;
                 let keep: arrow_array::BooleanArray = matched.iter().map(|m| Some(m != Some(true))).collect();
-                kept.push(
-                    arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(e.to_string()))?,
-                );
+                kept.push(arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(e.into()))?);
             }
             removed.insert(path);
         }

@@ -36,6 +36,29 @@ pub enum KeyStoreError {
     Crypto(#[from] CryptoError),
 }
 
+/// What a key-store backend reports: its database's error, or a state it refuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BackendError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{}", crate::postgres::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
+    #[error("{action} {}: {source}", path.display())]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("schema `{0}`: use lower-case letters, digits and _")]
+    SchemaName(String),
+    #[error("{0}")]
+    Refused(&'static str),
+}
+
 /// Where the keys live.
 #[derive(Debug, Clone)]
 pub enum KeyStoreLocation {
@@ -456,7 +479,7 @@ enum Resolved {
 }
 
 enum ResolveError {
-    Store(String),
+    Store(BackendError),
     Key(KeyStoreError),
 }
 

@@ -3,8 +3,7 @@
 
 use postgres::{Client, NoTls};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
-use crate::postgres::describe;
+use super::{BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
 
 /// Where the PostgreSQL key store is. The password comes from the environment, never a file.
 #[derive(Clone)]
@@ -39,8 +38,8 @@ pub(super) struct PgStore {
     schema: String,
 }
 
-fn e(err: postgres::Error) -> String {
-    describe(&err)
+fn e(err: postgres::Error) -> BackendError {
+    BackendError::Postgres(err)
 }
 
 fn stored_key(r: &postgres::Row) -> StoredKey {
@@ -53,14 +52,14 @@ fn stored_key(r: &postgres::Row) -> StoredKey {
 }
 
 impl PgStore {
-    pub(super) fn open(s: &PgKeyStoreSettings) -> Result<Self, String> {
+    pub(super) fn open(s: &PgKeyStoreSettings) -> Result<Self, BackendError> {
         if s.schema.is_empty()
             || !s
                 .schema
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         {
-            return Err(format!("schema `{}`: use lower-case letters, digits and _", s.schema));
+            return Err(BackendError::SchemaName(s.schema.clone()));
         }
         let mut config = postgres::Config::new();
         config
@@ -73,7 +72,7 @@ impl PgStore {
             .options("-c client_min_messages=warning");
         let password =
             crate::secret::Secret::from_named_env_or(s.password_env.as_deref(), "PGPASSWORD", "keys.password_env")
-                .map_err(|e| e.to_string())?;
+                .map_err(BackendError::from)?;
         if let Some(password) = &password {
             config.password(password.expose());
         }
@@ -105,7 +104,7 @@ impl PgStore {
         wanted: &[&str],
         mint: Mint<'_>,
     ) -> Result<Vec<Resolved>, ResolveError> {
-        let store = |err: postgres::Error| ResolveError::Store(describe(&err));
+        let store = |err: postgres::Error| ResolveError::Store(BackendError::Postgres(err));
         let s = &self.schema;
         let (table, column) = match names {
             Names::Subjects => ("subject_keys", "token"),
@@ -203,21 +202,21 @@ impl PgStore {
         format!("SELECT k.id, k.wrapped, n.token, y.name FROM {s}.keys k LEFT JOIN {s}.subject_keys n ON n.key_id = k.id LEFT JOIN {s}.system_keys y ON y.key_id = k.id")
     }
 
-    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, String> {
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, BackendError> {
         let select = format!("{} WHERE k.id = $1", self.stored_keys());
         let row = self.client.query_opt(&select, &[&id]).map_err(e)?;
         Ok(row.map(|r| stored_key(&r)))
     }
 
     /// Stored keys in id order, after `after` (empty: from the first).
-    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, String> {
+    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, BackendError> {
         let select = format!("{} WHERE k.id > $1 ORDER BY k.id LIMIT $2", self.stored_keys());
         let rows = self.client.query(&select, &[&after, &limit]).map_err(e)?;
         Ok(rows.iter().map(stored_key).collect())
     }
 
     /// Replaces a key's wrapped form if it is still `old` (a concurrent rewrap wins).
-    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), String> {
+    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), BackendError> {
         let update = format!(
             "UPDATE {}.keys SET wrapped = $3 WHERE id = $1 AND wrapped = $2",
             self.schema
@@ -225,12 +224,12 @@ impl PgStore {
         self.client.execute(&update, &[&id, &old, &new]).map(|_| ()).map_err(e)
     }
 
-    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, String> {
+    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, BackendError> {
         let select = format!("SELECT 1 FROM {}.system_keys WHERE name = $1", self.schema);
         Ok(self.client.query_opt(&select, &[&name]).map_err(e)?.is_some())
     }
 
-    pub(super) fn subject_count(&mut self) -> Result<u64, String> {
+    pub(super) fn subject_count(&mut self) -> Result<u64, BackendError> {
         let row = self
             .client
             .query_one(&format!("SELECT count(*) FROM {}.subject_keys", self.schema), &[])
@@ -238,7 +237,7 @@ impl PgStore {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, String> {
+    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, BackendError> {
         let rows = self
             .client
             .query(
@@ -249,7 +248,12 @@ impl PgStore {
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
-    pub(super) fn erase(&mut self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, String> {
+    pub(super) fn erase(
+        &mut self,
+        job_id: &str,
+        tokens: &[String],
+        now_ms: i64,
+    ) -> Result<KeysDestroyed, BackendError> {
         let s = self.schema.clone();
         let mut tx = self.client.transaction().map_err(e)?;
         // The key-creation lock: no key for these subjects can be minted between the delete
@@ -293,7 +297,7 @@ impl PgStore {
     /// Dead row versions keep a deleted key's bytes in the table's pages until VACUUM prunes
     /// them. (WAL archives and base backups of this database keep them as long as they are
     /// kept: give them a retention shorter than the erasure deadline.)
-    pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
+    pub(super) fn purge_deleted(&mut self) -> Result<(), BackendError> {
         // One statement each: VACUUM cannot run inside a (multi-statement) transaction.
         for table in ["keys", "subject_keys"] {
             self.client
@@ -303,7 +307,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, String> {
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, BackendError> {
         let rows = self
             .client
             .query(
@@ -325,7 +329,7 @@ impl PgStore {
     }
 
     /// Releases an erased subject for reuse from `after_ms` on (see the SQLite backend).
-    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, String> {
+    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, BackendError> {
         let s = self.schema.clone();
         let mut tx = self.client.transaction().map_err(e)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
@@ -353,7 +357,7 @@ impl PgStore {
         Ok(true)
     }
 
-    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {
+    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, BackendError> {
         let row = self
             .client
             .query_opt(
@@ -364,7 +368,7 @@ impl PgStore {
         Ok(row.map(|r| r.get(0)))
     }
 
-    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), String> {
+    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), BackendError> {
         self.client
             .execute(
                 &format!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
+use super::{BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
@@ -58,34 +58,34 @@ const WAL_PAGES_BEFORE_CHECKPOINT: i64 = 65_536;
 
 impl SqliteStore {
     /// Opens (or creates) the store, with a page cache of `page_cache_bytes`.
-    pub(super) fn open(path: &Path, page_cache_bytes: usize) -> Result<Self, String> {
+    pub(super) fn open(path: &Path, page_cache_bytes: usize) -> Result<Self, BackendError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(parent).map_err(BackendError::from)?;
         }
-        let mut db = Connection::open(path).map_err(|e| e.to_string())?;
+        let mut db = Connection::open(path).map_err(BackendError::from)?;
         // Another daemon may hold the write lock for a moment: wait rather than fail.
-        db.busy_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        db.busy_timeout(Duration::from_secs(30)).map_err(BackendError::from)?;
         // Switching a new file to WAL while another daemon opens it too can answer "locked"
         // without consulting the busy handler: retried here for as long as it would wait.
-        retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL")).map_err(|e| e.to_string())?;
+        retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL")).map_err(BackendError::from)?;
         // NORMAL: a transaction of new keys is not synced on its own; the lake's commit that
         // needs them syncs the log first (`KeyStore::sync`), once per commit, not per chunk.
         db.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_BEFORE_CHECKPOINT)
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         // Negative: KiB rather than pages.
         let kib = (page_cache_bytes / 1024).max(2048) as i64;
-        db.pragma_update(None, "cache_size", -kib).map_err(|e| e.to_string())?;
+        db.pragma_update(None, "cache_size", -kib).map_err(BackendError::from)?;
         // A destroyed key's bytes are overwritten in the page, not left in free space.
         db.pragma_update(None, "secure_delete", "ON")
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         // Under the write lock from the start, so the busy handler (not an immediate "locked")
         // answers a daemon creating the tables at the same moment.
         let tx = db
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| e.to_string())?;
-        tx.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
+        tx.execute_batch(SCHEMA).map_err(BackendError::from)?;
         // Stores made before subjects could be released for reuse lack the column.
         let has_reuse: bool = tx
             .query_row(
@@ -93,13 +93,13 @@ impl SqliteStore {
                 [],
                 |r| r.get::<_, i64>(0),
             )
-            .map_err(|e| e.to_string())?
+            .map_err(BackendError::from)?
             > 0;
         if !has_reuse {
             tx.execute_batch("ALTER TABLE tombstones ADD COLUMN reusable_after_ms INTEGER")
-                .map_err(|e| e.to_string())?;
+                .map_err(BackendError::from)?;
         }
-        tx.commit().map_err(|e| e.to_string())?;
+        tx.commit().map_err(BackendError::from)?;
         Ok(Self { db })
     }
 
@@ -109,7 +109,7 @@ impl SqliteStore {
         wanted: &[&str],
         mint: Mint<'_>,
     ) -> Result<Vec<Resolved>, ResolveError> {
-        let store = |e: rusqlite::Error| ResolveError::Store(e.to_string());
+        let store = |e: rusqlite::Error| ResolveError::Store(e.into());
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -184,68 +184,73 @@ impl SqliteStore {
             .collect())
     }
 
-    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, String> {
+    pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, BackendError> {
         self.db
             .query_row(&format!("{STORED_KEYS} WHERE k.id = ?1"), [id], stored_key)
             .optional()
-            .map_err(|e| e.to_string())
+            .map_err(BackendError::from)
     }
 
     /// Stored keys in id order, after `after` (empty: from the first).
-    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, String> {
+    pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, BackendError> {
         let mut select = self
             .db
             .prepare(&format!("{STORED_KEYS} WHERE k.id > ?1 ORDER BY k.id LIMIT ?2"))
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         let rows = select
             .query_map(params![after, limit], stored_key)
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            .map_err(BackendError::from)?;
+        rows.collect::<Result<_, _>>().map_err(BackendError::from)
     }
 
     /// Replaces a key's wrapped form if it is still `old` (a concurrent rewrap wins).
-    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), String> {
+    pub(super) fn replace_wrapped(&mut self, id: &[u8], old: &[u8], new: &[u8]) -> Result<(), BackendError> {
         self.db
             .execute(
                 "UPDATE keys SET wrapped = ?3 WHERE id = ?1 AND wrapped = ?2",
                 params![id, old, new],
             )
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(BackendError::from)
     }
 
-    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, String> {
+    pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, BackendError> {
         self.db
             .query_row("SELECT 1 FROM system_keys WHERE name = ?1", [name], |_| Ok(()))
             .optional()
             .map(|r| r.is_some())
-            .map_err(|e| e.to_string())
+            .map_err(BackendError::from)
     }
 
-    pub(super) fn subject_count(&mut self) -> Result<u64, String> {
+    pub(super) fn subject_count(&mut self) -> Result<u64, BackendError> {
         let n: i64 = self
             .db
             .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         Ok(n as u64)
     }
 
-    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, String> {
+    pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, BackendError> {
         let mut select = self
             .db
             .prepare_cached("SELECT 1 FROM subject_keys WHERE token = ?1")
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         let mut out = Vec::new();
         for t in tokens {
-            if select.exists([t]).map_err(|e| e.to_string())? {
+            if select.exists([t]).map_err(BackendError::from)? {
                 out.push(t.clone());
             }
         }
         Ok(out)
     }
 
-    pub(super) fn erase(&mut self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, String> {
-        let e = |e: rusqlite::Error| e.to_string();
+    pub(super) fn erase(
+        &mut self,
+        job_id: &str,
+        tokens: &[String],
+        now_ms: i64,
+    ) -> Result<KeysDestroyed, BackendError> {
+        let e = BackendError::Sqlite;
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -293,22 +298,22 @@ impl SqliteStore {
 
     /// Old page images of a deleted key live on in the WAL until it is checkpointed and
     /// truncated; secure_delete has already zeroed them in the database file.
-    pub(super) fn purge_deleted(&mut self) -> Result<(), String> {
+    pub(super) fn purge_deleted(&mut self) -> Result<(), BackendError> {
         let busy: i64 = self
             .db
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         if busy != 0 {
-            return Err("another process holds the key store open: its WAL could not be truncated; stop the daemons sharing it or rerun the job (erasure is idempotent)".into());
+            return Err(BackendError::Refused("another process holds the key store open: its WAL could not be truncated; stop the daemons sharing it or rerun the job (erasure is idempotent)"));
         }
         Ok(())
     }
 
-    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, String> {
+    pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, BackendError> {
         let mut select = self
             .db
             .prepare_cached("SELECT seq, token, reusable_after_ms FROM tombstones WHERE seq > ?1 ORDER BY seq")
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         let rows = select
             .query_map([seq], |r| {
                 Ok(Tombstone {
@@ -317,14 +322,14 @@ impl SqliteStore {
                     reusable_after_ms: r.get(2)?,
                 })
             })
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            .map_err(BackendError::from)?;
+        rows.collect::<Result<_, _>>().map_err(BackendError::from)
     }
 
     /// Releases an erased subject for reuse from `after_ms` on: its tombstone written again
     /// (a new seq) with the time. `false` if it has no tombstone in force.
-    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, String> {
-        let e = |e: rusqlite::Error| e.to_string();
+    pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, BackendError> {
+        let e = BackendError::Sqlite;
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -351,16 +356,16 @@ impl SqliteStore {
         Ok(true)
     }
 
-    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, String> {
+    pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, BackendError> {
         self.db
             .query_row("SELECT state FROM erasure_jobs WHERE job_id = ?1", [job_id], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(|e| e.to_string())
+            .map_err(BackendError::from)
     }
 
-    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), String> {
+    pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), BackendError> {
         self.db
             .execute(
                 "INSERT INTO erasure_jobs (job_id, state, updated_at_ms) VALUES (?1, ?2, ?3)
@@ -368,7 +373,7 @@ impl SqliteStore {
                 params![job_id, state, now_ms],
             )
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(BackendError::from)
     }
 }
 
@@ -380,11 +385,11 @@ pub(super) struct Checkpointer {
 
 impl Checkpointer {
     /// Opens a second connection to a store [`SqliteStore::open`] has opened.
-    pub(super) fn open(path: &Path) -> Result<Self, String> {
-        let db = Connection::open(path).map_err(|e| e.to_string())?;
-        db.busy_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    pub(super) fn open(path: &Path) -> Result<Self, BackendError> {
+        let db = Connection::open(path).map_err(BackendError::from)?;
+        db.busy_timeout(Duration::from_secs(30)).map_err(BackendError::from)?;
         db.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         Ok(Self { db, wal: wal.into() })
@@ -394,17 +399,23 @@ impl Checkpointer {
     /// copies the write-ahead log into the database as far as readers allow (bounding the log;
     /// the copy is synced), then syncs the log itself — a file-wide `fsync`, whoever appended
     /// the frames. With no log file, everything is in the synced database.
-    pub(super) fn sync(&mut self) -> Result<(), String> {
+    pub(super) fn sync(&mut self) -> Result<(), BackendError> {
         // Busy (another checkpoint, e.g. an erasure's) is not an error: the log sync follows.
         self.db
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| e.to_string())?;
+            .map_err(BackendError::from)?;
         match std::fs::File::open(&self.wal) {
-            Ok(wal) => wal
-                .sync_data()
-                .map_err(|e| format!("syncing {}: {e}", self.wal.display())),
+            Ok(wal) => wal.sync_data().map_err(|source| BackendError::File {
+                action: "syncing",
+                path: self.wal.clone(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("opening {}: {e}", self.wal.display())),
+            Err(source) => Err(BackendError::File {
+                action: "opening",
+                path: self.wal.clone(),
+                source,
+            }),
         }
     }
 }
@@ -421,7 +432,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join(format!("keys-{round}.db"));
             let start = std::sync::Arc::new(std::sync::Barrier::new(4));
-            let opened: Vec<Result<(), String>> = (0..4)
+            let opened: Vec<Result<(), BackendError>> = (0..4)
                 .map(|_| {
                     let (path, start) = (path.clone(), start.clone());
                     std::thread::spawn(move || {

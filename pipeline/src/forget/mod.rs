@@ -67,15 +67,18 @@ pub enum ForgetError {
     State(String, String),
 }
 
+/// Why a hook failed: its own error, shown with the hook's name.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Something computed from the tables that must be rebuilt without erased subjects (hourly
 /// pre-aggregations register here). Called after the tables are rewritten, before the receipt.
 pub trait ErasureHook {
     fn name(&self) -> &str;
     /// Called before the tables are rewritten: notes on what depends on the subjects' rows
     /// (saved with the job, so a resumed job still has them).
-    fn before_erasure(&self, subject_tokens: &[String]) -> Result<Vec<String>, String>;
+    fn before_erasure(&self, subject_tokens: &[String]) -> Result<Vec<String>, HookError>;
     /// Recomputes what depended on the subjects' rows; returns a line for the receipt.
-    fn after_erasure(&self, subject_tokens: &[String], before: &[String]) -> Result<String, String>;
+    fn after_erasure(&self, subject_tokens: &[String], before: &[String]) -> Result<String, HookError>;
 }
 
 pub struct ForgetRequest {
