@@ -18,8 +18,50 @@ use tracing::{info, warn};
 
 use crate::summary::{shown_name, Summary};
 
-type Labels = Vec<(&'static str, String)>;
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// The label sets, one type per set: a metric takes only its own labels.
+mod labels {
+    use prometheus_client::encoding::EncodeLabelSet;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Table {
+        pub table: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct TableColumn {
+        pub table: String,
+        pub column: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct TableFormat {
+        pub table: String,
+        pub format: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Format {
+        pub format: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Reason {
+        pub reason: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Kind {
+        pub kind: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Source {
+        pub source: String,
+    }
+}
+use labels::{Format, Kind, Reason, Table, TableColumn, TableFormat};
+
+type HistogramFamily = Family<Format, Histogram, fn() -> Histogram>;
 
 /// Distinct table/column names a label takes at most; later ones count as `(other)` (a schema
 /// that drifts without end must not grow the scrape without end).
@@ -29,18 +71,18 @@ const OTHER: &str = "(other)";
 pub struct Metrics {
     registry: Registry,
     events_read: Counter,
-    rows_written: Family<Labels, Counter>,
+    rows_written: Family<Table, Counter>,
     vault_rows_written: Counter,
-    quarantined: Family<Labels, Counter>,
-    control_records: Family<Labels, Counter>,
-    unknown_table_events: Family<Labels, Counter>,
-    dropped_fields: Family<Labels, Counter>,
+    quarantined: Family<Reason, Counter>,
+    control_records: Family<Kind, Counter>,
+    unknown_table_events: Family<Table, Counter>,
+    dropped_fields: Family<TableColumn, Counter>,
     already_committed: Counter,
     erased_subject_rows: Counter,
-    commits: Family<Labels, Counter>,
+    commits: Family<TableFormat, Counter>,
     commit_seconds: HistogramFamily,
     commit_rows: HistogramFamily,
-    source_lag: Family<Labels, Gauge>,
+    source_lag: Family<labels::Source, Gauge>,
     key_cache_hits: Counter,
     key_cache_misses: Counter,
     erased_subjects: Gauge,
@@ -88,80 +130,32 @@ impl Metrics {
             fresh_ms: AtomicI64::new(0),
             registry: Registry::default(),
         };
-        registry.register("events_read", "Events read from the source", m.events_read.clone());
-        registry.register(
-            "rows_written",
-            "Sanitized rows written, per target table",
-            m.rows_written.clone(),
-        );
-        registry.register(
-            "vault_rows_written",
-            "Rows written to the PII vault",
-            m.vault_rows_written.clone(),
-        );
-        registry.register("quarantined", "Events quarantined, per reason", m.quarantined.clone());
-        registry.register(
-            "control_records",
-            "Records that are not row changes (transaction metadata, heartbeats, schema changes, messages), per kind",
-            m.control_records.clone(),
-        );
-        registry.register(
-            "unknown_table_events",
-            "Events of tables no policy names, per source table",
-            m.unknown_table_events.clone(),
-        );
-        registry.register(
-            "dropped_fields",
-            "Values of columns no policy names, dropped (default deny), per source table and column",
-            m.dropped_fields.clone(),
-        );
-        registry.register(
-            "already_committed",
-            "Rows re-read after a restart that the lake already held (skipped)",
-            m.already_committed.clone(),
-        );
-        registry.register(
-            "erased_subject_rows",
-            "Rows of erased subjects dropped before sanitizing",
-            m.erased_subject_rows.clone(),
-        );
-        registry.register("commits", "Table commits, per table and format", m.commits.clone());
-        registry.register(
-            "commit_duration_seconds",
-            "Time to write and commit a table's batch, per format",
-            m.commit_seconds.clone(),
-        );
-        registry.register(
-            "commit_rows",
-            "Rows per table commit, per format",
-            m.commit_rows.clone(),
-        );
-        registry.register(
-            "source_lag",
-            "How far the source is ahead of what was read (kafka: messages; kinesis: milliseconds; postgres: WAL bytes the slot retains)",
-            m.source_lag.clone(),
-        );
-        registry.register("key_cache_hits", "Subject-key cache hits", m.key_cache_hits.clone());
-        registry.register(
-            "key_cache_misses",
-            "Subject-key cache misses",
-            m.key_cache_misses.clone(),
-        );
-        registry.register(
-            "erased_subjects",
-            "Subjects erased (tombstones) this process knows of",
-            m.erased_subjects.clone(),
-        );
-        registry.register(
-            "last_commit_timestamp_seconds",
-            "When the last table commit finished (Unix time)",
-            m.last_commit_seconds.clone(),
-        );
-        registry.register(
-            "uncommitted_events",
-            "Events read and written but not committed yet (read again after a crash)",
-            m.uncommitted_events.clone(),
-        );
+        // Name and help of each metric, in the order a scrape shows them.
+        macro_rules! register {
+            ($($field:ident => $name:literal, $help:literal;)*) => {
+                $(registry.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            events_read => "events_read", "Events read from the source";
+            rows_written => "rows_written", "Sanitized rows written, per target table";
+            vault_rows_written => "vault_rows_written", "Rows written to the PII vault";
+            quarantined => "quarantined", "Events quarantined, per reason";
+            control_records => "control_records", "Records that are not row changes (transaction metadata, heartbeats, schema changes, messages), per kind";
+            unknown_table_events => "unknown_table_events", "Events of tables no policy names, per source table";
+            dropped_fields => "dropped_fields", "Values of columns no policy names, dropped (default deny), per source table and column";
+            already_committed => "already_committed", "Rows re-read after a restart that the lake already held (skipped)";
+            erased_subject_rows => "erased_subject_rows", "Rows of erased subjects dropped before sanitizing";
+            commits => "commits", "Table commits, per table and format";
+            commit_seconds => "commit_duration_seconds", "Time to write and commit a table's batch, per format";
+            commit_rows => "commit_rows", "Rows per table commit, per format";
+            source_lag => "source_lag", "How far the source is ahead of what was read (kafka: messages; kinesis: milliseconds; postgres: WAL bytes the slot retains)";
+            key_cache_hits => "key_cache_hits", "Subject-key cache hits";
+            key_cache_misses => "key_cache_misses", "Subject-key cache misses";
+            erased_subjects => "erased_subjects", "Subjects erased (tombstones) this process knows of";
+            last_commit_seconds => "last_commit_timestamp_seconds", "When the last table commit finished (Unix time)";
+            uncommitted_events => "uncommitted_events", "Events read and written but not committed yet (read again after a crash)";
+        }
         Self { registry, ..m }
     }
 
@@ -173,31 +167,31 @@ impl Metrics {
         self.events_read.inc_by(s.events_read);
         for (table, n) in &s.rows_written {
             self.rows_written
-                .get_or_create(&vec![("table", table.clone())])
+                .get_or_create(&Table { table: table.clone() })
                 .inc_by(*n);
         }
         self.vault_rows_written.inc_by(s.vault_rows_written);
         for (reason, n) in &s.quarantined {
             self.quarantined
-                .get_or_create(&vec![("reason", reason.clone())])
+                .get_or_create(&Reason { reason: reason.clone() })
                 .inc_by(*n);
         }
         for (kind, n) in &s.control_records {
             self.control_records
-                .get_or_create(&vec![("kind", kind.clone())])
+                .get_or_create(&Kind { kind: kind.clone() })
                 .inc_by(*n);
         }
         for (table, n) in &s.unknown_tables {
             let table = self.bounded(table, "");
             self.unknown_table_events
-                .get_or_create(&vec![("table", table.0)])
+                .get_or_create(&Table { table: table.0 })
                 .inc_by(*n);
         }
         for (table, columns) in &s.dropped_columns {
             for (column, n) in columns {
                 let (table, column) = self.bounded(table, column);
                 self.dropped_fields
-                    .get_or_create(&vec![("table", table), ("column", column)])
+                    .get_or_create(&TableColumn { table, column })
                     .inc_by(*n);
             }
         }
@@ -231,9 +225,14 @@ impl Metrics {
 
     pub fn committed(&self, table: &str, format: &str, rows: usize, took: Duration) {
         self.commits
-            .get_or_create(&vec![("table", table.to_string()), ("format", format.to_string())])
+            .get_or_create(&TableFormat {
+                table: table.to_string(),
+                format: format.to_string(),
+            })
             .inc();
-        let format = vec![("format", format.to_string())];
+        let format = Format {
+            format: format.to_string(),
+        };
         self.commit_seconds.get_or_create(&format).observe(took.as_secs_f64());
         self.commit_rows.get_or_create(&format).observe(rows as f64);
         let now = chrono::Utc::now().timestamp_millis();
@@ -260,7 +259,9 @@ impl Metrics {
     /// (an atomic store, no label lookup).
     pub fn source_lag(&self, source: &'static str) -> Gauge {
         self.source_lag
-            .get_or_create(&vec![("source", source.to_string())])
+            .get_or_create(&labels::Source {
+                source: source.to_string(),
+            })
             .clone()
     }
 
