@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::kafka::StartAt;
 use crate::kinesis::{self as kn, AttachedNames, Fetched, ShardInfo, StartingPoint, SEQUENCE_PARTS};
-use crate::lake::TableLocation;
+use crate::lake::{StreamStanding, TableLocation};
 use crate::SourcePosition;
 use aws_sdk_kinesis::Client;
 use tracing::info;
@@ -139,7 +139,8 @@ impl KinesisSource {
         kn::stream_name(&self.stream, shard)
     }
 
-    /// The lake's state of each shard: the lowest count over the sinks that have one.
+    /// The lake's state of each shard: the entries of the sink that stands lowest (by count,
+    /// [`StreamStanding`]), and whether some sink holds none of it.
     fn lake_state(&self, shards: &[String]) -> Result<HashMap<String, LakeShard>, SourceError> {
         let mut names = Vec::new();
         for s in shards {
@@ -155,46 +156,31 @@ impl KinesisSource {
             }
             Some(kn::parts_to_sequence(&parts))
         };
-        let mut out: HashMap<String, LakeShard> = HashMap::new();
-        let mut missing: HashSet<String> = HashSet::new();
-        let mut bases: HashMap<String, String> = HashMap::new();
+        let mut per_table = Vec::with_capacity(self.lake.len());
         for table in &self.lake {
-            let values = self.rt.block_on(table.read_positions(&self.app_prefix, &names))?;
-            for (i, shard) in shards.iter().enumerate() {
-                let v = &values[i * per..(i + 1) * per];
-                let Some(count) = v[0] else {
-                    missing.insert(shard.clone());
-                    continue;
-                };
-                let base = parts(&v[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]);
-                if let Some(b) = &base {
-                    bases.insert(shard.clone(), b.clone());
-                }
-                let state = LakeShard {
-                    count,
-                    sequence: parts(&v[1..=SEQUENCE_PARTS]),
-                    base,
-                    done: v[per - 1] == Some(1),
-                    missing_somewhere: false,
-                };
-                match out.get(shard) {
-                    Some(existing) if existing.count <= count => {}
-                    _ => {
-                        out.insert(shard.clone(), state);
-                    }
-                }
-            }
+            per_table.push(self.rt.block_on(table.read_positions(&self.app_prefix, &names))?);
         }
-        for shard in missing {
-            if let Some(state) = out.get_mut(&shard) {
-                state.missing_somewhere = true;
-            }
-        }
-        // The base is the same in every sink that has one.
-        for (shard, base) in bases {
-            if let Some(state) = out.get_mut(&shard) {
-                state.base.get_or_insert(base);
-            }
+        let mut out: HashMap<String, LakeShard> = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let entries: Vec<&[Option<i64>]> = per_table.iter().map(|v| &v[i * per..(i + 1) * per]).collect();
+            let standing = StreamStanding::over(entries.iter().map(|v| v[0]));
+            let Some(lowest) = entries.iter().find(|v| v[0].is_some() && v[0] == standing.lowest) else {
+                continue;
+            };
+            // The base is the same in every sink that has one.
+            let base = entries
+                .iter()
+                .find_map(|v| parts(&v[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]));
+            out.insert(
+                shard.clone(),
+                LakeShard {
+                    count: standing.lowest.unwrap_or(0),
+                    sequence: parts(&lowest[1..=SEQUENCE_PARTS]),
+                    base: parts(&lowest[1 + SEQUENCE_PARTS..1 + 2 * SEQUENCE_PARTS]).or(base),
+                    done: lowest[per - 1] == Some(1),
+                    missing_somewhere: standing.missing_somewhere,
+                },
+            );
         }
         Ok(out)
     }
