@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arrow_array::{Array, RecordBatch, StringArray};
 use sluice_connectors::kafka::KafkaPublisher;
-use sluice_connectors::kinesis::{self, KinesisPublisher};
+use sluice_connectors::kinesis::KinesisPublisher;
 
 use crate::config::PublishConfig;
 use crate::runtime::RunError;
@@ -28,7 +28,7 @@ impl Publisher {
         Ok(match config {
             PublishConfig::Kafka { settings, topic } => Publisher::Kafka(KafkaPublisher::new(settings, topic)?),
             PublishConfig::Kinesis { settings, stream } => {
-                Publisher::Kinesis(KinesisPublisher::new(kinesis::client(settings).await, stream))
+                Publisher::Kinesis(KinesisPublisher::connect(settings, stream).await)
             }
         })
     }

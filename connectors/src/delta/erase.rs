@@ -77,13 +77,13 @@ pub struct TableErasure {
 }
 
 /// Replacement files written, their commit not made yet.
-pub struct PreparedErasure {
+pub(crate) struct PreparedErasure {
     pub outcome: TableErasure,
     actions: Vec<Action>,
 }
 
 /// A table opened for erasure.
-pub struct ErasureTarget {
+pub(crate) struct ErasureTarget {
     name: String,
     location: crate::storage::LakePath,
     table: DeltaTable,
@@ -143,7 +143,7 @@ impl ErasureTarget {
     /// holding them (not committed yet: see [`ErasureTarget::commit`]). The outcome names the
     /// files the commit will remove: save it before committing, so that a job killed after the
     /// commit deletes them on its rerun.
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         &mut self,
         matcher: &RowMatcher,
         treatment: &Treatment,
@@ -255,7 +255,7 @@ impl ErasureTarget {
     /// Every Parquet file under the table, referenced by a version or not (an orphan of a
     /// crashed writer, a file an older version still names): rows the matcher finds in each.
     /// The verification of a job, and the sweep of files no current version holds.
-    pub async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, DeltaSinkError> {
+    pub(crate) async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, DeltaSinkError> {
         use futures_util::StreamExt;
         let store = self.table.object_store();
         let mut listing = store.list(None);

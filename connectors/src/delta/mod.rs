@@ -65,7 +65,7 @@ fn writer_properties(schema: &SchemaRef) -> WriterProperties {
 }
 
 /// A Delta table being appended to.
-pub struct DeltaSink {
+pub(crate) struct DeltaSink {
     name: String,
     app_prefix: String,
     table: DeltaTable,
@@ -86,7 +86,7 @@ impl DeltaSink {
     /// the `txn` application ids (the pipeline's name). Only `stats_columns` get per-file
     /// minimum/maximum statistics in the log: the log is history that erasure cannot rewrite,
     /// so columns that link a row to a person (tokens, ciphertexts, positions) get none.
-    pub async fn open_or_create(
+    pub(crate) async fn open_or_create(
         location: &LakePath,
         name: &str,
         app_prefix: &str,
@@ -196,7 +196,7 @@ impl DeltaSink {
 
     /// Last position of `stream` committed to this table, if any. This writer's later commits
     /// of the stream are fenced on it.
-    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
+    pub(crate) async fn committed(&mut self, stream: &str) -> Result<Option<i64>, DeltaSinkError> {
         let position = self.table_position(stream).await?;
         self.known.insert(stream.to_string(), position);
         Ok(position)
@@ -247,7 +247,7 @@ impl DeltaSink {
     }
 
     /// Buffers rows (accepted, not durable).
-    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), DeltaSinkError> {
+    pub(crate) async fn write(&mut self, batch: RecordBatch) -> Result<(), DeltaSinkError> {
         self.buffered_rows += batch.num_rows();
         self.writer.write(batch).await.map_err(|source| DeltaSinkError::Delta {
             table: self.name.clone(),
@@ -317,7 +317,7 @@ impl DeltaSink {
     /// Writes the buffered rows as Parquet files and commits them together with `positions`:
     /// durable. With no rows, commits the positions alone. Returns the new table version.
     /// `attached` positions ride along unfenced (a source's extra state kept beside an offset).
-    pub async fn commit(
+    pub(crate) async fn commit(
         &mut self,
         positions: &[SourcePosition],
         attached: &[SourcePosition],
@@ -530,7 +530,7 @@ pub struct DroppedHistory {
 /// those files held). The checkpoint keeps the `txn` positions; time travel to before it ends.
 /// For a table whose older versions hold what must not be recovered: an erasure's tables, a
 /// recomputed aggregate (before minus after would be the erased person's contribution).
-pub async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHistory, DeltaSinkError> {
+pub(crate) async fn drop_history(table: &DeltaTable, name: &str) -> Result<DroppedHistory, DeltaSinkError> {
     use futures_util::StreamExt;
     let err = |source| DeltaSinkError::Delta {
         table: name.to_string(),
@@ -621,7 +621,11 @@ pub struct Compaction {
 /// Bin-packs the table's small files into files of about `target_bytes` (Delta OPTIMIZE; one
 /// commit, data unchanged). The replaced files stay for time travel (an erasure deletes those
 /// holding its subjects). `None` if there is no table.
-pub async fn compact(location: &LakePath, name: &str, target_bytes: u64) -> Result<Option<Compaction>, DeltaSinkError> {
+pub(crate) async fn compact(
+    location: &LakePath,
+    name: &str,
+    target_bytes: u64,
+) -> Result<Option<Compaction>, DeltaSinkError> {
     let err = |source| DeltaSinkError::Delta {
         table: name.to_string(),
         source: Box::new(source),

@@ -6,7 +6,7 @@ use super::*;
 /// about `target_bytes`, in one `replace` snapshot (data unchanged; older snapshots kept for
 /// time travel). Only `stats_columns` get statistics in the new files. `None` if there is no
 /// table.
-pub async fn compact(
+pub(crate) async fn compact(
     catalog: Arc<dyn Catalog>,
     location: &IcebergLocation,
     name: &str,

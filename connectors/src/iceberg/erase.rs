@@ -20,14 +20,14 @@ use crate::delta::erase::{count_matches, rewrite, FileProgress, RowMatcher, Tabl
 const ERASURE_PROPERTY: &str = "sluice.erasure";
 
 /// Replacement files written, their snapshot not committed yet.
-pub struct PreparedIcebergErasure {
+pub(crate) struct PreparedIcebergErasure {
     pub outcome: TableErasure,
     removed: HashSet<String>,
     added: Vec<DataFile>,
 }
 
 /// An Iceberg table opened for erasure.
-pub struct IcebergErasureTarget {
+pub(crate) struct IcebergErasureTarget {
     name: String,
     app_id: String,
     rewriter: Rewriter,

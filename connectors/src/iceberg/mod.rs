@@ -35,7 +35,7 @@ pub(crate) mod rewrite;
 mod schema;
 
 pub use catalog::*;
-pub use compact::*;
+pub(crate) use compact::*;
 use schema::*;
 
 /// Snapshot summary property holding a stream's committed offset: `sluice.position.<app id>`.
@@ -134,7 +134,7 @@ type Writer =
     FanoutWriter<DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>>;
 
 /// An Iceberg table being appended to.
-pub struct IcebergSink {
+pub(crate) struct IcebergSink {
     name: String,
     app_prefix: String,
     catalog: Arc<dyn Catalog>,

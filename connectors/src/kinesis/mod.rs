@@ -43,7 +43,7 @@ pub struct KinesisSettings {
 }
 
 /// A client with credentials from the standard AWS chain.
-pub async fn client(settings: &KinesisSettings) -> Client {
+pub(crate) async fn client(settings: &KinesisSettings) -> Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = &settings.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -239,9 +239,10 @@ const PUT_BATCH: usize = 500;
 const PUT_RETRIES: u32 = 8;
 
 impl KinesisPublisher {
-    pub fn new(client: Client, stream: &str) -> Self {
+    /// A publisher to `stream`, with credentials from the standard AWS chain.
+    pub async fn connect(settings: &KinesisSettings, stream: &str) -> Self {
         Self {
-            client,
+            client: client(settings).await,
             stream: stream.to_string(),
         }
     }

@@ -10,7 +10,8 @@ mod layout;
 mod ops;
 mod positions;
 pub use layout::{delta_table, table_locations, LakeFormat};
-pub use positions::{standings, StreamStanding};
+pub(crate) use positions::standings;
+pub use positions::StreamStanding;
 
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};
@@ -93,10 +94,12 @@ impl TableLocation {
     }
 }
 
-/// A table being appended to, in either format. (A few per run, never moved in a hot loop:
-/// their size difference does not matter.)
+/// A table being appended to, in either format (which, only this module knows).
+pub struct TableSink(Sink);
+
+/// (A few per run, never moved in a hot loop: their size difference does not matter.)
 #[allow(clippy::large_enum_variant)]
-pub enum TableSink {
+pub(crate) enum Sink {
     Delta(DeltaSink),
     Iceberg(IcebergSink),
 }
@@ -118,54 +121,54 @@ impl Catalogs {
 
 impl TableSink {
     pub fn name(&self) -> &str {
-        match self {
-            TableSink::Delta(s) => s.name(),
-            TableSink::Iceberg(s) => s.name(),
+        match &self.0 {
+            Sink::Delta(s) => s.name(),
+            Sink::Iceberg(s) => s.name(),
         }
     }
 
     pub fn format(&self) -> &'static str {
-        match self {
-            TableSink::Delta(_) => "delta",
-            TableSink::Iceberg(_) => "iceberg",
+        match &self.0 {
+            Sink::Delta(_) => "delta",
+            Sink::Iceberg(_) => "iceberg",
         }
     }
 
     pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, LakeError> {
-        Ok(match self {
-            TableSink::Delta(s) => s.committed(stream).await?,
-            TableSink::Iceberg(s) => s.committed(stream).await?,
+        Ok(match &mut self.0 {
+            Sink::Delta(s) => s.committed(stream).await?,
+            Sink::Iceberg(s) => s.committed(stream).await?,
         })
     }
 
     /// The distinct values a string column holds, per the table's file statistics (Delta's
     /// log); empty where the format's statistics are not read here (Iceberg).
     pub fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, LakeError> {
-        Ok(match self {
-            TableSink::Delta(s) => s.column_values_in_stats(column)?,
-            TableSink::Iceberg(_) => Vec::new(),
+        Ok(match &self.0 {
+            Sink::Delta(s) => s.column_values_in_stats(column)?,
+            Sink::Iceberg(_) => Vec::new(),
         })
     }
 
     pub fn buffered_rows(&self) -> usize {
-        match self {
-            TableSink::Delta(s) => s.buffered_rows(),
-            TableSink::Iceberg(s) => s.buffered_rows(),
+        match &self.0 {
+            Sink::Delta(s) => s.buffered_rows(),
+            Sink::Iceberg(s) => s.buffered_rows(),
         }
     }
 
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
-        match self {
-            TableSink::Delta(s) => s.write(batch).await?,
-            TableSink::Iceberg(s) => s.write(batch).await?,
+        match &mut self.0 {
+            Sink::Delta(s) => s.write(batch).await?,
+            Sink::Iceberg(s) => s.write(batch).await?,
         }
         Ok(())
     }
 
     pub async fn spill(&mut self) -> Result<(), LakeError> {
-        match self {
-            TableSink::Delta(s) => s.spill().await?,
-            TableSink::Iceberg(s) => s.spill().await?,
+        match &mut self.0 {
+            Sink::Delta(s) => s.spill().await?,
+            Sink::Iceberg(s) => s.spill().await?,
         }
         Ok(())
     }
@@ -177,9 +180,9 @@ impl TableSink {
         positions: &[SourcePosition],
         attached: &[SourcePosition],
     ) -> Result<i64, LakeError> {
-        Ok(match self {
-            TableSink::Delta(s) => s.commit(positions, attached).await? as i64,
-            TableSink::Iceberg(s) => s.commit(positions, attached).await?,
+        Ok(match &mut self.0 {
+            Sink::Delta(s) => s.commit(positions, attached).await? as i64,
+            Sink::Iceberg(s) => s.commit(positions, attached).await?,
         })
     }
 }
@@ -188,23 +191,27 @@ use crate::delta::erase::{ErasureTarget, FileProgress, PreparedErasure, RowMatch
 use crate::iceberg::erase::{IcebergErasureTarget, PreparedIcebergErasure};
 
 /// A table opened for erasure, in either format (see `delta::erase` and `iceberg::erase`).
+pub struct ErasureTable(Erasing);
+
 #[allow(clippy::large_enum_variant)]
-pub enum ErasureTable {
+enum Erasing {
     Delta(ErasureTarget),
     Iceberg(IcebergErasureTarget),
 }
 
 /// Replacement files written for an erasure, not committed yet.
-pub enum PreparedTableErasure {
+pub struct PreparedTableErasure(Prepared);
+
+enum Prepared {
     Delta(PreparedErasure),
     Iceberg(PreparedIcebergErasure),
 }
 
 impl PreparedTableErasure {
     pub fn outcome(&self) -> &TableErasure {
-        match self {
-            PreparedTableErasure::Delta(p) => &p.outcome,
-            PreparedTableErasure::Iceberg(p) => &p.outcome,
+        match &self.0 {
+            Prepared::Delta(p) => &p.outcome,
+            Prepared::Iceberg(p) => &p.outcome,
         }
     }
 }
@@ -218,26 +225,28 @@ impl ErasureTable {
         app_id: String,
     ) -> Result<Option<Self>, LakeError> {
         Ok(match location {
-            TableLocation::Delta(path) => ErasureTarget::open(path, name, app_id).await?.map(ErasureTable::Delta),
+            TableLocation::Delta(path) => ErasureTarget::open(path, name, app_id)
+                .await?
+                .map(|t| ErasureTable(Erasing::Delta(t))),
             TableLocation::Iceberg { location, table } => {
                 IcebergErasureTarget::open(catalogs.get(location).await?, location, table, app_id)
                     .await?
-                    .map(ErasureTable::Iceberg)
+                    .map(|t| ErasureTable(Erasing::Iceberg(t)))
             }
         })
     }
 
     pub async fn committed(&self) -> Result<bool, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.committed().await?,
-            ErasureTable::Iceberg(t) => t.committed().await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.committed().await?,
+            Erasing::Iceberg(t) => t.committed().await?,
         })
     }
 
     pub async fn file_count(&self) -> Result<u64, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.file_count()?,
-            ErasureTable::Iceberg(t) => t.file_count().await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.file_count()?,
+            Erasing::Iceberg(t) => t.file_count().await?,
         })
     }
 
@@ -248,25 +257,25 @@ impl ErasureTable {
         dry_run: bool,
         progress: FileProgress<'_>,
     ) -> Result<PreparedTableErasure, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => {
-                PreparedTableErasure::Delta(t.prepare(matcher, treatment, dry_run, progress).await?)
+        Ok(match &mut self.0 {
+            Erasing::Delta(t) => {
+                PreparedTableErasure(Prepared::Delta(t.prepare(matcher, treatment, dry_run, progress).await?))
             }
-            ErasureTable::Iceberg(t) => {
-                PreparedTableErasure::Iceberg(t.prepare(matcher, treatment, dry_run, progress).await?)
-            }
+            Erasing::Iceberg(t) => PreparedTableErasure(Prepared::Iceberg(
+                t.prepare(matcher, treatment, dry_run, progress).await?,
+            )),
         })
     }
 
     /// Commits a prepared erasure; returns the table's new version (Delta) or sequence number
     /// (Iceberg), `None` when nothing matched.
     pub async fn commit(&mut self, prepared: &mut PreparedTableErasure) -> Result<Option<u64>, LakeError> {
-        match (self, prepared) {
-            (ErasureTable::Delta(t), PreparedTableErasure::Delta(p)) => {
+        match (&mut self.0, &mut prepared.0) {
+            (Erasing::Delta(t), Prepared::Delta(p)) => {
                 t.commit(p).await?;
                 Ok(p.outcome.version)
             }
-            (ErasureTable::Iceberg(t), PreparedTableErasure::Iceberg(p)) => {
+            (Erasing::Iceberg(t), Prepared::Iceberg(p)) => {
                 t.commit(p).await?;
                 Ok(p.outcome.version)
             }
@@ -278,47 +287,47 @@ impl ErasureTable {
     /// statistics, describe them). Delta: [`crate::delta::drop_history`]; Iceberg's erasure
     /// commit already expired every older snapshot (`None`).
     pub async fn drop_history(&self) -> Result<Option<crate::delta::DroppedHistory>, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => Some(t.drop_history().await?),
-            ErasureTable::Iceberg(_) => None,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => Some(t.drop_history().await?),
+            Erasing::Iceberg(_) => None,
         })
     }
 
     pub async fn delete_files(&self, paths: &[String]) -> Result<u64, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.delete_files(paths).await?,
-            ErasureTable::Iceberg(t) => t.delete_files(paths).await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.delete_files(paths).await?,
+            Erasing::Iceberg(t) => t.delete_files(paths).await?,
         })
     }
 
     pub async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.scan_all_files(matcher).await?,
-            ErasureTable::Iceberg(t) => t.scan_all_files(matcher).await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.scan_all_files(matcher).await?,
+            Erasing::Iceberg(t) => t.scan_all_files(matcher).await?,
         })
     }
 
     /// Table history (Delta log, Iceberg metadata and manifests) in which `found` finds
     /// something.
     pub async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.log_files_where(found).await?,
-            ErasureTable::Iceberg(t) => t.log_files_where(found).await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.log_files_where(found).await?,
+            Erasing::Iceberg(t) => t.log_files_where(found).await?,
         })
     }
 
     /// Data files only older versions hold (readable by time travel).
     pub async fn history_files(&self) -> Result<std::collections::HashSet<String>, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.history_files().await?,
-            ErasureTable::Iceberg(t) => t.history_files().await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.history_files().await?,
+            Erasing::Iceberg(t) => t.history_files().await?,
         })
     }
 
     pub async fn active_files(&self) -> Result<Vec<String>, LakeError> {
-        Ok(match self {
-            ErasureTable::Delta(t) => t.active_files()?,
-            ErasureTable::Iceberg(t) => t.active_files().await?,
+        Ok(match &self.0 {
+            Erasing::Delta(t) => t.active_files()?,
+            Erasing::Iceberg(t) => t.active_files().await?,
         })
     }
 }

@@ -12,7 +12,7 @@ use deltalake::datafusion::datasource::file_format::parquet::ParquetFormat;
 use deltalake::datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use super::{Catalogs, LakeError, TableLocation, TableSink};
+use super::{Catalogs, LakeError, Sink, TableLocation, TableSink};
 use crate::delta::erase::RowMatcher;
 use crate::delta::{Compaction, DeltaSink};
 use crate::iceberg::IcebergSink;
@@ -48,10 +48,10 @@ impl TableLocation {
         stats_columns: &[String],
     ) -> Result<TableSink, LakeError> {
         Ok(match self {
-            TableLocation::Delta(path) => TableSink::Delta(
+            TableLocation::Delta(path) => TableSink(Sink::Delta(
                 DeltaSink::open_or_create(path, name, app_prefix, schema, partition.as_slice(), stats_columns).await?,
-            ),
-            TableLocation::Iceberg { location, table } => TableSink::Iceberg(
+            )),
+            TableLocation::Iceberg { location, table } => TableSink(Sink::Iceberg(
                 IcebergSink::open_or_create(
                     catalogs.get(location).await?,
                     location,
@@ -62,7 +62,7 @@ impl TableLocation {
                     stats_columns,
                 )
                 .await?,
-            ),
+            )),
         })
     }
 

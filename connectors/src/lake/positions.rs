@@ -44,7 +44,7 @@ impl StreamStanding {
 }
 
 /// Each stream's standing over `tables` (in `streams` order).
-pub async fn standings(
+pub(crate) async fn standings(
     tables: &[TableLocation],
     app_prefix: &str,
     streams: &[String],

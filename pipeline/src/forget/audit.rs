@@ -9,12 +9,12 @@ pub(super) fn write_audit(
     receipt: &Receipt,
     stream: String,
 ) -> Result<(), ForgetError> {
-    let mut audit = rt.block_on(DeltaSink::open_or_create(
-        &config.audit_path,
+    let mut audit = rt.block_on(delta_table(config.audit_path.clone()).open_sink(
+        &mut Catalogs::default(),
         "erasure_audit",
         &config.name,
         audit_schema(),
-        &[],
+        None,
         &["job_id", "started_at", "finished_at", "verified"].map(String::from),
     ))?;
     if rt.block_on(audit.committed(&stream))?.is_none() {

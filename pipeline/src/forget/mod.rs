@@ -27,7 +27,6 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, Treatment};
-use sluice_connectors::delta::{DeltaSink, DeltaSinkError};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
@@ -57,8 +56,6 @@ pub enum ForgetError {
     Run(#[from] RunError),
     #[error(transparent)]
     Keys(#[from] KeyStoreError),
-    #[error(transparent)]
-    Table(#[from] DeltaSinkError),
     #[error(transparent)]
     Lake(#[from] LakeError),
     #[error("{0}")]
