@@ -199,6 +199,20 @@ enum Erasing {
     Iceberg(IcebergErasureTarget),
 }
 
+/// Where a table still holds matched rows (see [`ErasureTable::residue`]).
+#[derive(Debug, Default)]
+pub struct Residue {
+    /// Current files, with their matched rows: written after the rewrite by a writer that had
+    /// not yet seen the erasure.
+    pub current: Vec<(String, u64)>,
+    /// Files only older versions hold, or no version holds and old enough: safe to delete.
+    pub deletable: Vec<String>,
+    /// Files no version holds, written recently, with their matched rows.
+    pub recent: Vec<(String, u64)>,
+    /// History files (commit log, metadata, manifests) naming what was looked for.
+    pub log_files: Vec<String>,
+}
+
 /// Replacement files written for an erasure, not committed yet.
 pub struct PreparedTableErasure(Prepared);
 
@@ -300,16 +314,47 @@ impl ErasureTable {
         })
     }
 
-    pub async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, LakeError> {
+    async fn scan_all_files(&self, matcher: &RowMatcher) -> Result<Vec<(String, u64, i64)>, LakeError> {
         Ok(match &self.0 {
             Erasing::Delta(t) => t.scan_all_files(matcher).await?,
             Erasing::Iceberg(t) => t.scan_all_files(matcher).await?,
         })
     }
 
+    /// What the table still holds of `matcher`'s rows, file by file, after an erasure: in its
+    /// current files, in files only older versions hold or no version holds (deletable, unless
+    /// written less than `orphan_min_age_ms` before `now_ms`: maybe a writer's transaction in
+    /// flight), and its history (Delta log, Iceberg metadata and manifests) in which `in_log`
+    /// finds something.
+    pub async fn residue(
+        &self,
+        matcher: &RowMatcher,
+        in_log: &(dyn Fn(&[u8]) -> bool + Sync),
+        orphan_min_age_ms: i64,
+        now_ms: i64,
+    ) -> Result<Residue, LakeError> {
+        let active: std::collections::HashSet<String> = self.active_files().await?.into_iter().collect();
+        let history = self.history_files().await?;
+        let mut residue = Residue::default();
+        for (path, matched, modified_ms) in self.scan_all_files(matcher).await? {
+            if matched == 0 {
+                continue;
+            }
+            if active.contains(&path) {
+                residue.current.push((path, matched));
+            } else if history.contains(&path) || now_ms - modified_ms >= orphan_min_age_ms {
+                residue.deletable.push(path);
+            } else {
+                residue.recent.push((path, matched));
+            }
+        }
+        residue.log_files = self.log_files_where(in_log).await?;
+        Ok(residue)
+    }
+
     /// Table history (Delta log, Iceberg metadata and manifests) in which `found` finds
     /// something.
-    pub async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, LakeError> {
+    async fn log_files_where(&self, found: &(dyn Fn(&[u8]) -> bool + Sync)) -> Result<Vec<String>, LakeError> {
         Ok(match &self.0 {
             Erasing::Delta(t) => t.log_files_where(found).await?,
             Erasing::Iceberg(t) => t.log_files_where(found).await?,
@@ -317,14 +362,14 @@ impl ErasureTable {
     }
 
     /// Data files only older versions hold (readable by time travel).
-    pub async fn history_files(&self) -> Result<std::collections::HashSet<String>, LakeError> {
+    async fn history_files(&self) -> Result<std::collections::HashSet<String>, LakeError> {
         Ok(match &self.0 {
             Erasing::Delta(t) => t.history_files().await?,
             Erasing::Iceberg(t) => t.history_files().await?,
         })
     }
 
-    pub async fn active_files(&self) -> Result<Vec<String>, LakeError> {
+    async fn active_files(&self) -> Result<Vec<String>, LakeError> {
         Ok(match &self.0 {
             Erasing::Delta(t) => t.active_files()?,
             Erasing::Iceberg(t) => t.active_files().await?,

@@ -397,27 +397,23 @@ impl<'a> ErasureJob<'a> {
         names_token: &aho_corasick::AhoCorasick,
     ) -> Result<Vec<String>, ForgetError> {
         let mut findings = Vec::new();
-        let active: HashSet<String> = self.rt.block_on(table.active_files())?.into_iter().collect();
-        // Files older versions still hold (a compaction's inputs): history, deleted now.
-        let history = self.rt.block_on(table.history_files())?;
-        let mut orphans = Vec::new();
-        for (path, matched, modified_ms) in self.rt.block_on(table.scan_all_files(&target.matcher))? {
-            if matched == 0 {
-                continue;
-            }
-            if active.contains(&path) {
-                // A current row of theirs: written after the rewrite by a daemon that had
-                // not yet seen the tombstones. Running the job again erases it.
-                findings.push(format!("{}: {matched} rows in {path}", target.name));
-            } else if history.contains(&path) || now_ms() - modified_ms >= ORPHAN_MIN_AGE_MS {
-                orphans.push(path);
-            } else {
-                findings.push(format!(
-                    "{}: {matched} rows in {path}, a file no table version holds, written less than 7 days ago (possibly a writer's transaction in flight): it is deleted by a run of this job after that",
-                    target.name
-                ));
-            }
+        let residue = self.rt.block_on(table.residue(
+            &target.matcher,
+            &|bytes: &[u8]| names_token.is_match(bytes),
+            ORPHAN_MIN_AGE_MS,
+            now_ms(),
+        ))?;
+        for (path, matched) in &residue.current {
+            // Running the job again erases it.
+            findings.push(format!("{}: {matched} rows in {path}", target.name));
         }
+        for (path, matched) in &residue.recent {
+            findings.push(format!(
+                "{}: {matched} rows in {path}, a file no table version holds, written less than 7 days ago (possibly a writer's transaction in flight): it is deleted by a run of this job after that",
+                target.name
+            ));
+        }
+        let orphans = residue.deletable;
         if !orphans.is_empty() {
             let removed = self.rt.block_on(table.delete_files(&orphans))?;
             self.state
@@ -429,9 +425,7 @@ impl<'a> ErasureJob<'a> {
             self.save()?;
             warn!(table = %target.name, files = removed, "removed orphaned data files holding erased subjects");
         }
-        let in_log = self
-            .rt
-            .block_on(table.log_files_where(&|bytes: &[u8]| names_token.is_match(bytes)))?;
+        let in_log = residue.log_files;
         if !in_log.is_empty() {
             findings.push(format!(
                 "{}: {} commit log files name an erased subject (file statistics written before they were restricted), e.g. {}",
