@@ -16,8 +16,8 @@ pub struct CompactionConfig {
 impl Default for CompactionConfig {
     fn default() -> Self {
         Self {
-            interval_ms: 6 * 3_600_000,
-            target_file_mb: 128,
+            interval_ms: defaults::COMPACTION_INTERVAL_MS,
+            target_file_mb: defaults::COMPACTION_TARGET_FILE_MB,
         }
     }
 }
@@ -42,12 +42,11 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { timeout_ms: 30_000 }
+        Self {
+            timeout_ms: defaults::SHUTDOWN_TIMEOUT_MS,
+        }
     }
 }
-
-/// The smallest `[workers] memory_mb`: below it a commit would follow every chunk.
-pub(super) const MIN_MEMORY_MB: usize = 64;
 
 /// Bytes of the memory budget given to each part of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +74,9 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_rows: 250_000,
-            max_bytes: 128 << 20,
-            max_age_ms: 10_000,
+            max_rows: defaults::BATCH_MAX_ROWS,
+            max_bytes: defaults::BATCH_MAX_BYTES,
+            max_age_ms: defaults::BATCH_MAX_AGE_MS,
         }
     }
 }
@@ -99,9 +98,9 @@ impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
             threads: 0,
-            chunk_events: 4096,
-            queue_depth: 2,
-            memory_mb: 192,
+            chunk_events: defaults::CHUNK_EVENTS,
+            queue_depth: defaults::QUEUE_DEPTH,
+            memory_mb: defaults::MEMORY_MB,
         }
     }
 }

@@ -99,7 +99,7 @@ pub(super) fn input_settings(
         format: input_format(&raw.source, &resolve, &invalid)?,
         unknown_tables: raw.unknown_tables,
         control_records: raw.source.control_records.unwrap_or(ControlRecords::Skip),
-        max_event_bytes: raw.source.max_event_bytes.max(1024),
+        max_event_bytes: raw.source.max_event_bytes.max(defaults::MIN_MAX_EVENT_BYTES),
         decode: DecodeOptions {
             event_time_window_ms: match &raw.source.event_time_window {
                 None => DecodeOptions::DEFAULT_EVENT_TIME_WINDOW_MS,

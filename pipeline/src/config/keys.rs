@@ -28,12 +28,15 @@ pub(super) fn key_store_config(
     match kind {
         "sqlite" => Ok(KeyStoreLocation::Sqlite(resolve(&required(&raw.store, "keys.store")?))),
         "postgres" => Ok(KeyStoreLocation::Postgres(PgKeyStoreSettings {
-            host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
-            port: raw.port.unwrap_or(5432),
+            host: raw.host.clone().unwrap_or_else(|| defaults::PG_HOST.into()),
+            port: raw.port.unwrap_or(defaults::PG_PORT),
             user: required(&raw.user, "keys.user")?,
             password_env: raw.password_env.clone(),
             database: required(&raw.database, "keys.database")?,
-            schema: raw.schema.clone().unwrap_or_else(|| "sluice_keys".into()),
+            schema: raw
+                .schema
+                .clone()
+                .unwrap_or_else(|| defaults::PG_KEY_STORE_SCHEMA.into()),
         })),
         other => Err(invalid(
             at,

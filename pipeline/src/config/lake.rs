@@ -230,7 +230,10 @@ pub(super) fn iceberg_config(
         }
     };
     Ok(IcebergLocation {
-        catalog_name: raw.catalog_name.clone().unwrap_or_else(|| "sluice".into()),
+        catalog_name: raw
+            .catalog_name
+            .clone()
+            .unwrap_or_else(|| defaults::ICEBERG_CATALOG_NAME.into()),
         catalog,
         namespace: raw.namespace.clone().unwrap_or_else(|| pipeline.to_string()),
     })

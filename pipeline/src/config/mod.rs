@@ -3,7 +3,7 @@
 //! This module reads the file whole (`Config::load`: variables expanded, environment
 //! overrides applied, every error with its file, line and field); each section's meaning and
 //! checks live in a file of its own: `source.rs`, `input.rs`, `lake.rs`, `keys.rs`,
-//! `aggregates.rs`, `daemon.rs`.
+//! `aggregates.rs`, `daemon.rs`; every default by name in `defaults.rs`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,7 @@ use crate::sinks::SinkSet;
 
 mod aggregates;
 mod daemon;
+pub mod defaults;
 mod input;
 mod keys;
 mod lake;
@@ -116,7 +117,7 @@ struct RawAggregate {
 }
 
 fn default_lateness_ms() -> u64 {
-    10 * 60 * 1000
+    defaults::AGGREGATE_LATENESS_MS
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,11 +230,11 @@ struct RawPublish {
 }
 
 fn default_max_event_bytes() -> usize {
-    1 << 20
+    defaults::MAX_EVENT_BYTES
 }
 
 fn default_poll_ms() -> u64 {
-    1000
+    defaults::POLL_MS
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,13 +416,16 @@ impl Config {
                 "set master_key_file or master_key_env".into(),
             ));
         }
-        if raw.workers.memory_mb < MIN_MEMORY_MB {
+        if raw.workers.memory_mb < defaults::MIN_MEMORY_MB {
             return Err(invalid(
                 text.find("[workers]")
                     .and_then(|at| text[at..].find("memory_mb").map(|i| at + i))
                     .unwrap_or(0),
                 "workers.memory_mb",
-                format!("must be at least {MIN_MEMORY_MB} (MiB): the budget the run's buffers are sized from"),
+                format!(
+                    "must be at least {} (MiB): the budget the run's buffers are sized from",
+                    defaults::MIN_MEMORY_MB
+                ),
             ));
         }
         let policies = load_policies(&raw, &text, &resolve, &invalid)?;
@@ -519,7 +523,7 @@ impl Config {
 
     /// How long `/ready` tolerates rows waiting without a commit.
     pub fn ready_max_age(&self) -> std::time::Duration {
-        let default = (3 * self.batch.max_age_ms).max(60_000);
+        let default = (3 * self.batch.max_age_ms).max(defaults::MIN_READY_MAX_AGE_MS);
         std::time::Duration::from_millis(self.http.ready_max_age_ms.unwrap_or(default))
     }
 

@@ -70,7 +70,7 @@ pub(super) fn source_config(
                 group_id: required(&raw.group_id, "source.group_id")?,
                 topics,
                 start_at,
-                session_timeout_ms: raw.session_timeout_ms.unwrap_or(10_000),
+                session_timeout_ms: raw.session_timeout_ms.unwrap_or(defaults::KAFKA_SESSION_TIMEOUT_MS),
             })
         }
         "postgres" => {
@@ -89,8 +89,8 @@ pub(super) fn source_config(
                 ));
             }
             SourceConfig::Postgres(PostgresSourceConfig {
-                host: raw.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
-                port: raw.port.unwrap_or(5432),
+                host: raw.host.clone().unwrap_or_else(|| defaults::PG_HOST.into()),
+                port: raw.port.unwrap_or(defaults::PG_PORT),
                 user: required(&raw.user, "source.user")?,
                 password_env: raw.password_env.clone(),
                 database: required(&raw.database, "source.database")?,
@@ -101,7 +101,10 @@ pub(super) fn source_config(
                     .as_deref()
                     .map(resolve)
                     .unwrap_or_else(|| spool_base.join("spool")),
-                heartbeat_ms: raw.heartbeat_ms.unwrap_or(10_000).max(100),
+                heartbeat_ms: raw
+                    .heartbeat_ms
+                    .unwrap_or(defaults::PG_HEARTBEAT_MS)
+                    .max(defaults::MIN_PG_HEARTBEAT_MS),
             })
         }
         other => {
