@@ -8,39 +8,15 @@
 # at /usr/bin/time)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. pipeline/bench/lib.sh
 rows=${1:-1000000}
 out=${BENCH_DIR:-target/bench-aggregate}
 cargo build --release --locked -p sluice
 bin=$PWD/target/release/sluice
 rm -rf "$out" && mkdir -p "$out/policies" "$out/events"
-cat > "$out/policies/payments.toml" <<TOML
-table = "public.payments"
-target = "payments"
-subject = "customer_id"
-token_domain = "customer"
-[columns.customer_id]
-action = "tokenize"
-[columns.amount_pence]
-action = "keep"
-type = "int64"
-[columns.channel]
-action = "keep"
-type = "string"
-[columns.region]
-action = "keep"
-type = "string"
-TOML
-cat > "$out/sluice.toml" <<TOML
-name = "bench"
-policies = ["policies"]
-[source]
-kind = "file"
-path = "events"
-[lake]
-root = "lake"
-[keys]
-store = "keys/keystore.db"
-master_key_file = "$PWD/fixtures/keys/TEST-ONLY-master.key"
+payments_policy "$out/policies/payments.toml" payments channel region
+file_pipeline_config "$out" policies
+cat >> "$out/sluice.toml" <<TOML
 
 [[aggregates]]
 name = "payments_by_region_hour"

@@ -9,6 +9,7 @@
 # filled by `pipeline/examples/key_store_at_scale.rs`, so the run meets existing keys).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. pipeline/bench/lib.sh
 events=${1:-1000000}
 subjects=${2:-0}
 out=${BENCH_DIR:-target/bench}
@@ -27,17 +28,6 @@ rm -rf "$out/file/lake" "$out/file/keys" && mkdir -p "$out/file/keys"
 if [ -n "${BENCH_KEY_STORE:-}" ]; then cp "$BENCH_KEY_STORE" "$out/file/keys/keystore.db"; fi
 bytes=$(stat -c %s "$out/file/events/bench.jsonl")
 sync  # let the generated file reach disk first, so its write-back does not compete with the run
-cat > "$out/file/sluice.toml" <<TOML
-name = "bench"
-policies = ["$PWD/schemas/demo"]
-[source]
-kind = "file"
-path = "events"
-[lake]
-root = "lake"
-[keys]
-store = "keys/keystore.db"
-master_key_file = "$PWD/fixtures/keys/TEST-ONLY-master.key"
-TOML
+file_pipeline_config "$out/file" "$PWD/schemas/demo"
 python3 pipeline/bench/measure.py --name "$name" --events "$events" --bytes "$bytes" \
   --subjects "$subjects" --results "$results" -- "$bin" run --config "$out/file/sluice.toml" --once

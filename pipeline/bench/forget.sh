@@ -6,38 +6,15 @@
 # needs GNU time at /usr/bin/time)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. pipeline/bench/lib.sh
 rows=${1:-10000000}
 subjects=${2:-100000}
 out=${BENCH_DIR:-target/bench-forget}
 cargo build --release --locked -p sluice
 bin=$PWD/target/release/sluice
 rm -rf "$out" && mkdir -p "$out/policies" "$out/events"
-cat > "$out/policies/big.toml" <<TOML
-table = "public.payments"
-target = "big"
-subject = "customer_id"
-token_domain = "customer"
-[columns.customer_id]
-action = "tokenize"
-[columns.amount_pence]
-action = "keep"
-type = "int64"
-[columns.channel]
-action = "keep"
-type = "string"
-TOML
-cat > "$out/sluice.toml" <<TOML
-name = "bench"
-policies = ["policies"]
-[source]
-kind = "file"
-path = "events"
-[lake]
-root = "lake"
-[keys]
-store = "keys/keystore.db"
-master_key_file = "$PWD/fixtures/keys/TEST-ONLY-master.key"
-TOML
+payments_policy "$out/policies/big.toml" big channel
+file_pipeline_config "$out" policies
 # Creates the key store and its token key (nothing to erase yet).
 "$bin" forget --config "$out/sluice.toml" --subject 0 --dry-run >/dev/null 2>&1
 .venv/bin/python - "$bin" "$out" "$rows" "$subjects" "$PWD/fixtures/keys/TEST-ONLY-master.key" <<'PY'
