@@ -41,7 +41,7 @@ impl Kind for crate::lake::LakeError {
         }
         match self {
             L::Delta(D::Location { .. }) => ErrorKind::Config,
-            L::Delta(D::SchemaChanged { .. }) | L::Iceberg(I::SchemaChanged { .. }) => ErrorKind::Config,
+            L::Delta(D::SchemaChanged(_)) | L::Iceberg(I::SchemaChanged(_)) => ErrorKind::Config,
             L::Iceberg(I::UnsupportedType { .. }) => ErrorKind::Config,
             L::Query(_) => ErrorKind::Internal,
             _ => ErrorKind::SinkUnavailable,

@@ -22,19 +22,16 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
-use sluice_connectors::lake::{delta_table, Catalogs, LakeError, StreamStanding, TableSink};
+use sluice_connectors::lake::{Catalogs, LakeError, StreamStanding, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
-use sluice_transforms::engine::PARTITION_COLUMN;
-use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
 use sluice_transforms::TableTransform;
 use tracing::{info, warn};
 
 use crate::config::{Config, InputFormat};
 use crate::observe::metrics;
 use crate::publish::Publisher;
-use crate::quarantine::quarantine_schema;
-use crate::sinks::SinkId;
+use crate::sinks::{sink_specs, SinkId};
 use crate::summary::Summary;
 use crate::worker::{catching, Processed, Router, WorkError};
 
@@ -304,47 +301,20 @@ fn run_pass(
 async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<TableSink>, LakeError> {
     let mut catalogs = Catalogs::default();
     let mut sinks = Vec::new();
-    for t in transforms {
-        for location in config.table_locations(t.policy()) {
-            let sink = location
+    for spec in sink_specs(config, transforms) {
+        sinks.push(
+            spec.location
                 .open_sink(
                     &mut catalogs,
-                    &t.policy().target,
+                    &spec.name,
                     &config.name,
-                    t.schema(),
-                    Some(PARTITION_COLUMN),
-                    &t.stats_columns(),
+                    spec.schema,
+                    spec.partition,
+                    &spec.stats_columns,
                 )
-                .await?;
-            sinks.push(sink);
-        }
+                .await?,
+        );
     }
-    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    // No statistics on subject tokens, ciphertexts or positions (see `open_or_create`).
-    sinks.push(
-        delta_table(config.vault_path.clone())
-            .open_sink(
-                &mut catalogs,
-                "vault",
-                &config.name,
-                vault_schema(),
-                None,
-                &names(VAULT_STATS_COLUMNS),
-            )
-            .await?,
-    );
-    sinks.push(
-        delta_table(config.quarantine_path.clone())
-            .open_sink(
-                &mut catalogs,
-                "quarantine",
-                &config.name,
-                quarantine_schema(),
-                Some(crate::quarantine::PARTITION_COLUMN),
-                &names(crate::quarantine::STATS_COLUMNS),
-            )
-            .await?,
-    );
     Ok(sinks)
 }
 

@@ -2,6 +2,16 @@
 //! table once per lake format (in policy order), then the vault, then the quarantine. A sink is
 //! named by its [`SinkId`]; its position in that order is computed here and nowhere else.
 
+use arrow_schema::SchemaRef;
+use sluice_connectors::lake::{delta_table, Catalogs, LakeError, SchemaChange, TableLocation};
+use sluice_transforms::crypto::Tokenizer;
+use sluice_transforms::engine::PARTITION_COLUMN;
+use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
+use sluice_transforms::TableTransform;
+
+use crate::config::Config;
+use crate::quarantine::quarantine_schema;
+
 /// One sink of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkId {
@@ -89,6 +99,73 @@ impl SinkSet {
         debug_assert_eq!(out.len(), self.count());
         out
     }
+}
+
+/// A sink as it is opened: where, under which name, with which columns, partition and
+/// statistics.
+pub struct SinkSpec {
+    pub location: TableLocation,
+    pub name: String,
+    pub schema: SchemaRef,
+    pub partition: Option<&'static str>,
+    /// Columns whose per-file minimum and maximum the table's log or manifests may keep.
+    pub stats_columns: Vec<String>,
+}
+
+/// Every sink of a run, in [`SinkSet`] order.
+pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpec> {
+    let mut specs = Vec::new();
+    for t in transforms {
+        for location in config.table_locations(t.policy()) {
+            specs.push(SinkSpec {
+                location,
+                name: t.policy().target.clone(),
+                schema: t.schema(),
+                partition: Some(PARTITION_COLUMN),
+                stats_columns: t.stats_columns(),
+            });
+        }
+    }
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // No statistics on subject tokens, ciphertexts or positions (see the Delta sink's
+    // `open_or_create`).
+    specs.push(SinkSpec {
+        location: delta_table(config.vault_path.clone()),
+        name: "vault".into(),
+        schema: vault_schema(),
+        partition: None,
+        stats_columns: names(VAULT_STATS_COLUMNS),
+    });
+    specs.push(SinkSpec {
+        location: delta_table(config.quarantine_path.clone()),
+        name: "quarantine".into(),
+        schema: quarantine_schema(),
+        partition: Some(crate::quarantine::PARTITION_COLUMN),
+        stats_columns: names(crate::quarantine::STATS_COLUMNS),
+    });
+    specs
+}
+
+/// What the next run will do to each of its tables' columns, by the table's label: create it,
+/// leave it, add columns, or refuse (`sluice check --tables`). Reads the lake; changes nothing.
+#[allow(clippy::type_complexity)]
+pub fn schema_changes(config: &Config) -> std::io::Result<Vec<(String, Result<SchemaChange, LakeError>)>> {
+    // The token key is not needed to know the columns: any tokenizer gives the same schema.
+    let tokenizer = Tokenizer::new(&[0; 32]);
+    let transforms: Vec<TableTransform> = config
+        .policies
+        .iter()
+        .map(|p| TableTransform::new(p.clone(), &tokenizer))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut catalogs = Catalogs::default();
+    Ok(sink_specs(config, &transforms)
+        .into_iter()
+        .map(|spec| {
+            let change = rt.block_on(spec.location.schema_change(&mut catalogs, &spec.name, &spec.schema));
+            (spec.location.label(&spec.name), change)
+        })
+        .collect())
 }
 
 #[cfg(test)]

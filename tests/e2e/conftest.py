@@ -133,6 +133,18 @@ def source_events(events_dir):
     return out
 
 
+# The people table of the schema-evolution tests (policy `fixtures/test-policies/people-balance.toml`).
+def people_events(path, ids, with_region):
+    lines = []
+    for i in ids:
+        after = {"id": i, "balance": i * 10}
+        if with_region:
+            after["region"] = f"r{i % 3}"
+        lines.append(json.dumps({"before": None, "after": after, "op": "c", "ts_ms": 1704067200000 + i,
+                                 "source": {"schema": "public", "table": "people", "ts_ms": 1704067200000 + i}}))
+    path.write_text("\n".join(lines) + "\n")
+
+
 def read_delta(path):
     import deltalake
 

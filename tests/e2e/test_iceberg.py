@@ -10,8 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, TEST_POLICIES, iceberg_catalog, read_delta, read_iceberg, run,
-                      run_until_killed, source_events, write_config)
+from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, TEST_POLICIES, iceberg_catalog, people_events, read_delta,
+                      read_iceberg, run, run_until_killed, source_events, write_config)
 
 BOTH = 'format = "both"'
 
@@ -93,17 +93,6 @@ def test_kill_9_around_iceberg_commits_then_finish_exactly_once(sluice_bin, tmp_
 
 
 POLICY = (TEST_POLICIES / "people-balance.toml").read_text()
-
-
-def people_events(path, ids, with_region):
-    lines = []
-    for i in ids:
-        after = {"id": i, "balance": i * 10}
-        if with_region:
-            after["region"] = f"r{i % 3}"
-        lines.append(json.dumps({"before": None, "after": after, "op": "c", "ts_ms": 1704067200000 + i,
-                                 "source": {"schema": "public", "table": "people", "ts_ms": 1704067200000 + i}}))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_path):

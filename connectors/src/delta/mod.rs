@@ -16,6 +16,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
+use crate::lake::schema::{plan, Mismatch, SchemaChange};
 use crate::storage::{LakePath, LakePathError};
 use crate::SourcePosition;
 
@@ -38,12 +39,8 @@ pub enum DeltaSinkError {
         stream: String,
         expected: Option<i64>,
     },
-    #[error("table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; schema evolution is not supported yet: write to a new lake root or restore the policy")]
-    SchemaChanged {
-        table: String,
-        existing: String,
-        wanted: String,
-    },
+    #[error("table {0}")]
+    SchemaChanged(Box<crate::lake::schema::Mismatch>),
 }
 
 /// The lake's Parquet settings, but no dictionary for columns whose values never repeat
@@ -79,6 +76,8 @@ pub(crate) struct DeltaSink {
     /// readers until the commit that adds them (orphans after a crash, which only a full-mode
     /// VACUUM removes).
     spilled: Vec<deltalake::kernel::Add>,
+    /// The table's column order, where the policy's differs (see [`table_order`]).
+    reorder: Option<(SchemaRef, Vec<usize>)>,
 }
 
 impl DeltaSink {
@@ -145,6 +144,7 @@ impl DeltaSink {
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err)?
             .with_writer_properties(writer_properties(&schema));
+        let reorder = table_order(&schema, &writer.arrow_schema());
         Ok(Self {
             name: name.to_string(),
             app_prefix: app_prefix.to_string(),
@@ -154,6 +154,7 @@ impl DeltaSink {
             buffered_rows: 0,
             known: HashMap::new(),
             spilled: Vec::new(),
+            reorder,
         })
     }
 
@@ -249,6 +250,17 @@ impl DeltaSink {
     /// Buffers rows (accepted, not durable).
     pub(crate) async fn write(&mut self, batch: RecordBatch) -> Result<(), DeltaSinkError> {
         self.buffered_rows += batch.num_rows();
+        let batch = match &self.reorder {
+            None => batch,
+            Some((schema, order)) => {
+                RecordBatch::try_new(schema.clone(), order.iter().map(|&i| batch.column(i).clone()).collect()).map_err(
+                    |source| DeltaSinkError::Delta {
+                        table: self.name.clone(),
+                        source: Box::new(source.into()),
+                    },
+                )?
+            }
+        };
         self.writer.write(batch).await.map_err(|source| DeltaSinkError::Delta {
             table: self.name.clone(),
             source: Box::new(source),
@@ -403,35 +415,76 @@ async fn evolve_schema(mut table: DeltaTable, name: &str, schema: &SchemaRef) ->
     };
     let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
     let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-    let names = |s: &StructType| {
-        s.fields()
-            .map(|f| format!("{}:{}", f.name(), f.data_type()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    if names(&existing) != names(&wanted) {
-        // Nullable columns appended at the end (a metadata column a newer sluice writes)
-        // are added to the table; older rows read them as null. Anything else is refused.
-        let old: Vec<_> = existing.fields().collect();
-        let new: Vec<_> = wanted.fields().collect();
-        let appended = new.len() > old.len()
-            && old
-                .iter()
-                .zip(&new)
-                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type())
-            && new[old.len()..].iter().all(|f| f.is_nullable());
-        if !appended {
-            return Err(DeltaSinkError::SchemaChanged {
-                table: name.to_string(),
-                existing: names(&existing),
-                wanted: names(&wanted),
-            });
+    let (old, new) = (delta_columns(&existing), delta_columns(&wanted));
+    match plan(&old, &new) {
+        SchemaChange::Create | SchemaChange::Same => {}
+        refused @ SchemaChange::Refused { .. } => {
+            return Err(DeltaSinkError::SchemaChanged(Mismatch::new(name, &old, &new, &refused)))
         }
-        tracing::info!(table = name, "adding new columns to the table");
-        let added: Vec<StructField> = new[old.len()..].iter().map(|f| (*f).clone()).collect();
-        table = table.add_columns().with_fields(added).await.map_err(err)?;
+        SchemaChange::Add(columns) => {
+            tracing::info!(table = name, columns = %columns.join(", "), "adding the policy's new columns to the table");
+            // Nullable whatever the policy says: the rows already written have no value.
+            let added: Vec<StructField> = wanted
+                .fields()
+                .filter(|f| columns.contains(f.name()))
+                .map(|f| StructField::new(f.name().clone(), f.data_type().clone(), true))
+                .collect();
+            table = table.add_columns().with_fields(added).await.map_err(err)?;
+        }
     }
     Ok(table)
+}
+
+/// What opening the table at `location` with `schema` would do to it; nothing is changed.
+pub(crate) async fn schema_change(
+    location: &LakePath,
+    name: &str,
+    schema: &SchemaRef,
+) -> Result<SchemaChange, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let Some(table) = open_existing(location, name).await? else {
+        return Ok(SchemaChange::Create);
+    };
+    let existing: StructType = table.snapshot().map_err(err)?.schema().as_ref().clone();
+    let wanted: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
+    Ok(plan(&delta_columns(&existing), &delta_columns(&wanted)))
+}
+
+/// A Delta schema's columns as the schema rule compares them.
+fn delta_columns(schema: &StructType) -> Vec<(String, String)> {
+    schema
+        .fields()
+        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .collect()
+}
+
+/// Where each of the table's columns is in a policy batch, when the two orders differ (a column
+/// added to a policy is appended to the table, wherever the policy has it): the batch's columns
+/// in the table's order, nullable as the table's are.
+fn table_order(batch: &arrow_schema::Schema, table: &arrow_schema::Schema) -> Option<(SchemaRef, Vec<usize>)> {
+    let same = batch.fields().len() == table.fields().len()
+        && batch
+            .fields()
+            .iter()
+            .zip(table.fields())
+            .all(|(b, t)| b.name() == t.name() && b.is_nullable() == t.is_nullable());
+    if same {
+        return None;
+    }
+    let order: Vec<usize> = table
+        .fields()
+        .iter()
+        .map(|t| batch.index_of(t.name()).ok())
+        .collect::<Option<_>>()?;
+    let fields: Vec<arrow_schema::Field> = order
+        .iter()
+        .zip(table.fields())
+        .map(|(&i, t)| batch.field(i).clone().with_nullable(t.is_nullable()))
+        .collect();
+    Some((std::sync::Arc::new(arrow_schema::Schema::new(fields)), order))
 }
 
 /// Restricts the statistics in the log to `stats_columns`.

@@ -36,6 +36,7 @@ mod schema;
 
 pub use catalog::*;
 pub(crate) use compact::*;
+pub(crate) use schema::schema_change;
 use schema::*;
 
 /// Snapshot summary property holding a stream's committed offset: `sluice.position.<app id>`.
@@ -62,12 +63,8 @@ pub enum IcebergSinkError {
         stream: String,
         expected: Option<i64>,
     },
-    #[error("iceberg table {table} exists with columns [{existing}] but the policy now writes [{wanted}]; only added columns evolve the schema: write to a new namespace or restore the policy")]
-    SchemaChanged {
-        table: String,
-        existing: String,
-        wanted: String,
-    },
+    #[error("iceberg table {0}")]
+    SchemaChanged(Box<crate::lake::schema::Mismatch>),
     #[error("iceberg table {table}: column {column}: type {data_type} has no Iceberg equivalent")]
     UnsupportedType {
         table: String,

@@ -1,6 +1,8 @@
 //! Arrow schemas as Iceberg schemas, and a table's schema evolved to a policy's.
 
 use super::*;
+use crate::lake::schema::{plan, Mismatch, SchemaChange};
+use iceberg::spec::Type;
 
 pub(super) fn type_error(table: &str, field: &arrow_schema::Field) -> IcebergSinkError {
     IcebergSinkError::UnsupportedType {
@@ -31,6 +33,44 @@ pub(super) fn iceberg_schema(table: &str, schema: &ArrowSchema) -> Result<Schema
         })
 }
 
+/// The table's columns, and the policy's with their Iceberg types.
+#[allow(clippy::type_complexity)]
+fn columns(
+    table: &Table,
+    name: &str,
+    schema: &ArrowSchema,
+) -> Result<(Vec<(String, String)>, Vec<(String, Type)>), IcebergSinkError> {
+    let existing = table
+        .metadata()
+        .current_schema()
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| (f.name.clone(), f.field_type.to_string()))
+        .collect();
+    let mut wanted = Vec::new();
+    for f in schema.fields() {
+        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(name, f))?;
+        wanted.push((f.name().clone(), ty));
+    }
+    Ok((existing, wanted))
+}
+
+/// What opening the table `name` with `schema` would do to it; nothing is changed.
+pub(crate) async fn schema_change(
+    catalog: &dyn Catalog,
+    location: &IcebergLocation,
+    name: &str,
+    schema: &ArrowSchema,
+) -> Result<SchemaChange, IcebergSinkError> {
+    let Some(table) = super::load_existing(catalog, location, name).await? else {
+        return Ok(SchemaChange::Create);
+    };
+    let (existing, wanted) = columns(&table, name, schema)?;
+    let wanted: Vec<(String, String)> = wanted.iter().map(|(n, t)| (n.clone(), t.to_string())).collect();
+    Ok(plan(&existing, &wanted))
+}
+
 /// Adds the columns of `schema` the table lacks; any other difference is an error.
 pub(super) async fn evolve_schema(
     catalog: &dyn Catalog,
@@ -42,48 +82,24 @@ pub(super) async fn evolve_schema(
         table: name.to_string(),
         source: Box::new(source),
     };
-    let current = table.metadata().current_schema().clone();
-    let describe = |fields: Vec<(String, String)>| {
-        fields
-            .into_iter()
-            .map(|(n, t)| format!("{n}:{t}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let existing: Vec<(String, String)> = current
-        .as_struct()
-        .fields()
-        .iter()
-        .map(|f| (f.name.clone(), f.field_type.to_string()))
-        .collect();
-    let mut wanted = Vec::new();
-    let mut added = Vec::new();
-    for f in schema.fields() {
-        let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(name, f))?;
-        wanted.push((f.name().clone(), ty.to_string()));
-        match current.field_by_name(f.name()) {
-            Some(existing) if *existing.field_type == ty => {}
-            Some(_) => {
-                return Err(IcebergSinkError::SchemaChanged {
-                    table: name.to_string(),
-                    existing: describe(existing),
-                    wanted: describe(wanted),
-                })
-            }
-            None => added.push(AddColumn::optional(f.name(), ty)),
+    let (existing, wanted) = columns(&table, name, schema)?;
+    let wanted_text: Vec<(String, String)> = wanted.iter().map(|(n, t)| (n.clone(), t.to_string())).collect();
+    let added: Vec<AddColumn> = match plan(&existing, &wanted_text) {
+        SchemaChange::Create | SchemaChange::Same => return Ok(table),
+        refused @ SchemaChange::Refused { .. } => {
+            return Err(IcebergSinkError::SchemaChanged(Mismatch::new(
+                name,
+                &existing,
+                &wanted_text,
+                &refused,
+            )))
         }
-    }
-    let removed = existing.iter().any(|(n, _)| schema.field_with_name(n).is_err());
-    if removed {
-        return Err(IcebergSinkError::SchemaChanged {
-            table: name.to_string(),
-            existing: describe(existing),
-            wanted: describe(wanted),
-        });
-    }
-    if added.is_empty() {
-        return Ok(table);
-    }
+        SchemaChange::Add(columns) => wanted
+            .into_iter()
+            .filter(|(n, _)| columns.contains(n))
+            .map(|(n, ty)| AddColumn::optional(&n, ty))
+            .collect(),
+    };
     tracing::info!(
         table = name,
         columns = added.len(),

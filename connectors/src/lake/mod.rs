@@ -9,9 +9,11 @@ use iceberg::Catalog;
 mod layout;
 mod ops;
 mod positions;
+pub(crate) mod schema;
 pub use layout::{delta_table, table_locations, LakeFormat};
 pub(crate) use positions::standings;
 pub use positions::StreamStanding;
+pub use schema::SchemaChange;
 
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};

@@ -12,7 +12,7 @@ use deltalake::datafusion::datasource::file_format::parquet::ParquetFormat;
 use deltalake::datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use super::{Catalogs, LakeError, Sink, TableLocation, TableSink};
+use super::{Catalogs, LakeError, SchemaChange, Sink, TableLocation, TableSink};
 use crate::delta::erase::RowMatcher;
 use crate::delta::{Compaction, DeltaSink};
 use crate::iceberg::IcebergSink;
@@ -63,6 +63,23 @@ impl TableLocation {
                 )
                 .await?,
             )),
+        })
+    }
+
+    /// What opening this table with `schema` would do to it — create it, leave it, add
+    /// columns, or refuse — changing nothing (`sluice check`).
+    pub async fn schema_change(
+        &self,
+        catalogs: &mut Catalogs,
+        name: &str,
+        schema: &SchemaRef,
+    ) -> Result<SchemaChange, LakeError> {
+        Ok(match self {
+            TableLocation::Delta(path) => crate::delta::schema_change(path, name, schema).await?,
+            TableLocation::Iceberg { location, table } => {
+                let catalog = catalogs.get(location).await?;
+                crate::iceberg::schema_change(catalog.as_ref(), location, table, schema).await?
+            }
         })
     }
 

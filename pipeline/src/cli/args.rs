@@ -77,6 +77,11 @@ pub enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also read each existing table and say what the next run does to its columns (adds,
+        /// or refuses a removed or retyped one: exit 1). Reads the lake, so it needs the lake's
+        /// credentials; without it, check reads nothing but the config.
+        #[arg(long)]
+        tables: bool,
     },
     /// Write deterministic demo/benchmark change events (a debt-collection domain).
     Generate(GenerateArgs),

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use sluice_connectors::lake::SchemaChange;
 
 use super::args::{AggregateArgs, AuditLeaksArgs, GenerateArgs};
 use crate::{aggregate, audit, compact, config, generate, manifest};
@@ -39,10 +40,24 @@ pub fn compact(config: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn check(config: &Path) -> anyhow::Result<ExitCode> {
+pub fn check(config: &Path, tables: bool) -> anyhow::Result<ExitCode> {
     let cfg = config::Config::load(config)?;
     print!("{}", manifest::render(&cfg));
-    Ok(ExitCode::SUCCESS)
+    if !tables {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("\nTables (what the next run does to each one's columns):");
+    let mut refused = false;
+    for (label, change) in crate::sinks::schema_changes(&cfg)? {
+        match change {
+            Ok(change) => {
+                refused |= matches!(change, SchemaChange::Refused { .. });
+                println!("  {label}: {change}");
+            }
+            Err(e) => println!("  {label}: not read ({e})"),
+        }
+    }
+    Ok(if refused { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
