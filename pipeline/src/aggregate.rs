@@ -27,6 +27,7 @@ use sluice_connectors::SourcePosition;
 use tracing::info;
 
 use crate::config::{Aggregate, Config, MeasureFn, Suppression};
+use crate::forget::HookError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregateError {
@@ -615,8 +616,6 @@ pub fn hours_of_subjects(
 pub struct AggregatesAfterErasure<'a> {
     pub config: &'a Config,
 }
-
-use crate::forget::HookError;
 
 impl crate::forget::ErasureHook for AggregatesAfterErasure<'_> {
     fn name(&self) -> &str {

@@ -23,11 +23,7 @@ pub fn build(cfg: &config::Config, once: bool) -> anyhow::Result<Box<dyn Source>
 
 /// `sluice capture`'s reader (also feeding the raw stream, which writes no lake).
 pub fn postgres_source(cfg: &config::Config, p: &PostgresSourceConfig, once: bool) -> anyhow::Result<PostgresSource> {
-    let mut run = RunTables::of(cfg);
-    // Raw mode writes no lake: its positions are its own checkpoint's.
-    if cfg.raw_stream.is_some() {
-        run.table_sinks.clear();
-    }
+    let run = RunTables::of(cfg);
     Ok(p.build(&run.context(cfg, once), spool_key(cfg)?)?)
 }
 
@@ -53,16 +49,20 @@ impl RunTables {
     fn of(cfg: &config::Config) -> Self {
         let (lake, set) = (cfg.sink_locations(), cfg.sink_set());
         // Per policy table, the tables its rows can land in: its own (one per format), the
-        // vault, the quarantine.
-        let table_sinks = cfg
-            .policies
-            .iter()
-            .map(|p| {
-                let mut l = cfg.table_locations(p);
-                l.extend([lake[set.vault()].clone(), lake[set.quarantine()].clone()]);
-                l
-            })
-            .collect();
+        // vault, the quarantine. Raw mode writes no lake: its positions are its own
+        // checkpoint's.
+        let table_sinks = match cfg.raw_stream {
+            Some(_) => Vec::new(),
+            None => cfg
+                .policies
+                .iter()
+                .map(|p| {
+                    let mut l = cfg.table_locations(p);
+                    l.extend([lake[set.vault()].clone(), lake[set.quarantine()].clone()]);
+                    l
+                })
+                .collect(),
+        };
         Self {
             policy_tables: cfg.policies.iter().map(|p| p.table.clone()).collect(),
             lake,

@@ -103,13 +103,18 @@ def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_p
     events.mkdir()
     people_events(events / "a.jsonl", range(0, 20), with_region=True)
     config = write_config(tmp_path, events, [policies], lake_extra='format = "iceberg"')
-    run(sluice_bin, "run", "--config", config, "--once")
+    planned = run(sluice_bin, "check", "--config", config, "--tables").stdout
+    assert "  iceberg/people: created" in planned, planned
     lake = tmp_path / "lake"
+    assert not lake.exists(), "check --tables changes nothing (no catalog created)"
+    run(sluice_bin, "run", "--config", config, "--once")
     assert not (lake / "tables" / "people").exists(), "format = iceberg writes no Delta table"
     before = iceberg_catalog(lake).load_table(("test", "people")).schema()
     assert "region" not in before.column_names
 
     (policies / "people.toml").write_text(POLICY + '[columns.region]\naction = "keep"\ntype = "string"\n')
+    planned = run(sluice_bin, "check", "--config", config, "--tables").stdout
+    assert "  iceberg/people: adds region" in planned, planned
     people_events(events / "b.jsonl", range(20, 30), with_region=True)
     run(sluice_bin, "run", "--config", config, "--once")
     table = iceberg_catalog(lake).load_table(("test", "people"))
@@ -127,6 +132,7 @@ def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_p
     people_events(events / "c.jsonl", range(30, 31), with_region=False)
     failed = run(sluice_bin, "run", "--config", config, "--once", check=False)
     assert failed.returncode != 0 and "iceberg table people exists with columns" in failed.stderr
+    assert "the policy removes balance" in failed.stderr, failed.stderr
 
 
 def test_forget_leaves_nothing_of_the_subject_in_iceberg_tables_or_their_history(sluice_bin, tmp_path):

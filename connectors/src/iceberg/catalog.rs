@@ -54,6 +54,15 @@ pub struct IcebergLocation {
 }
 
 impl IcebergLocation {
+    /// Whether the catalog may hold tables: an embedded SQL catalog whose database file does not
+    /// exist holds none (and is not created by asking).
+    pub(crate) fn may_exist(&self) -> bool {
+        match &self.catalog {
+            CatalogSettings::Sql { database, .. } => database.exists(),
+            _ => true,
+        }
+    }
+
     pub(crate) async fn connect(&self) -> Result<Arc<dyn Catalog>, IcebergSinkError> {
         let err = |source| IcebergSinkError::Iceberg {
             table: format!("(catalog {})", self.catalog_name),

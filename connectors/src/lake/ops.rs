@@ -76,6 +76,7 @@ impl TableLocation {
     ) -> Result<SchemaChange, LakeError> {
         Ok(match self {
             TableLocation::Delta(path) => crate::delta::schema_change(path, name, schema).await?,
+            TableLocation::Iceberg { location, .. } if !location.may_exist() => SchemaChange::Create,
             TableLocation::Iceberg { location, table } => {
                 let catalog = catalogs.get(location).await?;
                 crate::iceberg::schema_change(catalog.as_ref(), location, table, schema).await?
