@@ -597,14 +597,11 @@ pub fn hours_of_subjects(
         let tokens: Vec<Expr> = subject_tokens.iter().map(|t| lit(t.as_str())).collect();
         let df: DataFrame = session
             .table("base")
-            .await
-            .map_err(QueryError::from)?
-            .filter(col("_subject").in_list(tokens, false))
-            .map_err(QueryError::from)?
-            .aggregate(vec![date_trunc(lit("hour"), col("_source_ts")).alias("hour")], vec![])
-            .map_err(QueryError::from)?;
+            .await?
+            .filter(col("_subject").in_list(tokens, false))?
+            .aggregate(vec![date_trunc(lit("hour"), col("_source_ts")).alias("hour")], vec![])?;
         let mut out = BTreeSet::new();
-        for batch in df.collect().await.map_err(QueryError::from)? {
+        for batch in df.collect().await? {
             let hour = timestamps(&batch, "hour")?;
             out.extend((0..batch.num_rows()).map(|i| hour.value(i)));
         }

@@ -133,6 +133,19 @@ def source_events(events_dir):
     return out
 
 
+def people_pipeline(tmp_path, lake_extra=""):
+    """The schema-evolution tests' pipeline: the people policy in `policies/`, its first 20 events
+    in `events/`. Returns (the policy file, the events directory, the config)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    policy = policies / "people.toml"
+    policy.write_text((TEST_POLICIES / "people-balance.toml").read_text())
+    events = tmp_path / "events"
+    events.mkdir()
+    people_events(events / "a.jsonl", range(0, 20), with_region=True)
+    return policy, events, write_config(tmp_path, events, [policies], lake_extra=lake_extra)
+
+
 # The people table of the schema-evolution tests (policy `fixtures/test-policies/people-balance.toml`).
 def people_events(path, ids, with_region):
     lines = []

@@ -10,8 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, TEST_POLICIES, iceberg_catalog, people_events, read_delta,
-                      read_iceberg, run, run_until_killed, source_events, write_config)
+from conftest import (DEMO_POLICIES, DEMO_TARGETS, REPO, TEST_POLICIES, iceberg_catalog, people_events, people_pipeline,
+                      read_delta, read_iceberg, run, run_until_killed, source_events, write_config)
 
 BOTH = 'format = "both"'
 
@@ -96,13 +96,7 @@ POLICY = (TEST_POLICIES / "people-balance.toml").read_text()
 
 
 def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_path):
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "people.toml").write_text(POLICY)
-    events = tmp_path / "events"
-    events.mkdir()
-    people_events(events / "a.jsonl", range(0, 20), with_region=True)
-    config = write_config(tmp_path, events, [policies], lake_extra='format = "iceberg"')
+    policy, events, config = people_pipeline(tmp_path, lake_extra='format = "iceberg"')
     planned = run(sluice_bin, "check", "--config", config, "--tables").stdout
     assert "  iceberg/people: created" in planned, planned
     lake = tmp_path / "lake"
@@ -112,7 +106,7 @@ def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_p
     before = iceberg_catalog(lake).load_table(("test", "people")).schema()
     assert "region" not in before.column_names
 
-    (policies / "people.toml").write_text(POLICY + '[columns.region]\naction = "keep"\ntype = "string"\n')
+    policy.write_text(POLICY + '[columns.region]\naction = "keep"\ntype = "string"\n')
     planned = run(sluice_bin, "check", "--config", config, "--tables").stdout
     assert "  iceberg/people: adds region" in planned, planned
     people_events(events / "b.jsonl", range(20, 30), with_region=True)
@@ -128,7 +122,7 @@ def test_a_policy_that_adds_a_column_evolves_the_iceberg_table(sluice_bin, tmp_p
     assert all(r["region"] is None for r in rows if r["balance"] < 200)
 
     # A column removed from the policy is refused, naming the table (rows are not silently lost).
-    (policies / "people.toml").write_text(POLICY.replace('[columns.balance]\naction = "keep"\ntype = "int64"\n', ""))
+    policy.write_text(POLICY.replace('[columns.balance]\naction = "keep"\ntype = "int64"\n', ""))
     people_events(events / "c.jsonl", range(30, 31), with_region=False)
     failed = run(sluice_bin, "run", "--config", config, "--once", check=False)
     assert failed.returncode != 0 and "iceberg table people exists with columns" in failed.stderr

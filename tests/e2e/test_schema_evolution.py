@@ -6,7 +6,7 @@ both schemas, and `sluice check --tables` says which before a run. Read back by 
 import deltalake
 import duckdb
 
-from conftest import TEST_POLICIES, people_events, read_delta, run, write_config
+from conftest import TEST_POLICIES, people_events, people_pipeline, read_delta, run
 
 POLICY = (TEST_POLICIES / "people-balance.toml").read_text()
 REGION = '[columns.region]\naction = "keep"\ntype = "string"\n'
@@ -17,13 +17,7 @@ def check_tables(sluice_bin, config):
 
 
 def test_a_policy_that_adds_a_column_evolves_the_delta_table_and_check_says_so_first(sluice_bin, tmp_path):
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "people.toml").write_text(POLICY)
-    events = tmp_path / "events"
-    events.mkdir()
-    people_events(events / "a.jsonl", range(0, 20), with_region=True)
-    config = write_config(tmp_path, events, [policies])
+    policy, events, config = people_pipeline(tmp_path)
     planned = check_tables(sluice_bin, config)
     assert planned.returncode == 0 and "  people: created" in planned.stdout, planned.stdout
     run(sluice_bin, "run", "--config", config, "--once")
@@ -32,7 +26,7 @@ def test_a_policy_that_adds_a_column_evolves_the_delta_table_and_check_says_so_f
     assert "region" not in before
 
     # The policy lists the new column among its own, before the metadata columns.
-    (policies / "people.toml").write_text(POLICY + REGION)
+    policy.write_text(POLICY + REGION)
     planned = check_tables(sluice_bin, config)
     assert planned.returncode == 0, planned.stdout
     assert "  people: adds region" in planned.stdout and "  vault: unchanged" in planned.stdout, planned.stdout
@@ -62,7 +56,7 @@ def test_a_policy_that_adds_a_column_evolves_the_delta_table_and_check_says_so_f
         (POLICY.replace('type = "int64"', 'type = "string"') + REGION, "the policy retypes balance: long → string"),
         (POLICY.replace('[columns.balance]\naction = "keep"\ntype = "int64"\n', "") + REGION, "the policy removes balance"),
     ):
-        (policies / "people.toml").write_text(change)
+        policy.write_text(change)
         planned = check_tables(sluice_bin, config)
         assert planned.returncode == 1 and f"  people: REFUSED: {said}" in planned.stdout, planned.stdout
         people_events(events / "c.jsonl", range(30, 31), with_region=True)

@@ -336,16 +336,12 @@ impl ErasureTarget {
 }
 
 fn checkpoint_as_json<T: ChunkReader + 'static>(bytes: T) -> Result<Vec<u8>, FileError> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .and_then(|b| b.build())
-        .map_err(FileError::from)?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build())?;
     let mut writer = deltalake::arrow::json::LineDelimitedWriter::new(Vec::new());
     for batch in reader {
-        writer
-            .write(&batch.map_err(FileError::from)?)
-            .map_err(FileError::from)?;
+        writer.write(&batch?)?;
     }
-    writer.finish().map_err(FileError::from)?;
+    writer.finish()?;
     Ok(writer.into_inner())
 }
 
@@ -411,18 +407,14 @@ fn with_missing(batch: RecordBatch, missing: &[String]) -> Result<RecordBatch, F
 }
 
 pub(crate) fn count_matches<T: ChunkReader + 'static>(bytes: T, matcher: &RowMatcher) -> Result<u64, FileError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(FileError::from)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
     let schema = builder.schema().clone();
     let (indices, missing) = matcher_columns(&schema, matcher)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(65_536)
-        .build()
-        .map_err(FileError::from)?;
+    let reader = builder.with_projection(mask).with_batch_size(65_536).build()?;
     let mut n = 0;
     for batch in reader {
-        let batch = with_missing(batch.map_err(FileError::from)?, &missing)?;
+        let batch = with_missing(batch?, &missing)?;
         n += (matcher.matches)(&batch).map_err(FileError::Matcher)?.true_count() as u64;
     }
     Ok(n)
@@ -434,31 +426,30 @@ pub(crate) fn rewrite<T: ChunkReader + 'static>(
     matcher: &RowMatcher,
     treatment: &Treatment,
 ) -> Result<(Vec<u8>, u64), FileError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(FileError::from)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
     let schema = builder.schema().clone();
-    let reader = builder.with_batch_size(65_536).build().map_err(FileError::from)?;
+    let reader = builder.with_batch_size(65_536).build()?;
     let mut buffer = Vec::new();
-    let mut writer =
-        ArrowWriter::try_new(&mut buffer, schema.clone(), Some(writer_properties(&schema))).map_err(FileError::from)?;
+    let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(writer_properties(&schema)))?;
     let mut rows = 0u64;
     let (indices, missing) = matcher_columns(&schema, matcher)?;
     for batch in reader {
-        let batch = batch.map_err(FileError::from)?;
-        let projected = with_missing(batch.project(&indices).map_err(FileError::from)?, &missing)?;
+        let batch = batch?;
+        let projected = with_missing(batch.project(&indices)?, &missing)?;
         let matched = (matcher.matches)(&projected).map_err(FileError::Matcher)?;
         let out = match treatment {
             Treatment::Delete => {
                 let keep: BooleanArray = matched.iter().map(|m| Some(m != Some(true))).collect();
-                arrow_select::filter::filter_record_batch(&batch, &keep).map_err(FileError::from)?
+                arrow_select::filter::filter_record_batch(&batch, &keep)?
             }
             Treatment::Blank(columns) => blank(&batch, &matched, columns)?,
         };
         rows += out.num_rows() as u64;
         if out.num_rows() > 0 {
-            writer.write(&out).map_err(FileError::from)?;
+            writer.write(&out)?;
         }
     }
-    writer.close().map_err(FileError::from)?;
+    writer.close()?;
     Ok((buffer, rows))
 }
 
@@ -484,12 +475,12 @@ fn blank(batch: &RecordBatch, matched: &BooleanArray, columns: &[String]) -> Res
             const DAY_US: i64 = 86_400_000_000;
             let days = times.unary::<_, TimestampMicrosecondType>(|t| t.div_euclid(DAY_US) * DAY_US);
             let days: ArrayRef = Arc::new(days.with_data_type(field.data_type().clone()));
-            arrays[i] = arrow_select::zip::zip(matched, &days, &arrays[i]).map_err(FileError::from)?;
+            arrays[i] = arrow_select::zip::zip(matched, &days, &arrays[i])?;
             continue;
         } else {
             return Err(FileError::CannotBlank(field.name().clone()));
         };
-        arrays[i] = arrow_select::zip::zip(matched, &Scalar::new(blank), &arrays[i]).map_err(FileError::from)?;
+        arrays[i] = arrow_select::zip::zip(matched, &Scalar::new(blank), &arrays[i])?;
     }
     RecordBatch::try_new(schema, arrays).map_err(FileError::from)
 }

@@ -38,10 +38,6 @@ pub(super) struct PgStore {
     schema: String,
 }
 
-fn e(err: postgres::Error) -> BackendError {
-    BackendError::Postgres(err)
-}
-
 fn stored_key(r: &postgres::Row) -> StoredKey {
     StoredKey {
         id: r.get(0),
@@ -71,16 +67,14 @@ impl PgStore {
             // "relation already exists, skipping" and the like are not worth a log line.
             .options("-c client_min_messages=warning");
         let password =
-            crate::secret::Secret::from_named_env_or(s.password_env.as_deref(), "PGPASSWORD", "keys.password_env")
-                .map_err(BackendError::from)?;
+            crate::secret::Secret::from_named_env_or(s.password_env.as_deref(), "PGPASSWORD", "keys.password_env")?;
         if let Some(password) = &password {
             config.password(password.expose());
         }
-        let mut client = config.connect(NoTls).map_err(e)?;
+        let mut client = config.connect(NoTls)?;
         let schema = &s.schema;
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
+        client.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
                  CREATE TABLE IF NOT EXISTS {schema}.keys (id BYTEA PRIMARY KEY, wrapped BYTEA NOT NULL);
                  CREATE TABLE IF NOT EXISTS {schema}.subject_keys (token TEXT PRIMARY KEY, key_id BYTEA NOT NULL);
                  CREATE TABLE IF NOT EXISTS {schema}.system_keys (name TEXT PRIMARY KEY, key_id BYTEA NOT NULL);
@@ -90,8 +84,7 @@ impl PgStore {
                  CREATE TABLE IF NOT EXISTS {schema}.erasure_jobs (job_id TEXT PRIMARY KEY, state TEXT NOT NULL,
                                                                    updated_at_ms BIGINT NOT NULL);
                  ALTER TABLE {schema}.tombstones ADD COLUMN IF NOT EXISTS reusable_after_ms BIGINT;"
-            ))
-            .map_err(e)?;
+        ))?;
         Ok(Self {
             client,
             schema: schema.clone(),
@@ -104,7 +97,7 @@ impl PgStore {
         wanted: &[&str],
         mint: Mint<'_>,
     ) -> Result<Vec<Resolved>, ResolveError> {
-        let store = |err: postgres::Error| ResolveError::Store(BackendError::Postgres(err));
+        let store = |err: postgres::Error| ResolveError::Store(err.into());
         let s = &self.schema;
         let (table, column) = match names {
             Names::Subjects => ("subject_keys", "token"),
@@ -204,14 +197,14 @@ impl PgStore {
 
     pub(super) fn wrapped_by_id(&mut self, id: &[u8]) -> Result<Option<StoredKey>, BackendError> {
         let select = format!("{} WHERE k.id = $1", self.stored_keys());
-        let row = self.client.query_opt(&select, &[&id]).map_err(e)?;
+        let row = self.client.query_opt(&select, &[&id])?;
         Ok(row.map(|r| stored_key(&r)))
     }
 
     /// Stored keys in id order, after `after` (empty: from the first).
     pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, BackendError> {
         let select = format!("{} WHERE k.id > $1 ORDER BY k.id LIMIT $2", self.stored_keys());
-        let rows = self.client.query(&select, &[&after, &limit]).map_err(e)?;
+        let rows = self.client.query(&select, &[&after, &limit])?;
         Ok(rows.iter().map(stored_key).collect())
     }
 
@@ -221,30 +214,29 @@ impl PgStore {
             "UPDATE {}.keys SET wrapped = $3 WHERE id = $1 AND wrapped = $2",
             self.schema
         );
-        self.client.execute(&update, &[&id, &old, &new]).map(|_| ()).map_err(e)
+        self.client
+            .execute(&update, &[&id, &old, &new])
+            .map(|_| ())
+            .map_err(BackendError::from)
     }
 
     pub(super) fn has_system_name(&mut self, name: &str) -> Result<bool, BackendError> {
         let select = format!("SELECT 1 FROM {}.system_keys WHERE name = $1", self.schema);
-        Ok(self.client.query_opt(&select, &[&name]).map_err(e)?.is_some())
+        Ok(self.client.query_opt(&select, &[&name])?.is_some())
     }
 
     pub(super) fn subject_count(&mut self) -> Result<u64, BackendError> {
         let row = self
             .client
-            .query_one(&format!("SELECT count(*) FROM {}.subject_keys", self.schema), &[])
-            .map_err(e)?;
+            .query_one(&format!("SELECT count(*) FROM {}.subject_keys", self.schema), &[])?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 
     pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, BackendError> {
-        let rows = self
-            .client
-            .query(
-                &format!("SELECT token FROM {}.subject_keys WHERE token = ANY($1)", self.schema),
-                &[&tokens],
-            )
-            .map_err(e)?;
+        let rows = self.client.query(
+            &format!("SELECT token FROM {}.subject_keys WHERE token = ANY($1)", self.schema),
+            &[&tokens],
+        )?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
@@ -255,18 +247,16 @@ impl PgStore {
         now_ms: i64,
     ) -> Result<KeysDestroyed, BackendError> {
         let s = self.schema.clone();
-        let mut tx = self.client.transaction().map_err(e)?;
+        let mut tx = self.client.transaction()?;
         // The key-creation lock: no key for these subjects can be minted between the delete
         // and the commit, and erasures commit their tombstones in `seq` order (daemons read
         // tombstones by increasing `seq`).
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
-            .map_err(e)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])?;
         // A subject released for reuse and erased again: erased for good, under a new seq.
         tx.execute(
             &format!("DELETE FROM {s}.tombstones WHERE token = ANY($1) AND reusable_after_ms IS NOT NULL"),
             &[&tokens],
-        )
-        .map_err(e)?;
+        )?;
         tx.execute(
             &format!(
                 "WITH gone AS (DELETE FROM {s}.subject_keys WHERE token = ANY($1) RETURNING token, key_id),
@@ -276,18 +266,13 @@ impl PgStore {
                  ON CONFLICT (token) DO NOTHING"
             ),
             &[&tokens, &job_id, &now_ms],
-        )
-        .map_err(e)?;
+        )?;
         // Counted from the job's tombstones, so a rerun reports what the job destroyed.
-        let row = tx
-            .query_one(
-                &format!(
-                    "SELECT count(*), count(*) FILTER (WHERE key_destroyed) FROM {s}.tombstones WHERE job_id = $1"
-                ),
-                &[&job_id],
-            )
-            .map_err(e)?;
-        tx.commit().map_err(e)?;
+        let row = tx.query_one(
+            &format!("SELECT count(*), count(*) FILTER (WHERE key_destroyed) FROM {s}.tombstones WHERE job_id = $1"),
+            &[&job_id],
+        )?;
+        tx.commit()?;
         Ok(KeysDestroyed {
             tombstones: row.get::<_, i64>(0) as u64,
             keys: row.get::<_, i64>(1) as u64,
@@ -300,24 +285,19 @@ impl PgStore {
     pub(super) fn purge_deleted(&mut self) -> Result<(), BackendError> {
         // One statement each: VACUUM cannot run inside a (multi-statement) transaction.
         for table in ["keys", "subject_keys"] {
-            self.client
-                .batch_execute(&format!("VACUUM {}.{table}", self.schema))
-                .map_err(e)?;
+            self.client.batch_execute(&format!("VACUUM {}.{table}", self.schema))?;
         }
         Ok(())
     }
 
     pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, BackendError> {
-        let rows = self
-            .client
-            .query(
-                &format!(
-                    "SELECT seq, token, reusable_after_ms FROM {}.tombstones WHERE seq > $1 ORDER BY seq",
-                    self.schema
-                ),
-                &[&seq],
-            )
-            .map_err(e)?;
+        let rows = self.client.query(
+            &format!(
+                "SELECT seq, token, reusable_after_ms FROM {}.tombstones WHERE seq > $1 ORDER BY seq",
+                self.schema
+            ),
+            &[&seq],
+        )?;
         Ok(rows
             .into_iter()
             .map(|r| Tombstone {
@@ -331,18 +311,15 @@ impl PgStore {
     /// Releases an erased subject for reuse from `after_ms` on (see the SQLite backend).
     pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, BackendError> {
         let s = self.schema.clone();
-        let mut tx = self.client.transaction().map_err(e)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])
-            .map_err(e)?;
-        let Some(old) = tx
-            .query_opt(
-                &format!(
-                    "DELETE FROM {s}.tombstones WHERE token = $1 AND reusable_after_ms IS NULL
+        let mut tx = self.client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])?;
+        let Some(old) = tx.query_opt(
+            &format!(
+                "DELETE FROM {s}.tombstones WHERE token = $1 AND reusable_after_ms IS NULL
                      RETURNING job_id, erased_at_ms, key_destroyed"
-                ),
-                &[&token],
-            )
-            .map_err(e)?
+            ),
+            &[&token],
+        )?
         else {
             return Ok(false);
         };
@@ -352,19 +329,16 @@ impl PgStore {
             ),
             &[&token, &old.get::<_, String>(0), &old.get::<_, i64>(1), &old.get::<_, bool>(2), &after_ms],
         )
-        .map_err(e)?;
-        tx.commit().map_err(e)?;
+        ?;
+        tx.commit()?;
         Ok(true)
     }
 
     pub(super) fn job_state(&mut self, job_id: &str) -> Result<Option<String>, BackendError> {
-        let row = self
-            .client
-            .query_opt(
-                &format!("SELECT state FROM {}.erasure_jobs WHERE job_id = $1", self.schema),
-                &[&job_id],
-            )
-            .map_err(e)?;
+        let row = self.client.query_opt(
+            &format!("SELECT state FROM {}.erasure_jobs WHERE job_id = $1", self.schema),
+            &[&job_id],
+        )?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -379,6 +353,6 @@ impl PgStore {
                 &[&job_id, &state, &now_ms],
             )
             .map(|_| ())
-            .map_err(e)
+            .map_err(BackendError::from)
     }
 }

@@ -60,46 +60,37 @@ impl SqliteStore {
     /// Opens (or creates) the store, with a page cache of `page_cache_bytes`.
     pub(super) fn open(path: &Path, page_cache_bytes: usize) -> Result<Self, BackendError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(BackendError::from)?;
+            std::fs::create_dir_all(parent)?;
         }
-        let mut db = Connection::open(path).map_err(BackendError::from)?;
+        let mut db = Connection::open(path)?;
         // Another daemon may hold the write lock for a moment: wait rather than fail.
-        db.busy_timeout(Duration::from_secs(30)).map_err(BackendError::from)?;
+        db.busy_timeout(Duration::from_secs(30))?;
         // Switching a new file to WAL while another daemon opens it too can answer "locked"
         // without consulting the busy handler: retried here for as long as it would wait.
-        retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL")).map_err(BackendError::from)?;
+        retry_while_busy(|| db.pragma_update(None, "journal_mode", "WAL"))?;
         // NORMAL: a transaction of new keys is not synced on its own; the lake's commit that
         // needs them syncs the log first (`KeyStore::sync`), once per commit, not per chunk.
-        db.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(BackendError::from)?;
-        db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_BEFORE_CHECKPOINT)
-            .map_err(BackendError::from)?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_BEFORE_CHECKPOINT)?;
         // Negative: KiB rather than pages.
         let kib = (page_cache_bytes / 1024).max(2048) as i64;
-        db.pragma_update(None, "cache_size", -kib).map_err(BackendError::from)?;
+        db.pragma_update(None, "cache_size", -kib)?;
         // A destroyed key's bytes are overwritten in the page, not left in free space.
-        db.pragma_update(None, "secure_delete", "ON")
-            .map_err(BackendError::from)?;
+        db.pragma_update(None, "secure_delete", "ON")?;
         // Under the write lock from the start, so the busy handler (not an immediate "locked")
         // answers a daemon creating the tables at the same moment.
-        let tx = db
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(BackendError::from)?;
-        tx.execute_batch(SCHEMA).map_err(BackendError::from)?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
         // Stores made before subjects could be released for reuse lack the column.
-        let has_reuse: bool = tx
-            .query_row(
-                "SELECT count(*) FROM pragma_table_info('tombstones') WHERE name = 'reusable_after_ms'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(BackendError::from)?
-            > 0;
+        let has_reuse: bool = tx.query_row(
+            "SELECT count(*) FROM pragma_table_info('tombstones') WHERE name = 'reusable_after_ms'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? > 0;
         if !has_reuse {
-            tx.execute_batch("ALTER TABLE tombstones ADD COLUMN reusable_after_ms INTEGER")
-                .map_err(BackendError::from)?;
+            tx.execute_batch("ALTER TABLE tombstones ADD COLUMN reusable_after_ms INTEGER")?;
         }
-        tx.commit().map_err(BackendError::from)?;
+        tx.commit()?;
         Ok(Self { db })
     }
 
@@ -195,11 +186,8 @@ impl SqliteStore {
     pub(super) fn wrapped_page(&mut self, after: &[u8], limit: i64) -> Result<Vec<StoredKey>, BackendError> {
         let mut select = self
             .db
-            .prepare(&format!("{STORED_KEYS} WHERE k.id > ?1 ORDER BY k.id LIMIT ?2"))
-            .map_err(BackendError::from)?;
-        let rows = select
-            .query_map(params![after, limit], stored_key)
-            .map_err(BackendError::from)?;
+            .prepare(&format!("{STORED_KEYS} WHERE k.id > ?1 ORDER BY k.id LIMIT ?2"))?;
+        let rows = select.query_map(params![after, limit], stored_key)?;
         rows.collect::<Result<_, _>>().map_err(BackendError::from)
     }
 
@@ -225,19 +213,15 @@ impl SqliteStore {
     pub(super) fn subject_count(&mut self) -> Result<u64, BackendError> {
         let n: i64 = self
             .db
-            .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))
-            .map_err(BackendError::from)?;
+            .query_row("SELECT count(*) FROM subject_keys", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
     pub(super) fn subjects_with_keys(&mut self, tokens: &[String]) -> Result<Vec<String>, BackendError> {
-        let mut select = self
-            .db
-            .prepare_cached("SELECT 1 FROM subject_keys WHERE token = ?1")
-            .map_err(BackendError::from)?;
+        let mut select = self.db.prepare_cached("SELECT 1 FROM subject_keys WHERE token = ?1")?;
         let mut out = Vec::new();
         for t in tokens {
-            if select.exists([t]).map_err(BackendError::from)? {
+            if select.exists([t])? {
                 out.push(t.clone());
             }
         }
@@ -250,34 +234,24 @@ impl SqliteStore {
         tokens: &[String],
         now_ms: i64,
     ) -> Result<KeysDestroyed, BackendError> {
-        let e = BackendError::Sqlite;
-        let tx = self
-            .db
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(e)?;
+        let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let destroyed = {
-            let mut delete_key = tx
-                .prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")
-                .map_err(e)?;
-            let mut delete_name = tx
-                .prepare_cached("DELETE FROM subject_keys WHERE token = ?1")
-                .map_err(e)?;
-            let mut tombstone = tx
-                .prepare_cached(
-                    "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed) VALUES (?1, ?2, ?3, ?4)
+            let mut delete_key =
+                tx.prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")?;
+            let mut delete_name = tx.prepare_cached("DELETE FROM subject_keys WHERE token = ?1")?;
+            let mut tombstone = tx.prepare_cached(
+                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (token) DO NOTHING",
-                )
-                .map_err(e)?;
+            )?;
             // A subject released for reuse and erased again: erased for good, under a new seq
             // (daemons read tombstones by increasing seq).
-            let mut released = tx
-                .prepare_cached("DELETE FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NOT NULL")
-                .map_err(e)?;
+            let mut released =
+                tx.prepare_cached("DELETE FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NOT NULL")?;
             for t in tokens {
-                let keys = delete_key.execute([t]).map_err(e)?;
-                delete_name.execute([t]).map_err(e)?;
-                released.execute([t]).map_err(e)?;
-                tombstone.execute(params![t, job_id, now_ms, keys > 0]).map_err(e)?;
+                let keys = delete_key.execute([t])?;
+                delete_name.execute([t])?;
+                released.execute([t])?;
+                tombstone.execute(params![t, job_id, now_ms, keys > 0])?;
             }
             // Counted from the job's tombstones, so a rerun reports what the job destroyed.
             tx.query_row(
@@ -289,20 +263,16 @@ impl SqliteStore {
                         keys: r.get::<_, i64>(1)? as u64,
                     })
                 },
-            )
-            .map_err(e)?
+            )?
         };
-        tx.commit().map_err(e)?;
+        tx.commit()?;
         Ok(destroyed)
     }
 
     /// Old page images of a deleted key live on in the WAL until it is checkpointed and
     /// truncated; secure_delete has already zeroed them in the database file.
     pub(super) fn purge_deleted(&mut self) -> Result<(), BackendError> {
-        let busy: i64 = self
-            .db
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-            .map_err(BackendError::from)?;
+        let busy: i64 = self.db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
         if busy != 0 {
             return Err(BackendError::Refused("another process holds the key store open: its WAL could not be truncated; stop the daemons sharing it or rerun the job (erasure is idempotent)"));
         }
@@ -312,28 +282,21 @@ impl SqliteStore {
     pub(super) fn tombstones_since(&mut self, seq: i64) -> Result<Vec<Tombstone>, BackendError> {
         let mut select = self
             .db
-            .prepare_cached("SELECT seq, token, reusable_after_ms FROM tombstones WHERE seq > ?1 ORDER BY seq")
-            .map_err(BackendError::from)?;
-        let rows = select
-            .query_map([seq], |r| {
-                Ok(Tombstone {
-                    seq: r.get(0)?,
-                    token: r.get(1)?,
-                    reusable_after_ms: r.get(2)?,
-                })
+            .prepare_cached("SELECT seq, token, reusable_after_ms FROM tombstones WHERE seq > ?1 ORDER BY seq")?;
+        let rows = select.query_map([seq], |r| {
+            Ok(Tombstone {
+                seq: r.get(0)?,
+                token: r.get(1)?,
+                reusable_after_ms: r.get(2)?,
             })
-            .map_err(BackendError::from)?;
+        })?;
         rows.collect::<Result<_, _>>().map_err(BackendError::from)
     }
 
     /// Releases an erased subject for reuse from `after_ms` on: its tombstone written again
     /// (a new seq) with the time. `false` if it has no tombstone in force.
     pub(super) fn release(&mut self, token: &str, after_ms: i64) -> Result<bool, BackendError> {
-        let e = BackendError::Sqlite;
-        let tx = self
-            .db
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(e)?;
+        let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let erased: Option<(String, i64, bool)> = tx
             .query_row(
                 "SELECT job_id, erased_at_ms, key_destroyed FROM tombstones WHERE token = ?1 AND reusable_after_ms IS NULL",
@@ -341,18 +304,17 @@ impl SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
-            .map_err(e)?;
+            ?;
         let Some((job_id, erased_at, destroyed)) = erased else {
             return Ok(false);
         };
-        tx.execute("DELETE FROM tombstones WHERE token = ?1", [token])
-            .map_err(e)?;
+        tx.execute("DELETE FROM tombstones WHERE token = ?1", [token])?;
         tx.execute(
             "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![token, job_id, erased_at, destroyed, after_ms],
         )
-        .map_err(e)?;
-        tx.commit().map_err(e)?;
+        ?;
+        tx.commit()?;
         Ok(true)
     }
 
@@ -386,10 +348,9 @@ pub(super) struct Checkpointer {
 impl Checkpointer {
     /// Opens a second connection to a store [`SqliteStore::open`] has opened.
     pub(super) fn open(path: &Path) -> Result<Self, BackendError> {
-        let db = Connection::open(path).map_err(BackendError::from)?;
-        db.busy_timeout(Duration::from_secs(30)).map_err(BackendError::from)?;
-        db.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(BackendError::from)?;
+        let db = Connection::open(path)?;
+        db.busy_timeout(Duration::from_secs(30))?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         Ok(Self { db, wal: wal.into() })
@@ -402,8 +363,7 @@ impl Checkpointer {
     pub(super) fn sync(&mut self) -> Result<(), BackendError> {
         // Busy (another checkpoint, e.g. an erasure's) is not an error: the log sync follows.
         self.db
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
-            .map_err(BackendError::from)?;
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))?;
         match std::fs::File::open(&self.wal) {
             Ok(wal) => wal.sync_data().map_err(|source| BackendError::File {
                 action: "syncing",
