@@ -56,6 +56,14 @@ pub fn render(config: &Config) -> String {
             s,
             "  any other column: dropped (default deny), counted and reported by name"
         );
+        if p.current {
+            let _ = writeln!(
+                s,
+                "  current table {}: the same data columns, one row per key [{}] (its latest event; deletes removed)",
+                crate::config::current_table_name(p),
+                p.key.join(", ")
+            );
+        }
     }
     let format = config.lake_format.describe();
     let _ = writeln!(s, "\ntables written as {format} (vault, quarantine and audit: Delta)");

@@ -231,7 +231,7 @@ fn run_pass(
         config.input.clone(),
         registry,
         committed,
-        config.lake_format.count(),
+        config.sink_set(),
     ));
     // Tables named without their database take it from the rows they already hold.
     for t in 0..router.transforms.len() {
@@ -302,18 +302,21 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
     let mut catalogs = Catalogs::default();
     let mut sinks = Vec::new();
     for spec in sink_specs(config, transforms) {
-        sinks.push(
-            spec.location
-                .open_sink(
-                    &mut catalogs,
-                    &spec.name,
-                    &config.name,
-                    spec.schema,
-                    spec.partition,
-                    &spec.stats_columns,
-                )
-                .await?,
-        );
+        let sink = spec
+            .location
+            .open_sink(
+                &mut catalogs,
+                &spec.name,
+                &config.name,
+                spec.schema.clone(),
+                spec.partition,
+                &spec.stats_columns,
+            )
+            .await?;
+        sinks.push(match spec.current {
+            Some(settings) => sink.keeping_current(spec.schema, settings),
+            None => sink,
+        });
     }
     Ok(sinks)
 }
@@ -335,6 +338,12 @@ fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: A
 }
 
 const MAX_REPORTED_DROPS: usize = 1000;
+
+/// When a sink still holds uncommitted streams (a current table waiting for its merge), the
+/// commit clock keeps running so that it is asked again without new events.
+fn waiting(dirty: &[BTreeSet<String>]) -> Option<Instant> {
+    dirty.iter().any(|d| !d.is_empty()).then(Instant::now)
+}
 
 /// The newest position read of a stream, and what its source keeps beside it (committed in the
 /// same Delta commit, e.g. a Kinesis sequence number that does not fit a `txn` version).
@@ -368,7 +377,8 @@ impl SinkLoop<'_> {
         let mut pending: BTreeMap<u64, Processed> = BTreeMap::new();
         let mut next_seq = 0u64;
         let mut positions: BTreeMap<String, StreamPosition> = BTreeMap::new();
-        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        // Per sink, the streams read since it last committed.
+        let mut dirty: Vec<BTreeSet<String>> = vec![BTreeSet::new(); sinks.len()];
         let mut buffered_rows = 0usize;
         let mut buffered_bytes = 0usize;
         let mut oldest: Option<Instant> = None;
@@ -411,8 +421,11 @@ impl SinkLoop<'_> {
                     }
                 }
                 for (sink, batch) in p.outputs {
-                    buffered_rows += batch.num_rows();
-                    buffered_bytes += batch.get_array_memory_size();
+                    // A current table's rows are the log's (shared buffers): counted once.
+                    if !self.router.is_current(sink) {
+                        buffered_rows += batch.num_rows();
+                        buffered_bytes += batch.get_array_memory_size();
+                    }
                     if let (Some(publisher), Some(_)) = (self.publisher, self.router.primary_of(sink)) {
                         publisher.publish(sinks[sink].name(), &batch).await?;
                     }
@@ -425,7 +438,9 @@ impl SinkLoop<'_> {
                         attached: p.attached,
                     },
                 );
-                dirty.insert(p.stream.to_string());
+                for streams in dirty.iter_mut() {
+                    streams.insert(p.stream.to_string());
+                }
                 oldest.get_or_insert_with(Instant::now);
                 metrics().record(&p.summary);
                 summary.merge(p.summary);
@@ -433,8 +448,8 @@ impl SinkLoop<'_> {
                 let full = buffered_rows >= config.batch.max_rows || buffered_bytes >= buffered_limit;
                 let aged = oldest.is_some_and(|t| t.elapsed() >= max_age);
                 if at_boundary && (full || spilled || aged) {
-                    summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
-                    (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, None, false);
+                    summary.commits += self.commit_all(sinks, &positions, &mut dirty, false).await?;
+                    (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, waiting(&dirty), false);
                 } else if full {
                     // Inside a large source transaction: files now, the commit at its end.
                     for sink in sinks.iter_mut() {
@@ -444,8 +459,8 @@ impl SinkLoop<'_> {
                 }
             }
             if at_boundary && oldest.is_some_and(|t| t.elapsed() >= max_age) {
-                summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
-                (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, None, false);
+                summary.commits += self.commit_all(sinks, &positions, &mut dirty, false).await?;
+                (buffered_rows, buffered_bytes, oldest, spilled) = (0, 0, waiting(&dirty), false);
             }
             if oldest.is_none() {
                 metrics().idle();
@@ -459,19 +474,21 @@ impl SinkLoop<'_> {
         }
         // A pass that ends inside a transaction leaves it uncommitted: it is read again.
         if at_boundary {
-            summary.commits += self.commit_all(sinks, &positions, &mut dirty).await?;
+            summary.commits += self.commit_all(sinks, &positions, &mut dirty, true).await?;
         }
         Ok(summary)
     }
 
-    /// Commits every sink with the positions of the streams read since the last commit.
+    /// Commits every sink with the positions of the streams read since its last commit; a
+    /// current table only when its merge is due (always when `closing`: the pass ends).
     async fn commit_all(
         &self,
         sinks: &mut [TableSink],
         positions: &BTreeMap<String, StreamPosition>,
-        dirty: &mut BTreeSet<String>,
+        dirty: &mut [BTreeSet<String>],
+        closing: bool,
     ) -> Result<u64, RunError> {
-        if dirty.is_empty() || self.abandoned.load(Ordering::SeqCst) {
+        if dirty.iter().all(BTreeSet::is_empty) || self.abandoned.load(Ordering::SeqCst) {
             return Ok(0);
         }
         // Keys are durable before the ciphertext made with them (key transactions are not
@@ -484,13 +501,20 @@ impl SinkLoop<'_> {
         let router = self.router;
         let mut commits = 0;
         for (i, sink) in sinks.iter_mut().enumerate() {
+            if dirty[i].is_empty() {
+                continue;
+            }
+            if !sink.commits_now(closing) {
+                sink.hold()?;
+                continue;
+            }
             // After a restart a sink may already stand past what was re-read: it never moves back
             // (the re-read rows it held were filtered out), and with nothing new it is not touched.
             let before = &router.committed[i];
-            let mut covered = Vec::with_capacity(dirty.len());
+            let mut covered = Vec::with_capacity(dirty[i].len());
             let mut attached = Vec::new();
             let mut advances = false;
-            for s in dirty.iter() {
+            for s in dirty[i].iter() {
                 let now = &positions[s];
                 match before.get(s) {
                     Some(&b) if b >= now.offset => covered.push(SourcePosition {
@@ -509,6 +533,7 @@ impl SinkLoop<'_> {
                 }
             }
             if !advances && sink.buffered_rows() == 0 {
+                dirty[i].clear();
                 continue;
             }
             let rows = sink.buffered_rows();
@@ -517,6 +542,7 @@ impl SinkLoop<'_> {
             #[cfg(feature = "failpoints")]
             crate::failpoints::hit(&format!("after-commit:{i}"));
             commits += 1;
+            dirty[i].clear();
             metrics().committed(sink.name(), sink.format(), rows, started.elapsed());
             info!(
                 table = sink.name(),
@@ -527,18 +553,22 @@ impl SinkLoop<'_> {
                 "committed"
             );
         }
+        // A stream is done (its source may let go of it, e.g. a replication slot's WAL) up to
+        // what every sink has committed: not while a current table still holds its changes.
         if let Some(report) = self.reporter {
-            let done: Vec<SourcePosition> = dirty
+            let done: Vec<SourcePosition> = positions
                 .iter()
-                .map(|s| SourcePosition {
+                .filter(|(s, _)| dirty.iter().all(|d| !d.contains(*s)))
+                .map(|(s, p)| SourcePosition {
                     stream: s.clone(),
-                    offset: positions[s].offset,
+                    offset: p.offset,
                 })
                 .collect();
             report(&done);
         }
-        dirty.clear();
-        metrics().all_committed();
+        if dirty.iter().all(BTreeSet::is_empty) {
+            metrics().all_committed();
+        }
         let (hits, misses) = self.keys.cache_stats();
         let (seen_hits, seen_misses) = self.cache_seen.replace((hits, misses));
         metrics().key_cache(hits.saturating_sub(seen_hits), misses.saturating_sub(seen_misses));

@@ -3,13 +3,16 @@
 //! named by its [`SinkId`]; its position in that order is computed here and nowhere else.
 
 use arrow_schema::SchemaRef;
-use sluice_connectors::lake::{delta_table, Catalogs, LakeError, SchemaChange, TableLocation};
+use sluice_connectors::lake::current::{BUCKET_COLUMN, CURRENT_STATS_COLUMNS};
+use sluice_connectors::lake::{
+    current_schema, delta_table, Catalogs, CurrentSettings, LakeError, SchemaChange, TableLocation,
+};
 use sluice_transforms::crypto::Tokenizer;
 use sluice_transforms::engine::PARTITION_COLUMN;
 use sluice_transforms::vault::{vault_schema, VAULT_STATS_COLUMNS};
 use sluice_transforms::TableTransform;
 
-use crate::config::Config;
+use crate::config::{current_table_name, Config};
 use crate::quarantine::quarantine_schema;
 
 /// One sink of a run.
@@ -21,45 +24,74 @@ pub enum SinkId {
         policy: usize,
         format: usize,
     },
+    /// The current-state table of policy `policy` (one with `current = true`), per format.
+    Current {
+        policy: usize,
+        format: usize,
+    },
     Vault,
     Quarantine,
 }
 
-/// How many sinks of each kind a run has, and so where each one is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How many sinks of each kind a run has, and so where each one is: the policies' tables,
+/// their current-state tables, the vault, the quarantine.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkSet {
     policies: usize,
     formats: usize,
+    /// The policies that keep a current table, in policy order.
+    currents: Vec<usize>,
 }
 
 impl SinkSet {
-    pub fn new(policies: usize, formats: usize) -> Self {
+    pub fn new(policies: usize, formats: usize, currents: Vec<usize>) -> Self {
         Self {
             policies,
             formats: formats.max(1),
+            currents,
         }
     }
 
+    fn tables(&self) -> usize {
+        self.policies * self.formats
+    }
+
+    fn current_tables(&self) -> usize {
+        self.currents.len() * self.formats
+    }
+
     pub fn count(&self) -> usize {
-        self.policies * self.formats + 2
+        self.tables() + self.current_tables() + 2
     }
 
     pub fn index(&self, id: SinkId) -> usize {
         match id {
             SinkId::Table { policy, format } => policy * self.formats + format,
-            SinkId::Vault => self.policies * self.formats,
-            SinkId::Quarantine => self.policies * self.formats + 1,
+            SinkId::Current { policy, format } => {
+                let nth = self
+                    .currents
+                    .iter()
+                    .position(|&p| p == policy)
+                    .expect("a current sink of a policy that keeps one");
+                self.tables() + nth * self.formats + format
+            }
+            SinkId::Vault => self.tables() + self.current_tables(),
+            SinkId::Quarantine => self.tables() + self.current_tables() + 1,
         }
     }
 
     pub fn id(&self, index: usize) -> SinkId {
-        let tables = self.policies * self.formats;
+        let (tables, currents) = (self.tables(), self.current_tables());
         match index {
             i if i < tables => SinkId::Table {
                 policy: i / self.formats,
                 format: i % self.formats,
             },
-            i if i == tables => SinkId::Vault,
+            i if i < tables + currents => SinkId::Current {
+                policy: self.currents[(i - tables) / self.formats],
+                format: (i - tables) % self.formats,
+            },
+            i if i == tables + currents => SinkId::Vault,
             _ => SinkId::Quarantine,
         }
     }
@@ -72,10 +104,18 @@ impl SinkSet {
         self.index(SinkId::Quarantine)
     }
 
-    /// The sinks of policy `policy`'s table, its primary first.
-    pub fn tables_of(&self, policy: usize) -> std::ops::Range<usize> {
+    /// The sinks of policy `policy`'s rows, its primary first: its tables, then its current
+    /// tables, if it keeps them.
+    pub fn tables_of(&self, policy: usize) -> impl Iterator<Item = usize> {
         let first = self.index(SinkId::Table { policy, format: 0 });
-        first..first + self.formats
+        let current = match self.currents.contains(&policy) {
+            true => {
+                let first = self.index(SinkId::Current { policy, format: 0 });
+                first..first + self.formats
+            }
+            false => 0..0,
+        };
+        (first..first + self.formats).chain(current)
     }
 
     /// The policy whose primary sink `index` is.
@@ -86,11 +126,17 @@ impl SinkSet {
         }
     }
 
-    /// Lays per-sink items out in sink order: each policy's (one per format), the vault's,
-    /// the quarantine's.
-    pub fn arrange<T>(&self, tables: impl IntoIterator<Item = Vec<T>>, vault: T, quarantine: T) -> Vec<T> {
+    /// Lays per-sink items out in sink order: each policy's (one per format), each current
+    /// table's (one per format), the vault's, the quarantine's.
+    pub fn arrange<T>(
+        &self,
+        tables: impl IntoIterator<Item = Vec<T>>,
+        currents: impl IntoIterator<Item = Vec<T>>,
+        vault: T,
+        quarantine: T,
+    ) -> Vec<T> {
         let mut out: Vec<T> = Vec::with_capacity(self.count());
-        for per_format in tables {
+        for per_format in tables.into_iter().chain(currents) {
             debug_assert_eq!(per_format.len(), self.formats, "one item per lake format");
             out.extend(per_format);
         }
@@ -110,6 +156,8 @@ pub struct SinkSpec {
     pub partition: Option<&'static str>,
     /// Columns whose per-file minimum and maximum the table's log or manifests may keep.
     pub stats_columns: Vec<String>,
+    /// A current-state table: how it is kept.
+    pub current: Option<CurrentSettings>,
 }
 
 /// Every sink of a run, in [`SinkSet`] order.
@@ -123,6 +171,20 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
                 schema: t.schema(),
                 partition: Some(PARTITION_COLUMN),
                 stats_columns: t.stats_columns(),
+                current: None,
+            });
+        }
+    }
+    for t in transforms.iter().filter(|t| t.policy().current) {
+        let schema = current_schema(&t.schema());
+        for location in config.current_locations(t.policy()) {
+            specs.push(SinkSpec {
+                location,
+                name: current_table_name(t.policy()),
+                schema: schema.clone(),
+                partition: Some(BUCKET_COLUMN),
+                stats_columns: CURRENT_STATS_COLUMNS.iter().map(|c| c.to_string()).collect(),
+                current: Some(config.current_settings(t.policy())),
             });
         }
     }
@@ -135,6 +197,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
         schema: vault_schema(),
         partition: None,
         stats_columns: names(VAULT_STATS_COLUMNS),
+        current: None,
     });
     specs.push(SinkSpec {
         location: delta_table(config.quarantine_path.clone()),
@@ -142,6 +205,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
         schema: quarantine_schema(),
         partition: Some(crate::quarantine::PARTITION_COLUMN),
         stats_columns: names(crate::quarantine::STATS_COLUMNS),
+        current: None,
     });
     specs
 }
@@ -174,12 +238,13 @@ mod tests {
 
     #[test]
     fn every_sink_has_one_index_and_back() {
-        for (policies, formats) in [(0, 1), (1, 1), (3, 1), (3, 2)] {
-            let set = SinkSet::new(policies, formats);
+        for (policies, formats, currents) in [(0, 1, vec![]), (1, 1, vec![0]), (3, 1, vec![]), (3, 2, vec![0, 2])] {
+            let set = SinkSet::new(policies, formats, currents.clone());
             let ids: Vec<SinkId> = (0..set.count()).map(|i| set.id(i)).collect();
             for (i, id) in ids.iter().enumerate() {
                 assert_eq!(set.index(*id), i, "{policies} policies, {formats} formats");
             }
+            assert_eq!(ids.len(), (policies + currents.len()) * formats + 2);
             assert_eq!(ids[ids.len() - 2], SinkId::Vault);
             assert_eq!(ids[ids.len() - 1], SinkId::Quarantine);
             let primaries: Vec<usize> = (0..set.count()).filter_map(|i| set.primary_of(i)).collect();
@@ -188,21 +253,35 @@ mod tests {
     }
 
     #[test]
-    fn arrange_puts_each_policy_per_format_then_vault_and_quarantine() {
-        let set = SinkSet::new(2, 2);
+    fn arrange_puts_each_policy_per_format_then_current_tables_vault_and_quarantine() {
+        let set = SinkSet::new(2, 2, vec![1]);
         let laid = set.arrange(
             vec![vec!["a.delta", "a.iceberg"], vec!["b.delta", "b.iceberg"]],
+            vec![vec!["b_current.delta", "b_current.iceberg"]],
             "vault",
             "quarantine",
         );
         assert_eq!(
             laid,
-            ["a.delta", "a.iceberg", "b.delta", "b.iceberg", "vault", "quarantine"]
+            [
+                "a.delta",
+                "a.iceberg",
+                "b.delta",
+                "b.iceberg",
+                "b_current.delta",
+                "b_current.iceberg",
+                "vault",
+                "quarantine"
+            ]
         );
         assert_eq!(laid[set.index(SinkId::Table { policy: 1, format: 1 })], "b.iceberg");
         assert_eq!(
             set.tables_of(1).map(|i| laid[i]).collect::<Vec<_>>(),
-            ["b.delta", "b.iceberg"]
+            ["b.delta", "b.iceberg", "b_current.delta", "b_current.iceberg"]
+        );
+        assert_eq!(
+            set.tables_of(0).map(|i| laid[i]).collect::<Vec<_>>(),
+            ["a.delta", "a.iceberg"]
         );
     }
 }

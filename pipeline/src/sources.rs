@@ -48,8 +48,8 @@ struct RunTables {
 impl RunTables {
     fn of(cfg: &config::Config) -> Self {
         let (lake, set) = (cfg.sink_locations(), cfg.sink_set());
-        // Per policy table, the tables its rows can land in: its own (one per format), the
-        // vault, the quarantine. Raw mode writes no lake: its positions are its own
+        // Per policy table, the tables its rows can land in: its own (one per format), its
+        // current table, the vault, the quarantine. Raw mode writes no lake: its positions are its own
         // checkpoint's.
         let table_sinks = match cfg.raw_stream {
             Some(_) => Vec::new(),
@@ -58,6 +58,7 @@ impl RunTables {
                 .iter()
                 .map(|p| {
                     let mut l = cfg.table_locations(p);
+                    l.extend(cfg.current_locations(p));
                     l.extend([lake[set.vault()].clone(), lake[set.quarantine()].clone()]);
                     l
                 })

@@ -345,7 +345,7 @@ fn checkpoint_as_json<T: ChunkReader + 'static>(bytes: T) -> Result<Vec<u8>, Fil
     Ok(writer.into_inner())
 }
 
-fn remove_of(add: &Add) -> Remove {
+pub(crate) fn remove_of(add: &Add) -> Remove {
     Remove {
         path: add.path.clone(),
         data_change: true,

@@ -290,6 +290,47 @@ impl DeltaSink {
         Ok(())
     }
 
+    /// The data files of the table's current version (as their `add` actions: partition
+    /// values, sizes), read afresh.
+    pub(crate) async fn live_files(&mut self) -> Result<Vec<deltalake::kernel::Add>, DeltaSinkError> {
+        self.reload().await.map_err(|e| self.err(e))?;
+        let snapshot = self.table.snapshot().map_err(|e| self.err(e))?;
+        #[allow(deprecated)]
+        Ok(snapshot.log_data().into_iter().map(|f| f.add_action()).collect())
+    }
+
+    /// A data file's bytes, by its table-relative path.
+    pub(crate) async fn read_file(&self, path: &str) -> Result<bytes::Bytes, DeltaSinkError> {
+        use deltalake::logstore::object_store::ObjectStoreExt;
+        let failed =
+            |e: deltalake::ObjectStoreError| self.err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")));
+        self.table
+            .object_store()
+            .get(&deltalake::Path::from(path))
+            .await
+            .map_err(failed)?
+            .bytes()
+            .await
+            .map_err(failed)
+    }
+
+    /// Arrow bytes buffered in the writer (not yet in a file).
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        self.writer.buffer_len()
+    }
+
+    /// Drops what was written since the last commit, files included (a merge that must be
+    /// computed again: its files would be orphans holding rows read before a conflict).
+    pub(crate) async fn discard_uncommitted(&mut self) -> Result<(), DeltaSinkError> {
+        let adds = self.writer.flush().await.map_err(|e| self.err(e))?;
+        let paths: Vec<String> = self.spilled.drain(..).chain(adds).map(|a| a.path).collect();
+        delete_paths(&self.table.object_store(), &paths)
+            .await
+            .map_err(|e| self.err(deltalake::DeltaTableError::Generic(e)))?;
+        self.buffered_rows = 0;
+        Ok(())
+    }
+
     /// Fencing: the table must still hold what this writer last saw of every stream it
     /// commits. A concurrent commit of the same stream after our snapshot is caught by Delta's
     /// conflict check (same `txn` app id). One that reached our snapshot through an earlier
@@ -334,6 +375,21 @@ impl DeltaSink {
         positions: &[SourcePosition],
         attached: &[SourcePosition],
     ) -> Result<u64, DeltaSinkError> {
+        self.commit_replacing(&[], None, positions, attached).await
+    }
+
+    /// [`DeltaSink::commit`], removing the `removed` files in the same commit (a current-state
+    /// merge's copy-on-write); `predicate` (SQL over partition columns) says which part of the
+    /// table the removed files were chosen from. A commit that removes files is not caught up
+    /// over a concurrent removal: its files were computed from what it read, so the conflict is
+    /// returned (see [`DeltaSinkError::is_conflict`]) for the caller to read again.
+    pub(crate) async fn commit_replacing(
+        &mut self,
+        removed: &[deltalake::kernel::Add],
+        predicate: Option<String>,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<u64, DeltaSinkError> {
         let name = self.name.clone();
         let err = |source| DeltaSinkError::Delta {
             table: name.clone(),
@@ -349,16 +405,25 @@ impl DeltaSink {
             other => other?,
         }
         let adds = self.writer.flush().await.map_err(err)?;
-        let actions: Vec<Action> = self.spilled.drain(..).chain(adds).map(Action::Add).collect();
+        self.spilled.extend(adds);
+        let actions: Vec<Action> = removed
+            .iter()
+            .map(|add| Action::Remove(erase::remove_of(add)))
+            .chain(self.spilled.iter().cloned().map(Action::Add))
+            .collect();
         let txns: Vec<Transaction> = positions
             .iter()
             .chain(attached)
             .map(|p| Transaction::new(self.app_id(&p.stream), p.offset))
             .collect();
         let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
+            mode: if removed.is_empty() {
+                SaveMode::Append
+            } else {
+                SaveMode::Overwrite
+            },
             partition_by: (!self.partition_by.is_empty()).then(|| self.partition_by.clone()),
-            predicate: None,
+            predicate,
         };
         // Erasures that committed since this writer's snapshot: catch up, a few times at most.
         let mut catch_ups = 0;
@@ -381,7 +446,7 @@ impl DeltaSink {
                 // Our commit only appends: catch up with the table and commit again.
                 Err(deltalake::DeltaTableError::Transaction {
                     source: TransactionError::CommitConflict(CommitConflictError::ConcurrentDeleteRead),
-                }) if catch_ups < 5 => {
+                }) if catch_ups < 5 && removed.is_empty() => {
                     catch_ups += 1;
                     tracing::info!(table = %self.name, "files were removed under this writer (an erasure): catching up before committing");
                     self.reload().await.map_err(err)?;
@@ -398,6 +463,7 @@ impl DeltaSink {
         };
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
+        self.spilled.clear();
         self.buffered_rows = 0;
         for p in positions {
             self.known.insert(p.stream.clone(), Some(p.offset));

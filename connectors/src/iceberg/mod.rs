@@ -422,6 +422,85 @@ impl IcebergSink {
     }
 }
 
+impl IcebergSink {
+    /// The data files of the table's current snapshot, read afresh, each with its first
+    /// partition value when that is an integer (a current table's bucket).
+    pub(crate) async fn live_files(&mut self) -> Result<Vec<(String, Option<i32>)>, IcebergSinkError> {
+        self.table = self.catalog.load_table(&self.ident).await.map_err(|e| self.err(e))?;
+        Ok(rewrite::live_files(&self.table)
+            .await
+            .map_err(|e| self.err(e))?
+            .into_iter()
+            .map(|(file, _)| {
+                let bucket = match file.partition().fields().first() {
+                    Some(Some(iceberg::spec::Literal::Primitive(iceberg::spec::PrimitiveLiteral::Int(b)))) => Some(*b),
+                    _ => None,
+                };
+                (file.file_path().to_string(), bucket)
+            })
+            .collect())
+    }
+
+    /// A data file's bytes, by its path as the manifests name it.
+    pub(crate) async fn read_file(&self, path: &str) -> Result<bytes::Bytes, IcebergSinkError> {
+        let input = self.table.file_io().new_input(path).map_err(|e| self.err(e))?;
+        input.read().await.map_err(|e| self.err(e))
+    }
+
+    /// Drops what was written since the last commit, files included (see the Delta sink's).
+    pub(crate) async fn discard_uncommitted(&mut self) -> Result<(), IcebergSinkError> {
+        self.spill().await?;
+        for file in std::mem::take(&mut self.written) {
+            rewrite::delete_if_present(&self.table, file.file_path())
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        self.buffered_rows = 0;
+        Ok(())
+    }
+
+    /// [`IcebergSink::commit`], removing the `removed` files in the same snapshot (an
+    /// `overwrite`: a current-state merge's copy-on-write). A removed file another writer
+    /// removed first is a conflict (see [`IcebergSinkError::is_conflict`]): read again.
+    pub(crate) async fn commit_replacing(
+        &mut self,
+        removed: &std::collections::HashSet<String>,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, IcebergSinkError> {
+        if removed.is_empty() || self.table.metadata().current_snapshot().is_none() {
+            return self.commit(positions, attached).await;
+        }
+        self.spill().await?;
+        let rewriter = rewrite::Rewriter::new(self.catalog.clone(), &self.location, &self.name).await?;
+        self.table = rewriter.load().await?;
+        self.check_fences(positions).await?;
+        let properties = position_properties(
+            &positions
+                .iter()
+                .chain(attached)
+                .map(|p| (self.app_id(&p.stream), p.offset))
+                .collect(),
+        );
+        let done = rewriter
+            .replace(
+                removed,
+                self.written.clone(),
+                iceberg::spec::Operation::Overwrite,
+                properties,
+                false,
+            )
+            .await?;
+        self.table = done.table;
+        self.written.clear();
+        self.buffered_rows = 0;
+        for p in positions {
+            self.known.insert(p.stream.clone(), Some(p.offset));
+        }
+        Ok(self.table.metadata().last_sequence_number())
+    }
+}
+
 impl IcebergSinkError {
     /// Another writer's commit conflicted with this one (try again on the new snapshot).
     pub(crate) fn is_conflict(&self) -> bool {

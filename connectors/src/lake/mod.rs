@@ -6,10 +6,13 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use iceberg::Catalog;
 
+pub mod current;
 mod layout;
 mod ops;
 mod positions;
 pub(crate) mod schema;
+use current::CurrentSink;
+pub use current::{current_schema, CurrentSettings};
 pub use layout::{delta_table, table_locations, LakeFormat};
 pub(crate) use positions::standings;
 pub use positions::StreamStanding;
@@ -104,6 +107,8 @@ pub struct TableSink(Sink);
 pub(crate) enum Sink {
     Delta(DeltaSink),
     Iceberg(IcebergSink),
+    /// A current-state table, kept in either format.
+    Current(Box<CurrentSink>),
 }
 
 /// Catalogs opened once per run and shared by the tables in them.
@@ -121,58 +126,203 @@ impl Catalogs {
     }
 }
 
-impl TableSink {
-    pub fn name(&self) -> &str {
-        match &self.0 {
+/// A data file of a current table: its path, its bucket, and (Delta) its `add` action.
+pub(crate) type BucketFile = (String, i32, Option<deltalake::kernel::Add>);
+
+impl Sink {
+    fn name(&self) -> &str {
+        match self {
             Sink::Delta(s) => s.name(),
             Sink::Iceberg(s) => s.name(),
+            Sink::Current(s) => s.table().name(),
         }
     }
 
-    pub fn format(&self) -> &'static str {
-        match &self.0 {
+    fn format(&self) -> &'static str {
+        match self {
             Sink::Delta(_) => "delta",
             Sink::Iceberg(_) => "iceberg",
+            Sink::Current(s) => s.table().format(),
         }
     }
 
-    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, LakeError> {
-        Ok(match &mut self.0 {
+    async fn committed(&mut self, stream: &str) -> Result<Option<i64>, LakeError> {
+        Ok(match self {
             Sink::Delta(s) => s.committed(stream).await?,
             Sink::Iceberg(s) => s.committed(stream).await?,
+            Sink::Current(s) => Box::pin(s.table_mut().committed(stream)).await?,
         })
     }
 
+    fn buffered_rows(&self) -> usize {
+        match self {
+            Sink::Delta(s) => s.buffered_rows(),
+            Sink::Iceberg(s) => s.buffered_rows(),
+            Sink::Current(s) => s.buffered_rows(),
+        }
+    }
+
+    /// Arrow bytes not yet in a file (Iceberg writes its files as rows come: none).
+    fn buffered_bytes(&self) -> usize {
+        match self {
+            Sink::Delta(s) => s.buffered_bytes(),
+            _ => 0,
+        }
+    }
+
+    async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        match self {
+            Sink::Delta(s) => s.write(batch).await?,
+            Sink::Iceberg(s) => s.write(batch).await?,
+            Sink::Current(s) => s.write(batch),
+        }
+        Ok(())
+    }
+
+    async fn spill(&mut self) -> Result<(), LakeError> {
+        match self {
+            Sink::Delta(s) => s.spill().await?,
+            Sink::Iceberg(s) => s.spill().await?,
+            // Inside a large source transaction: the changes are reduced, not written.
+            Sink::Current(s) => s.hold()?,
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, positions: &[SourcePosition], attached: &[SourcePosition]) -> Result<i64, LakeError> {
+        Ok(match self {
+            Sink::Delta(s) => s.commit(positions, attached).await? as i64,
+            Sink::Iceberg(s) => s.commit(positions, attached).await?,
+            Sink::Current(s) => s.commit(positions, attached).await?,
+        })
+    }
+
+    /// A current table's files with their buckets, read afresh.
+    async fn bucket_files(&mut self) -> Result<Vec<BucketFile>, LakeError> {
+        Ok(match self {
+            Sink::Delta(s) => s
+                .live_files()
+                .await?
+                .into_iter()
+                .map(|add| {
+                    let bucket = add
+                        .partition_values
+                        .get(current::BUCKET_COLUMN)
+                        .and_then(|v| v.as_deref()?.parse().ok())
+                        .unwrap_or(-1);
+                    (add.path.clone(), bucket, Some(add))
+                })
+                .collect(),
+            Sink::Iceberg(s) => s
+                .live_files()
+                .await?
+                .into_iter()
+                .map(|(path, bucket)| (path, bucket.unwrap_or(-1), None))
+                .collect(),
+            Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
+        })
+    }
+
+    async fn read_file(&self, path: &str) -> Result<bytes::Bytes, LakeError> {
+        Ok(match self {
+            Sink::Delta(s) => s.read_file(path).await?,
+            Sink::Iceberg(s) => s.read_file(path).await?,
+            Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
+        })
+    }
+
+    /// Commits what was written since the last commit, removing `removed` (files of the
+    /// buckets in `scope`; every bucket when `None`), with `positions`.
+    async fn commit_replacing(
+        &mut self,
+        removed: &[&BucketFile],
+        scope: Option<Vec<i32>>,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, LakeError> {
+        Ok(match self {
+            Sink::Delta(s) => {
+                let adds: Vec<deltalake::kernel::Add> = removed.iter().filter_map(|f| f.2.clone()).collect();
+                let predicate = scope.filter(|_| !adds.is_empty()).map(|buckets| {
+                    let list: Vec<String> = buckets.iter().map(i32::to_string).collect();
+                    format!("{} IN ({})", current::BUCKET_COLUMN, list.join(", "))
+                });
+                s.commit_replacing(&adds, predicate, positions, attached).await? as i64
+            }
+            Sink::Iceberg(s) => {
+                let paths = removed.iter().map(|f| f.0.clone()).collect();
+                s.commit_replacing(&paths, positions, attached).await?
+            }
+            Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
+        })
+    }
+
+    async fn discard_uncommitted(&mut self) -> Result<(), LakeError> {
+        match self {
+            Sink::Delta(s) => s.discard_uncommitted().await?,
+            Sink::Iceberg(s) => s.discard_uncommitted().await?,
+            Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
+        }
+        Ok(())
+    }
+}
+
+impl TableSink {
+    /// This table as the current-state table it is (opened with [`current_schema`] and
+    /// partitioned by its bucket): it merges the change-log rows it is given.
+    pub fn keeping_current(self, schema: arrow_schema::SchemaRef, settings: CurrentSettings) -> Self {
+        TableSink(Sink::Current(Box::new(CurrentSink::new(self.0, schema, settings))))
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    pub fn format(&self) -> &'static str {
+        self.0.format()
+    }
+
+    pub async fn committed(&mut self, stream: &str) -> Result<Option<i64>, LakeError> {
+        self.0.committed(stream).await
+    }
+
     /// The distinct values a string column holds, per the table's file statistics (Delta's
-    /// log); empty where the format's statistics are not read here (Iceberg).
+    /// log); empty where the format's statistics are not read here (Iceberg, current tables).
     pub fn column_values_in_stats(&self, column: &str) -> Result<Vec<String>, LakeError> {
         Ok(match &self.0 {
             Sink::Delta(s) => s.column_values_in_stats(column)?,
-            Sink::Iceberg(_) => Vec::new(),
+            _ => Vec::new(),
         })
     }
 
     pub fn buffered_rows(&self) -> usize {
-        match &self.0 {
-            Sink::Delta(s) => s.buffered_rows(),
-            Sink::Iceberg(s) => s.buffered_rows(),
-        }
+        self.0.buffered_rows()
     }
 
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
-        match &mut self.0 {
-            Sink::Delta(s) => s.write(batch).await?,
-            Sink::Iceberg(s) => s.write(batch).await?,
-        }
-        Ok(())
+        self.0.write(batch).await
     }
 
     pub async fn spill(&mut self) -> Result<(), LakeError> {
-        match &mut self.0 {
-            Sink::Delta(s) => s.spill().await?,
-            Sink::Iceberg(s) => s.spill().await?,
+        self.0.spill().await
+    }
+
+    /// Whether this sink commits now: every sink does, but a current table merges only when
+    /// due (see [`CurrentSettings::max_lag`]) or when the run ends (`closing`).
+    pub fn commits_now(&self, closing: bool) -> bool {
+        match &self.0 {
+            Sink::Current(s) => s.due(closing),
+            _ => true,
         }
-        Ok(())
+    }
+
+    /// A sink that does not commit now keeps what it holds for later (a current table
+    /// reduces it to the last event per key).
+    pub fn hold(&mut self) -> Result<(), LakeError> {
+        match &mut self.0 {
+            Sink::Current(s) => s.hold(),
+            _ => Ok(()),
+        }
     }
 
     /// Commits the buffered rows with `positions`; returns the table's new version (Delta) or
@@ -182,10 +332,7 @@ impl TableSink {
         positions: &[SourcePosition],
         attached: &[SourcePosition],
     ) -> Result<i64, LakeError> {
-        Ok(match &mut self.0 {
-            Sink::Delta(s) => s.commit(positions, attached).await? as i64,
-            Sink::Iceberg(s) => s.commit(positions, attached).await?,
-        })
+        self.0.commit(positions, attached).await
     }
 }
 

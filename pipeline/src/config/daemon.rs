@@ -81,6 +81,24 @@ impl Default for BatchConfig {
     }
 }
 
+/// How current-state tables (`current = true` in a policy) are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CurrentConfig {
+    /// Merge the log's changes into the current tables at least this often (milliseconds);
+    /// between merges they are reduced in memory to the last event per key. The current table
+    /// lags its log by up to this much (plus a merge's time).
+    pub max_lag_ms: u64,
+}
+
+impl Default for CurrentConfig {
+    fn default() -> Self {
+        Self {
+            max_lag_ms: defaults::CURRENT_MAX_LAG_MS,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersConfig {

@@ -32,6 +32,9 @@ pub const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
 pub const BATCH_MAX_ROWS: usize = 250_000;
 pub const BATCH_MAX_BYTES: usize = 128 << 20;
 pub const BATCH_MAX_AGE_MS: u64 = 10_000;
+/// `[current]`: how far a current table may lag its log. A merge rewrites the buckets its keys
+/// touch, so merging a minute of changes at once costs far less than one merge per log commit.
+pub const CURRENT_MAX_LAG_MS: u64 = 60_000;
 /// `[workers]`: events per chunk, chunks queued per worker, the memory budget (MiB).
 pub const CHUNK_EVENTS: usize = 4096;
 pub const QUEUE_DEPTH: usize = 2;

@@ -20,7 +20,7 @@ use sluice_connectors::kafka::{
 use sluice_connectors::keystore::{KeyStoreLocation, PgKeyStoreSettings};
 use sluice_connectors::kinesis::{KinesisSettings, KinesisSourceConfig};
 pub use sluice_connectors::lake::LakeFormat;
-use sluice_connectors::lake::{delta_table, table_locations, TableLocation};
+use sluice_connectors::lake::{delta_table, table_locations, CurrentSettings, TableLocation};
 use sluice_connectors::postgres::PostgresSourceConfig;
 use sluice_connectors::secret::Secret;
 pub use sluice_connectors::source::SourceConfig;
@@ -89,6 +89,8 @@ struct RawConfig {
     keys: RawKeys,
     #[serde(default)]
     batch: BatchConfig,
+    #[serde(default)]
+    current: CurrentConfig,
     #[serde(default)]
     compaction: CompactionConfig,
     #[serde(default)]
@@ -340,6 +342,7 @@ pub struct Config {
     /// Hourly pre-aggregations, written beside the tables in the same format(s).
     pub aggregates: Vec<Aggregate>,
     pub batch: BatchConfig,
+    pub current: CurrentConfig,
     pub workers: WorkersConfig,
     pub compaction: CompactionConfig,
     pub http: HttpConfig,
@@ -456,6 +459,7 @@ impl Config {
                 env: raw.keys.master_key_env,
             },
             batch: raw.batch,
+            current: raw.current,
             compaction: raw.compaction,
             workers: raw.workers,
             http: raw.http,
@@ -477,11 +481,37 @@ impl Config {
         )
     }
 
-    /// Every table a run commits to, in sink order: each policy's (one per format), the vault,
-    /// the quarantine.
+    /// Where a policy's current-state table is (`<target>_current`), when it keeps one.
+    pub fn current_locations(&self, policy: &Policy) -> Vec<TableLocation> {
+        if !policy.current {
+            return Vec::new();
+        }
+        table_locations(
+            self.lake_format,
+            &self.tables_root,
+            self.iceberg.as_ref(),
+            &current_table_name(policy),
+        )
+    }
+
+    /// How a policy's current table is kept.
+    pub fn current_settings(&self, policy: &Policy) -> CurrentSettings {
+        CurrentSettings {
+            key: policy.key_output_columns(),
+            max_lag: std::time::Duration::from_millis(self.current.max_lag_ms),
+            max_rows: self.batch.max_rows,
+        }
+    }
+
+    /// Every table a run commits to, in sink order: each policy's (one per format), each
+    /// current table (one per format), the vault, the quarantine.
     pub fn sink_locations(&self) -> Vec<TableLocation> {
         self.sink_set().arrange(
             self.policies.iter().map(|p| self.table_locations(p)),
+            self.policies
+                .iter()
+                .filter(|p| p.current)
+                .map(|p| self.current_locations(p)),
             delta_table(self.vault_path.clone()),
             delta_table(self.quarantine_path.clone()),
         )
@@ -489,7 +519,16 @@ impl Config {
 
     /// How many sinks a run has of each kind (see [`SinkSet`]).
     pub fn sink_set(&self) -> SinkSet {
-        SinkSet::new(self.policies.len(), self.lake_format.count())
+        SinkSet::new(
+            self.policies.len(),
+            self.lake_format.count(),
+            self.policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.current)
+                .map(|(i, _)| i)
+                .collect(),
+        )
     }
 
     /// Writes tables, vault and quarantine under another lake root (a replay `--into`).
@@ -602,7 +641,25 @@ fn load_policies(
             ));
         }
     }
+    for p in policies.iter().filter(|p| p.current) {
+        let name = current_table_name(p);
+        if targets.contains(&name) {
+            return Err(invalid(
+                0,
+                "policies",
+                format!(
+                    "policy of `{}` keeps a current table `{name}`, and another policy writes a table of that name",
+                    p.table
+                ),
+            ));
+        }
+    }
     Ok(policies)
+}
+
+/// The current-state table of a policy: `<target>_current`.
+pub fn current_table_name(policy: &Policy) -> String {
+    format!("{}_current", policy.target)
 }
 
 /// Where `value` is written in the config text (for error lines), or the start.

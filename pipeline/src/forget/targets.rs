@@ -1,5 +1,5 @@
-//! What an erasure goes through: every analytic table (per its policy's erasure mode), the
-//! vault and the quarantine, each with how it recognizes the subjects' rows.
+//! What an erasure goes through: every analytic table and current-state table (per its
+//! policy's erasure mode), the vault and the quarantine, each with how it recognizes the subjects' rows.
 
 use super::*;
 
@@ -45,9 +45,21 @@ pub(super) fn targets(
                 (Treatment::Blank(blank), "anonymize")
             }
         };
-        for location in config.table_locations(policy) {
+        // The change log, then the current table (same rows, same treatment).
+        let current = crate::config::current_table_name(policy);
+        let tables = config
+            .table_locations(policy)
+            .into_iter()
+            .map(|l| (l, policy.target.as_str()))
+            .chain(
+                config
+                    .current_locations(policy)
+                    .into_iter()
+                    .map(|l| (l, current.as_str())),
+            );
+        for (location, table) in tables {
             out.push(Target {
-                name: location.label(&policy.target),
+                name: location.label(table),
                 location,
                 matcher: token_matcher("_subject", set.clone(), sightings.tokens.clone()),
                 treatment: treatment.clone(),

@@ -118,9 +118,8 @@ impl Router {
         input: InputSettings,
         registry: Option<Arc<SchemaRegistry>>,
         committed: Vec<HashMap<String, i64>>,
-        formats: usize,
+        sinks: SinkSet,
     ) -> Self {
-        let transforms_len = transforms.len();
         let tables = transforms
             .iter()
             .enumerate()
@@ -161,7 +160,7 @@ impl Router {
             registry,
             placeholders,
             committed,
-            sinks: SinkSet::new(transforms_len, formats),
+            sinks,
         }
     }
 
@@ -171,6 +170,11 @@ impl Router {
 
     pub fn quarantine_sink(&self) -> usize {
         self.sinks.quarantine()
+    }
+
+    /// Whether `sink` is a current-state table (given the log's rows, merged later).
+    pub fn is_current(&self, sink: usize) -> bool {
+        matches!(self.sinks.id(sink), crate::sinks::SinkId::Current { .. })
     }
 
     /// The table whose primary sink `sink` is (its rows are counted and published once).

@@ -26,6 +26,12 @@ pub struct Policy {
     pub rules: Vec<ColumnRule>,
     /// What a right-to-be-forgotten job does to this table's rows of an erased subject.
     pub erasure: Erasure,
+    /// The source columns that identify a row (`key = [...]`): each one the subject or a column
+    /// the policy tokenizes or keeps, so equal rows give equal output values.
+    pub key: Vec<String>,
+    /// Whether a current-state table (`<target>_current`, one row per live key) is kept beside
+    /// the change log.
+    pub current: bool,
 }
 
 /// What erasure does to a subject's rows in an analytic table.
@@ -108,11 +114,14 @@ impl Policy {
             token_domain: raw.token_domain.into_inner(),
             rules,
             erasure: Erasure::Delete,
+            key: Vec::new(),
+            current: raw.current.as_ref().is_some_and(|c| *c.get_ref()),
         };
         let outputs = policy.checked_output_names(file, text)?;
         if let Some(erasure) = raw.erasure {
             policy.erasure = erasure_mode(erasure.into_inner(), &outputs, &err)?;
         }
+        policy.key = row_key(&policy, raw.key.as_ref(), &err)?;
         Ok(policy)
     }
 
@@ -157,6 +166,21 @@ impl Policy {
             out.extend(also_blank.iter().cloned());
         }
         out
+    }
+
+    /// The current table's key as output columns: the subject is `_subject` (its token, in
+    /// every table whatever its rule), any other key column its output.
+    pub fn key_output_columns(&self) -> Vec<String> {
+        self.key
+            .iter()
+            .map(|column| {
+                (column != &self.subject)
+                    .then(|| self.rules.iter().find(|r| &r.column == column))
+                    .flatten()
+                    .and_then(ColumnRule::output_name)
+                    .unwrap_or_else(|| "_subject".to_string())
+            })
+            .collect()
     }
 
     /// Columns read from events: every column a rule names, and the subject.
@@ -416,6 +440,44 @@ fn column_rule(
 }
 
 /// `[erasure]`: delete the subject's rows, or blank the linking columns (and `blank`).
+/// The row key: the listed columns, each the subject or a column the policy tokenizes or keeps
+/// (a keyed token or the value itself: equal rows, equal keys; a ciphertext or a generalized
+/// value would not identify the row); without `key`, the subject.
+fn row_key(
+    policy: &Policy,
+    key: Option<&Spanned<Vec<Spanned<String>>>>,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(key) = key else {
+        return Ok(vec![policy.subject.clone()]);
+    };
+    if key.get_ref().is_empty() {
+        return Err(err(key.span(), "key", "must name at least one column".into()));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for column in key.get_ref() {
+        let name = column.get_ref();
+        let rule = policy.rules.iter().find(|r| &r.column == name);
+        let fits = *name == policy.subject
+            || rule.is_some_and(|r| matches!(r.action, Action::Keep(_) | Action::Tokenize { .. }));
+        if !fits {
+            let why = match rule {
+                None => "is neither the subject nor a column the policy names".to_string(),
+                Some(r) => format!(
+                    "is `{}`: a key column must be the subject or a column the policy tokenizes or keeps (equal rows must give equal values)",
+                    r.action.describe()
+                ),
+            };
+            return Err(err(column.span(), "key", format!("`{name}` {why}")));
+        }
+        if out.contains(name) {
+            return Err(err(column.span(), "key", format!("`{name}` is listed twice")));
+        }
+        out.push(name.clone());
+    }
+    Ok(out)
+}
+
 fn erasure_mode(
     erasure: RawErasure,
     outputs: &HashSet<String>,
@@ -468,6 +530,8 @@ struct RawPolicy {
     #[serde(default)]
     columns: ordered::Columns,
     erasure: Option<Spanned<RawErasure>>,
+    key: Option<Spanned<Vec<Spanned<String>>>>,
+    current: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

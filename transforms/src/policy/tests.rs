@@ -120,3 +120,33 @@ fn reserved_and_duplicate_output_names_are_rejected() {
     let e = parse(&CUSTOMERS.replace("as = \"postcode_area\"", "as = \"balance\"")).unwrap_err();
     assert!(e.message.contains("two rules"), "{e}");
 }
+
+#[test]
+fn a_row_key_is_the_subject_unless_named_and_only_of_stable_columns() {
+    let p = parse(CUSTOMERS).unwrap();
+    assert!(!p.current);
+    assert_eq!(p.key, ["id"]);
+    assert_eq!(p.key_output_columns(), ["_subject"]);
+
+    let keyed = format!("key = [\"id\", \"balance\"]\ncurrent = true\n{CUSTOMERS}");
+    let p = parse(&keyed).unwrap();
+    assert!(p.current);
+    assert_eq!(p.key_output_columns(), ["_subject", "balance"]);
+
+    for (column, why) in [
+        (
+            "national_id",
+            "a key column must be the subject or a column the policy tokenizes or keeps",
+        ),
+        ("postcode", "a key column must be the subject"),
+        ("nowhere", "is neither the subject nor a column the policy names"),
+    ] {
+        let bad = format!("key = [\"{column}\"]\n{CUSTOMERS}");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.field, "key");
+        assert_eq!(e.line, 1);
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    let e = parse(&format!("key = []\n{CUSTOMERS}")).unwrap_err();
+    assert!(e.to_string().contains("at least one column"), "{e}");
+}

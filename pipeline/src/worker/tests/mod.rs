@@ -28,15 +28,18 @@ fn router_of_all(policies: &[&str], input: InputSettings) -> (tempfile::TempDir,
         })
         .collect();
     let quarantine_key = keys.system_key("quarantine").unwrap();
-    let sinks = transforms.len() + 2;
+    let currents = (0..transforms.len())
+        .filter(|&t| transforms[t].policy().current)
+        .collect();
+    let set = crate::sinks::SinkSet::new(transforms.len(), 1, currents);
     let router = Router::new(
         transforms,
         keys,
         quarantine_key,
         input,
         None,
-        vec![HashMap::new(); sinks],
-        1,
+        vec![HashMap::new(); set.count()],
+        set,
     );
     (dir, router)
 }

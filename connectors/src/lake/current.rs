@@ -1,0 +1,572 @@
+//! Current-state tables: beside a policy's change log (`<target>`), `<target>_current` holds one
+//! row per live source row — the latest event of each key, deletes removed, emptied by a
+//! truncate.
+//!
+//! A merge is copy-on-write by bucket: every row lives in bucket `crc32(key) % BUCKETS` (the
+//! `_bucket` partition), so a merge reads and rewrites only the buckets its keys fall in, one at a
+//! time, and commits the removed and the new files in one commit with the positions they cover
+//! (Delta `txn` actions, Iceberg snapshot summary): the table always equals "the log up to its
+//! positions, last event per key". The changes of several log commits are merged together (up to
+//! `max_lag` or `max_rows` of them), reduced in memory to the last event per key meanwhile.
+//!
+//! No deletion vectors or position deletes: `deltalake` 0.32 reads deletion vectors but does not
+//! write them, and `iceberg` 0.10 commits only appends (our rewrite snapshots are built by
+//! hand, see `iceberg::rewrite`); equality deletes are avoided on purpose.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{Array, ArrayRef, BooleanArray, Int32Array, RecordBatch, StringArray};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{LakeError, Sink};
+use crate::delta::DeltaSinkError;
+use crate::iceberg::IcebergSinkError;
+use crate::SourcePosition;
+
+/// The partition column: which bucket of the key space a row is in.
+pub const BUCKET_COLUMN: &str = "_bucket";
+/// When the row's event was taken in (its `_ingested_at` in the log).
+pub const UPDATED_AT_COLUMN: &str = "_updated_at";
+/// Buckets of every current table. Fixed: a row's bucket is part of the table's layout, so a
+/// different count would split a key between two buckets. A merge rewrites only the buckets
+/// its keys fall in; a bucket is read and written a file at a time, so memory does not grow
+/// with the table.
+pub const BUCKETS: u32 = 64;
+/// Rows written to a bucket's new files are flushed at about this many Arrow bytes.
+const SPILL_BYTES: usize = 64 << 20;
+/// A merge that meets another writer's commit (an erasure, a compaction) is computed again,
+/// at most this many times.
+const MAX_MERGE_ATTEMPTS: usize = 5;
+
+/// The log columns a current table does not keep (`_ingested_at` becomes `_updated_at`; the
+/// log's date partition means nothing for a row that may be years old).
+const LOG_ONLY_COLUMNS: &[&str] = &["_ingested_at", "_date"];
+
+/// Columns of a current table's log or manifest statistics (the rule of the log's
+/// `STATS_COLUMNS`: nothing that singles a person out).
+pub const CURRENT_STATS_COLUMNS: &[&str] = &["_op", UPDATED_AT_COLUMN, "_source_db"];
+
+/// The current table's columns, from its change log's: the data columns and `_op`,
+/// `_subject`, `_source_ts`, `_position`, `_updated_at`, `_source_db`, then `_bucket`.
+pub fn current_schema(log: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = Vec::with_capacity(log.fields().len() + 1);
+    for field in log.fields() {
+        match field.name().as_str() {
+            "_ingested_at" => {
+                fields.push(Field::new(UPDATED_AT_COLUMN, field.data_type().clone(), false));
+            }
+            name if LOG_ONLY_COLUMNS.contains(&name) => {}
+            _ => fields.push(field.as_ref().clone()),
+        }
+    }
+    // `_source_db` (nullable) last among the log's columns, as in the log.
+    if let Some(i) = fields.iter().position(|f| f.name() == "_source_db") {
+        let db = fields.remove(i);
+        fields.push(db);
+    }
+    fields.push(Field::new(BUCKET_COLUMN, DataType::Int32, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// How a current table is kept.
+#[derive(Debug, Clone)]
+pub struct CurrentSettings {
+    /// The key's output columns (`Policy::key_output_columns`).
+    pub key: Vec<String>,
+    /// Merge at least this often while changes come.
+    pub max_lag: Duration,
+    /// Merge when this many distinct keys wait.
+    pub max_rows: usize,
+}
+
+/// A key as text: each column's value, length-prefixed (unambiguous whatever the values hold).
+fn key_texts(batch: &RecordBatch, key: &[String]) -> Result<Vec<String>, ArrowError> {
+    let columns: Vec<ArrayRef> = key
+        .iter()
+        .map(|name| {
+            let column = batch
+                .column_by_name(name)
+                .ok_or_else(|| ArrowError::SchemaError(format!("key column {name} is missing")))?;
+            deltalake::arrow::compute::cast(column, &DataType::Utf8)
+        })
+        .collect::<Result<_, _>>()?;
+    let texts: Vec<&StringArray> = columns
+        .iter()
+        .map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to Utf8"))
+        .collect();
+    Ok((0..batch.num_rows())
+        .map(|row| {
+            let mut key = String::new();
+            for column in &texts {
+                if column.is_null(row) {
+                    key.push_str("-;");
+                } else {
+                    let value = column.value(row);
+                    key.push_str(&value.len().to_string());
+                    key.push(':');
+                    key.push_str(value);
+                    key.push(';');
+                }
+            }
+            key
+        })
+        .collect())
+}
+
+/// The bucket of a key: stable across versions and platforms (CRC-32 of its text).
+fn bucket_of(key: &str) -> i32 {
+    (crc32fast::hash(key.as_bytes()) % BUCKETS) as i32
+}
+
+/// A window of the log reduced to what the current table needs: whether it holds a truncate,
+/// and the last event of each key after the last truncate.
+#[derive(Debug, Default)]
+struct Reduced {
+    truncated: bool,
+    /// Key → (batch, row) of its last event, and whether that event leaves the row live.
+    last: HashMap<String, ((usize, usize), bool)>,
+}
+
+impl Reduced {
+    /// `batches` in source order (the order the sink received them, rows in event order).
+    fn of(batches: &[RecordBatch], key: &[String]) -> Result<Self, ArrowError> {
+        let mut out = Reduced::default();
+        for (b, batch) in batches.iter().enumerate() {
+            let ops = batch
+                .column_by_name("_op")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .ok_or_else(|| ArrowError::SchemaError("_op is missing or not text".into()))?;
+            let keys = key_texts(batch, key)?;
+            for (row, k) in keys.into_iter().enumerate() {
+                match ops.value(row) {
+                    "t" => {
+                        out.last.clear();
+                        out.truncated = true;
+                    }
+                    "d" => {
+                        out.last.insert(k, ((b, row), false));
+                    }
+                    _ => {
+                        out.last.insert(k, ((b, row), true));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rows of `batches` that are some key's last event (deletes included), in source order.
+    fn rows(&self, live_only: bool) -> Vec<(usize, usize)> {
+        let mut rows: Vec<(usize, usize)> = self
+            .last
+            .values()
+            .filter(|(_, live)| *live || !live_only)
+            .map(|(at, _)| *at)
+            .collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// Bucket → the keys whose rows the merge replaces or removes there.
+    fn touched(&self) -> BTreeMap<i32, HashSet<&str>> {
+        let mut out: BTreeMap<i32, HashSet<&str>> = BTreeMap::new();
+        for key in self.last.keys() {
+            out.entry(bucket_of(key)).or_default().insert(key.as_str());
+        }
+        out
+    }
+}
+
+/// The rows `at` of `batches`, column by column.
+fn take_rows(batches: &[RecordBatch], at: &[(usize, usize)]) -> Result<Vec<ArrayRef>, ArrowError> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    (0..first.num_columns())
+        .map(|c| {
+            let columns: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            arrow_select::interleave::interleave(&columns, at)
+        })
+        .collect()
+}
+
+/// An unreadable or inconsistent batch during a merge, as the table's format reports it.
+fn data_error(table: &str, format: &str, e: ArrowError) -> LakeError {
+    let table = table.to_string();
+    match format {
+        "iceberg" => LakeError::Iceberg(IcebergSinkError::Iceberg {
+            table,
+            source: Box::new(iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string())),
+        }),
+        _ => LakeError::Delta(DeltaSinkError::Delta {
+            table,
+            source: Box::new(e.into()),
+        }),
+    }
+}
+
+/// A current table being kept: the log's rows since its last merge, and its table.
+pub(crate) struct CurrentSink {
+    table: Sink,
+    schema: SchemaRef,
+    settings: CurrentSettings,
+    /// Log batches since the last merge, in source order (reduced to one row per key when
+    /// they pile up: see [`CurrentSink::hold`]).
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    /// A truncate came before the pending rows (they were reduced past it).
+    truncated: bool,
+    last_merge: Instant,
+}
+
+impl CurrentSink {
+    pub(crate) fn new(table: Sink, schema: SchemaRef, settings: CurrentSettings) -> Self {
+        Self {
+            table,
+            schema,
+            settings,
+            pending: Vec::new(),
+            pending_rows: 0,
+            truncated: false,
+            last_merge: Instant::now(),
+        }
+    }
+
+    pub(crate) fn table(&self) -> &Sink {
+        &self.table
+    }
+
+    pub(crate) fn table_mut(&mut self) -> &mut Sink {
+        &mut self.table
+    }
+
+    pub(crate) fn buffered_rows(&self) -> usize {
+        self.pending_rows
+    }
+
+    /// Takes a batch of the change log (rows in source order).
+    pub(crate) fn write(&mut self, batch: RecordBatch) {
+        self.pending_rows += batch.num_rows();
+        self.pending.push(batch);
+    }
+
+    /// Whether the next commit should merge: at the end of a run, when enough keys wait, or
+    /// when the oldest waiting change is `max_lag` old.
+    pub(crate) fn due(&self, closing: bool) -> bool {
+        closing || self.pending_rows >= self.settings.max_rows || self.last_merge.elapsed() >= self.settings.max_lag
+    }
+
+    /// Keeps the pending rows for a later merge, reduced to the last event per key (memory
+    /// grows with the keys changed, not with the changes).
+    pub(crate) fn hold(&mut self) -> Result<(), LakeError> {
+        if self.pending.len() <= 1 {
+            return Ok(());
+        }
+        let reduced = Reduced::of(&self.pending, &self.settings.key).map_err(|e| self.arrow_err(e))?;
+        let rows = reduced.rows(false);
+        let schema = self.pending[0].schema();
+        let columns = take_rows(&self.pending, &rows).map_err(|e| self.arrow_err(e))?;
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| self.arrow_err(e))?;
+        self.truncated |= reduced.truncated;
+        self.pending_rows = batch.num_rows();
+        self.pending = vec![batch];
+        Ok(())
+    }
+
+    fn arrow_err(&self, e: ArrowError) -> LakeError {
+        data_error(self.table.name(), self.table.format(), e)
+    }
+
+    /// Merges the pending changes into the table, committed with `positions` (with none, the
+    /// positions alone). Returns the table's new version or sequence number.
+    pub(crate) async fn commit(
+        &mut self,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, LakeError> {
+        let reduced = Reduced::of(&self.pending, &self.settings.key).map_err(|e| self.arrow_err(e))?;
+        let truncated = self.truncated || reduced.truncated;
+        let upserts = self.upserts(&reduced)?;
+        let mut attempt = 0;
+        let version = loop {
+            attempt += 1;
+            match self.merge(&reduced, truncated, &upserts, positions, attached).await {
+                Ok(version) => break version,
+                Err(e) if e.is_conflict() && attempt < MAX_MERGE_ATTEMPTS => {
+                    tracing::info!(
+                        table = self.table.name(),
+                        "another writer changed the table during a merge: merging again"
+                    );
+                    self.discard().await?;
+                }
+                Err(e) => {
+                    self.discard().await?;
+                    return Err(e);
+                }
+            }
+        };
+        self.pending.clear();
+        self.pending_rows = 0;
+        self.truncated = false;
+        self.last_merge = Instant::now();
+        Ok(version)
+    }
+
+    /// The pending rows that stay live, as the current table's rows, with their buckets.
+    fn upserts(&self, reduced: &Reduced) -> Result<Option<(RecordBatch, Vec<i32>)>, LakeError> {
+        let rows = reduced.rows(true);
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let log = take_rows(&self.pending, &rows).map_err(|e| self.arrow_err(e))?;
+        let log = RecordBatch::try_new(self.pending[0].schema(), log).map_err(|e| self.arrow_err(e))?;
+        let buckets: Vec<i32> = key_texts(&log, &self.settings.key)
+            .map_err(|e| self.arrow_err(e))?
+            .iter()
+            .map(|k| bucket_of(k))
+            .collect();
+        let columns: Vec<ArrayRef> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                BUCKET_COLUMN => Ok(Arc::new(Int32Array::from(buckets.clone())) as ArrayRef),
+                UPDATED_AT_COLUMN => log
+                    .column_by_name("_ingested_at")
+                    .cloned()
+                    .ok_or_else(|| ArrowError::SchemaError("_ingested_at is missing".into())),
+                name => log
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| ArrowError::SchemaError(format!("{name} is missing"))),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.arrow_err(e))?;
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| self.arrow_err(e))?;
+        Ok(Some((batch, buckets)))
+    }
+
+    /// One attempt: read the touched buckets' files, write them again without the touched
+    /// keys and with the new rows, commit all of it with the positions.
+    async fn merge(
+        &mut self,
+        reduced: &Reduced,
+        truncated: bool,
+        upserts: &Option<(RecordBatch, Vec<i32>)>,
+        positions: &[SourcePosition],
+        attached: &[SourcePosition],
+    ) -> Result<i64, LakeError> {
+        let touched = reduced.touched();
+        let files = self.table.bucket_files().await?;
+        // Bucket → its files that the merge replaces (every file, after a truncate).
+        let mut replaced: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+        for (i, (_, bucket, _)) in files.iter().enumerate() {
+            if truncated || touched.contains_key(bucket) {
+                replaced.entry(*bucket).or_default().push(i);
+            }
+        }
+        let mut new_rows: BTreeMap<i32, Vec<u32>> = BTreeMap::new();
+        if let Some((_, buckets)) = upserts {
+            for (row, bucket) in buckets.iter().enumerate() {
+                new_rows.entry(*bucket).or_default().push(row as u32);
+            }
+        }
+        let buckets: std::collections::BTreeSet<i32> = replaced.keys().chain(new_rows.keys()).copied().collect();
+        for bucket in buckets {
+            if !truncated {
+                let keys = touched.get(&bucket);
+                for &i in replaced.get(&bucket).map(Vec::as_slice).unwrap_or_default() {
+                    self.keep_untouched(&files[i].0, bucket, keys).await?;
+                }
+            }
+            if let (Some((batch, _)), Some(rows)) = (upserts, new_rows.get(&bucket)) {
+                let rows = arrow_array::UInt32Array::from(rows.clone());
+                let part = arrow_select::take::take_record_batch(batch, &rows).map_err(|e| self.arrow_err(e))?;
+                self.table.write(part).await?;
+            }
+            self.table.spill().await?;
+        }
+        let removed: Vec<&super::BucketFile> = replaced.values().flatten().map(|&i| &files[i]).collect();
+        let scope = if truncated {
+            None
+        } else {
+            Some(replaced.keys().copied().collect::<Vec<_>>())
+        };
+        self.table.commit_replacing(&removed, scope, positions, attached).await
+    }
+
+    /// Writes the rows of file `path` (in `bucket`) whose key is not in `touched`.
+    async fn keep_untouched(
+        &mut self,
+        path: &str,
+        bucket: i32,
+        touched: Option<&HashSet<&str>>,
+    ) -> Result<(), LakeError> {
+        let bytes = self.table.read_file(path).await?;
+        let (name, format) = (self.table.name().to_string(), self.table.format());
+        let invalid = |e: &dyn std::fmt::Display| {
+            data_error(&name, format, ArrowError::ExternalError(format!("{path}: {e}").into()))
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.with_batch_size(65_536).build())
+            .map_err(|e| invalid(&e))?;
+        for batch in reader {
+            let batch = self
+                .conform(batch.map_err(|e| invalid(&e))?, bucket)
+                .map_err(|e| invalid(&e))?;
+            let batch = match touched {
+                None => batch,
+                Some(keys) => {
+                    let keep: BooleanArray = key_texts(&batch, &self.settings.key)
+                        .map_err(|e| invalid(&e))?
+                        .iter()
+                        .map(|k| Some(!keys.contains(k.as_str())))
+                        .collect();
+                    arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(&e))?
+                }
+            };
+            if batch.num_rows() > 0 {
+                self.table.write(batch).await?;
+            }
+            if self.table.buffered_bytes() >= SPILL_BYTES {
+                self.table.spill().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch read from a table file in the current schema: columns by name, cast where the
+    /// file's type differs (a time zone), null where the file predates a column, the bucket
+    /// from the partition where the format keeps it out of the file (Delta).
+    fn conform(&self, batch: RecordBatch, bucket: i32) -> Result<RecordBatch, ArrowError> {
+        let rows = batch.num_rows();
+        let columns: Vec<ArrayRef> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| match batch.column_by_name(f.name()) {
+                Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+                Some(c) => deltalake::arrow::compute::cast(c, f.data_type()),
+                None if f.name() == BUCKET_COLUMN => Ok(Arc::new(Int32Array::from(vec![bucket; rows])) as ArrayRef),
+                None => Ok(arrow_array::new_null_array(f.data_type(), rows)),
+            })
+            .collect::<Result<_, _>>()?;
+        RecordBatch::try_new(self.schema.clone(), columns)
+    }
+
+    async fn discard(&mut self) -> Result<(), LakeError> {
+        self.table.discard_uncommitted().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(ops: &[&str], ids: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("_op", DataType::Utf8, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(ids.to_vec())),
+                Arc::new(StringArray::from(ops.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn live(reduced: &Reduced, batches: &[RecordBatch]) -> Vec<(String, String)> {
+        reduced
+            .rows(true)
+            .into_iter()
+            .map(|(b, r)| {
+                let batch = &batches[b];
+                let text = |c: &str| {
+                    batch
+                        .column_by_name(c)
+                        .unwrap()
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .unwrap()
+                        .value(r)
+                        .to_string()
+                };
+                (text("id"), text("_op"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_last_event_of_each_key_wins_in_source_order() {
+        let key = vec!["id".to_string()];
+        let batches = vec![
+            log(&["c", "c", "u", "c"], &["a", "b", "a", "c"]),
+            // Two changes to one row in one transaction: the second wins.
+            log(&["u", "d", "u", "r"], &["b", "c", "b", "d"]),
+        ];
+        let reduced = Reduced::of(&batches, &key).unwrap();
+        assert!(!reduced.truncated);
+        assert_eq!(
+            live(&reduced, &batches),
+            [
+                ("a".into(), "u".into()),
+                ("b".into(), "u".into()),
+                ("d".into(), "r".into())
+            ]
+        );
+        // The deleted key is touched (its row goes) but not live.
+        assert_eq!(reduced.last.len(), 4);
+        assert_eq!(reduced.rows(false).len(), 4);
+    }
+
+    #[test]
+    fn a_truncate_forgets_what_came_before_it() {
+        let key = vec!["id".to_string()];
+        let batches = vec![log(&["c", "c", "t", "c", "d"], &["a", "b", "", "c", "a"])];
+        let reduced = Reduced::of(&batches, &key).unwrap();
+        assert!(reduced.truncated);
+        assert_eq!(live(&reduced, &batches), [("c".into(), "c".into())]);
+        assert_eq!(reduced.last.len(), 2);
+    }
+
+    #[test]
+    fn keys_are_unambiguous_and_buckets_stable() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Utf8, true),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("x;1:"), Some("x"), None])),
+                Arc::new(StringArray::from(vec![Some("y"), Some(";1:y"), Some("")])),
+            ],
+        )
+        .unwrap();
+        let keys = key_texts(&batch, &["a".into(), "b".into()]).unwrap();
+        let distinct: HashSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), 3, "{keys:?}");
+        // The layout of existing tables depends on it: CRC-32 of the key text.
+        assert_eq!(bucket_of("2:42;"), (crc32fast::hash(b"2:42;") % 64) as i32);
+        assert_eq!(bucket_of("2:42;"), 39);
+    }
+
+    #[test]
+    fn the_current_schema_replaces_the_log_only_columns() {
+        let log = Schema::new(vec![
+            Field::new("balance", DataType::Int64, true),
+            Field::new("_op", DataType::Utf8, false),
+            Field::new("_ingested_at", DataType::Int64, false),
+            Field::new("_date", DataType::Date32, false),
+            Field::new("_source_db", DataType::Utf8, true),
+        ]);
+        let names: Vec<String> = current_schema(&log).fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["balance", "_op", "_updated_at", "_source_db", "_bucket"]);
+    }
+}

@@ -1,0 +1,238 @@
+"""Current-state tables (`current = true`): beside the change log, `<target>_current` holds the
+latest event of each key, deletes removed, emptied by a truncate. Property-style: random
+interleavings of c/u/d/r/t over a few thousand keys, committed in many small commits, killed
+with SIGKILL after random commits; every time, the current table read by Python `deltalake` (and
+`pyiceberg`) equals what DuckDB computes from the log up to the current table's committed
+position ("replay the log, keep the last event per key"). Erasure removes the subject from both."""
+
+import json
+import random
+
+import deltalake
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import iceberg_catalog, run, run_until_killed, write_config
+
+POLICY = """
+table = "public.accounts"
+target = "accounts"
+subject = "customer_id"
+token_domain = "customer"
+key = ["id"]
+current = true
+
+[columns.id]
+action = "keep"
+type = "int64"
+
+[columns.customer_id]
+action = "tokenize"
+
+[columns.status]
+action = "keep"
+type = "string"
+
+[columns.balance]
+action = "keep"
+type = "int64"
+"""
+COLUMNS = ["id", "customer_id_token", "status", "balance", "_op", "_subject", "_position"]
+STREAM = "events.jsonl"
+
+
+def event(op, row, ts):
+    source = {"schema": "public", "table": "accounts", "ts_ms": ts}
+    before, after = (row, None) if op == "d" else (None, row)
+    if op == "t":
+        before = after = None
+    return json.dumps({"before": before, "after": after, "op": op, "ts_ms": ts, "source": source})
+
+
+def random_history(seed, keys, n):
+    """`n` events over `keys` accounts: a snapshot (r) of some, then creates, updates (several
+    to one row in a row), deletes, re-creates and a few truncates, in random order."""
+    rng = random.Random(seed)
+    live = {}
+    lines = []
+    ts = 1704067200000
+    for k in rng.sample(range(keys), keys // 3):
+        live[k] = {"id": k, "customer_id": k % 400, "status": "open", "balance": rng.randrange(10_000)}
+        lines.append(event("r", live[k], ts))
+    for _ in range(n):
+        ts += 1
+        if rng.random() < 0.001:
+            lines.append(event("t", None, ts))
+            live.clear()
+            continue
+        k = rng.randrange(keys)
+        if k not in live:
+            live[k] = {"id": k, "customer_id": k % 400, "status": "open", "balance": rng.randrange(10_000)}
+            lines.append(event("c", live[k], ts))
+        elif rng.random() < 0.15:
+            lines.append(event("d", live.pop(k), ts))
+        else:
+            live[k] = dict(live[k], status=rng.choice(["open", "late", "closed"]), balance=rng.randrange(10_000))
+            lines.append(event("u", live[k], ts))
+    return lines, live
+
+
+def reference(log, up_to=None):
+    """The current state DuckDB computes from the log: after the last truncate, the last event
+    of each key by source position, unless it is a delete."""
+    limit = "" if up_to is None else f"where off <= {int(up_to)}"
+    return duckdb.sql(f"""
+        with ordered as (
+            select *, cast(split_part(_position, ':', 2) as bigint) as off from log {limit}),
+        cut as (select coalesce(max(off), -1) as t from ordered where _op = 't'),
+        ranked as (
+            select ordered.*, row_number() over (partition by id order by off desc) as n
+            from ordered, cut where off > cut.t)
+        select {", ".join(COLUMNS)} from ranked where n = 1 and _op <> 'd' order by id
+    """).fetchall()
+
+
+def current_rows(current):
+    return duckdb.sql(f"select {', '.join(COLUMNS)} from current order by id").fetchall()
+
+
+def delta_state(lake, target):
+    """(log, current table, the current table's committed offset) of a Delta pipeline."""
+    log = deltalake.DeltaTable(str(lake / "tables" / target)).to_pyarrow_table()
+    current = deltalake.DeltaTable(str(lake / "tables" / f"{target}_current"))
+    return log, current.to_pyarrow_table(), current.transaction_version(f"sluice/test/{STREAM}")
+
+
+def iceberg_state(lake, target):
+    catalog = iceberg_catalog(lake)
+    log = catalog.load_table(("test", target)).scan().to_arrow()
+    current = catalog.load_table(("test", f"{target}_current"))
+    offset = current.current_snapshot().summary.additional_properties.get(f"sluice.position.sluice/test/{STREAM}")
+    return log, current.scan().to_arrow(), None if offset is None else int(offset)
+
+
+def assert_current_matches_log(state, lake, target, complete):
+    log, table, offset = state(lake, target)
+    assert table.num_rows == len(set(table.column("id").to_pylist())), "one row per key"
+    assert set(table.column("_bucket").to_pylist()) <= set(range(64))
+    if complete:
+        expected = reference(log)
+    else:
+        # The current table may lag its log (its merge comes after the log's commit).
+        expected = reference(log, up_to=offset if offset is not None else -1)
+    assert current_rows(table) == expected
+    return len(expected)
+
+
+def pipeline(tmp_path, lines, lake_extra="", extra=""):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "accounts.toml").write_text(POLICY)
+    events = tmp_path / STREAM
+    events.write_text("\n".join(lines) + "\n")
+    return write_config(tmp_path, events, [policies], lake_extra=lake_extra, extra=extra)
+
+
+@pytest.mark.parametrize("max_lag_ms", [0, 3_600_000], ids=["merge-every-commit", "merge-by-size"])
+def test_kill_9_at_random_commits_the_current_table_is_always_the_log_replayed(sluice_bin, tmp_path, max_lag_ms):
+    lines, live = random_history(seed=max_lag_ms, keys=2000, n=12_000)
+    # Many small commits: a kill lands between the log's commit and the current table's, or
+    # in a merge; `merge-by-size` merges only when 300 keys wait (several log commits).
+    extra = f"[batch]\nmax_rows = 300\nmax_age_ms = 600000\n[current]\nmax_lag_ms = {max_lag_ms}\n"
+    extra += "[workers]\nchunk_events = 100\n"
+    config = pipeline(tmp_path, lines, extra=extra)
+    lake = tmp_path / "lake"
+    rng = random.Random(7)
+    for kill_after in sorted(rng.sample(range(2, 40), 4)):
+        run_until_killed(sluice_bin, config, kill_after_commits=kill_after)
+        if (lake / "tables" / "accounts_current").exists():
+            assert_current_matches_log(delta_state, lake, "accounts", complete=False)
+    run(sluice_bin, "run", "--config", config, "--once")
+    n = assert_current_matches_log(delta_state, lake, "accounts", complete=True)
+    assert n == len(live), "the reference agrees with the generator's own state"
+    log = deltalake.DeltaTable(str(lake / "tables" / "accounts")).to_pyarrow_table()
+    positions = log.column("_position").to_pylist()
+    assert len(positions) == len(set(positions)) == len(lines), "the log: exactly once"
+    # A rerun finds nothing to do and leaves the current table as it is.
+    version = deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).version()
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).version() == version
+
+
+def test_iceberg_and_delta_current_tables_agree_with_their_logs_across_kills(sluice_bin, tmp_path):
+    lines, live = random_history(seed=11, keys=1500, n=6_000)
+    extra = "[batch]\nmax_rows = 400\nmax_age_ms = 600000\n[current]\nmax_lag_ms = 0\n[workers]\nchunk_events = 100\n"
+    config = pipeline(tmp_path, lines, lake_extra='format = "both"', extra=extra)
+    lake = tmp_path / "lake"
+    for kill_after in (5, 17):
+        run_until_killed(sluice_bin, config, kill_after_commits=kill_after)
+        for state in (delta_state, iceberg_state):
+            try:
+                state(lake, "accounts")
+            except Exception:
+                continue  # not created yet
+            assert_current_matches_log(state, lake, "accounts", complete=False)
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert assert_current_matches_log(delta_state, lake, "accounts", complete=True) == len(live)
+    assert assert_current_matches_log(iceberg_state, lake, "accounts", complete=True) == len(live)
+
+
+def test_two_changes_to_one_row_in_a_commit_and_a_truncate(sluice_bin, tmp_path):
+    ts = 1704067200000
+    row = {"id": 1, "customer_id": 5, "status": "open", "balance": 10}
+    lines = [
+        event("c", row, ts),
+        event("c", dict(row, id=2), ts),
+        event("u", dict(row, balance=20), ts + 1),
+        event("u", dict(row, balance=30), ts + 1),
+        event("d", dict(row, id=2), ts + 2),
+    ]
+    config = pipeline(tmp_path, lines)
+    run(sluice_bin, "run", "--config", config, "--once")
+    lake = tmp_path / "lake"
+    _, table, _ = delta_state(lake, "accounts")
+    assert [(r["id"], r["balance"], r["_op"]) for r in table.to_pylist()] == [(1, 30, "u")]
+    # The columns: the policy's, the metadata the issue names, and the bucket.
+    assert table.column_names == ["id", "customer_id_token", "status", "balance", "_op", "_subject",
+                                  "_source_ts", "_position", "_updated_at", "_source_db", "_bucket"]
+    check = run(sluice_bin, "check", "--config", config, "--tables").stdout
+    assert "accounts_current: unchanged" in check and "current table accounts_current" in check, check
+
+    (tmp_path / STREAM).write_text((tmp_path / STREAM).read_text() + "\n".join([
+        event("t", None, ts + 3),
+        event("c", dict(row, id=3, balance=7), ts + 4),
+    ]) + "\n")
+    run(sluice_bin, "run", "--config", config, "--once")
+    _, table, _ = delta_state(lake, "accounts")
+    assert [(r["id"], r["balance"]) for r in table.to_pylist()] == [(3, 7)], "the truncate emptied the table"
+
+
+def test_forget_removes_the_subject_from_the_current_table_too(sluice_bin, tmp_path):
+    lines, _ = random_history(seed=3, keys=600, n=2_000)
+    config = pipeline(tmp_path, lines, lake_extra='format = "both"')
+    run(sluice_bin, "run", "--config", config, "--once")
+    lake = tmp_path / "lake"
+    _, before, _ = delta_state(lake, "accounts")
+    subject = next(r["after"]["customer_id"] for r in map(json.loads, lines) if r["op"] in ("c", "r") and
+                   r["after"]["id"] in before.column("id").to_pylist())
+    receipt = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", subject, "--settle-ms", "0").stdout)
+    token = receipt["subject_tokens"][0]
+    assert token in before.column("_subject").to_pylist()
+    assert receipt["verification"] == {"passed": True, "findings": []}
+    for label in ("accounts_current", "iceberg/accounts_current", "accounts"):
+        assert receipt["tables"][label]["rows_removed"] > 0, label
+    for state in (delta_state, iceberg_state):
+        log, current, _ = state(lake, "accounts")
+        assert token not in current.column("_subject").to_pylist()
+        assert token not in log.column("_subject").to_pylist()
+        # What remains is still the log replayed.
+        assert current_rows(current) == reference(log)
+    # No file under the current tables names the token any more (data, logs, manifests).
+    for root in (lake / "tables" / "accounts_current", lake / "iceberg"):
+        for path in root.rglob("*"):
+            if path.is_file() and path.suffix != ".parquet":
+                assert token.encode() not in path.read_bytes(), path
+            elif path.is_file():
+                # Data files, and the checkpoints the erasure left in `_delta_log`.
+                assert token not in str(pq.read_table(path).to_pylist()), path
