@@ -314,7 +314,7 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             )
             .await?;
         sinks.push(match spec.current {
-            Some(settings) => sink.keeping_current(spec.schema, settings),
+            Some(settings) => sink.keeping_current(spec.schema, settings)?,
             None => sink,
         });
     }

@@ -47,6 +47,10 @@ pub enum DeltaSinkError {
 /// (ciphertexts, positions) and no compression for ciphertext (random bytes do not compress):
 /// both cost time and save nothing.
 fn writer_properties(schema: &SchemaRef) -> WriterProperties {
+    writer_properties_builder(schema).build()
+}
+
+fn writer_properties_builder(schema: &SchemaRef) -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     let mut props = crate::lake::parquet_properties();
     for field in schema.fields() {
         let column = ColumnPath::from(field.name().as_str());
@@ -58,7 +62,7 @@ fn writer_properties(schema: &SchemaRef) -> WriterProperties {
             props = props.set_column_dictionary_enabled(column, false);
         }
     }
-    props.build()
+    props
 }
 
 /// A Delta table being appended to.
@@ -160,6 +164,16 @@ impl DeltaSink {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Files written from now on carry a Bloom filter of `column` (a current table's key).
+    pub(crate) fn with_bloom_filter(mut self, column: &str) -> Result<Self, DeltaSinkError> {
+        let schema = self.writer.arrow_schema();
+        let props = crate::lake::current::key_bloom_filter(writer_properties_builder(&schema), column).build();
+        self.writer = RecordBatchWriter::for_table(&self.table)
+            .map_err(|e| self.err(e))?
+            .with_writer_properties(props);
+        Ok(self)
     }
 
     /// The distinct values of a string column, from the minimum and maximum each file's

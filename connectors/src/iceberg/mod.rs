@@ -110,8 +110,11 @@ pub(crate) fn position_properties(positions: &HashMap<String, i64>) -> HashMap<S
 /// Parquet properties: snappy; no statistics (hence no Iceberg bounds in the manifests) for
 /// columns that link a row to a person; manifests are history an erasure must not leave
 /// holding tokens.
-fn writer_properties(schema: &ArrowSchema, stats_columns: &[String]) -> WriterProperties {
+fn writer_properties(schema: &ArrowSchema, stats_columns: &[String], bloom_filter: Option<&str>) -> WriterProperties {
     let mut props = crate::lake::parquet_properties();
+    if let Some(column) = bloom_filter {
+        props = crate::lake::current::key_bloom_filter(props, column);
+    }
     for field in schema.fields() {
         if !stats_columns.contains(field.name()) {
             props =
@@ -141,6 +144,8 @@ pub(crate) struct IcebergSink {
     /// The table's current schema as Arrow, with field ids: what written batches are cast to.
     arrow_schema: SchemaRef,
     stats_columns: Vec<String>,
+    /// A column whose values each file keeps a Bloom filter of (a current table's key).
+    bloom_filter: Option<String>,
     writer: Option<Writer>,
     /// `None` for an unpartitioned table.
     splitter: Option<RecordBatchPartitionSplitter>,
@@ -242,6 +247,7 @@ impl IcebergSink {
             table,
             arrow_schema,
             stats_columns: stats_columns.to_vec(),
+            bloom_filter: None,
             writer: None,
             splitter,
             buffered_rows: 0,
@@ -252,6 +258,12 @@ impl IcebergSink {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Files written from now on carry a Bloom filter of `column` (a current table's key).
+    pub(crate) fn with_bloom_filter(mut self, column: &str) -> Self {
+        self.bloom_filter = Some(column.to_string());
+        self
     }
 
     fn err(&self, source: iceberg::Error) -> IcebergSinkError {
@@ -285,7 +297,7 @@ impl IcebergSink {
         if self.writer.is_none() {
             let metadata = self.table.metadata();
             let parquet = ParquetWriterBuilder::new(
-                writer_properties(&self.arrow_schema, &self.stats_columns),
+                writer_properties(&self.arrow_schema, &self.stats_columns, self.bloom_filter.as_deref()),
                 metadata.current_schema().clone(),
             );
             let rolling = RollingFileWriterBuilder::new(

@@ -3,8 +3,10 @@
 //! truncate.
 //!
 //! A merge is copy-on-write by bucket: every row lives in bucket `crc32(key) % BUCKETS` (the
-//! `_bucket` partition), so a merge reads and rewrites only the buckets its keys fall in, one at a
-//! time, and commits the removed and the new files in one commit with the positions they cover
+//! `_bucket` partition), so a merge reads only the buckets its keys fall in, one at a time, and
+//! rewrites only the files that may hold one of its keys (each file carries a Parquet Bloom
+//! filter of the key's first column, as Hudi's bloom index does: inserts of new keys rewrite
+//! nothing). It commits the removed and the new files in one commit with the positions they cover
 //! (Delta `txn` actions, Iceberg snapshot summary): the table always equals "the log up to its
 //! positions, last event per key". The changes of several log commits are merged together (up to
 //! `max_lag` or `max_rows` of them), reduced in memory to the last event per key meanwhile.
@@ -40,6 +42,23 @@ const SPILL_BYTES: usize = 64 << 20;
 /// A merge that meets another writer's commit (an erasure, a compaction) is computed again,
 /// at most this many times.
 const MAX_MERGE_ATTEMPTS: usize = 5;
+
+/// Rows a file's key Bloom filter is sized for, and its false-positive rate: about 60 KiB per
+/// row group, enough for a bucket of a table of millions of rows.
+const BLOOM_NDV: u64 = 50_000;
+const BLOOM_FPP: f64 = 0.01;
+
+/// Writer settings with a Bloom filter of the key's first column (see the module's notes).
+pub(crate) fn key_bloom_filter(
+    props: deltalake::parquet::file::properties::WriterPropertiesBuilder,
+    column: &str,
+) -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
+    let path = deltalake::parquet::schema::types::ColumnPath::from(column);
+    props
+        .set_column_bloom_filter_enabled(path.clone(), true)
+        .set_column_bloom_filter_ndv(path.clone(), BLOOM_NDV)
+        .set_column_bloom_filter_fpp(path, BLOOM_FPP)
+}
 
 /// The log columns a current table does not keep (`_ingested_at` becomes `_updated_at`; the
 /// log's date partition means nothing for a row that may be years old).
@@ -128,6 +147,37 @@ struct Reduced {
     truncated: bool,
     /// Key → (batch, row) of its last event, and whether that event leaves the row live.
     last: HashMap<String, ((usize, usize), bool)>,
+    /// Key → its first column's value, as a file's Bloom filter is asked about it (`None`: a
+    /// null, or a type the filters are not asked about: the file may hold it).
+    probes: HashMap<String, Option<Probe>>,
+}
+
+/// A key's first column, as its Parquet Bloom filter hashes it.
+#[derive(Debug, Clone)]
+enum Probe {
+    Text(String),
+    Int(i64),
+}
+
+/// The first key column's values, where its type is one the Bloom filters are asked about.
+fn probes(batch: &RecordBatch, key: &[String]) -> Vec<Option<Probe>> {
+    let column = key.first().and_then(|k| batch.column_by_name(k));
+    let rows = batch.num_rows();
+    match column {
+        Some(c) if c.data_type() == &DataType::Utf8 => {
+            let text = c.as_any().downcast_ref::<StringArray>().expect("Utf8");
+            (0..rows)
+                .map(|i| (!text.is_null(i)).then(|| Probe::Text(text.value(i).to_string())))
+                .collect()
+        }
+        Some(c) if c.data_type() == &DataType::Int64 => {
+            let ints = c.as_any().downcast_ref::<arrow_array::Int64Array>().expect("Int64");
+            (0..rows)
+                .map(|i| (!ints.is_null(i)).then(|| Probe::Int(ints.value(i))))
+                .collect()
+        }
+        _ => vec![None; rows],
+    }
 }
 
 impl Reduced {
@@ -140,17 +190,18 @@ impl Reduced {
                 .and_then(|c| c.as_any().downcast_ref::<StringArray>())
                 .ok_or_else(|| ArrowError::SchemaError("_op is missing or not text".into()))?;
             let keys = key_texts(batch, key)?;
+            let mut probes = probes(batch, key).into_iter();
             for (row, k) in keys.into_iter().enumerate() {
+                let probe = probes.next().flatten();
                 match ops.value(row) {
                     "t" => {
                         out.last.clear();
+                        out.probes.clear();
                         out.truncated = true;
                     }
-                    "d" => {
-                        out.last.insert(k, ((b, row), false));
-                    }
-                    _ => {
-                        out.last.insert(k, ((b, row), true));
+                    op => {
+                        out.probes.insert(k.clone(), probe);
+                        out.last.insert(k, ((b, row), op != "d"));
                     }
                 }
             }
@@ -180,6 +231,39 @@ impl Reduced {
     }
 }
 
+/// Whether a current-table file may hold one of the keys `probes` (their first column's
+/// values), per the Bloom filters of its `column`: false only when every row group has a filter
+/// and each rules out every value. A file without filters (written by an erasure) may hold any.
+fn may_hold_any(bytes: &bytes::Bytes, column: &str, probes: impl Iterator<Item = Option<Probe>>) -> bool {
+    use deltalake::parquet::bloom_filter::Sbbf;
+    let Ok(builder) = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()) else {
+        return true;
+    };
+    let metadata = builder.metadata();
+    let Some(index) = metadata
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.path().string() == column)
+    else {
+        return true;
+    };
+    let mut filters = Vec::new();
+    for group in metadata.row_groups() {
+        match Sbbf::read_from_column_chunk(group.column(index), bytes) {
+            Ok(Some(filter)) => filters.push(filter),
+            _ => return true,
+        }
+    }
+    let mut probes = probes;
+    probes.any(|probe| match probe {
+        None => true,
+        Some(Probe::Text(t)) => filters.iter().any(|f| f.check(t.as_str())),
+        Some(Probe::Int(i)) => filters.iter().any(|f| f.check(&i)),
+    })
+}
+
 /// The rows `at` of `batches`, column by column.
 fn take_rows(batches: &[RecordBatch], at: &[(usize, usize)]) -> Result<Vec<ArrayRef>, ArrowError> {
     let Some(first) = batches.first() else {
@@ -206,6 +290,18 @@ fn data_error(table: &str, format: &str, e: ArrowError) -> LakeError {
             source: Box::new(e.into()),
         }),
     }
+}
+
+/// What a merge did (logged: the cost of keeping the table).
+#[derive(Debug, Default)]
+struct MergeStats {
+    keys: usize,
+    buckets: usize,
+    files_rewritten: usize,
+    /// Files of touched buckets whose Bloom filter ruled out every touched key.
+    files_kept: usize,
+    /// Rows copied from rewritten files into their replacements.
+    rows_kept: usize,
 }
 
 /// A current table being kept: the log's rows since its last merge, and its table.
@@ -375,12 +471,31 @@ impl CurrentSink {
             }
         }
         let buckets: std::collections::BTreeSet<i32> = replaced.keys().chain(new_rows.keys()).copied().collect();
+        let mut stats = MergeStats {
+            keys: reduced.last.len(),
+            buckets: buckets.len(),
+            ..MergeStats::default()
+        };
         for bucket in buckets {
             if !truncated {
                 let keys = touched.get(&bucket);
+                let mut rewritten = Vec::new();
                 for &i in replaced.get(&bucket).map(Vec::as_slice).unwrap_or_default() {
-                    self.keep_untouched(&files[i].0, bucket, keys).await?;
+                    let bytes = self.table.read_file(&files[i].0).await?;
+                    // A file whose Bloom filter rules out every touched key stays as it is:
+                    // inserts of new keys (a snapshot, a growing table) rewrite nothing.
+                    let probes = keys
+                        .into_iter()
+                        .flatten()
+                        .map(|k| reduced.probes.get(*k).cloned().flatten());
+                    if !may_hold_any(&bytes, &self.settings.key[0], probes) {
+                        stats.files_kept += 1;
+                        continue;
+                    }
+                    stats.rows_kept += self.keep_untouched(&files[i].0, bytes, bucket, keys).await?;
+                    rewritten.push(i);
                 }
+                replaced.insert(bucket, rewritten);
             }
             if let (Some((batch, _)), Some(rows)) = (upserts, new_rows.get(&bucket)) {
                 let rows = arrow_array::UInt32Array::from(rows.clone());
@@ -393,19 +508,41 @@ impl CurrentSink {
         let scope = if truncated {
             None
         } else {
-            Some(replaced.keys().copied().collect::<Vec<_>>())
+            Some(
+                replaced
+                    .iter()
+                    .filter(|(_, f)| !f.is_empty())
+                    .map(|(b, _)| *b)
+                    .collect::<Vec<_>>(),
+            )
         };
-        self.table.commit_replacing(&removed, scope, positions, attached).await
+        stats.files_rewritten = removed.len();
+        let version = self
+            .table
+            .commit_replacing(&removed, scope, positions, attached)
+            .await?;
+        tracing::info!(
+            table = self.table.name(),
+            keys = stats.keys,
+            buckets = stats.buckets,
+            files_rewritten = stats.files_rewritten,
+            files_kept = stats.files_kept,
+            rows_kept = stats.rows_kept,
+            truncated,
+            "merged"
+        );
+        Ok(version)
     }
 
-    /// Writes the rows of file `path` (in `bucket`) whose key is not in `touched`.
+    /// Writes the rows of file `path` (`bytes`, in `bucket`) whose key is not in `touched`.
     async fn keep_untouched(
         &mut self,
         path: &str,
+        bytes: bytes::Bytes,
         bucket: i32,
         touched: Option<&HashSet<&str>>,
-    ) -> Result<(), LakeError> {
-        let bytes = self.table.read_file(path).await?;
+    ) -> Result<usize, LakeError> {
+        let mut kept = 0;
         let (name, format) = (self.table.name().to_string(), self.table.format());
         let invalid = |e: &dyn std::fmt::Display| {
             data_error(&name, format, ArrowError::ExternalError(format!("{path}: {e}").into()))
@@ -428,6 +565,7 @@ impl CurrentSink {
                     arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(&e))?
                 }
             };
+            kept += batch.num_rows();
             if batch.num_rows() > 0 {
                 self.table.write(batch).await?;
             }
@@ -435,7 +573,7 @@ impl CurrentSink {
                 self.table.spill().await?;
             }
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// A batch read from a table file in the current schema: columns by name, cast where the

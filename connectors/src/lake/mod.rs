@@ -270,8 +270,20 @@ impl Sink {
 impl TableSink {
     /// This table as the current-state table it is (opened with [`current_schema`] and
     /// partitioned by its bucket): it merges the change-log rows it is given.
-    pub fn keeping_current(self, schema: arrow_schema::SchemaRef, settings: CurrentSettings) -> Self {
-        TableSink(Sink::Current(Box::new(CurrentSink::new(self.0, schema, settings))))
+    pub fn keeping_current(
+        self,
+        schema: arrow_schema::SchemaRef,
+        settings: CurrentSettings,
+    ) -> Result<Self, LakeError> {
+        let first_key = settings.key.first().cloned().unwrap_or_default();
+        let table = match self.0 {
+            Sink::Delta(s) => Sink::Delta(s.with_bloom_filter(&first_key)?),
+            Sink::Iceberg(s) => Sink::Iceberg(s.with_bloom_filter(&first_key)),
+            current @ Sink::Current(_) => current,
+        };
+        Ok(TableSink(Sink::Current(Box::new(CurrentSink::new(
+            table, schema, settings,
+        )))))
     }
 
     pub fn name(&self) -> &str {
