@@ -236,3 +236,72 @@ def test_forget_removes_the_subject_from_the_current_table_too(sluice_bin, tmp_p
             elif path.is_file():
                 # Data files, and the checkpoints the erasure left in `_delta_log`.
                 assert token not in str(pq.read_table(path).to_pylist()), path
+
+
+def delta_actions(table_dir):
+    """Every add and remove action of a Delta table's commits, by version."""
+    out = {}
+    for commit in sorted((table_dir / "_delta_log").glob("*.json")):
+        actions = [json.loads(line) for line in commit.read_text().splitlines() if line.strip()]
+        out[int(commit.stem)] = ([a["add"]["path"] for a in actions if "add" in a],
+                                 [a["remove"]["path"] for a in actions if "remove" in a])
+    return out
+
+
+def test_a_merge_rewrites_only_files_that_may_hold_its_keys(sluice_bin, tmp_path):
+    """Cost: inserting new keys (a snapshot in several commits) removes no file; changing a few
+    keys rewrites at most one file per changed key, never the table."""
+    ts = 1704067200000
+    snapshot = [event("r", {"id": k, "customer_id": k, "status": "open", "balance": k}, ts) for k in range(3000)]
+    extra = "[batch]\nmax_rows = 500\n[current]\nmax_lag_ms = 0\n[workers]\nchunk_events = 100\n"
+    config = pipeline(tmp_path, snapshot, extra=extra)
+    run(sluice_bin, "run", "--config", config, "--once")
+    current = tmp_path / "lake" / "tables" / "accounts_current"
+    history = delta_actions(current)
+    merges = [v for v, (adds, _) in history.items() if adds]
+    assert len(merges) >= 6, "the snapshot was merged in several commits"
+    assert not [v for v, (_, removes) in history.items() if removes], "no file rewritten by inserts"
+    files_before = set(deltalake.DeltaTable(str(current)).file_uris())
+
+    changed = [7, 1234, 2999]
+    (tmp_path / STREAM).write_text((tmp_path / STREAM).read_text() + "\n".join(
+        event("u", {"id": k, "customer_id": k, "status": "late", "balance": -k}, ts + 1) for k in changed) + "\n")
+    run(sluice_bin, "run", "--config", config, "--once")
+    table = deltalake.DeltaTable(str(current))
+    (adds, removes), = [delta_actions(current)[table.version()]]
+    assert 1 <= len(removes) <= len(changed), f"{len(removes)} of {len(files_before)} files rewritten"
+    assert len(files_before) > 3 * len(changed)
+    rows = {r["id"]: r for r in table.to_pyarrow_table().to_pylist()}
+    assert len(rows) == 3000 and all(rows[k]["status"] == "late" and rows[k]["balance"] == -k for k in changed)
+    assert sum(r["status"] == "late" for r in rows.values()) == len(changed)
+
+
+def test_a_running_daemon_merges_within_max_lag_even_when_the_source_goes_quiet(sluice_bin, tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import wait_until
+
+    ts = 1704067200000
+    lines = [event("c", {"id": k, "customer_id": k, "status": "open", "balance": k}, ts) for k in range(50)]
+    # The log commits every 200 ms; the current table waits up to a second for more changes.
+    extra = "[batch]\nmax_age_ms = 200\n[current]\nmax_lag_ms = 1000\n"
+    config = pipeline(tmp_path, lines, extra=extra)
+    config.write_text(config.read_text().replace("max_event_bytes = 65536", "max_event_bytes = 65536\npoll_ms = 100"))
+    current = tmp_path / "lake" / "tables" / "accounts_current"
+    daemon = subprocess.Popen([str(sluice_bin), "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def ids():
+            if not (current / "_delta_log").exists():
+                return set()
+            return set(deltalake.DeltaTable(str(current)).to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+        wait_until(lambda: ids() == set(range(50)), 60, "the first merge")
+        with open(tmp_path / STREAM, "a") as f:
+            f.write(event("d", {"id": 3, "customer_id": 3, "status": "open", "balance": 3}, ts + 1) + "\n")
+        # No event follows: the merge comes from the clock, not from more input.
+        wait_until(lambda: ids() == set(range(50)) - {3}, 60, "the delete merged while the source is quiet")
+        assert daemon.poll() is None
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()

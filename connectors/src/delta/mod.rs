@@ -313,19 +313,27 @@ impl DeltaSink {
         Ok(snapshot.log_data().into_iter().map(|f| f.add_action()).collect())
     }
 
-    /// A data file's bytes, by its table-relative path.
-    pub(crate) async fn read_file(&self, path: &str) -> Result<bytes::Bytes, DeltaSinkError> {
+    /// A data file's bytes (or bytes `range` of it), by its table-relative path.
+    pub(crate) async fn read_file(
+        &self,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<bytes::Bytes, DeltaSinkError> {
         use deltalake::logstore::object_store::ObjectStoreExt;
         let failed =
             |e: deltalake::ObjectStoreError| self.err(deltalake::DeltaTableError::Generic(format!("{path}: {e}")));
-        self.table
-            .object_store()
-            .get(&deltalake::Path::from(path))
-            .await
-            .map_err(failed)?
-            .bytes()
-            .await
-            .map_err(failed)
+        let store = self.table.object_store();
+        let location = deltalake::Path::from(path);
+        match range {
+            Some(range) => store.get_range(&location, range).await.map_err(failed),
+            None => store
+                .get(&location)
+                .await
+                .map_err(failed)?
+                .bytes()
+                .await
+                .map_err(failed),
+        }
     }
 
     /// Arrow bytes buffered in the writer (not yet in a file).

@@ -437,7 +437,7 @@ impl IcebergSink {
 impl IcebergSink {
     /// The data files of the table's current snapshot, read afresh, each with its first
     /// partition value when that is an integer (a current table's bucket).
-    pub(crate) async fn live_files(&mut self) -> Result<Vec<(String, Option<i32>)>, IcebergSinkError> {
+    pub(crate) async fn live_files(&mut self) -> Result<Vec<(String, Option<i32>, u64)>, IcebergSinkError> {
         self.table = self.catalog.load_table(&self.ident).await.map_err(|e| self.err(e))?;
         Ok(rewrite::live_files(&self.table)
             .await
@@ -448,15 +448,26 @@ impl IcebergSink {
                     Some(Some(iceberg::spec::Literal::Primitive(iceberg::spec::PrimitiveLiteral::Int(b)))) => Some(*b),
                     _ => None,
                 };
-                (file.file_path().to_string(), bucket)
+                (file.file_path().to_string(), bucket, file.file_size_in_bytes())
             })
             .collect())
     }
 
-    /// A data file's bytes, by its path as the manifests name it.
-    pub(crate) async fn read_file(&self, path: &str) -> Result<bytes::Bytes, IcebergSinkError> {
+    /// A data file's bytes (or bytes `range` of it), by its path as the manifests name it.
+    pub(crate) async fn read_file(
+        &self,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<bytes::Bytes, IcebergSinkError> {
         let input = self.table.file_io().new_input(path).map_err(|e| self.err(e))?;
-        input.read().await.map_err(|e| self.err(e))
+        match range {
+            Some(range) => {
+                use iceberg::io::FileRead;
+                let reader = input.reader().await.map_err(|e| self.err(e))?;
+                reader.read(range).await.map_err(|e| self.err(e))
+            }
+            None => input.read().await.map_err(|e| self.err(e)),
+        }
     }
 
     /// Drops what was written since the last commit, files included (see the Delta sink's).

@@ -37,6 +37,8 @@ pub const UPDATED_AT_COLUMN: &str = "_updated_at";
 /// its keys fall in; a bucket is read and written a file at a time, so memory does not grow
 /// with the table.
 pub const BUCKETS: u32 = 64;
+/// A merge compacts a bucket that holds this many files it would otherwise keep.
+const MAX_BUCKET_FILES: usize = 16;
 /// Rows written to a bucket's new files are flushed at about this many Arrow bytes.
 const SPILL_BYTES: usize = 64 << 20;
 /// A merge that meets another writer's commit (an erasure, a compaction) is computed again,
@@ -55,6 +57,8 @@ pub(crate) fn key_bloom_filter(
 ) -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     let path = deltalake::parquet::schema::types::ColumnPath::from(column);
     props
+        // All filters just before the footer: one read from the file's end finds them.
+        .set_bloom_filter_position(deltalake::parquet::file::properties::BloomFilterPosition::End)
         .set_column_bloom_filter_enabled(path.clone(), true)
         .set_column_bloom_filter_ndv(path.clone(), BLOOM_NDV)
         .set_column_bloom_filter_fpp(path, BLOOM_FPP)
@@ -231,37 +235,91 @@ impl Reduced {
     }
 }
 
-/// Whether a current-table file may hold one of the keys `probes` (their first column's
-/// values), per the Bloom filters of its `column`: false only when every row group has a filter
-/// and each rules out every value. A file without filters (written by an erasure) may hold any.
-fn may_hold_any(bytes: &bytes::Bytes, column: &str, probes: impl Iterator<Item = Option<Probe>>) -> bool {
-    use deltalake::parquet::bloom_filter::Sbbf;
-    let Ok(builder) = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()) else {
-        return true;
-    };
-    let metadata = builder.metadata();
-    let Some(index) = metadata
-        .file_metadata()
-        .schema_descr()
-        .columns()
-        .iter()
-        .position(|c| c.path().string() == column)
-    else {
-        return true;
-    };
-    let mut filters = Vec::new();
-    for group in metadata.row_groups() {
-        match Sbbf::read_from_column_chunk(group.column(index), bytes) {
-            Ok(Some(filter)) => filters.push(filter),
-            _ => return true,
-        }
+/// The end of a data file: its footer and, written just before it, its Bloom filters (see
+/// [`key_bloom_filter`]). Read instead of the whole file to ask the filters.
+struct FileTail {
+    /// Where `bytes` start in the file.
+    start: u64,
+    size: u64,
+    bytes: bytes::Bytes,
+}
+
+/// Bytes read from a file's end to ask its Bloom filters: the footer and a few row groups'
+/// filters (about 64 KiB each).
+const TAIL_BYTES: u64 = 256 << 10;
+
+impl deltalake::parquet::file::reader::Length for FileTail {
+    fn len(&self) -> u64 {
+        self.size
     }
-    let mut probes = probes;
-    probes.any(|probe| match probe {
-        None => true,
-        Some(Probe::Text(t)) => filters.iter().any(|f| f.check(t.as_str())),
-        Some(Probe::Int(i)) => filters.iter().any(|f| f.check(&i)),
-    })
+}
+
+impl deltalake::parquet::file::reader::ChunkReader for FileTail {
+    type T = bytes::buf::Reader<bytes::Bytes>;
+
+    fn get_read(&self, start: u64) -> deltalake::parquet::errors::Result<Self::T> {
+        use bytes::Buf;
+        let length = (self.size - start.min(self.size)) as usize;
+        Ok(self.get_bytes(start, length)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> deltalake::parquet::errors::Result<bytes::Bytes> {
+        let from = start
+            .checked_sub(self.start)
+            .map(|f| f as usize)
+            .filter(|f| f + length <= self.bytes.len())
+            .ok_or_else(|| deltalake::parquet::errors::ParquetError::General("outside the bytes read".into()))?;
+        Ok(self.bytes.slice(from..from + length))
+    }
+}
+
+impl FileTail {
+    /// Whether the file may hold one of the keys `probes` (their first column's values), per the
+    /// Bloom filters of its `column`: false only when every row group has a filter in these
+    /// bytes and each rules out every value. A file without filters (written by an erasure)
+    /// may hold any.
+    fn may_hold_any(&self, column: &str, probes: &[Option<Probe>]) -> bool {
+        use deltalake::parquet::bloom_filter::Sbbf;
+        use deltalake::parquet::file::metadata::ParquetMetaDataReader;
+        let n = self.bytes.len();
+        let Some(footer) = self
+            .bytes
+            .get(n.saturating_sub(8)..)
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+        else {
+            return true;
+        };
+        let Ok(tail) = deltalake::parquet::file::metadata::FooterTail::try_from(footer) else {
+            return true;
+        };
+        let Some(at) = n.checked_sub(8 + tail.metadata_length()) else {
+            return true;
+        };
+        let Ok(metadata) = ParquetMetaDataReader::decode_metadata(&self.bytes[at..n - 8]) else {
+            return true;
+        };
+        let Some(index) = metadata
+            .file_metadata()
+            .schema_descr()
+            .columns()
+            .iter()
+            .position(|c| c.path().string() == column)
+        else {
+            return true;
+        };
+        let mut filters = Vec::new();
+        for group in metadata.row_groups() {
+            match Sbbf::read_from_column_chunk(group.column(index), self) {
+                Ok(Some(filter)) => filters.push(filter),
+                _ => return true,
+            }
+        }
+        probes.iter().any(|probe| match probe {
+            None => true,
+            Some(Probe::Text(t)) => filters.iter().any(|f| f.check(t.as_str())),
+            Some(Probe::Int(i)) => filters.iter().any(|f| f.check(i)),
+        })
+    }
 }
 
 /// The rows `at` of `batches`, column by column.
@@ -459,9 +517,9 @@ impl CurrentSink {
         let files = self.table.bucket_files().await?;
         // Bucket → its files that the merge replaces (every file, after a truncate).
         let mut replaced: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
-        for (i, (_, bucket, _)) in files.iter().enumerate() {
-            if truncated || touched.contains_key(bucket) {
-                replaced.entry(*bucket).or_default().push(i);
+        for (i, file) in files.iter().enumerate() {
+            if truncated || touched.contains_key(&file.bucket) {
+                replaced.entry(file.bucket).or_default().push(i);
             }
         }
         let mut new_rows: BTreeMap<i32, Vec<u32>> = BTreeMap::new();
@@ -480,20 +538,38 @@ impl CurrentSink {
             if !truncated {
                 let keys = touched.get(&bucket);
                 let mut rewritten = Vec::new();
+                let probes: Vec<Option<Probe>> = keys
+                    .into_iter()
+                    .flatten()
+                    .map(|k| reduced.probes.get(*k).cloned().flatten())
+                    .collect();
+                let mut untouched = Vec::new();
                 for &i in replaced.get(&bucket).map(Vec::as_slice).unwrap_or_default() {
-                    let bytes = self.table.read_file(&files[i].0).await?;
+                    let file = &files[i];
                     // A file whose Bloom filter rules out every touched key stays as it is:
                     // inserts of new keys (a snapshot, a growing table) rewrite nothing.
-                    let probes = keys
-                        .into_iter()
-                        .flatten()
-                        .map(|k| reduced.probes.get(*k).cloned().flatten());
-                    if !may_hold_any(&bytes, &self.settings.key[0], probes) {
-                        stats.files_kept += 1;
-                        continue;
+                    let start = file.size.saturating_sub(TAIL_BYTES);
+                    let tail = FileTail {
+                        start,
+                        size: file.size,
+                        bytes: self.table.read_range(&file.path, start..file.size).await?,
+                    };
+                    if tail.may_hold_any(&self.settings.key[0], &probes) {
+                        rewritten.push(i);
+                    } else {
+                        untouched.push(i);
                     }
-                    stats.rows_kept += self.keep_untouched(&files[i].0, bytes, bucket, keys).await?;
-                    rewritten.push(i);
+                }
+                // Inserts add a file per merge: a bucket with too many is compacted by the
+                // merge that would add one more (its files become one).
+                if untouched.len() >= MAX_BUCKET_FILES {
+                    rewritten.append(&mut untouched);
+                }
+                stats.files_kept += untouched.len();
+                for &i in &rewritten {
+                    let file = &files[i];
+                    let bytes = self.table.read_file(&file.path).await?;
+                    stats.rows_kept += self.keep_untouched(&file.path, bytes, bucket, keys).await?;
                 }
                 replaced.insert(bucket, rewritten);
             }
@@ -693,6 +769,48 @@ mod tests {
         // The layout of existing tables depends on it: CRC-32 of the key text.
         assert_eq!(bucket_of("2:42;"), (crc32fast::hash(b"2:42;") % 64) as i32);
         assert_eq!(bucket_of("2:42;"), 39);
+    }
+
+    #[test]
+    fn a_files_bloom_filter_read_from_its_end_rules_out_absent_keys_only() {
+        use deltalake::parquet::arrow::ArrowWriter;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+        ]));
+        let ids: Vec<i64> = (0..5000).map(|i| i * 2).collect();
+        let notes: Vec<String> = ids.iter().map(|i| format!("n{i}").repeat(20)).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(arrow_array::Int64Array::from(ids)),
+                Arc::new(StringArray::from(notes)),
+            ],
+        )
+        .unwrap();
+        let mut written = Vec::new();
+        let props = key_bloom_filter(crate::lake::parquet_properties(), "id").build();
+        let mut writer = ArrowWriter::try_new(&mut written, schema, Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let size = written.len() as u64;
+        assert!(size > TAIL_BYTES / 4, "the data is not all in the tail read");
+        let bytes = bytes::Bytes::from(written);
+        let start = size.saturating_sub(TAIL_BYTES / 4);
+        let tail = FileTail {
+            start,
+            size,
+            bytes: bytes.slice(start as usize..),
+        };
+        assert!(tail.may_hold_any("id", &[Some(Probe::Int(4242))]));
+        assert!(tail.may_hold_any("id", &[Some(Probe::Int(1)), Some(Probe::Int(9998))]));
+        assert!(tail.may_hold_any("id", &[None]), "a null key may be anywhere");
+        let absent = (0..1000)
+            .filter(|i| tail.may_hold_any("id", &[Some(Probe::Int(i * 2 + 1))]))
+            .count();
+        assert!(absent < 50, "{absent} of 1000 absent keys not ruled out (1% expected)");
+        // A file without a filter on the column (another column asked, or written without).
+        assert!(tail.may_hold_any("note", &[Some(Probe::Text("x".into()))]));
     }
 
     #[test]

@@ -126,8 +126,14 @@ impl Catalogs {
     }
 }
 
-/// A data file of a current table: its path, its bucket, and (Delta) its `add` action.
-pub(crate) type BucketFile = (String, i32, Option<deltalake::kernel::Add>);
+/// A data file of a current table.
+pub(crate) struct BucketFile {
+    pub(crate) path: String,
+    pub(crate) bucket: i32,
+    pub(crate) size: u64,
+    /// Delta: its `add` action (what removing it takes).
+    add: Option<deltalake::kernel::Add>,
+}
 
 impl Sink {
     fn name(&self) -> &str {
@@ -204,20 +210,27 @@ impl Sink {
                 .live_files()
                 .await?
                 .into_iter()
-                .map(|add| {
-                    let bucket = add
+                .map(|add| BucketFile {
+                    path: add.path.clone(),
+                    bucket: add
                         .partition_values
                         .get(current::BUCKET_COLUMN)
                         .and_then(|v| v.as_deref()?.parse().ok())
-                        .unwrap_or(-1);
-                    (add.path.clone(), bucket, Some(add))
+                        .unwrap_or(-1),
+                    size: add.size.max(0) as u64,
+                    add: Some(add),
                 })
                 .collect(),
             Sink::Iceberg(s) => s
                 .live_files()
                 .await?
                 .into_iter()
-                .map(|(path, bucket)| (path, bucket.unwrap_or(-1), None))
+                .map(|(path, bucket, size)| BucketFile {
+                    path,
+                    bucket: bucket.unwrap_or(-1),
+                    size,
+                    add: None,
+                })
                 .collect(),
             Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
         })
@@ -225,8 +238,17 @@ impl Sink {
 
     async fn read_file(&self, path: &str) -> Result<bytes::Bytes, LakeError> {
         Ok(match self {
-            Sink::Delta(s) => s.read_file(path).await?,
-            Sink::Iceberg(s) => s.read_file(path).await?,
+            Sink::Delta(s) => s.read_file(path, None).await?,
+            Sink::Iceberg(s) => s.read_file(path, None).await?,
+            Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
+        })
+    }
+
+    /// Bytes `range` of a data file (a footer, a Bloom filter: not the whole file).
+    async fn read_range(&self, path: &str, range: std::ops::Range<u64>) -> Result<bytes::Bytes, LakeError> {
+        Ok(match self {
+            Sink::Delta(s) => s.read_file(path, Some(range)).await?,
+            Sink::Iceberg(s) => s.read_file(path, Some(range)).await?,
             Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
         })
     }
@@ -242,7 +264,7 @@ impl Sink {
     ) -> Result<i64, LakeError> {
         Ok(match self {
             Sink::Delta(s) => {
-                let adds: Vec<deltalake::kernel::Add> = removed.iter().filter_map(|f| f.2.clone()).collect();
+                let adds: Vec<deltalake::kernel::Add> = removed.iter().filter_map(|f| f.add.clone()).collect();
                 let predicate = scope.filter(|_| !adds.is_empty()).map(|buckets| {
                     let list: Vec<String> = buckets.iter().map(i32::to_string).collect();
                     format!("{} IN ({})", current::BUCKET_COLUMN, list.join(", "))
@@ -250,7 +272,7 @@ impl Sink {
                 s.commit_replacing(&adds, predicate, positions, attached).await? as i64
             }
             Sink::Iceberg(s) => {
-                let paths = removed.iter().map(|f| f.0.clone()).collect();
+                let paths = removed.iter().map(|f| f.path.clone()).collect();
                 s.commit_replacing(&paths, positions, attached).await?
             }
             Sink::Current(_) => unreachable!("a current table's own table is Delta or Iceberg"),
