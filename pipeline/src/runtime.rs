@@ -22,9 +22,11 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
+use sluice_connectors::lake::current::ErasedRows;
 use sluice_connectors::lake::{Catalogs, LakeError, StreamStanding, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
+use sluice_transforms::keys::{dropped_by_erasure, KeyProvider};
 use sluice_transforms::TableTransform;
 use tracing::{info, warn};
 
@@ -214,7 +216,7 @@ fn run_pass(
             registry.settings().map_err(RegistryError::from)?,
         )?)),
     };
-    let mut sinks = rt.block_on(open_sinks(config, &transforms))?;
+    let mut sinks = rt.block_on(open_sinks(config, &transforms, &keys))?;
     let streams = source.begin_pass()?;
 
     let (committed, start) = read_committed(rt, &mut sinks, &streams)?;
@@ -298,7 +300,11 @@ fn run_pass(
 }
 
 /// Opens every sink in [`SinkSet`](crate::sinks::SinkSet) order (that of [`Config::sink_locations`]).
-async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Vec<TableSink>, LakeError> {
+async fn open_sinks(
+    config: &Config,
+    transforms: &[TableTransform],
+    keys: &Arc<KeyStore>,
+) -> Result<Vec<TableSink>, LakeError> {
     let mut catalogs = Catalogs::default();
     let mut sinks = Vec::new();
     for spec in sink_specs(config, transforms) {
@@ -314,11 +320,42 @@ async fn open_sinks(config: &Config, transforms: &[TableTransform]) -> Result<Ve
             )
             .await?;
         sinks.push(match spec.current {
-            Some(settings) => sink.keeping_current(spec.schema, settings)?,
+            Some(settings) => sink.keeping_current(spec.schema, settings, erased_rows(keys.clone()))?,
             None => sink,
         });
     }
     Ok(sinks)
+}
+
+/// Which rows of a batch of a log belong to subjects erased (before the row's source time)
+/// per the key store's tombstones: what a current table leaves out of a merge of changes
+/// that waited while an erasure ran.
+fn erased_rows(keys: Arc<KeyStore>) -> Arc<ErasedRows> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::TimestampMicrosecondType;
+    use arrow_array::Array;
+    Arc::new(move |batch: &arrow_array::RecordBatch| {
+        let column = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("{name} is missing"));
+        let subjects = column("_subject")?.as_string::<i32>();
+        let times = column("_source_ts")?.as_primitive::<TimestampMicrosecondType>();
+        let distinct: Vec<&str> = subjects
+            .iter()
+            .flatten()
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
+            .collect();
+        let cutoffs = keys.erased_subjects(&distinct).map_err(|e| e.to_string())?;
+        let cutoff: HashMap<&str, Option<i64>> = distinct.into_iter().zip(cutoffs).collect();
+        Ok((0..batch.num_rows())
+            .map(|row| {
+                let subject = subjects.is_valid(row).then(|| subjects.value(row));
+                Some(
+                    subject
+                        .is_some_and(|s| dropped_by_erasure(cutoff.get(s).copied().flatten(), times.value(row) / 1000)),
+                )
+            })
+            .collect())
+    })
 }
 
 fn work(rx: Receiver<Chunk>, tx: Sender<Result<Processed, WorkError>>, router: Arc<Router>) {

@@ -305,3 +305,38 @@ def test_a_running_daemon_merges_within_max_lag_even_when_the_source_goes_quiet(
     finally:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
+
+
+def test_changes_waiting_for_a_merge_while_an_erasure_runs_do_not_bring_the_subject_back(sluice_bin, tmp_path):
+    """A daemon's current table holds changes for up to `max_lag_ms`; an erasure that runs
+    meanwhile finds nothing of the subject in it, and the merge that comes later (here: at
+    shutdown) leaves the subject's held changes out."""
+    import signal
+    import subprocess
+
+    from conftest import wait_until
+
+    ts = 1704067200000
+    lines = [event("c", {"id": k, "customer_id": k % 10, "status": "open", "balance": k}, ts) for k in range(60)]
+    extra = "[batch]\nmax_age_ms = 200\n[current]\nmax_lag_ms = 3600000\n"
+    config = pipeline(tmp_path, lines, extra=extra)
+    text = config.read_text().replace("max_event_bytes = 65536", "max_event_bytes = 65536\npoll_ms = 100")
+    config.write_text(text.replace("[keys]\n", "[keys]\nerasure_refresh_ms = 100\n"))
+    lake = tmp_path / "lake"
+    daemon = subprocess.Popen([str(sluice_bin), "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = lake / "tables" / "accounts"
+        wait_until(lambda: (log / "_delta_log").exists() and deltalake.DeltaTable(str(log)).to_pyarrow_table().num_rows == 60,
+                   60, "the log's rows")
+        receipt = json.loads(run(sluice_bin, "forget", "--config", config, "--subject", 3, "--settle-ms", "500").stdout)
+        token = receipt["subject_tokens"][0]
+        assert receipt["verification"] == {"passed": True, "findings": []}
+        held = deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).to_pyarrow_table()
+        assert held.num_rows == 0, "the merge was still waiting"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    current = deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).to_pyarrow_table()
+    assert current.num_rows == 54, "every row but the erased subject's six"
+    assert token not in current.column("_subject").to_pylist()

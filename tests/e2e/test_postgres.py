@@ -401,7 +401,8 @@ def test_a_large_transaction_lands_whole_and_a_table_added_later_gets_only_its_o
 
 def test_changes_to_one_row_inside_one_transaction_resolve_in_their_order_in_the_current_table(sluice_bin, pg, tmp_path):
     """All events of a PostgreSQL transaction share its commit position: the current table takes
-    them in the transaction's own order (the WAL's), so the row's last change wins."""
+    them in the transaction's own order (the WAL's), so the row's last change wins. An update of
+    the key is a delete and an insert."""
     pg.execute(SCHEMA)
     pg.execute("INSERT INTO orders (member_id, amount, status) SELECT 'cust-' || g, g, 'new' FROM generate_series(1, 50) g")
     config = pg_config(tmp_path, pg, policies=("orders_current.toml",))
@@ -411,13 +412,19 @@ def test_changes_to_one_row_inside_one_transaction_resolve_in_their_order_in_the
                " INSERT INTO orders (id, member_id, amount, status) VALUES (100, 'cust-100', 1, 'new');"
                " DELETE FROM orders WHERE id = 100; UPDATE orders SET status = 'gone' WHERE id = 3;"
                " DELETE FROM orders WHERE id = 3; INSERT INTO orders (id, member_id, amount, status) VALUES (3, 'cust-3', 3, 'again'); COMMIT;")
+    # An update of the key: the old row goes (a delete, then an insert, as Debezium writes it).
+    pg.execute("UPDATE orders SET id = 200 WHERE id = 4")
     catch_up(sluice_bin, config)
     import deltalake
     current = deltalake.DeltaTable(str(tmp_path / "lake" / "tables" / "orders_current"))
     got = sorted((r["id"], r["status"], r["amount"]) for r in current.to_pyarrow_table().to_pylist())
     source = sorted((i, s, float(a)) for i, s, a in pg.execute("SELECT id, status, amount FROM orders"))
     assert got == source
-    assert (1, "refunded", 7.0) in got and (3, "again", 3.0) in got and not [g for g in got if g[0] in (2, 100)]
+    assert (1, "refunded", 7.0) in got and (3, "again", 3.0) in got and not [g for g in got if g[0] in (2, 4, 100)]
+    assert (200, "new", 4.0) in got
+    log = lake_rows(tmp_path, "orders")
+    moved = sorted((r["_op"], r["id"]) for r in log if r["id"] in (4, 200) and r["_op"] != "r")
+    assert moved == [("c", 200), ("d", 4)], moved
     # The slot lets go of WAL only up to what the current table holds too.
     committed = current.transaction_version("sluice/pgtest/pg/sluice_pgtest")
     confirmed = pg.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE database = current_database()")

@@ -417,11 +417,22 @@ impl DeltaSink {
             table: name.clone(),
             source: Box::new(source),
         };
+        // What a commit that removes files read is computed from cannot be caught up: the files
+        // it removes (and copied rows from) may be gone under it. Such a commit is told to read
+        // again instead (a conflict).
+        let stale = || {
+            err(deltalake::DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(CommitConflictError::ConcurrentDeleteRead),
+            })
+        };
         match self.check_fences(positions).await {
             // The log this writer's snapshot was read from is gone (see below).
             Err(DeltaSinkError::Delta { source, .. })
                 if matches!(*source, deltalake::DeltaTableError::KernelError(_)) =>
             {
+                if !removed.is_empty() {
+                    return Err(stale());
+                }
                 self.read_again(positions, &source).await?
             }
             other => other?,
@@ -476,6 +487,7 @@ impl DeltaSink {
                 }
                 // The commits after this writer's snapshot are gone from the log (an erasure
                 // dropped the history before it, leaving a checkpoint).
+                Err(deltalake::DeltaTableError::KernelError(_)) if !removed.is_empty() => return Err(stale()),
                 Err(e @ deltalake::DeltaTableError::KernelError(_)) if catch_ups < 5 => {
                     catch_ups += 1;
                     self.read_again(positions, &e).await?;

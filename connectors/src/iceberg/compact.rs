@@ -80,6 +80,7 @@ pub(crate) async fn compact(
             iceberg::spec::Operation::Replace,
             HashMap::new(),
             false,
+            rewrite::UNFENCED,
         )
         .await?;
     Ok(Some(crate::delta::Compaction {

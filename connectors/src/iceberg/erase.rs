@@ -173,6 +173,7 @@ impl IcebergErasureTarget {
                 Operation::Overwrite,
                 HashMap::from([(ERASURE_PROPERTY.to_string(), self.app_id.clone())]),
                 true,
+                super::rewrite::UNFENCED,
             )
             .await?;
         prepared.outcome.version = Some(done.table.metadata().last_sequence_number() as u64);

@@ -365,18 +365,33 @@ impl IcebergSink {
     }
 
     async fn check_fences(&self, positions: &[SourcePosition]) -> Result<(), IcebergSinkError> {
-        let committed = committed_positions(&self.table);
-        for p in positions {
-            let expected = self.known.get(&p.stream).copied().flatten();
-            if committed.get(&self.app_id(&p.stream)).copied() != expected {
-                return Err(IcebergSinkError::Fenced {
-                    table: self.name.clone(),
-                    stream: p.stream.clone(),
-                    expected,
-                });
+        self.fences(positions)(&self.table)
+    }
+
+    /// Fencing: whether a table still holds what this writer last saw of every stream in
+    /// `positions` (a check that owns what it needs: rewrites run it on each attempt's table).
+    fn fences(&self, positions: &[SourcePosition]) -> impl Fn(&Table) -> Result<(), IcebergSinkError> + Sync {
+        let expected: Vec<(String, String, Option<i64>)> = positions
+            .iter()
+            .map(|p| {
+                let known = self.known.get(&p.stream).copied().flatten();
+                (p.stream.clone(), self.app_id(&p.stream), known)
+            })
+            .collect();
+        let name = self.name.clone();
+        move |table: &Table| {
+            let committed = committed_positions(table);
+            for (stream, app_id, expected) in &expected {
+                if committed.get(app_id).copied() != *expected {
+                    return Err(IcebergSinkError::Fenced {
+                        table: name.clone(),
+                        stream: stream.clone(),
+                        expected: *expected,
+                    });
+                }
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Commits the written files in one snapshot whose summary carries `positions` (and the
@@ -496,8 +511,6 @@ impl IcebergSink {
         }
         self.spill().await?;
         let rewriter = rewrite::Rewriter::new(self.catalog.clone(), &self.location, &self.name).await?;
-        self.table = rewriter.load().await?;
-        self.check_fences(positions).await?;
         let properties = position_properties(
             &positions
                 .iter()
@@ -512,6 +525,8 @@ impl IcebergSink {
                 iceberg::spec::Operation::Overwrite,
                 properties,
                 false,
+                // On every attempt's table: a second writer of our streams fences us.
+                &self.fences(positions),
             )
             .await?;
         self.table = done.table;
@@ -592,6 +607,7 @@ impl IcebergSink {
                 properties,
                 // Aggregates are recomputed (an erasure among the reasons): no stale history.
                 true,
+                rewrite::UNFENCED,
             )
             .await?;
         self.table = done.table;

@@ -28,6 +28,13 @@ fn unexpected(message: impl Into<String>) -> iceberg::Error {
     iceberg::Error::new(ErrorKind::Unexpected, message.into())
 }
 
+/// Checked on the table as each attempt reads it: a writer's fences (see
+/// `IcebergSink::check_fences`); nothing for jobs that commit no stream's position.
+pub(crate) type Fence<'a> = dyn Fn(&Table) -> Result<(), IcebergSinkError> + Sync + 'a;
+
+/// For rewrites that carry no stream of their own.
+pub(crate) const UNFENCED: &Fence<'static> = &|_| Ok(());
+
 /// What a rewrite did.
 pub(crate) struct Rewritten {
     /// The table as the rewrite left it.
@@ -97,11 +104,13 @@ impl Rewriter {
         operation: Operation,
         properties: HashMap<String, String>,
         expire: bool,
+        fence: &Fence<'_>,
     ) -> Result<Rewritten, IcebergSinkError> {
         let mut attempt = 0;
         let (table, snapshot_id) = loop {
             attempt += 1;
             let table = self.load().await?;
+            fence(&table)?;
             let current = table
                 .metadata_location()
                 .ok_or_else(|| self.err(unexpected("table without a metadata location")))?

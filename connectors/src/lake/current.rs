@@ -45,8 +45,8 @@ const SPILL_BYTES: usize = 64 << 20;
 /// at most this many times.
 const MAX_MERGE_ATTEMPTS: usize = 5;
 
-/// Rows a file's key Bloom filter is sized for, and its false-positive rate: about 60 KiB per
-/// row group, enough for a bucket of a table of millions of rows.
+/// Rows of a current table's row group, what its key Bloom filter is sized for, and the
+/// filter's false-positive rate: about 64 KiB of filter per 50,000 rows.
 const BLOOM_NDV: u64 = 50_000;
 const BLOOM_FPP: f64 = 0.01;
 
@@ -59,6 +59,8 @@ pub(crate) fn key_bloom_filter(
     props
         // All filters just before the footer: one read from the file's end finds them.
         .set_bloom_filter_position(deltalake::parquet::file::properties::BloomFilterPosition::End)
+        // A row group holds at most what its filter is sized for.
+        .set_max_row_group_row_count(Some(BLOOM_NDV as usize))
         .set_column_bloom_filter_enabled(path.clone(), true)
         .set_column_bloom_filter_ndv(path.clone(), BLOOM_NDV)
         .set_column_bloom_filter_fpp(path, BLOOM_FPP)
@@ -99,44 +101,56 @@ pub fn current_schema(log: &Schema) -> SchemaRef {
 pub struct CurrentSettings {
     /// The key's output columns (`Policy::key_output_columns`).
     pub key: Vec<String>,
-    /// Merge at least this often while changes come.
+    /// Merge when the oldest waiting change is this old.
     pub max_lag: Duration,
-    /// Merge when this many distinct keys wait.
+    /// Merge when this many distinct keys, or this many Arrow bytes of them, wait.
     pub max_rows: usize,
+    pub max_bytes: usize,
 }
 
-/// A key as text: each column's value, length-prefixed (unambiguous whatever the values hold).
-fn key_texts(batch: &RecordBatch, key: &[String]) -> Result<Vec<String>, ArrowError> {
-    let columns: Vec<ArrayRef> = key
-        .iter()
-        .map(|name| {
-            let column = batch
-                .column_by_name(name)
-                .ok_or_else(|| ArrowError::SchemaError(format!("key column {name} is missing")))?;
-            deltalake::arrow::compute::cast(column, &DataType::Utf8)
-        })
-        .collect::<Result<_, _>>()?;
-    let texts: Vec<&StringArray> = columns
-        .iter()
-        .map(|c| c.as_any().downcast_ref::<StringArray>().expect("cast to Utf8"))
-        .collect();
-    Ok((0..batch.num_rows())
-        .map(|row| {
-            let mut key = String::new();
-            for column in &texts {
-                if column.is_null(row) {
-                    key.push_str("-;");
-                } else {
-                    let value = column.value(row);
-                    key.push_str(&value.len().to_string());
-                    key.push(':');
-                    key.push_str(value);
-                    key.push(';');
-                }
+/// A key as text: each column's value in a form this module fixes (not Arrow's display, which
+/// may change between releases: a row's bucket must not), length-prefixed so that no two keys
+/// read alike. `None` where a key column is null: such a row identifies nothing.
+fn key_texts(batch: &RecordBatch, key: &[String]) -> Result<Vec<Option<String>>, ArrowError> {
+    let mut out: Vec<Option<String>> = vec![Some(String::new()); batch.num_rows()];
+    for name in key {
+        let column = batch
+            .column_by_name(name)
+            .ok_or_else(|| ArrowError::SchemaError(format!("key column {name} is missing")))?;
+        for (row, text) in out.iter_mut().enumerate() {
+            let Some(key) = text else { continue };
+            if column.is_null(row) {
+                *text = None;
+                continue;
             }
-            key
-        })
-        .collect())
+            let value = key_value(column.as_ref(), row)?;
+            key.push_str(&value.len().to_string());
+            key.push(':');
+            key.push_str(&value);
+            key.push(';');
+        }
+    }
+    Ok(out)
+}
+
+/// One key column's value as key text: integers, days, microseconds and unscaled decimals in
+/// decimal digits, floats by their bits, text as it is.
+fn key_value(column: &dyn Array, row: usize) -> Result<String, ArrowError> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Date32Type, Decimal128Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
+    Ok(match column.data_type() {
+        DataType::Utf8 => column.as_string::<i32>().value(row).to_string(),
+        DataType::Int64 => column.as_primitive::<Int64Type>().value(row).to_string(),
+        DataType::Int32 => column.as_primitive::<Int32Type>().value(row).to_string(),
+        DataType::Date32 => column.as_primitive::<Date32Type>().value(row).to_string(),
+        DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _) => {
+            column.as_primitive::<TimestampMicrosecondType>().value(row).to_string()
+        }
+        DataType::Boolean => column.as_boolean().value(row).to_string(),
+        DataType::Decimal128(_, _) => column.as_primitive::<Decimal128Type>().value(row).to_string(),
+        DataType::Float64 => format!("{:016x}", column.as_primitive::<Float64Type>().value(row).to_bits()),
+        other => return Err(ArrowError::NotYetImplemented(format!("a key column of type {other}"))),
+    })
 }
 
 /// The bucket of a key: stable across versions and platforms (CRC-32 of its text).
@@ -152,8 +166,10 @@ struct Reduced {
     /// Key → (batch, row) of its last event, and whether that event leaves the row live.
     last: HashMap<String, ((usize, usize), bool)>,
     /// Key → its first column's value, as a file's Bloom filter is asked about it (`None`: a
-    /// null, or a type the filters are not asked about: the file may hold it).
+    /// type the filters are not asked about: the file may hold it).
     probes: HashMap<String, Option<Probe>>,
+    /// Rows left out: a key column is null.
+    keyless: usize,
 }
 
 /// A key's first column, as its Parquet Bloom filter hashes it.
@@ -197,13 +213,14 @@ impl Reduced {
             let mut probes = probes(batch, key).into_iter();
             for (row, k) in keys.into_iter().enumerate() {
                 let probe = probes.next().flatten();
-                match ops.value(row) {
-                    "t" => {
+                match (ops.value(row), k) {
+                    ("t", _) => {
                         out.last.clear();
                         out.probes.clear();
                         out.truncated = true;
                     }
-                    op => {
+                    (_, None) => out.keyless += 1,
+                    (op, Some(k)) => {
                         out.probes.insert(k.clone(), probe);
                         out.last.insert(k, ((b, row), op != "d"));
                     }
@@ -244,8 +261,8 @@ struct FileTail {
     bytes: bytes::Bytes,
 }
 
-/// Bytes read from a file's end to ask its Bloom filters: the footer and a few row groups'
-/// filters (about 64 KiB each).
+/// Bytes read first from a file's end to ask its Bloom filters: the footer and a few row
+/// groups' filters (about 64 KiB each); more are read when the file has more.
 const TAIL_BYTES: u64 = 256 << 10;
 
 impl deltalake::parquet::file::reader::Length for FileTail {
@@ -274,28 +291,53 @@ impl deltalake::parquet::file::reader::ChunkReader for FileTail {
 }
 
 impl FileTail {
+    /// The end of file `file` of `table`: enough of it to hold the footer and every row
+    /// group's Bloom filter (read again from the first filter when the first read is short).
+    async fn read(table: &Sink, file: &super::BucketFile) -> Result<Self, LakeError> {
+        let start = file.size.saturating_sub(TAIL_BYTES);
+        let mut tail = FileTail {
+            start,
+            size: file.size,
+            bytes: table.read_range(&file.path, start..file.size).await?,
+        };
+        let first_filter = tail.metadata().and_then(|m| {
+            m.row_groups()
+                .iter()
+                .flat_map(|g| g.columns())
+                .filter_map(|c| c.bloom_filter_offset())
+                .min()
+        });
+        if let Some(first) = first_filter.and_then(|f| u64::try_from(f).ok()).filter(|f| *f < start) {
+            let head = table.read_range(&file.path, first..start).await?;
+            let mut joined = Vec::with_capacity(head.len() + tail.bytes.len());
+            joined.extend_from_slice(&head);
+            joined.extend_from_slice(&tail.bytes);
+            tail = FileTail {
+                start: first,
+                size: file.size,
+                bytes: joined.into(),
+            };
+        }
+        Ok(tail)
+    }
+
+    /// The file's footer, if these bytes hold it whole.
+    fn metadata(&self) -> Option<deltalake::parquet::file::metadata::ParquetMetaData> {
+        use deltalake::parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
+        let n = self.bytes.len();
+        let footer = <[u8; 8]>::try_from(self.bytes.get(n.checked_sub(8)?..)?).ok()?;
+        let tail = FooterTail::try_from(footer).ok()?;
+        let at = n.checked_sub(8 + tail.metadata_length())?;
+        ParquetMetaDataReader::decode_metadata(&self.bytes[at..n - 8]).ok()
+    }
+
     /// Whether the file may hold one of the keys `probes` (their first column's values), per the
     /// Bloom filters of its `column`: false only when every row group has a filter in these
     /// bytes and each rules out every value. A file without filters (written by an erasure)
     /// may hold any.
     fn may_hold_any(&self, column: &str, probes: &[Option<Probe>]) -> bool {
         use deltalake::parquet::bloom_filter::Sbbf;
-        use deltalake::parquet::file::metadata::ParquetMetaDataReader;
-        let n = self.bytes.len();
-        let Some(footer) = self
-            .bytes
-            .get(n.saturating_sub(8)..)
-            .and_then(|t| <[u8; 8]>::try_from(t).ok())
-        else {
-            return true;
-        };
-        let Ok(tail) = deltalake::parquet::file::metadata::FooterTail::try_from(footer) else {
-            return true;
-        };
-        let Some(at) = n.checked_sub(8 + tail.metadata_length()) else {
-            return true;
-        };
-        let Ok(metadata) = ParquetMetaDataReader::decode_metadata(&self.bytes[at..n - 8]) else {
+        let Some(metadata) = self.metadata() else {
             return true;
         };
         let Some(index) = metadata
@@ -373,11 +415,18 @@ pub(crate) struct CurrentSink {
     pending_rows: usize,
     /// A truncate came before the pending rows (they were reduced past it).
     truncated: bool,
-    last_merge: Instant,
+    /// When the oldest pending change came.
+    oldest: Option<Instant>,
+    /// Rows of subjects erased since they were read.
+    erased: Arc<ErasedRows>,
 }
 
+/// Marks the rows of a batch of the log whose subject has been erased since they were read
+/// (see [`CurrentSink::commit`]).
+pub type ErasedRows = dyn Fn(&RecordBatch) -> Result<BooleanArray, String> + Send + Sync;
+
 impl CurrentSink {
-    pub(crate) fn new(table: Sink, schema: SchemaRef, settings: CurrentSettings) -> Self {
+    pub(crate) fn new(table: Sink, schema: SchemaRef, settings: CurrentSettings, erased: Arc<ErasedRows>) -> Self {
         Self {
             table,
             schema,
@@ -385,7 +434,8 @@ impl CurrentSink {
             pending: Vec::new(),
             pending_rows: 0,
             truncated: false,
-            last_merge: Instant::now(),
+            oldest: None,
+            erased,
         }
     }
 
@@ -401,16 +451,24 @@ impl CurrentSink {
         self.pending_rows
     }
 
+    fn pending_bytes(&self) -> usize {
+        self.pending.iter().map(RecordBatch::get_array_memory_size).sum()
+    }
+
     /// Takes a batch of the change log (rows in source order).
     pub(crate) fn write(&mut self, batch: RecordBatch) {
+        self.oldest.get_or_insert_with(Instant::now);
         self.pending_rows += batch.num_rows();
         self.pending.push(batch);
     }
 
-    /// Whether the next commit should merge: at the end of a run, when enough keys wait, or
-    /// when the oldest waiting change is `max_lag` old.
+    /// Whether the next commit should merge: at the end of a run, when enough keys (or bytes)
+    /// wait, or when the oldest waiting change is `max_lag` old.
     pub(crate) fn due(&self, closing: bool) -> bool {
-        closing || self.pending_rows >= self.settings.max_rows || self.last_merge.elapsed() >= self.settings.max_lag
+        closing
+            || self.pending_rows >= self.settings.max_rows
+            || self.pending_bytes() >= self.settings.max_bytes
+            || self.oldest.is_some_and(|t| t.elapsed() >= self.settings.max_lag)
     }
 
     /// Keeps the pending rows for a later merge, reduced to the last event per key (memory
@@ -434,21 +492,49 @@ impl CurrentSink {
         data_error(self.table.name(), self.table.format(), e)
     }
 
+    /// Drops the pending rows `erased` marks: rows of subjects erased while they waited for
+    /// this merge (an erasure job rewrote the table meanwhile and must not see them come back).
+    fn drop_erased(&mut self) -> Result<(), LakeError> {
+        let erased = self.erased.clone();
+        for batch in self.pending.iter_mut() {
+            let marked = erased(batch)
+                .map_err(|e| data_error(self.table.name(), self.table.format(), ArrowError::ComputeError(e)))?;
+            if marked.true_count() > 0 {
+                let keep: BooleanArray = marked.iter().map(|m| Some(m != Some(true))).collect();
+                *batch = arrow_select::filter::filter_record_batch(batch, &keep)
+                    .map_err(|e| data_error(self.table.name(), self.table.format(), e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Merges the pending changes into the table, committed with `positions` (with none, the
-    /// positions alone). Returns the table's new version or sequence number.
+    /// positions alone), leaving out rows of subjects erased meanwhile. Returns the table's new
+    /// version or sequence number.
     pub(crate) async fn commit(
         &mut self,
         positions: &[SourcePosition],
         attached: &[SourcePosition],
     ) -> Result<i64, LakeError> {
-        let reduced = Reduced::of(&self.pending, &self.settings.key).map_err(|e| self.arrow_err(e))?;
-        let truncated = self.truncated || reduced.truncated;
-        let upserts = self.upserts(&reduced)?;
         let mut attempt = 0;
         let version = loop {
             attempt += 1;
+            // Asked again on every attempt: a conflict may be an erasure's rewrite.
+            self.drop_erased()?;
+            let reduced = Reduced::of(&self.pending, &self.settings.key).map_err(|e| self.arrow_err(e))?;
+            if reduced.keyless > 0 {
+                tracing::warn!(
+                    table = self.table.name(),
+                    rows = reduced.keyless,
+                    "rows whose key has a null column: kept in the log, not in the current table"
+                );
+            }
+            let truncated = self.truncated || reduced.truncated;
+            let upserts = self.upserts(&reduced)?;
             match self.merge(&reduced, truncated, &upserts, positions, attached).await {
                 Ok(version) => break version,
+                // A conflict is found before anything is committed: this attempt's files are
+                // garbage (rows read before another writer's change), deleted now.
                 Err(e) if e.is_conflict() && attempt < MAX_MERGE_ATTEMPTS => {
                     tracing::info!(
                         table = self.table.name(),
@@ -456,16 +542,16 @@ impl CurrentSink {
                     );
                     self.discard().await?;
                 }
-                Err(e) => {
-                    self.discard().await?;
-                    return Err(e);
-                }
+                // Any other error may come after the commit landed (a post-commit hook, a lost
+                // reply): the files are left alone; the run stops and a restart reads the
+                // table's position.
+                Err(e) => return Err(e),
             }
         };
         self.pending.clear();
         self.pending_rows = 0;
         self.truncated = false;
-        self.last_merge = Instant::now();
+        self.oldest = None;
         Ok(version)
     }
 
@@ -480,7 +566,7 @@ impl CurrentSink {
         let buckets: Vec<i32> = key_texts(&log, &self.settings.key)
             .map_err(|e| self.arrow_err(e))?
             .iter()
-            .map(|k| bucket_of(k))
+            .map(|k| k.as_deref().map(bucket_of).unwrap_or_default())
             .collect();
         let columns: Vec<ArrayRef> = self
             .schema
@@ -548,12 +634,7 @@ impl CurrentSink {
                     let file = &files[i];
                     // A file whose Bloom filter rules out every touched key stays as it is:
                     // inserts of new keys (a snapshot, a growing table) rewrite nothing.
-                    let start = file.size.saturating_sub(TAIL_BYTES);
-                    let tail = FileTail {
-                        start,
-                        size: file.size,
-                        bytes: self.table.read_range(&file.path, start..file.size).await?,
-                    };
+                    let tail = FileTail::read(&self.table, file).await?;
                     if tail.may_hold_any(&self.settings.key[0], &probes) {
                         rewritten.push(i);
                     } else {
@@ -636,7 +717,7 @@ impl CurrentSink {
                     let keep: BooleanArray = key_texts(&batch, &self.settings.key)
                         .map_err(|e| invalid(&e))?
                         .iter()
-                        .map(|k| Some(!keys.contains(k.as_str())))
+                        .map(|k| Some(k.as_deref().is_none_or(|k| !keys.contains(k))))
                         .collect();
                     arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(&e))?
                 }
@@ -764,7 +845,7 @@ mod tests {
         )
         .unwrap();
         let keys = key_texts(&batch, &["a".into(), "b".into()]).unwrap();
-        let distinct: HashSet<&String> = keys.iter().collect();
+        let distinct: HashSet<&Option<String>> = keys.iter().collect();
         assert_eq!(distinct.len(), 3, "{keys:?}");
         // The layout of existing tables depends on it: CRC-32 of the key text.
         assert_eq!(bucket_of("2:42;"), (crc32fast::hash(b"2:42;") % 64) as i32);

@@ -291,11 +291,13 @@ impl Sink {
 
 impl TableSink {
     /// This table as the current-state table it is (opened with [`current_schema`] and
-    /// partitioned by its bucket): it merges the change-log rows it is given.
+    /// partitioned by its bucket): it merges the change-log rows it is given. `erased` marks
+    /// rows of subjects erased since they were read (asked at each merge).
     pub fn keeping_current(
         self,
         schema: arrow_schema::SchemaRef,
         settings: CurrentSettings,
+        erased: Arc<current::ErasedRows>,
     ) -> Result<Self, LakeError> {
         let first_key = settings.key.first().cloned().unwrap_or_default();
         let table = match self.0 {
@@ -304,7 +306,7 @@ impl TableSink {
             current @ Sink::Current(_) => current,
         };
         Ok(TableSink(Sink::Current(Box::new(CurrentSink::new(
-            table, schema, settings,
+            table, schema, settings, erased,
         )))))
     }
 

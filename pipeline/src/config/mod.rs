@@ -433,6 +433,18 @@ impl Config {
         }
         let policies = load_policies(&raw, &text, &resolve, &invalid)?;
         let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
+        if let (Some(location), Some(p)) = (&lake.iceberg, policies.iter().find(|p| p.current)) {
+            if matches!(location.catalog, CatalogSettings::Rest { .. }) {
+                return Err(invalid(
+                    text.find("[lake.iceberg]").unwrap_or(0),
+                    "lake.iceberg.catalog",
+                    format!(
+                        "the policy of `{}` keeps a current table, which Iceberg tables can keep only in the SQL catalog (iceberg 0.10 commits nothing but appends through a REST catalog): write Delta, or drop `current`",
+                        p.table
+                    ),
+                ));
+            }
+        }
         let aggregates = aggregates_config(&raw, &policies, &invalid)?;
         let input = input_settings(&raw, &resolve, &invalid)?;
         Ok(Config {
@@ -500,6 +512,8 @@ impl Config {
             key: policy.key_output_columns(),
             max_lag: std::time::Duration::from_millis(self.current.max_lag_ms),
             max_rows: self.batch.max_rows,
+            // What waits is held beside the buffers of the logs: a share of the same budget.
+            max_bytes: self.memory().buffered / 2,
         }
     }
 

@@ -379,3 +379,49 @@ fn an_aggregate_names_its_errors_with_line_and_field() {
         ["count", "distinct_subjects"]
     );
 }
+
+#[test]
+fn current_tables_get_their_own_sinks_and_refuse_a_name_clash_or_a_rest_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+    let keyed = "table = \"public.a\"\ntarget = \"a\"\nsubject = \"id\"\ntoken_domain = \"d\"\nkey = [\"id\"]\ncurrent = true\n[columns.id]\naction = \"tokenize\"\n";
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/a.toml"), keyed).unwrap();
+    let config = load(dir.path(), &format!("{HEAD}{source}")).unwrap();
+    let names: Vec<String> = config.sink_locations().iter().map(|l| l.describe()).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names[2].ends_with("tables/a_current"), "{names:?}");
+    let settings = config.current_settings(&config.policies[0]);
+    assert_eq!(settings.key, ["_subject"]);
+    assert_eq!(
+        settings.max_lag,
+        std::time::Duration::from_millis(defaults::CURRENT_MAX_LAG_MS)
+    );
+
+    // Another policy's table of the same name.
+    std::fs::write(
+        dir.path().join("policies/b.toml"),
+        keyed
+            .replace("public.a", "public.b")
+            .replace("target = \"a\"", "target = \"a_current\"")
+            .replace("key = [\"id\"]\ncurrent = true\n", ""),
+    )
+    .unwrap();
+    let err = load(dir.path(), &format!("{HEAD}{source}")).unwrap_err().to_string();
+    assert!(
+        err.contains("keeps a current table `a_current`, and another policy writes a table of that name"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("policies/b.toml")).unwrap();
+
+    // Iceberg keeps current tables only in the SQL catalog.
+    let rest = HEAD.replace(
+        "root = \"lake\"\n",
+        "root = \"lake\"\nformat = \"both\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\n",
+    );
+    let err = load(dir.path(), &format!("{rest}{source}")).unwrap_err().to_string();
+    assert!(
+        err.contains("lake.iceberg.catalog: the policy of `public.a` keeps a current table"),
+        "{err}"
+    );
+}

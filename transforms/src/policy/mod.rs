@@ -122,6 +122,14 @@ impl Policy {
             policy.erasure = erasure_mode(erasure.into_inner(), &outputs, &err)?;
         }
         policy.key = row_key(&policy, raw.key.as_ref(), &err)?;
+        if let (Some(current), None) = (raw.current.as_ref().filter(|c| *c.get_ref()), &raw.key) {
+            // Guessing (the subject) would keep one row per person of a table keyed otherwise.
+            return Err(err(
+                current.span(),
+                "current",
+                "a current table needs `key`: the columns that identify a source row (e.g. key = [\"id\"]; the subject's column if it is the row's key)".into(),
+            ));
+        }
         Ok(policy)
     }
 
@@ -442,7 +450,7 @@ fn column_rule(
 /// `[erasure]`: delete the subject's rows, or blank the linking columns (and `blank`).
 /// The row key: the listed columns, each the subject or a column the policy tokenizes or keeps
 /// (a keyed token or the value itself: equal rows, equal keys; a ciphertext or a generalized
-/// value would not identify the row); without `key`, the subject.
+/// value would not identify the row); without `key`, the subject (a current table must name it).
 fn row_key(
     policy: &Policy,
     key: Option<&Spanned<Vec<Spanned<String>>>>,

@@ -149,4 +149,8 @@ fn a_row_key_is_the_subject_unless_named_and_only_of_stable_columns() {
     }
     let e = parse(&format!("key = []\n{CUSTOMERS}")).unwrap_err();
     assert!(e.to_string().contains("at least one column"), "{e}");
+    // A current table is never keyed by a guess.
+    let e = parse(&format!("current = true\n{CUSTOMERS}")).unwrap_err();
+    assert_eq!((e.field.as_str(), e.line), ("current", 1));
+    assert!(e.to_string().contains("a current table needs `key`"), "{e}");
 }

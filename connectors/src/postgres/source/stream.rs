@@ -11,6 +11,8 @@ const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
 /// A relation of the stream.
 pub(super) struct Relation {
     shape: TableShape,
+    /// Positions of the replica identity's columns (the primary key by default).
+    key: Vec<usize>,
     /// The snapshot the table's rows were read under (and the WAL position read after it):
     /// its transactions are already in.
     seen: Option<(Snapshot, u64)>,
@@ -301,43 +303,58 @@ impl PostgresSource {
                 s.skipped_seen += 1;
                 continue;
             }
-            let o = &mut s.outgoing;
-            if (o.chunk.lines.len() >= s.cut_at || o.chunk.data.len() >= CHUNK_BYTES) && !o.hand_over(out) {
-                return Ok(false);
-            }
-            s.line.clear();
-            let source = EventSource {
-                connector_name: &self.o.name,
-                database: &self.o.settings.database,
-                lsn: t.lsn,
-                xid: t.xid,
-                commit_ms: t.commit_ms,
-                snapshot: false,
+            // An update that changes the row's key is a delete of the old row and an insert of
+            // the new one, as Debezium writes it: whoever keeps rows by key (a current table)
+            // must let go of the old key.
+            let events: &[RowChange] = match (op, before.as_deref(), after.as_deref()) {
+                (b'u', Some(old), Some(new)) if key_changed(&rel.key, old, new) => {
+                    &[(b'd', Some(old), None), (b'c', None, Some(new))]
+                }
+                (op, before, after) => &[(op, before, after)],
             };
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            write_event(
-                &mut s.line,
-                op,
-                &rel.shape,
-                before.as_deref(),
-                after.as_deref(),
-                &source,
-                now_ms,
-            );
-            o.chunk.push(
-                &s.line,
-                LineEnd {
-                    end_offset: t.lsn,
-                    len: s.line.len(),
-                    terminated: true,
-                },
-            );
-            o.chunk.boundary = false;
-            o.since.get_or_insert_with(Instant::now);
-            t.emitted = true;
+            for &(op, before, after) in events {
+                let o = &mut s.outgoing;
+                if (o.chunk.lines.len() >= s.cut_at || o.chunk.data.len() >= CHUNK_BYTES) && !o.hand_over(out) {
+                    return Ok(false);
+                }
+                s.line.clear();
+                let source = EventSource {
+                    connector_name: &self.o.name,
+                    database: &self.o.settings.database,
+                    lsn: t.lsn,
+                    xid: t.xid,
+                    commit_ms: t.commit_ms,
+                    snapshot: false,
+                };
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                write_event(&mut s.line, op, &rel.shape, before, after, &source, now_ms);
+                o.chunk.push(
+                    &s.line,
+                    LineEnd {
+                        end_offset: t.lsn,
+                        len: s.line.len(),
+                        terminated: true,
+                    },
+                );
+                o.chunk.boundary = false;
+                o.since.get_or_insert_with(Instant::now);
+                t.emitted = true;
+            }
         }
         Ok(true)
     }
+}
+
+/// An event's operation, before image and after image.
+type RowChange<'a, 'b> = (u8, Option<&'a [Datum<'b>]>, Option<&'a [Datum<'b>]>);
+
+/// Whether an update's old row (`K` key columns or an `O` full row) and new row differ in a
+/// key column. An unchanged TOASTed value in the new row is unchanged.
+fn key_changed(key: &[usize], old: &[Datum], new: &[Datum]) -> bool {
+    key.iter().any(|&i| match (old.get(i), new.get(i)) {
+        (Some(o), Some(n)) => *n != Datum::UnchangedToast && o != n,
+        _ => false,
+    })
 }
 
 /// A Relation message: the table's current columns (after DDL too).
@@ -369,6 +386,24 @@ pub(super) async fn relation(
                 })
                 .collect(),
         };
+    // The row's key: the replica identity's columns, but under REPLICA IDENTITY FULL (every
+    // column flagged) the primary key's.
+    let key = if r.replica_identity == b'f' {
+        let names = pg::primary_key(control, &r.namespace, &r.name).await?;
+        r.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| names.contains(&c.name))
+            .map(|(i, _)| i)
+            .collect()
+    } else {
+        r.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect()
+    };
     if let Some(old) = relations.get(&r.id) {
         let names = |s: &TableShape| s.columns.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         let (before, now) = (names(&old.shape), names(&shape));
@@ -381,6 +416,7 @@ pub(super) async fn relation(
     relations.insert(
         r.id,
         Relation {
+            key,
             shape,
             seen: seen.get(&qualified).cloned(),
         },
