@@ -30,7 +30,7 @@ with open(f"{out}/1-snapshot.jsonl", "w") as f:
     for i in range(live):
         f.write(line("r", i, "open", i % 10_000, 1704067200000))
 hot = rng.sample(range(live), keys)
-alive = set(range(live))
+alive = set(hot)  # the changes touch only these
 with open(f"{out}/2-changes.jsonl", "w") as f:
     for n in range(changes):
         ts = 1704153600000 + n

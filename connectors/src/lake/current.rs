@@ -179,6 +179,93 @@ enum Probe {
     Int(i64),
 }
 
+/// The keys a merge touches in one bucket, as a file's rows are matched against them: by the
+/// key column's own values when the key is one text or integer column (no text built per row:
+/// files are matched whole when a merge asks whether they hold a key at all), else by key text.
+enum KeySet {
+    Ints(HashSet<i64>),
+    Texts(HashSet<String>),
+    Keys(HashSet<String>),
+}
+
+impl KeySet {
+    fn of(keys: &HashSet<&str>, reduced: &Reduced, key: &[String]) -> Self {
+        let probes: Vec<Option<&Probe>> = keys
+            .iter()
+            .map(|k| reduced.probes.get(*k).and_then(Option::as_ref))
+            .collect();
+        if key.len() == 1 && !probes.is_empty() {
+            if let Some(ints) = probes
+                .iter()
+                .map(|p| match p {
+                    Some(Probe::Int(i)) => Some(*i),
+                    _ => None,
+                })
+                .collect::<Option<HashSet<i64>>>()
+            {
+                return KeySet::Ints(ints);
+            }
+            if let Some(texts) = probes
+                .iter()
+                .map(|p| match p {
+                    Some(Probe::Text(t)) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect::<Option<HashSet<String>>>()
+            {
+                return KeySet::Texts(texts);
+            }
+        }
+        KeySet::Keys(keys.iter().map(|k| k.to_string()).collect())
+    }
+
+    /// Which rows of `batch` (holding the key columns) have one of the keys.
+    fn matches(&self, batch: &RecordBatch, key: &[String]) -> Result<BooleanArray, ArrowError> {
+        use arrow_array::cast::AsArray;
+        use arrow_array::types::Int64Type;
+        let first = || {
+            batch
+                .column_by_name(&key[0])
+                .ok_or_else(|| ArrowError::SchemaError(format!("key column {} is missing", key[0])))
+        };
+        Ok(match self {
+            KeySet::Ints(set) => first()?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or_else(|| ArrowError::SchemaError("an integer key column is not int64".into()))?
+                .iter()
+                .map(|v| Some(v.is_some_and(|v| set.contains(&v))))
+                .collect(),
+            KeySet::Texts(set) => first()?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| ArrowError::SchemaError("a text key column is not text".into()))?
+                .iter()
+                .map(|v| Some(v.is_some_and(|v| set.contains(v))))
+                .collect(),
+            KeySet::Keys(set) => key_texts(batch, key)?
+                .iter()
+                .map(|k| Some(k.as_deref().is_some_and(|k| set.contains(k))))
+                .collect(),
+        })
+    }
+}
+
+/// Whether a data file holds a row with one of `keys`, reading only its key columns.
+fn holds_any(bytes: &bytes::Bytes, keys: &KeySet, key: &[String]) -> Result<bool, ArrowError> {
+    use deltalake::parquet::arrow::ProjectionMask;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
+    let roots: Vec<usize> = key
+        .iter()
+        .map(|k| builder.schema().index_of(k))
+        .collect::<Result<_, _>>()?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    for batch in builder.with_projection(mask).with_batch_size(65_536).build()? {
+        if keys.matches(&batch?, key)?.true_count() > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The first key column's values, where its type is one the Bloom filters are asked about.
 fn probes(batch: &RecordBatch, key: &[String]) -> Vec<Option<Probe>> {
     let column = key.first().and_then(|k| batch.column_by_name(k));
@@ -641,16 +728,41 @@ impl CurrentSink {
                         untouched.push(i);
                     }
                 }
+                // The filters answer for one key at ~1%, for thousands at once hardly ever (a
+                // snapshot's keys): a file they cannot rule out is asked exactly, by its key
+                // columns alone, before it is rewritten.
+                let key_set = keys.map(|k| KeySet::of(k, reduced, &self.settings.key));
+                let mut holding = Vec::new();
+                for i in rewritten {
+                    let file = &files[i];
+                    let bytes = self.table.read_file(&file.path).await?;
+                    let holds = match &key_set {
+                        Some(set) => holds_any(&bytes, set, &self.settings.key).map_err(|e| {
+                            self.arrow_err(ArrowError::ExternalError(format!("{}: {e}", file.path).into()))
+                        })?,
+                        None => true,
+                    };
+                    if holds {
+                        holding.push((i, bytes));
+                    } else {
+                        untouched.push(i);
+                    }
+                }
                 // Inserts add a file per merge: a bucket with too many is compacted by the
                 // merge that would add one more (its files become one).
                 if untouched.len() >= MAX_BUCKET_FILES {
-                    rewritten.append(&mut untouched);
+                    for i in std::mem::take(&mut untouched) {
+                        let bytes = self.table.read_file(&files[i].path).await?;
+                        holding.push((i, bytes));
+                    }
                 }
                 stats.files_kept += untouched.len();
-                for &i in &rewritten {
-                    let file = &files[i];
-                    let bytes = self.table.read_file(&file.path).await?;
-                    stats.rows_kept += self.keep_untouched(&file.path, bytes, bucket, keys).await?;
+                let mut rewritten = Vec::with_capacity(holding.len());
+                for (i, bytes) in holding {
+                    stats.rows_kept += self
+                        .keep_untouched(&files[i].path, bytes, bucket, key_set.as_ref())
+                        .await?;
+                    rewritten.push(i);
                 }
                 replaced.insert(bucket, rewritten);
             }
@@ -697,7 +809,7 @@ impl CurrentSink {
         path: &str,
         bytes: bytes::Bytes,
         bucket: i32,
-        touched: Option<&HashSet<&str>>,
+        touched: Option<&KeySet>,
     ) -> Result<usize, LakeError> {
         let mut kept = 0;
         let (name, format) = (self.table.name().to_string(), self.table.format());
@@ -714,11 +826,8 @@ impl CurrentSink {
             let batch = match touched {
                 None => batch,
                 Some(keys) => {
-                    let keep: BooleanArray = key_texts(&batch, &self.settings.key)
-                        .map_err(|e| invalid(&e))?
-                        .iter()
-                        .map(|k| Some(k.as_deref().is_none_or(|k| !keys.contains(k))))
-                        .collect();
+                    let matched = keys.matches(&batch, &self.settings.key).map_err(|e| invalid(&e))?;
+                    let keep: BooleanArray = matched.iter().map(|m| Some(m != Some(true))).collect();
                     arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| invalid(&e))?
                 }
             };
