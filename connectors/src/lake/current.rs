@@ -424,6 +424,7 @@ impl FileTail {
     /// may hold any.
     fn may_hold_any(&self, column: &str, probes: &[Option<Probe>]) -> bool {
         use deltalake::parquet::bloom_filter::Sbbf;
+        use deltalake::parquet::file::statistics::Statistics;
         let Some(metadata) = self.metadata() else {
             return true;
         };
@@ -436,17 +437,27 @@ impl FileTail {
         else {
             return true;
         };
-        let mut filters = Vec::new();
+        // Per row group: its filter, and an integer key's range where the file's own
+        // statistics give it (increasing ids: a snapshot's or a growing table's new keys lie
+        // past every older file's range, however many there are).
+        let mut groups = Vec::new();
         for group in metadata.row_groups() {
-            match Sbbf::read_from_column_chunk(group.column(index), self) {
-                Ok(Some(filter)) => filters.push(filter),
+            let column = group.column(index);
+            let range = match column.statistics() {
+                Some(Statistics::Int64(s)) => s.min_opt().zip(s.max_opt()).map(|(lo, hi)| (*lo, *hi)),
+                _ => None,
+            };
+            match Sbbf::read_from_column_chunk(column, self) {
+                Ok(Some(filter)) => groups.push((filter, range)),
                 _ => return true,
             }
         }
         probes.iter().any(|probe| match probe {
             None => true,
-            Some(Probe::Text(t)) => filters.iter().any(|f| f.check(t.as_str())),
-            Some(Probe::Int(i)) => filters.iter().any(|f| f.check(i)),
+            Some(Probe::Text(t)) => groups.iter().any(|(f, _)| f.check(t.as_str())),
+            Some(Probe::Int(i)) => groups
+                .iter()
+                .any(|(f, range)| range.is_none_or(|(lo, hi)| lo <= *i && *i <= hi) && f.check(i)),
         })
     }
 }
@@ -999,6 +1010,10 @@ mod tests {
             .filter(|i| tail.may_hold_any("id", &[Some(Probe::Int(i * 2 + 1))]))
             .count();
         assert!(absent < 50, "{absent} of 1000 absent keys not ruled out (1% expected)");
+        // Past the file's range (its statistics), any number of keys at once.
+        let later: Vec<Option<Probe>> = (10_000..20_000).map(|i| Some(Probe::Int(i))).collect();
+        assert!(!tail.may_hold_any("id", &later));
+        assert!(tail.may_hold_any("id", &[later[0].clone(), Some(Probe::Int(9998))]));
         // A file without a filter on the column (another column asked, or written without).
         assert!(tail.may_hold_any("note", &[Some(Probe::Text("x".into()))]));
     }
