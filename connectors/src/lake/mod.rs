@@ -300,10 +300,11 @@ impl TableSink {
         erased: Arc<current::ErasedRows>,
     ) -> Result<Self, LakeError> {
         let first_key = settings.key.first().cloned().unwrap_or_default();
+        // A current table's own table is Delta or Iceberg, never another current table.
         let table = match self.0 {
             Sink::Delta(s) => Sink::Delta(s.with_bloom_filter(&first_key)?),
             Sink::Iceberg(s) => Sink::Iceberg(s.with_bloom_filter(&first_key)),
-            current @ Sink::Current(_) => current,
+            current @ Sink::Current(_) => return Ok(TableSink(current)),
         };
         Ok(TableSink(Sink::Current(Box::new(CurrentSink::new(
             table, schema, settings, erased,
