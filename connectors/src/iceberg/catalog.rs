@@ -5,16 +5,53 @@ use super::*;
 /// Which catalog holds the tables.
 #[derive(Clone, PartialEq)]
 pub enum CatalogSettings {
-    /// The embedded SQL catalog: one SQLite file, files under a local warehouse directory
-    /// (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads the same).
-    Sql { database: PathBuf, warehouse: PathBuf },
-    /// A REST catalog (Polaris, Nessie, Glue's REST endpoint, …). `properties` are passed to
-    /// the client as they are (`token`, `credential`, `oauth2-server-uri`, `prefix`, …).
+    /// The embedded SQL catalog: one SQLite file, data and metadata files under a warehouse
+    /// directory or S3 prefix (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads
+    /// the same).
+    Sql { database: PathBuf, warehouse: LakePath },
+    /// A REST catalog (Polaris, Nessie, Lakekeeper, Glue's REST endpoint, …). `properties` are
+    /// passed to the client as they are (`token`, `credential`, `oauth2-server-uri`, `prefix`,
+    /// `s3.*`, `header.*`, …); `storage` is the lake's S3 settings, used for what
+    /// `properties` leave unset (credentials the catalog vends with a table come next).
     Rest {
         uri: String,
         warehouse: Option<String>,
         properties: HashMap<String, String>,
+        storage: StorageOptions,
     },
+}
+
+/// Asks a REST catalog to vend short-lived storage credentials with each table it loads (as
+/// the Java and Python clients do by default); a catalog that vends none ignores it.
+const ACCESS_DELEGATION_HEADER: &str = "header.X-Iceberg-Access-Delegation";
+
+/// The lake's S3 settings (object_store's option names, shared with Delta) as Iceberg FileIO
+/// properties, so that one `[lake.s3]` means the same to both formats: path-style addressing
+/// unless virtual-hosted style is asked for (object_store's default; Iceberg's is the opposite,
+/// which S3-compatible servers such as MinIO or moto do not all serve). Without credentials
+/// the AWS chain (environment, profile, instance role) supplies them.
+pub(crate) fn s3_file_io_properties(options: &StorageOptions) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for (ours, theirs) in [
+        ("aws_endpoint", iceberg::io::S3_ENDPOINT),
+        ("aws_region", iceberg::io::S3_REGION),
+        ("aws_access_key_id", iceberg::io::S3_ACCESS_KEY_ID),
+        ("aws_secret_access_key", iceberg::io::S3_SECRET_ACCESS_KEY),
+        ("aws_session_token", iceberg::io::S3_SESSION_TOKEN),
+    ] {
+        if let Some(value) = options.get(ours).or_else(|| options.get(&ours[4..])) {
+            out.insert(theirs.to_string(), value.to_string());
+        }
+    }
+    let virtual_hosted = options
+        .get("aws_virtual_hosted_style_request")
+        .or_else(|| options.get("virtual_hosted_style_request"))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    out.insert(
+        iceberg::io::S3_PATH_STYLE_ACCESS.to_string(),
+        (!virtual_hosted).to_string(),
+    );
+    out
 }
 
 /// A REST catalog's properties are shown by name only: `token`, `credential` and the like are
@@ -31,6 +68,7 @@ impl std::fmt::Debug for CatalogSettings {
                 uri,
                 warehouse,
                 properties,
+                storage,
             } => {
                 let mut names: Vec<&String> = properties.keys().collect();
                 names.sort();
@@ -38,6 +76,7 @@ impl std::fmt::Debug for CatalogSettings {
                     .field("uri", uri)
                     .field("warehouse", warehouse)
                     .field("properties", &names)
+                    .field("storage", storage)
                     .finish()
             }
         }
@@ -68,29 +107,39 @@ impl IcebergLocation {
             table: format!("(catalog {})", self.catalog_name),
             source: Box::new(source),
         };
-        let storage = Arc::new(iceberg::io::LocalFsStorageFactory);
         match &self.catalog {
             CatalogSettings::Sql { database, warehouse } => {
-                for dir in [
+                let dirs = [
                     database.parent().unwrap_or(std::path::Path::new(".")),
-                    warehouse.as_path(),
-                ] {
+                    warehouse.local().unwrap_or(Path::new(".")),
+                ];
+                for dir in dirs {
                     std::fs::create_dir_all(dir).map_err(|source| IcebergSinkError::Io {
                         path: dir.to_path_buf(),
                         source,
                     })?;
                 }
-                let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                let database = abs(&database.parent().map(Path::to_path_buf).unwrap_or_default())
-                    .join(database.file_name().unwrap_or_default());
-                let props = HashMap::from([
+                let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+                let database =
+                    abs(database.parent().unwrap_or(Path::new("."))).join(database.file_name().unwrap_or_default());
+                let mut props = HashMap::from([
                     ("uri".to_string(), format!("sqlite:{}?mode=rwc", database.display())),
-                    ("warehouse".to_string(), format!("file://{}", abs(warehouse).display())),
                     (
                         "sql_bind_style".to_string(),
                         iceberg_catalog_sql::SqlBindStyle::QMark.to_string(),
                     ),
                 ]);
+                let storage: Arc<dyn iceberg::io::StorageFactory> = match warehouse {
+                    LakePath::Local(dir) => {
+                        props.insert("warehouse".into(), format!("file://{}", abs(dir).display()));
+                        Arc::new(iceberg::io::LocalFsStorageFactory)
+                    }
+                    LakePath::Object { url, options } => {
+                        props.insert("warehouse".into(), url.to_string());
+                        props.extend(s3_file_io_properties(options));
+                        Arc::new(iceberg_storage_opendal::OpenDalResolvingStorageFactory::new())
+                    }
+                };
                 let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
                     .with_storage_factory(storage)
                     .load(&self.catalog_name, props)
@@ -98,24 +147,44 @@ impl IcebergLocation {
                     .map_err(err)?;
                 Ok(Arc::new(catalog))
             }
-            CatalogSettings::Rest {
-                uri,
-                warehouse,
-                properties,
-            } => {
-                let mut props = properties.clone();
+            CatalogSettings::Rest { uri, warehouse, .. } => {
+                let mut props = self.rest_properties();
                 props.insert("uri".into(), uri.clone());
                 if let Some(w) = warehouse {
                     props.insert("warehouse".into(), w.clone());
                 }
                 let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
-                    .with_storage_factory(storage)
+                    .with_storage_factory(Arc::new(iceberg_storage_opendal::OpenDalResolvingStorageFactory::new()))
                     .load(&self.catalog_name, props)
                     .await
                     .map_err(err)?;
                 Ok(Arc::new(catalog))
             }
         }
+    }
+
+    /// A REST catalog client's properties: the configured ones, then the lake's S3 settings
+    /// for what they leave unset, and the request for vended credentials.
+    pub(crate) fn rest_properties(&self) -> HashMap<String, String> {
+        let CatalogSettings::Rest {
+            properties, storage, ..
+        } = &self.catalog
+        else {
+            return HashMap::new();
+        };
+        let mut props = properties.clone();
+        let s3 = if *storage == StorageOptions::default() {
+            HashMap::new()
+        } else {
+            s3_file_io_properties(storage)
+        };
+        for (key, value) in s3 {
+            props.entry(key).or_insert(value);
+        }
+        props
+            .entry(ACCESS_DELEGATION_HEADER.to_string())
+            .or_insert_with(|| "vended-credentials".to_string());
+        props
     }
 
     pub(crate) fn table_ident(&self, table: &str) -> TableIdent {
@@ -126,4 +195,16 @@ impl IcebergLocation {
         NamespaceIdent::from_strs(self.namespace.split('.'))
             .unwrap_or_else(|_| NamespaceIdent::new(self.namespace.clone()))
     }
+}
+
+/// A table as a commit returned it, read through `before`'s FileIO: a REST catalog answers a
+/// commit without the storage credentials it vends with a loaded table.
+pub(crate) fn with_file_io_of(committed: Table, before: &Table) -> iceberg::Result<Table> {
+    Table::builder()
+        .identifier(committed.identifier().clone())
+        .metadata(committed.metadata_ref())
+        .metadata_location(committed.metadata_location_result()?.to_string())
+        .file_io(before.file_io().clone())
+        .runtime(iceberg::Runtime::try_current()?)
+        .build()
 }

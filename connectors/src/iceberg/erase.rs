@@ -5,7 +5,6 @@
 //! Parquet rewrite; field ids travel with the Parquet schema).
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use iceberg::spec::{DataContentType, DataFile, DataFileBuilder, DataFileFormat, Manifest, Operation};
@@ -200,7 +199,7 @@ impl IcebergErasureTarget {
         matcher: &RowMatcher,
     ) -> Result<Vec<(String, u64, i64)>, IcebergSinkError> {
         let mut out = Vec::new();
-        for (path, modified_ms) in self.local_files("data")? {
+        for (path, modified_ms) in self.files_under("data").await? {
             if !path.ends_with(".parquet") {
                 continue;
             }
@@ -218,7 +217,7 @@ impl IcebergErasureTarget {
         found: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<Vec<String>, IcebergSinkError> {
         let mut out = Vec::new();
-        for (path, _) in self.local_files("metadata")? {
+        for (path, _) in self.files_under("metadata").await? {
             let bytes = self.read(&path).await?;
             let hit = found(&bytes)
                 || (path.ends_with(".avro")
@@ -250,37 +249,12 @@ impl IcebergErasureTarget {
             .collect())
     }
 
-    /// Files under a directory of the table (local warehouses only), as `file://` paths.
-    fn local_files(&self, dir: &str) -> Result<Vec<(String, i64)>, IcebergSinkError> {
-        let location = self.table.metadata().location();
-        let Some(root) = location.strip_prefix("file://") else {
-            return Err(self.io_err(location, "listing files needs a local warehouse"));
-        };
-        let mut out = Vec::new();
-        let mut stack: Vec<PathBuf> = vec![Path::new(root).join(dir)];
-        while let Some(d) = stack.pop() {
-            let entries = match std::fs::read_dir(&d) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.io_err(&d.display().to_string(), e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| self.io_err(&d.display().to_string(), e))?;
-                let meta = entry.metadata().map_err(|e| self.io_err(&d.display().to_string(), e))?;
-                if meta.is_dir() {
-                    stack.push(entry.path());
-                } else {
-                    let modified = meta
-                        .modified()
-                        .ok()
-                        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_millis() as i64);
-                    out.push((format!("file://{}", entry.path().display()), modified));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+    /// Files under a directory of the table (in whichever store holds it), as URLs.
+    async fn files_under(&self, dir: &str) -> Result<Vec<(String, i64)>, IcebergSinkError> {
+        let location = self.table.metadata().location().trim_end_matches('/');
+        super::store::list_files(&self.table, &format!("{location}/{dir}/"))
+            .await
+            .map_err(|e| self.io_err(location, e))
     }
 }
 

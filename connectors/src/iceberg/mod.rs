@@ -26,13 +26,16 @@ use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
 use crate::delta::erase::{count_matches, FileError};
+use crate::storage::{LakePath, StorageOptions};
 use crate::SourcePosition;
 
 mod catalog;
 mod compact;
 pub(crate) mod erase;
+mod rest;
 pub(crate) mod rewrite;
 mod schema;
+pub(crate) mod store;
 
 pub use catalog::*;
 pub(crate) use compact::*;
@@ -222,7 +225,11 @@ impl IcebergSink {
                 .set(NO_LIBRARY_RETRIES.0.to_string(), NO_LIBRARY_RETRIES.1.to_string())
                 .apply(tx)
                 .map_err(err)?;
-            table = tx.commit(catalog.as_ref()).await.map_err(err)?;
+            table = tx
+                .commit(catalog.as_ref())
+                .await
+                .and_then(|t| with_file_io_of(t, &table))
+                .map_err(err)?;
         }
         table = evolve_schema(catalog.as_ref(), table, name, &schema).await?;
         let arrow_schema = Arc::new(schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?);
@@ -431,7 +438,7 @@ impl IcebergSink {
             match tx.commit(self.catalog.as_ref()).await {
                 Ok(table) => {
                     crate::failpoint(&format!("iceberg-after-commit:{}", self.name));
-                    self.table = table;
+                    self.table = with_file_io_of(table, &self.table).map_err(|e| self.err(e))?;
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts && attempt < MAX_COMMIT_ATTEMPTS => {
@@ -616,13 +623,21 @@ impl IcebergSink {
     }
 }
 
-/// The data files of table `name`'s current snapshot and its schema as Arrow (UTC timestamps,
-/// no field ids: for reading the files with another engine); `None` if there is no table.
+/// The data files of a table's current snapshot, its schema as Arrow (UTC timestamps, no field
+/// ids) and the object store holding them: for reading the files with another engine.
+pub(crate) struct DataFiles {
+    pub files: Vec<String>,
+    pub schema: SchemaRef,
+    /// The store's root URL (`s3://bucket`, `file:///`) and the store.
+    pub store: (url::Url, Arc<dyn deltalake::logstore::object_store::ObjectStore>),
+}
+
+/// Table `name`'s [`DataFiles`]; `None` if there is no table.
 pub(crate) async fn data_files(
     catalog: &dyn Catalog,
     location: &IcebergLocation,
     name: &str,
-) -> Result<Option<(Vec<String>, SchemaRef)>, IcebergSinkError> {
+) -> Result<Option<DataFiles>, IcebergSinkError> {
     let err = |source| IcebergSinkError::Iceberg {
         table: name.to_string(),
         source: Box::new(source),
@@ -648,7 +663,12 @@ pub(crate) async fn data_files(
             arrow_schema::Field::new(f.name(), data_type, f.is_nullable())
         })
         .collect();
-    Ok(Some((files, Arc::new(ArrowSchema::new(fields)))))
+    let store = store::table_store(&table).map_err(|e| err(iceberg::Error::new(ErrorKind::FeatureUnsupported, e)))?;
+    Ok(Some(DataFiles {
+        files,
+        schema: Arc::new(ArrowSchema::new(fields)),
+        store,
+    }))
 }
 
 /// Positions of `streams` in table `name` as it is now (`None` where the table or the stream

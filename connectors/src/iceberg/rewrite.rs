@@ -4,9 +4,11 @@
 //!
 //! `iceberg` 0.10 offers only appends as transactions (its snapshot producer and `TableCommit`
 //! builder are crate-private), so the snapshot is built here from the crate's public manifest
-//! writers and committed the way the JDBC/SQL catalog commits: the new metadata file is written,
-//! then the catalog row is swapped only if it still points at the metadata we read. A REST
-//! catalog cannot be committed to this way: rewrites there are refused with an error.
+//! writers and committed by the catalog's own protocol: for the SQL catalog as the JDBC catalog
+//! commits (the new metadata file is written, then the catalog row is swapped only if it still
+//! points at the metadata we read); for a REST catalog as a commit request whose requirements
+//! assert the `main` branch still is the snapshot we read (see `rest.rs`). Either way a writer
+//! that committed in between fails the commit, which is then prepared again on top of it.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -18,8 +20,9 @@ use iceberg::spec::{
 };
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
-use iceberg::{Catalog, ErrorKind, MetadataLocation, TableUpdate};
+use iceberg::{Catalog, ErrorKind, MetadataLocation, TableRequirement, TableUpdate};
 
+use super::rest::{Posted, RestCommits};
 use super::{committed_positions, position_properties, CatalogSettings, IcebergLocation, IcebergSinkError};
 
 const MAX_ATTEMPTS: usize = 5;
@@ -41,12 +44,28 @@ pub(crate) struct Rewritten {
     pub table: Table,
 }
 
-/// A table of the SQL catalog opened for rewrites.
+/// How a rewrite snapshot reaches the catalog.
+enum Committer {
+    /// The SQL catalog's database: a compare-and-swap of the table's metadata location.
+    Sql(sqlx::SqlitePool),
+    Rest(RestCommits),
+}
+
+/// A table opened for rewrites.
 pub(crate) struct Rewriter {
     catalog: Arc<dyn Catalog>,
     location: IcebergLocation,
     name: String,
-    pool: sqlx::SqlitePool,
+    committer: Committer,
+}
+
+/// A rewrite snapshot staged on a table as read: its manifests are written, the catalog not
+/// told yet.
+struct Staged {
+    snapshot_id: i64,
+    /// The snapshot it replaces as the head of `main`.
+    parent_id: i64,
+    updates: Vec<TableUpdate>,
 }
 
 impl Rewriter {
@@ -59,23 +78,27 @@ impl Rewriter {
             table: name.to_string(),
             source: Box::new(source),
         };
-        let CatalogSettings::Sql { database, .. } = &location.catalog else {
-            return Err(err(iceberg::Error::new(
-                ErrorKind::FeatureUnsupported,
-                "rewriting (erasure, compaction) needs the SQL catalog: iceberg 0.10 commits only appends through a REST catalog",
-            )));
+        let committer = match &location.catalog {
+            CatalogSettings::Sql { database, .. } => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(database)
+                    .busy_timeout(std::time::Duration::from_secs(30));
+                let pool = sqlx::SqlitePool::connect_with(options)
+                    .await
+                    .map_err(|e| err(unexpected(format!("catalog database: {e}"))))?;
+                Committer::Sql(pool)
+            }
+            CatalogSettings::Rest { uri, warehouse, .. } => Committer::Rest(
+                RestCommits::connect(uri, warehouse.as_deref(), &location.rest_properties())
+                    .await
+                    .map_err(err)?,
+            ),
         };
-        let options = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(database)
-            .busy_timeout(std::time::Duration::from_secs(30));
-        let pool = sqlx::SqlitePool::connect_with(options)
-            .await
-            .map_err(|e| err(unexpected(format!("catalog database: {e}"))))?;
         Ok(Self {
             catalog,
             location: location.clone(),
             name: name.to_string(),
-            pool,
+            committer,
         })
     }
 
@@ -111,27 +134,15 @@ impl Rewriter {
             attempt += 1;
             let table = self.load().await?;
             fence(&table)?;
-            let current = table
-                .metadata_location()
-                .ok_or_else(|| self.err(unexpected("table without a metadata location")))?
-                .to_string();
-            let (metadata, snapshot_id) = self
+            let staged = self
                 .stage(&table, removed, &added, operation.clone(), &properties)
                 .await
                 .map_err(|e| self.err(e))?;
-            let next = MetadataLocation::from_str(&current)
-                .map_err(|e| self.err(e))?
-                .with_next_version()
-                .with_new_metadata(&metadata);
-            metadata
-                .write_to(table.file_io(), &next)
-                .await
-                .map_err(|e| self.err(e))?;
-            if self.swap(&current, &next.to_string()).await? {
+            let snapshot_id = staged.snapshot_id;
+            if self.commit_staged(&table, staged).await? {
                 break (self.load().await?, snapshot_id);
             }
-            // A writer committed in between: our staged files are garbage, try again on top.
-            let _ = table.file_io().delete(next.to_string()).await;
+            // A writer committed in between: our staged snapshot is garbage, try again on top.
             if attempt >= MAX_ATTEMPTS {
                 return Err(self.err(iceberg::Error::new(
                     ErrorKind::CatalogCommitConflicts,
@@ -150,26 +161,72 @@ impl Rewriter {
         })
     }
 
-    /// The catalog's compare-and-swap, as the SQL catalog itself commits.
-    async fn swap(&self, current: &str, next: &str) -> Result<bool, IcebergSinkError> {
+    /// Commits a staged snapshot onto `table` (as read when staging) unless another writer
+    /// moved the table since: false then.
+    async fn commit_staged(&self, table: &Table, staged: Staged) -> Result<bool, IcebergSinkError> {
         let ident = self.location.table_ident(&self.name);
-        let result = sqlx::query(
-            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
-             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? AND metadata_location = ?",
-        )
-        .bind(next)
-        .bind(current)
-        .bind(&self.location.catalog_name)
-        .bind(ident.namespace().join("."))
-        .bind(ident.name())
-        .bind(current)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.err(unexpected(format!("catalog commit: {e}"))))?;
-        Ok(result.rows_affected() == 1)
+        match &self.committer {
+            Committer::Rest(rest) => {
+                let requirements = vec![
+                    TableRequirement::UuidMatch {
+                        uuid: table.metadata().uuid(),
+                    },
+                    TableRequirement::RefSnapshotIdMatch {
+                        r#ref: MAIN_BRANCH.to_string(),
+                        snapshot_id: Some(staged.parent_id),
+                    },
+                ];
+                match rest
+                    .commit(&ident, requirements, staged.updates)
+                    .await
+                    .map_err(|e| self.err(e))?
+                {
+                    Posted::Committed { .. } => Ok(true),
+                    Posted::Conflict => Ok(false),
+                }
+            }
+            Committer::Sql(pool) => {
+                let current = table
+                    .metadata_location()
+                    .ok_or_else(|| self.err(unexpected("table without a metadata location")))?
+                    .to_string();
+                let mut builder = table.metadata().clone().into_builder(Some(current.clone()));
+                for update in staged.updates {
+                    builder = update.apply(builder).map_err(|e| self.err(e))?;
+                }
+                let metadata = builder.build().map_err(|e| self.err(e))?.metadata;
+                let next = MetadataLocation::from_str(&current)
+                    .map_err(|e| self.err(e))?
+                    .with_next_version()
+                    .with_new_metadata(&metadata);
+                metadata
+                    .write_to(table.file_io(), &next)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                let result = sqlx::query(
+                    "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+                     WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? AND metadata_location = ?",
+                )
+                .bind(next.to_string())
+                .bind(&current)
+                .bind(&self.location.catalog_name)
+                .bind(ident.namespace().join("."))
+                .bind(ident.name())
+                .bind(&current)
+                .execute(pool)
+                .await
+                .map_err(|e| self.err(unexpected(format!("catalog commit: {e}"))))?;
+                if result.rows_affected() == 1 {
+                    return Ok(true);
+                }
+                let _ = table.file_io().delete(next.to_string()).await;
+                Ok(false)
+            }
+        }
     }
 
-    /// The new table metadata (not written yet) and the new snapshot's id.
+    /// Writes the manifests of a snapshot that replaces `removed` with `added` on `table`; the
+    /// updates that make it the head of `main` are returned, not committed.
     async fn stage(
         &self,
         table: &Table,
@@ -177,7 +234,7 @@ impl Rewriter {
         added: &[DataFile],
         operation: Operation,
         properties: &HashMap<String, String>,
-    ) -> iceberg::Result<(iceberg::spec::TableMetadata, i64)> {
+    ) -> iceberg::Result<Staged> {
         let metadata = table.metadata();
         if metadata.format_version() != FormatVersion::V2 {
             return Err(unexpected("only format version 2 tables can be rewritten"));
@@ -257,19 +314,17 @@ impl Rewriter {
                 additional_properties: summary,
             })
             .build();
-        let mut builder = metadata
-            .clone()
-            .into_builder(table.metadata_location().map(str::to_string));
-        for update in [
-            TableUpdate::AddSnapshot { snapshot },
-            TableUpdate::SetSnapshotRef {
-                ref_name: MAIN_BRANCH.to_string(),
-                reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
-            },
-        ] {
-            builder = update.apply(builder)?;
-        }
-        Ok((builder.build()?.metadata, snapshot_id))
+        Ok(Staged {
+            snapshot_id,
+            parent_id: current.snapshot_id(),
+            updates: vec![
+                TableUpdate::AddSnapshot { snapshot },
+                TableUpdate::SetSnapshotRef {
+                    ref_name: MAIN_BRANCH.to_string(),
+                    reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
+                },
+            ],
+        })
     }
 
     /// Expires every snapshot before `snapshot_id` and deletes the data files, manifests and
@@ -297,7 +352,10 @@ impl Rewriter {
                 .apply(tx)
                 .map_err(|e| self.err(e))?;
             match tx.commit(self.catalog.as_ref()).await {
-                Ok(t) => {
+                Ok(_) => {
+                    // Read back through the catalog: a REST catalog's commit answer carries no
+                    // storage credentials, the loaded table does.
+                    let t = self.load().await?;
                     let after = referenced_files(&t).await.map_err(|e| self.err(e))?;
                     let mut deleted = 0;
                     for path in before.difference(&after) {

@@ -111,7 +111,10 @@ pub(super) async fn evolve_schema(
         update = update.add_column(column);
     }
     let tx = update.apply(tx).map_err(err)?;
-    tx.commit(catalog).await.map_err(err)
+    tx.commit(catalog)
+        .await
+        .and_then(|t| with_file_io_of(t, &table))
+        .map_err(err)
 }
 
 /// The same values under the table's Arrow type: timestamps differ only in how UTC is spelled,

@@ -126,12 +126,18 @@ impl TableLocation {
             }
             TableLocation::Iceberg { location, table } => {
                 let catalog = catalogs.get(location).await?;
-                let Some((files, schema)) = crate::iceberg::data_files(catalog.as_ref(), location, table).await? else {
+                let Some(found) = crate::iceberg::data_files(catalog.as_ref(), location, table).await? else {
                     return Ok(false);
                 };
-                if files.is_empty() {
+                if found.files.is_empty() {
                     return Ok(false);
                 }
+                let (files, schema) = (found.files, found.schema);
+                // Files on object storage are read through the table's own store (its
+                // credentials, vended ones included).
+                session
+                    .runtime_env()
+                    .register_object_store(&found.store.0, found.store.1);
                 // The live Parquet files of the current snapshot; columns added later are null
                 // in older files.
                 let urls = files

@@ -39,10 +39,6 @@ pub(super) fn lake_layout(
         })
     };
     let lake_root = location(&raw.lake.root, "lake.root", &s3)?;
-    let root = match lake_root.local() {
-        Some(path) => path.to_path_buf(),
-        None => base.to_path_buf(),
-    };
     let lake_format = match raw.lake.format.as_ref().map(|f| f.get_ref().as_str()) {
         None => LakeFormat::Delta,
         Some(text) => LakeFormat::parse(text).ok_or_else(|| {
@@ -53,15 +49,18 @@ pub(super) fn lake_layout(
             )
         })?,
     };
-    if lake_format.iceberg() && lake_root.is_object_store() {
-        return Err(invalid(
-            raw.lake.format.as_ref().map_or(0, |f| f.span().start),
-            "lake.format",
-            "Iceberg tables on object storage are not supported yet: use `delta` with an s3:// lake root".into(),
-        ));
-    }
     let iceberg = match (lake_format.iceberg(), &raw.lake.iceberg) {
-        (true, iceberg) => Some(iceberg_config(iceberg.as_ref(), name, &root, text, &resolve, &invalid)?),
+        (true, iceberg) => Some(iceberg_config(
+            iceberg.as_ref(),
+            name,
+            &lake_root,
+            &s3,
+            text,
+            &resolve,
+            &|t: &str, field: &str| location(t, field, &s3),
+            raw.lake.format.as_ref().map_or(0, |f| f.span().start),
+            &invalid,
+        )?),
         (false, Some(_)) => {
             return Err(invalid(
                 text.find("[lake.iceberg]").unwrap_or(0),
@@ -151,12 +150,18 @@ pub(super) fn s3_options(
     Ok(StorageOptions::new(options))
 }
 
+/// `[lake.iceberg]`: the catalog (SQL by default: a local SQLite file, the warehouse beside the
+/// tables — under the lake root, local or S3) and the namespace.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn iceberg_config(
     raw: Option<&RawIceberg>,
     pipeline: &str,
-    root: &Path,
+    lake_root: &LakePath,
+    s3: &StorageOptions,
     text: &str,
     resolve: &dyn Fn(&str) -> PathBuf,
+    location: &dyn Fn(&str, &str) -> Result<LakePath, LoadError>,
+    format_at: usize,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<IcebergLocation, LoadError> {
     let empty = RawIceberg {
@@ -173,7 +178,8 @@ pub(super) fn iceberg_config(
         .catalog
         .as_ref()
         .map(|k| k.span().start)
-        .unwrap_or_else(|| text.find("[lake.iceberg]").unwrap_or(0));
+        .or_else(|| text.find("[lake.iceberg]"))
+        .unwrap_or(format_at);
     let kind = raw.catalog.as_ref().map(|k| k.get_ref().as_str()).unwrap_or("sql");
     let catalog = match kind {
         "sql" => {
@@ -184,17 +190,23 @@ pub(super) fn iceberg_config(
                     "only for `catalog = \"rest\"`".into(),
                 ));
             }
+            let database = match (raw.uri.as_deref(), lake_root.local()) {
+                (Some(uri), _) => resolve(uri),
+                (None, Some(root)) => root.join("iceberg").join("catalog.db"),
+                (None, None) => {
+                    return Err(invalid(
+                        at,
+                        "lake.iceberg.uri",
+                        "required with an s3:// lake root: the SQL catalog is a local SQLite file (its path), or use `catalog = \"rest\"`".into(),
+                    ))
+                }
+            };
             CatalogSettings::Sql {
-                database: raw
-                    .uri
-                    .as_deref()
-                    .map(resolve)
-                    .unwrap_or_else(|| root.join("iceberg").join("catalog.db")),
-                warehouse: raw
-                    .warehouse
-                    .as_deref()
-                    .map(resolve)
-                    .unwrap_or_else(|| root.join("iceberg").join("warehouse")),
+                database,
+                warehouse: match raw.warehouse.as_deref() {
+                    Some(w) => location(w, "lake.iceberg.warehouse")?,
+                    None => lake_root.join("iceberg").join("warehouse"),
+                },
             }
         }
         "rest" => {
@@ -219,6 +231,7 @@ pub(super) fn iceberg_config(
                 uri,
                 warehouse: raw.warehouse.clone(),
                 properties,
+                storage: s3.clone(),
             }
         }
         other => {

@@ -433,18 +433,6 @@ impl Config {
         }
         let policies = load_policies(&raw, &text, &resolve, &invalid)?;
         let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
-        if let (Some(location), Some(p)) = (&lake.iceberg, policies.iter().find(|p| p.current)) {
-            if matches!(location.catalog, CatalogSettings::Rest { .. }) {
-                return Err(invalid(
-                    text.find("[lake.iceberg]").unwrap_or(0),
-                    "lake.iceberg.catalog",
-                    format!(
-                        "the policy of `{}` keeps a current table, which Iceberg tables can keep only in the SQL catalog (iceberg 0.10 commits nothing but appends through a REST catalog): write Delta, or drop `current`",
-                        p.table
-                    ),
-                ));
-            }
-        }
         let aggregates = aggregates_config(&raw, &policies, &invalid)?;
         let input = input_settings(&raw, &resolve, &invalid)?;
         Ok(Config {
@@ -556,7 +544,7 @@ impl Config {
             match &mut iceberg.catalog {
                 CatalogSettings::Sql { database, warehouse } => {
                     *database = root.join("iceberg").join("catalog.db");
-                    *warehouse = root.join("iceberg").join("warehouse");
+                    *warehouse = LakePath::Local(root.join("iceberg").join("warehouse"));
                 }
                 // A REST catalog is shared: the rebuilt tables go to a namespace of their own.
                 CatalogSettings::Rest { .. } => {

@@ -223,7 +223,7 @@ fn the_lake_format_and_iceberg_catalog_are_checked_with_their_line() {
     );
     assert!(
         matches!(&locations[1], TableLocation::Iceberg { location, table } if table == "t" && location.namespace == "p"
-            && location.catalog == CatalogSettings::Sql { database: dir.path().join("lake/iceberg/catalog.db"), warehouse: dir.path().join("lake/iceberg/warehouse") })
+            && location.catalog == CatalogSettings::Sql { database: dir.path().join("lake/iceberg/catalog.db"), warehouse: LakePath::Local(dir.path().join("lake/iceberg/warehouse")) })
     );
 }
 
@@ -277,7 +277,7 @@ fn s3_locations_take_their_own_options_and_errors_name_the_line() {
         ),
         (
             "format = \"iceberg\"\n",
-            "sluice.toml:5: lake.format: Iceberg tables on object storage are not supported yet",
+            "sluice.toml:5: lake.iceberg.uri: required with an s3:// lake root",
         ),
     ];
     for (lake, expected) in cases {
@@ -381,7 +381,7 @@ fn an_aggregate_names_its_errors_with_line_and_field() {
 }
 
 #[test]
-fn current_tables_get_their_own_sinks_and_refuse_a_name_clash_or_a_rest_catalog() {
+fn current_tables_get_their_own_sinks_and_refuse_a_name_clash() {
     let dir = tempfile::tempdir().unwrap();
     let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
     let keyed = "table = \"public.a\"\ntarget = \"a\"\nsubject = \"id\"\ntoken_domain = \"d\"\nkey = [\"id\"]\ncurrent = true\n[columns.id]\naction = \"tokenize\"\n";
@@ -414,14 +414,68 @@ fn current_tables_get_their_own_sinks_and_refuse_a_name_clash_or_a_rest_catalog(
     );
     std::fs::remove_file(dir.path().join("policies/b.toml")).unwrap();
 
-    // Iceberg keeps current tables only in the SQL catalog.
+    // A REST catalog keeps current tables too (rewrites are committed through it).
     let rest = HEAD.replace(
         "root = \"lake\"\n",
         "root = \"lake\"\nformat = \"both\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\n",
     );
-    let err = load(dir.path(), &format!("{rest}{source}")).unwrap_err().to_string();
+    let config = load(dir.path(), &format!("{rest}{source}")).unwrap();
+    let names: Vec<String> = config.sink_locations().iter().map(|l| l.describe()).collect();
+    assert!(names.iter().any(|n| n == "sluice.p.a_current"), "{names:?}");
+}
+
+#[test]
+fn iceberg_on_s3_keeps_its_sql_catalog_local_and_its_warehouse_beside_the_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/a.toml"),
+        "table = \"public.a\"\ntarget = \"a\"\nsubject = \"id\"\ntoken_domain = \"d\"\n[columns.id]\naction = \"tokenize\"\n",
+    )
+    .unwrap();
+    let on_s3 = |iceberg: &str| {
+        HEAD.replace(
+            "root = \"lake\"\n",
+            &format!("root = \"s3://bucket/lake\"\nformat = \"iceberg\"\n[lake.s3]\nendpoint = \"http://127.0.0.1:9\"\nregion = \"eu-west-1\"\n{iceberg}"),
+        )
+    };
+    // The SQL catalog is a SQLite file: on an S3 lake its path must be given.
+    let err = load(dir.path(), &format!("{}{source}", on_s3("")))
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("lake.iceberg.catalog: the policy of `public.a` keeps a current table"),
+        err.contains("sluice.toml:5: lake.iceberg.uri: required with an s3:// lake root"),
         "{err}"
     );
+    let config = load(
+        dir.path(),
+        &format!("{}{source}", on_s3("[lake.iceberg]\nuri = \"catalog.db\"\n")),
+    )
+    .unwrap();
+    let Some(iceberg) = &config.iceberg else {
+        panic!("iceberg")
+    };
+    let CatalogSettings::Sql { database, warehouse } = &iceberg.catalog else {
+        panic!("sql")
+    };
+    assert_eq!(database, &dir.path().join("catalog.db"));
+    assert_eq!(warehouse.to_string(), "s3://bucket/lake/iceberg/warehouse");
+    let LakePath::Object { options, .. } = warehouse else {
+        panic!("s3")
+    };
+    assert_eq!(options.get("aws_region"), Some("eu-west-1"));
+    // A warehouse of its own, in another bucket, with the lake's S3 settings.
+    let config = load(
+        dir.path(),
+        &format!(
+            "{}{source}",
+            on_s3("[lake.iceberg]\nuri = \"c.db\"\nwarehouse = \"s3://other/wh\"\n")
+        ),
+    )
+    .unwrap();
+    let Some(CatalogSettings::Sql { warehouse, .. }) = config.iceberg.as_ref().map(|i| &i.catalog) else {
+        panic!("sql")
+    };
+    assert_eq!(warehouse.to_string(), "s3://other/wh");
 }

@@ -177,7 +177,7 @@ pub fn forget(
     request: ForgetRequest,
     hooks: &[Box<dyn ErasureHook + '_>],
 ) -> Result<Receipt, ForgetError> {
-    check_request(config, &request)?;
+    check_request(&request)?;
     let mut job = match ErasureJob::start(config, &request)? {
         Started::Finished(receipt) => return Ok(receipt),
         Started::Job(job) => job,
@@ -203,23 +203,13 @@ pub fn forget(
     Ok(job.state.receipt)
 }
 
-/// Refused before any key is destroyed: an empty id, or tables that could not be rewritten.
-fn check_request(config: &Config, request: &ForgetRequest) -> Result<(), ForgetError> {
+/// Refused before any key is destroyed: no subject, or an empty id.
+fn check_request(request: &ForgetRequest) -> Result<(), ForgetError> {
     if request.subjects.is_empty() {
         return Err(ForgetError::Request("no subject given".into()));
     }
     if request.subjects.iter().any(|s| canonical_identifier(s).is_empty()) {
         return Err(ForgetError::Request("a subject id is empty or blank".into()));
-    }
-    if let Some(iceberg) = &config.iceberg {
-        if matches!(
-            iceberg.catalog,
-            sluice_connectors::iceberg::CatalogSettings::Rest { .. }
-        ) {
-            return Err(ForgetError::Request(
-                "the Iceberg tables are in a REST catalog, which this version can only append to (iceberg 0.10): erasure needs the SQL catalog".into(),
-            ));
-        }
     }
     Ok(())
 }
