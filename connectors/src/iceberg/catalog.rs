@@ -9,15 +9,15 @@ pub enum CatalogSettings {
     /// directory or S3 prefix (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads
     /// the same).
     Sql { database: PathBuf, warehouse: LakePath },
-    /// A REST catalog (Polaris, Nessie, Lakekeeper, Glue's REST endpoint, …). `properties` are
-    /// passed to the client as they are (`token`, `credential`, `oauth2-server-uri`, `prefix`,
-    /// `s3.*`, `header.*`, …); `storage` is the lake's S3 settings, used for what
-    /// `properties` leave unset (credentials the catalog vends with a table come next).
+    /// A REST catalog (Polaris, Nessie, Lakekeeper, SeaweedFS, Glue's REST endpoint, …).
+    /// `properties` are passed to the client as they are (`token`, `credential`,
+    /// `oauth2-server-uri`, `prefix`, `header.*`, and `s3.*` for the storage the catalog's
+    /// tables are on — not the lake's `[lake.s3]`, which may be another store — unless the
+    /// catalog vends credentials with each table).
     Rest {
         uri: String,
         warehouse: Option<String>,
         properties: HashMap<String, String>,
-        storage: StorageOptions,
     },
 }
 
@@ -68,7 +68,6 @@ impl std::fmt::Debug for CatalogSettings {
                 uri,
                 warehouse,
                 properties,
-                storage,
             } => {
                 let mut names: Vec<&String> = properties.keys().collect();
                 names.sort();
@@ -76,7 +75,6 @@ impl std::fmt::Debug for CatalogSettings {
                     .field("uri", uri)
                     .field("warehouse", warehouse)
                     .field("properties", &names)
-                    .field("storage", storage)
                     .finish()
             }
         }
@@ -163,24 +161,13 @@ impl IcebergLocation {
         }
     }
 
-    /// A REST catalog client's properties: the configured ones, then the lake's S3 settings
-    /// for what they leave unset, and the request for vended credentials.
+    /// A REST catalog client's properties: the configured ones and, unless they say otherwise,
+    /// the request for vended credentials.
     pub(crate) fn rest_properties(&self) -> HashMap<String, String> {
-        let CatalogSettings::Rest {
-            properties, storage, ..
-        } = &self.catalog
-        else {
+        let CatalogSettings::Rest { properties, .. } = &self.catalog else {
             return HashMap::new();
         };
         let mut props = properties.clone();
-        let s3 = if *storage == StorageOptions::default() {
-            HashMap::new()
-        } else {
-            s3_file_io_properties(storage)
-        };
-        for (key, value) in s3 {
-            props.entry(key).or_insert(value);
-        }
         props
             .entry(ACCESS_DELEGATION_HEADER.to_string())
             .or_insert_with(|| "vended-credentials".to_string());

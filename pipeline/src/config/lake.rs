@@ -54,7 +54,6 @@ pub(super) fn lake_layout(
             iceberg.as_ref(),
             name,
             &lake_root,
-            &s3,
             text,
             &resolve,
             &|t: &str, field: &str| location(t, field, &s3),
@@ -157,7 +156,6 @@ pub(super) fn iceberg_config(
     raw: Option<&RawIceberg>,
     pipeline: &str,
     lake_root: &LakePath,
-    s3: &StorageOptions,
     text: &str,
     resolve: &dyn Fn(&str) -> PathBuf,
     location: &dyn Fn(&str, &str) -> Result<LakePath, LoadError>,
@@ -231,7 +229,6 @@ pub(super) fn iceberg_config(
                 uri,
                 warehouse: raw.warehouse.clone(),
                 properties,
-                storage: s3.clone(),
             }
         }
         other => {
