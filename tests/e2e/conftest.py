@@ -77,10 +77,12 @@ def run(bin_path, *args, check=True, env=None):
     return result
 
 
-def run_until_killed(sluice_bin, config, kill_after_commits=None, failpoint=None):
+def run_until_killed(sluice_bin, config, kill_after_commits=None, failpoint=None, env=None):
     """Runs `run --once` until it is killed: SIGKILL right after its n-th logged commit, or an
     abort at a failpoint (`SLUICE_FAILPOINT`)."""
-    env = dict(os.environ, SLUICE_FAILPOINT=failpoint) if failpoint else None
+    env = dict(env or os.environ)
+    if failpoint:
+        env["SLUICE_FAILPOINT"] = failpoint
     proc = subprocess.Popen(
         [str(sluice_bin), "--log-format", "json", "run", "--config", str(config), "--once"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
@@ -133,7 +135,7 @@ def source_events(events_dir):
     return out
 
 
-def people_pipeline(tmp_path, lake_extra=""):
+def people_pipeline(tmp_path, lake_extra="", lake=None):
     """The schema-evolution tests' pipeline: the people policy in `policies/`, its first 20 events
     in `events/`. Returns (the policy file, the events directory, the config)."""
     policies = tmp_path / "policies"
@@ -143,7 +145,7 @@ def people_pipeline(tmp_path, lake_extra=""):
     events = tmp_path / "events"
     events.mkdir()
     people_events(events / "a.jsonl", range(0, 20), with_region=True)
-    return policy, events, write_config(tmp_path, events, [policies], lake_extra=lake_extra)
+    return policy, events, write_config(tmp_path, events, [policies], lake=lake, lake_extra=lake_extra)
 
 
 # The people table of the schema-evolution tests (policy `fixtures/test-policies/people-balance.toml`).
