@@ -257,11 +257,20 @@ properties_env = {{ credential = "WEED_CREDENTIAL" }}
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", []))
 
+    def all_files(self):
+        """Every file of the lake: its root (Delta tables, vault, quarantine, …) and the Iceberg
+        warehouse, as URLs."""
+        if self.kind == "local":
+            return sorted(f"file://{p.resolve()}" for p in pathlib.Path(self.root).rglob("*") if p.is_file())
+        pages = self.moto.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        files = {f"s3://{self.bucket}/{o['Key']}" for page in pages for o in page.get("Contents", [])}
+        return sorted(files | set(self.iceberg_files()))
+
     def read(self, url):
         if url.startswith("file://"):
             return pathlib.Path(url[len("file://"):]).read_bytes()
-        client, _, _ = self._store()
         bucket, key = url[len("s3://"):].split("/", 1)
+        client = self.moto if bucket == getattr(self, "bucket", None) else self._store()[0]
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def exists(self, url):

@@ -8,6 +8,7 @@ import json
 import duckdb
 
 from conftest import DEMO_POLICIES, read_delta, read_iceberg, run, write_config
+from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
 
 K = 5
 AGGREGATES = f"""
@@ -137,14 +138,15 @@ def test_hourly_aggregates_match_duckdb_respect_k_and_follow_late_events_and_era
     check_against_duckdb(lake, iceberg)
 
 
-def test_aggregates_of_an_iceberg_only_lake_read_the_iceberg_table(sluice_bin, tmp_path):
+def test_aggregates_of_an_iceberg_only_lake_read_the_iceberg_table(sluice_bin, tmp_path, iceberg_lake):
+    lake = iceberg_lake
     events = tmp_path / "events"
     run(sluice_bin, "generate", "--events", 5000, "--seed", 12, "--span-hours", 48, "--out", events / "part-0.jsonl")
-    config = write_config(tmp_path, events, [DEMO_POLICIES], lake_extra='format = "iceberg"', extra=AGGREGATES)
-    run(sluice_bin, "run", "--config", config, "--once")
-    lake = tmp_path / "lake"
-    assert not (lake / "aggregates").exists(), "no Delta table in an Iceberg-only lake"
-    check_against_duckdb(lake, lambda name: read_iceberg(lake, name), base=read_iceberg(lake, "payments"))
+    config = write_config(tmp_path, events, [DEMO_POLICIES], lake=lake.root, lake_extra=lake.config("iceberg"),
+                          extra=AGGREGATES)
+    run(sluice_bin, "run", "--config", config, "--once", env=lake.env)
+    assert not lake.delta_exists("payments_by_channel_hour", under="aggregates"), "no Delta table in an Iceberg-only lake"
+    check_against_duckdb(None, lake.iceberg, base=lake.iceberg("payments"))
 
 
 def test_check_refuses_a_dimension_that_links_rows_to_a_person(sluice_bin, tmp_path):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import iceberg_catalog, run, run_until_killed, write_config
+from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
 
 POLICY = """
 table = "public.accounts"
@@ -160,22 +161,43 @@ def test_kill_9_at_random_commits_the_current_table_is_always_the_log_replayed(s
     assert deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).version() == version
 
 
-def test_iceberg_and_delta_current_tables_agree_with_their_logs_across_kills(sluice_bin, tmp_path):
+def lake_delta_state(lake, target):
+    """`delta_state` of a lake anywhere (see lakes.py)."""
+    current = lake.delta_table(f"{target}_current")
+    return lake.delta(target), current.to_pyarrow_table(), current.transaction_version(f"sluice/test/{STREAM}")
+
+
+def lake_iceberg_state(lake, target):
+    """`iceberg_state` of a lake anywhere (see lakes.py)."""
+    current = lake.table(f"{target}_current")
+    offset = current.current_snapshot().summary.additional_properties.get(f"sluice.position.sluice/test/{STREAM}")
+    return lake.iceberg(target), current.scan().to_arrow(), None if offset is None else int(offset)
+
+
+def test_iceberg_and_delta_current_tables_agree_with_their_logs_across_kills(sluice_bin, tmp_path, iceberg_lake):
+    lake = iceberg_lake
     lines, live = random_history(seed=11, keys=1500, n=6_000)
     extra = "[batch]\nmax_rows = 400\nmax_age_ms = 600000\n[current]\nmax_lag_ms = 0\n[workers]\nchunk_events = 100\n"
-    config = pipeline(tmp_path, lines, lake_extra='format = "both"', extra=extra)
-    lake = tmp_path / "lake"
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "accounts.toml").write_text(POLICY)
+    events = tmp_path / STREAM
+    events.write_text("\n".join(lines) + "\n")
+    config = write_config(tmp_path, events, [policies], lake=lake.root, lake_extra=lake.config("both"), extra=extra)
     for kill_after in (5, 17):
-        run_until_killed(sluice_bin, config, kill_after_commits=kill_after)
-        for state in (delta_state, iceberg_state):
+        run_until_killed(sluice_bin, config, kill_after_commits=kill_after, env=lake.env)
+        for state in (lake_delta_state, lake_iceberg_state):
             try:
                 state(lake, "accounts")
             except Exception:
                 continue  # not created yet
             assert_current_matches_log(state, lake, "accounts", complete=False)
-    run(sluice_bin, "run", "--config", config, "--once")
-    assert assert_current_matches_log(delta_state, lake, "accounts", complete=True) == len(live)
-    assert assert_current_matches_log(iceberg_state, lake, "accounts", complete=True) == len(live)
+    run(sluice_bin, "run", "--config", config, "--once", env=lake.env)
+    assert assert_current_matches_log(lake_delta_state, lake, "accounts", complete=True) == len(live)
+    assert assert_current_matches_log(lake_iceberg_state, lake, "accounts", complete=True) == len(live)
+    # The current table's merges rewrote files (overwrite snapshots committed through the catalog).
+    operations = {s.summary.operation.value for s in lake.table("accounts_current").snapshots()}
+    assert "overwrite" in operations, operations
 
 
 def test_two_changes_to_one_row_in_a_commit_and_a_truncate(sluice_bin, tmp_path):
