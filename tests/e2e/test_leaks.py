@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import TEST_POLICIES, read_delta, run, write_config
+from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
 
 POLICY = (TEST_POLICIES / "people-canary.toml").read_text()
 
@@ -95,6 +96,34 @@ def test_no_canary_value_leaves_except_as_ciphertext(sluice_bin, canary_dir, tmp
     scanned_files = int(scan.stdout.split("scanned ")[1].split(" files")[0])
     written = [p for d in (lake, tmp_path / "keys", logs) for p in d.rglob("*") if p.is_file()]
     assert scanned_files == len(written) and any(p.suffix == ".parquet" for p in written), scan.stdout
+
+
+def test_no_canary_value_in_any_object_of_a_lake_on_object_storage(sluice_bin, canary_dir, tmp_path, iceberg_lake):
+    """The same pipeline with its lake on each storage (lakes.py): every object written — the
+    Delta tables, vault and quarantine in the bucket, the Iceberg warehouse, its metadata and
+    the catalog's — is fetched and scanned, before and after an erasure."""
+    lake = iceberg_lake
+    lines, config = canary_pipeline(canary_dir, tmp_path, lake=lake.root, lake_extra=lake.config("both"))
+    run(sluice_bin, "run", "--config", config, "--once", env=lake.env)
+    assert lake.iceberg("people").num_rows == lake.delta("people").num_rows > 0
+    people = [json.loads(l) for l in (canary_dir / "people.jsonl").read_text().splitlines() if l.strip()]
+    forget = run(sluice_bin, "forget", "--config", config, "--subject", str(people[7]["id"]), "--settle-ms", "0",
+                 env=lake.env, check=False)
+    assert forget.returncode == 0, forget.stderr[-2000:]
+    fetched = tmp_path / "fetched"
+    urls = lake.all_files()
+    assert any(u.endswith(".avro") for u in urls) and any(u.endswith(".metadata.json") for u in urls)
+    for i, url in enumerate(urls):
+        # Flattened, with the suffix kept (the scanner decodes by type).
+        (fetched / f"{i:05d}-{url.rsplit('/', 1)[-1]}").parent.mkdir(exist_ok=True)
+        (fetched / f"{i:05d}-{url.rsplit('/', 1)[-1]}").write_bytes(lake.read(url))
+    extra = [tmp_path / "iceberg-catalog.db"] if lake.kind == "s3" else []
+    scan = run(sluice_bin, "audit-leaks", "--values", canary_dir / "canaries.txt", fetched, tmp_path / "keys", *extra,
+               check=False)
+    assert scan.returncode == 0, scan.stdout
+    scanned_files = int(scan.stdout.split("scanned ")[1].split(" files")[0])
+    keys = [p for p in (tmp_path / "keys").rglob("*") if p.is_file()]
+    assert scanned_files == len(urls) + len(keys) + len(extra), scan.stdout
 
 
 def test_the_scanner_finds_every_form_of_a_leak(sluice_bin, canary_dir, tmp_path):

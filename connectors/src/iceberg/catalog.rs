@@ -195,3 +195,60 @@ pub(crate) fn with_file_io_of(committed: Table, before: &Table) -> iceberg::Resu
         .runtime(iceberg::Runtime::try_current()?)
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_lakes_s3_settings_mean_the_same_to_iceberg_and_the_catalog_asks_for_vended_credentials() {
+        let options = StorageOptions::new(BTreeMap::from([
+            ("aws_endpoint".to_string(), "http://127.0.0.1:9000".to_string()),
+            ("aws_region".to_string(), "eu-west-1".to_string()),
+            ("aws_access_key_id".to_string(), "AKID".to_string()),
+            ("aws_secret_access_key".to_string(), "s3cr3t".to_string()),
+        ]));
+        let props = s3_file_io_properties(&options);
+        assert_eq!(props[iceberg::io::S3_ENDPOINT], "http://127.0.0.1:9000");
+        assert_eq!(props[iceberg::io::S3_REGION], "eu-west-1");
+        assert_eq!(props[iceberg::io::S3_ACCESS_KEY_ID], "AKID");
+        assert_eq!(props[iceberg::io::S3_SECRET_ACCESS_KEY], "s3cr3t");
+        // object_store's default addressing (path style), not Iceberg's (virtual-hosted).
+        assert_eq!(props[iceberg::io::S3_PATH_STYLE_ACCESS], "true");
+        let virtual_hosted = StorageOptions::new(BTreeMap::from([(
+            "aws_virtual_hosted_style_request".to_string(),
+            "true".to_string(),
+        )]));
+        assert_eq!(
+            s3_file_io_properties(&virtual_hosted)[iceberg::io::S3_PATH_STYLE_ACCESS],
+            "false"
+        );
+        assert!(!s3_file_io_properties(&virtual_hosted).contains_key(iceberg::io::S3_ACCESS_KEY_ID));
+
+        let rest = |properties: HashMap<String, String>| IcebergLocation {
+            catalog_name: "sluice".into(),
+            catalog: CatalogSettings::Rest {
+                uri: "http://c".into(),
+                warehouse: None,
+                properties,
+            },
+            namespace: "n".into(),
+        };
+        let props = rest(HashMap::from([("token".to_string(), "t0k3n".to_string())])).rest_properties();
+        assert_eq!(props[ACCESS_DELEGATION_HEADER], "vended-credentials");
+        assert_eq!(props["token"], "t0k3n");
+        // A catalog that must not vend (or another delegation mode) is left as configured.
+        let own = rest(HashMap::from([(
+            ACCESS_DELEGATION_HEADER.to_string(),
+            "remote-signing".to_string(),
+        )]));
+        assert_eq!(own.rest_properties()[ACCESS_DELEGATION_HEADER], "remote-signing");
+        // Shown by property name only.
+        let shown = format!(
+            "{:?}",
+            rest(HashMap::from([("credential".to_string(), "id:s3cr3t".to_string())]))
+        );
+        assert!(shown.contains("credential") && !shown.contains("s3cr3t"), "{shown}");
+    }
+}

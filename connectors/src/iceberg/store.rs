@@ -9,7 +9,7 @@ use std::sync::Arc;
 use deltalake::logstore::object_store::aws::AmazonS3Builder;
 use deltalake::logstore::object_store::local::LocalFileSystem;
 use deltalake::logstore::object_store::path::Path as StorePath;
-use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt};
+use deltalake::logstore::object_store::ObjectStore;
 use futures_util::TryStreamExt;
 use iceberg::table::Table;
 use url::Url;
@@ -87,15 +87,27 @@ pub(crate) async fn list_files(table: &Table, dir: &str) -> Result<Vec<(String, 
     Ok(out)
 }
 
-/// Whether `path` (a URL) exists in its store.
-#[allow(dead_code)]
-pub(crate) async fn exists(table: &Table, path: &str) -> Result<bool, String> {
-    let (_, store) = table_store(table)?;
-    let url = Url::parse(path).map_err(|e| format!("{path}: {e}"))?;
-    let at = StorePath::from_url_path(url.path()).map_err(|e| format!("{path}: {e}"))?;
-    match store.head(&at).await {
-        Ok(_) => Ok(true),
-        Err(deltalake::logstore::object_store::Error::NotFound { .. }) => Ok(false),
-        Err(e) => Err(format!("{path}: {e}")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tables_store_is_its_bucket_or_the_local_disk_and_only_those() {
+        let props = HashMap::from([
+            (
+                iceberg::io::S3_ENDPOINT.to_string(),
+                "http://127.0.0.1:9000".to_string(),
+            ),
+            (iceberg::io::S3_ACCESS_KEY_ID.to_string(), "AKID".to_string()),
+            (iceberg::io::S3_SECRET_ACCESS_KEY.to_string(), "s3cr3t".to_string()),
+            (iceberg::io::S3_PATH_STYLE_ACCESS.to_string(), "true".to_string()),
+        ]);
+        let (root, store) = store_for("s3://bucket/ns/table", &props).unwrap();
+        assert_eq!(root.as_str(), "s3://bucket");
+        assert!(!format!("{store:?}").contains("s3cr3t"));
+        let (root, _) = store_for("file:///tmp/wh/ns/table", &HashMap::new()).unwrap();
+        assert_eq!(root.as_str(), "file:///");
+        let err = store_for("gs://bucket/t", &HashMap::new()).unwrap_err();
+        assert!(err.contains("`gs` is not supported"), "{err}");
     }
 }
