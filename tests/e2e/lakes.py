@@ -101,7 +101,9 @@ class Weed:
         deadline = time.monotonic() + 60
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"weed mini did not start: see {self.log.name}")
+                log = open(self.log.name).read()[-3000:]
+                self.stop()
+                raise RuntimeError(f"weed mini did not start:\n{log}")
             time.sleep(0.3)
 
     def _ready(self):

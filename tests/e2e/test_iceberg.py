@@ -155,11 +155,13 @@ def test_forget_leaves_nothing_of_the_subject_in_iceberg_tables_or_their_history
     old_files = [f["file_path"] for f in payments.inspect.files().to_pylist()]
     copy = {url: lake.read(url) for url in lake.iceberg_files()}
 
-    # Killed right after its first table's erasure commit (the rewrite committed, older
-    # snapshots not yet expired, the others untouched): a rerun of the same job completes it.
+    # Killed right after an Iceberg erasure commit, before its older snapshots are expired
+    # (they still reference the files holding the subject): a rerun of the same job completes it.
     forget = ["forget", "--config", config, "--subject", "0", "--settle-ms", "0", "--request-id", "RTBF-1"]
-    killed = run(sluice_bin, *forget, check=False, env=dict(lake.env, SLUICE_FAILPOINT="after-commit:iceberg/payments"))
+    killed = run(sluice_bin, *forget, check=False, env=dict(lake.env, SLUICE_FAILPOINT="iceberg-before-expire:payments"))
     assert killed.returncode == -signal.SIGABRT, killed.stderr[-2000:]
+    interrupted = catalog.load_table((lake.namespace, "payments"))
+    assert len(interrupted.metadata.snapshots) > 1, "killed between the erasure commit and the expiry"
     receipt = json.loads(run(sluice_bin, *forget, env=lake.env).stdout)
     token = receipt["subject_tokens"][0]
     assert receipt["verification"] == {"passed": True, "findings": []}
@@ -167,7 +169,7 @@ def test_forget_leaves_nothing_of_the_subject_in_iceberg_tables_or_their_history
     for target in DEMO_TARGETS.values():
         ice = receipt["tables"][f"iceberg/{target}"]
         delta = receipt["tables"][target]
-        assert ice["rows_removed"] == delta["rows_removed"], target
+        assert ice["rows_removed"] == delta["rows_removed"] > 0, target
         table = catalog.load_table((lake.namespace, target))
         rows = table.scan().to_arrow()
         assert token not in rows.column("_subject").to_pylist()
@@ -182,7 +184,7 @@ def test_forget_leaves_nothing_of_the_subject_in_iceberg_tables_or_their_history
     now = lake.iceberg_files()
     assert now, "the warehouse is listed"
     gone = [p for p in old_files if p not in set(now)]
-    assert gone, "files of the old snapshot that held the subject are deleted"
+    assert len(gone) == receipt["tables"]["iceberg/payments"]["files_removed"] > 0
     for url in now:
         assert not holds_token(lake, url, lake.read(url), token), url
     # Positions survived the expiry: a rerun reads nothing twice.

@@ -28,10 +28,14 @@ const ACCESS_DELEGATION_HEADER: &str = "header.X-Iceberg-Access-Delegation";
 /// The lake's S3 settings (object_store's option names, shared with Delta) as Iceberg FileIO
 /// properties, so that one `[lake.s3]` means the same to both formats: path-style addressing
 /// unless virtual-hosted style is asked for (object_store's default; Iceberg's is the opposite,
-/// which S3-compatible servers such as MinIO or moto do not all serve). Without credentials
-/// the AWS chain (environment, profile, instance role) supplies them.
-pub(crate) fn s3_file_io_properties(options: &StorageOptions) -> HashMap<String, String> {
+/// which S3-compatible servers such as MinIO or moto do not all serve), server-side encryption
+/// (SSE-S3, SSE-KMS with its key). Without credentials the AWS chain (environment, profile,
+/// instance role) supplies them. An encryption OpenDAL cannot apply is an error (files must not
+/// land unencrypted); other options with no Iceberg equivalent are named in a warning.
+pub(crate) fn s3_file_io_properties(options: &StorageOptions) -> Result<HashMap<String, String>, String> {
+    let get = |key: &str| options.get(key).or_else(|| options.get(&key[4..]));
     let mut out = HashMap::new();
+    let mut used = vec!["aws_allow_http", "aws_virtual_hosted_style_request"];
     for (ours, theirs) in [
         ("aws_endpoint", iceberg::io::S3_ENDPOINT),
         ("aws_region", iceberg::io::S3_REGION),
@@ -39,19 +43,42 @@ pub(crate) fn s3_file_io_properties(options: &StorageOptions) -> HashMap<String,
         ("aws_secret_access_key", iceberg::io::S3_SECRET_ACCESS_KEY),
         ("aws_session_token", iceberg::io::S3_SESSION_TOKEN),
     ] {
-        if let Some(value) = options.get(ours).or_else(|| options.get(&ours[4..])) {
+        used.push(ours);
+        if let Some(value) = get(ours) {
             out.insert(theirs.to_string(), value.to_string());
         }
     }
-    let virtual_hosted = options
-        .get("aws_virtual_hosted_style_request")
-        .or_else(|| options.get("virtual_hosted_style_request"))
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let virtual_hosted = get("aws_virtual_hosted_style_request").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     out.insert(
         iceberg::io::S3_PATH_STYLE_ACCESS.to_string(),
         (!virtual_hosted).to_string(),
     );
-    out
+    used.extend(["aws_server_side_encryption", "aws_sse_kms_key_id"]);
+    match get("aws_server_side_encryption") {
+        None => {}
+        Some("AES256") => {
+            out.insert(iceberg::io::S3_SSE_TYPE.to_string(), "s3".to_string());
+        }
+        Some("aws:kms") => {
+            out.insert(iceberg::io::S3_SSE_TYPE.to_string(), "kms".to_string());
+            if let Some(key) = get("aws_sse_kms_key_id") {
+                out.insert(iceberg::io::S3_SSE_KEY.to_string(), key.to_string());
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "[lake.s3] aws_server_side_encryption = {other:?} cannot be applied to Iceberg tables (AES256 and aws:kms can)"
+            ))
+        }
+    }
+    let ignored: Vec<&str> = options
+        .keys()
+        .filter(|k| !used.iter().any(|u| *k == *u || *k == &u[4..]))
+        .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(options = ?ignored, "these [lake.s3] options apply to Delta only: Iceberg's S3 client has no equivalent");
+    }
+    Ok(out)
 }
 
 /// A REST catalog's properties are shown by name only: `token`, `credential` and the like are
@@ -134,7 +161,10 @@ impl IcebergLocation {
                     }
                     LakePath::Object { url, options } => {
                         props.insert("warehouse".into(), url.to_string());
-                        props.extend(s3_file_io_properties(options));
+                        props.extend(
+                            s3_file_io_properties(options)
+                                .map_err(|e| err(iceberg::Error::new(ErrorKind::DataInvalid, e)))?,
+                        );
                         Arc::new(iceberg_storage_opendal::OpenDalResolvingStorageFactory::new())
                     }
                 };
@@ -209,7 +239,7 @@ mod tests {
             ("aws_access_key_id".to_string(), "AKID".to_string()),
             ("aws_secret_access_key".to_string(), "s3cr3t".to_string()),
         ]));
-        let props = s3_file_io_properties(&options);
+        let props = s3_file_io_properties(&options).unwrap();
         assert_eq!(props[iceberg::io::S3_ENDPOINT], "http://127.0.0.1:9000");
         assert_eq!(props[iceberg::io::S3_REGION], "eu-west-1");
         assert_eq!(props[iceberg::io::S3_ACCESS_KEY_ID], "AKID");
@@ -220,11 +250,27 @@ mod tests {
             "aws_virtual_hosted_style_request".to_string(),
             "true".to_string(),
         )]));
-        assert_eq!(
-            s3_file_io_properties(&virtual_hosted)[iceberg::io::S3_PATH_STYLE_ACCESS],
-            "false"
-        );
-        assert!(!s3_file_io_properties(&virtual_hosted).contains_key(iceberg::io::S3_ACCESS_KEY_ID));
+        let props = s3_file_io_properties(&virtual_hosted).unwrap();
+        assert_eq!(props[iceberg::io::S3_PATH_STYLE_ACCESS], "false");
+        assert!(!props.contains_key(iceberg::io::S3_ACCESS_KEY_ID));
+        // Server-side encryption follows; one Iceberg's client cannot apply stops the run.
+        let kms = StorageOptions::new(BTreeMap::from([
+            ("aws_server_side_encryption".to_string(), "aws:kms".to_string()),
+            (
+                "aws_sse_kms_key_id".to_string(),
+                "arn:aws:kms:eu-west-1:1:key/k".to_string(),
+            ),
+        ]));
+        let props = s3_file_io_properties(&kms).unwrap();
+        assert_eq!(props[iceberg::io::S3_SSE_TYPE], "kms");
+        assert_eq!(props[iceberg::io::S3_SSE_KEY], "arn:aws:kms:eu-west-1:1:key/k");
+        let dsse = StorageOptions::new(BTreeMap::from([(
+            "aws_server_side_encryption".to_string(),
+            "aws:kms:dsse".to_string(),
+        )]));
+        assert!(s3_file_io_properties(&dsse)
+            .unwrap_err()
+            .contains("cannot be applied to Iceberg"));
 
         let rest = |properties: HashMap<String, String>| IcebergLocation {
             catalog_name: "sluice".into(),

@@ -180,9 +180,28 @@ impl IcebergErasureTarget {
         Ok(())
     }
 
-    /// After a job killed between its commit and the clean-up: expires what is still older
-    /// than the erasure snapshot, deletes `paths` no snapshot references. Returns how many were
-    /// deleted.
+    /// Expires the snapshots older than this job's erasure snapshot and deletes what only they
+    /// referenced (done by the commit itself; again on the rerun of a job killed between the
+    /// two). Returns how many files were deleted and the erasure snapshot's sequence number;
+    /// `None` if the erasure is not in the table.
+    pub(crate) async fn expire_history(&mut self) -> Result<Option<(u64, u64)>, IcebergSinkError> {
+        self.table = self.rewriter.load().await?;
+        let Some(erasure) = self
+            .table
+            .metadata()
+            .snapshots()
+            .find(|s| s.summary().additional_properties.get(ERASURE_PROPERTY) == Some(&self.app_id))
+            .map(|s| (s.snapshot_id(), s.sequence_number()))
+        else {
+            return Ok(None);
+        };
+        let deleted = self.rewriter.expire_older_than(&self.table, erasure.0).await?;
+        self.table = self.rewriter.load().await?;
+        Ok(Some((deleted, erasure.1.max(0) as u64)))
+    }
+
+    /// Deletes those of `paths` no snapshot references (files of a rewrite killed before its
+    /// clean-up, orphans). Returns how many were deleted.
     pub(crate) async fn delete_files(&self, paths: &[String]) -> Result<u64, IcebergSinkError> {
         let referenced = referenced_files(&self.table).await.map_err(|e| self.err(e))?;
         let mut deleted = 0;
@@ -199,7 +218,7 @@ impl IcebergErasureTarget {
         matcher: &RowMatcher,
     ) -> Result<Vec<(String, u64, i64)>, IcebergSinkError> {
         let mut out = Vec::new();
-        for (path, modified_ms) in self.files_under("data").await? {
+        for (path, modified_ms) in self.table_files().await? {
             if !path.ends_with(".parquet") {
                 continue;
             }
@@ -217,7 +236,10 @@ impl IcebergErasureTarget {
         found: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<Vec<String>, IcebergSinkError> {
         let mut out = Vec::new();
-        for (path, _) in self.files_under("metadata").await? {
+        for (path, _) in self.table_files().await? {
+            if path.ends_with(".parquet") {
+                continue;
+            }
             let bytes = self.read(&path).await?;
             let hit = found(&bytes)
                 || (path.ends_with(".avro")
@@ -249,12 +271,24 @@ impl IcebergErasureTarget {
             .collect())
     }
 
-    /// Files under a directory of the table (in whichever store holds it), as URLs.
-    async fn files_under(&self, dir: &str) -> Result<Vec<(String, i64)>, IcebergSinkError> {
+    /// Every file under the table's location (data, metadata, and anything a writer left
+    /// there), in whichever store holds it, as URLs in the manifests' form. The table's own
+    /// metadata file must be among them: otherwise the listing and the manifests spell paths
+    /// differently, and a verification would compare nothing.
+    async fn table_files(&self) -> Result<Vec<(String, i64)>, IcebergSinkError> {
         let location = self.table.metadata().location().trim_end_matches('/');
-        super::store::list_files(&self.table, &format!("{location}/{dir}/"))
+        let files = super::store::list_files(&self.table, &format!("{location}/"))
             .await
-            .map_err(|e| self.io_err(location, e))
+            .map_err(|e| self.io_err(location, e))?;
+        if let Some(own) = self.table.metadata_location() {
+            if own.starts_with(location) && !files.iter().any(|(f, _)| f == own) {
+                return Err(self.io_err(
+                    own,
+                    "not found by listing the table's location: the store's paths and the table's differ",
+                ));
+            }
+        }
+        Ok(files)
     }
 }
 

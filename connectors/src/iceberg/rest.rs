@@ -11,16 +11,14 @@
 use std::collections::HashMap;
 
 use iceberg::{Error, ErrorKind, TableIdent, TableRequirement, TableUpdate};
-use iceberg_catalog_rest::{CommitTableRequest, CommitTableResponse};
+use iceberg_catalog_rest::CommitTableRequest;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 /// What a commit request came to.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Posted {
-    Committed {
-        metadata_location: String,
-    },
+    Committed,
     /// A requirement failed (HTTP 409): another writer committed first.
     Conflict,
 }
@@ -30,9 +28,20 @@ pub(crate) struct RestCommits {
     client: reqwest::Client,
     /// `{uri}/v1[/{prefix}]`.
     base: String,
+    /// The catalog's URI as configured (where the OAuth2 token endpoint defaults to).
+    uri: String,
+    properties: HashMap<String, String>,
     headers: reqwest::header::HeaderMap,
-    bearer: Option<String>,
+    /// Renewed when the catalog refuses it (commits are made through a shared reference).
+    bearer: std::sync::Mutex<Option<String>>,
 }
+
+/// A catalog that does not answer within this long: the request failed (or, for a commit,
+/// its outcome is unknown).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// "Authentication timeout", which some catalogs answer for an expired token.
+const EXPIRED_TOKEN: u16 = 419;
 
 #[derive(Deserialize)]
 struct CatalogConfig {
@@ -49,6 +58,11 @@ struct TokenResponse {
 
 fn unexpected(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Unexpected, message.into())
+}
+
+/// A client error's text without the URL (which may carry user information).
+fn shown(e: reqwest::Error) -> String {
+    e.without_url().to_string()
 }
 
 impl RestCommits {
@@ -71,13 +85,20 @@ impl RestCommits {
             headers.insert(name, value);
         }
         let uri = uri.trim_end_matches('/').to_string();
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| unexpected(format!("catalog client: {}", shown(e))))?;
         let mut this = Self {
-            client: reqwest::Client::new(),
+            client,
             base: format!("{uri}/v1"),
+            uri: uri.clone(),
+            properties: properties.clone(),
             headers,
-            bearer: properties.get("token").cloned(),
+            bearer: std::sync::Mutex::new(properties.get("token").cloned()),
         };
-        this.authenticate(&uri, properties).await?;
+        this.authenticate().await?;
         let mut request = this.request(Method::GET, format!("{uri}/v1/config"));
         if let Some(w) = warehouse {
             request = request.query(&[("warehouse", w)]);
@@ -85,19 +106,21 @@ impl RestCommits {
         let response = request
             .send()
             .await
-            .map_err(|e| unexpected(format!("catalog config: {e}")))?;
+            .map_err(|e| unexpected(format!("catalog config: {}", shown(e))))?;
         if response.status() != StatusCode::OK {
             return Err(unexpected(format!("catalog config: HTTP {}", response.status())));
         }
         let config: CatalogConfig = response
             .json()
             .await
-            .map_err(|e| unexpected(format!("catalog config: {e}")))?;
-        // Precedence as the crate's client: server defaults, then ours, then server overrides.
+            .map_err(|e| unexpected(format!("catalog config: {}", shown(e))))?;
+        // Precedence as the crate's client: server defaults, then ours, then server overrides;
+        // only an override moves the endpoint (as for the crate's own requests).
         let mut merged = config.defaults;
         merged.extend(properties.clone());
-        merged.extend(config.overrides);
-        let uri = merged
+        merged.extend(config.overrides.clone());
+        let uri = config
+            .overrides
             .get("uri")
             .map(|u| u.trim_end_matches('/').to_string())
             .unwrap_or(uri);
@@ -109,15 +132,19 @@ impl RestCommits {
     }
 
     /// The OAuth2 client-credentials exchange, when a `credential` (`id:secret` or `secret`) is
-    /// configured and no `token` is.
-    async fn authenticate(&mut self, uri: &str, properties: &HashMap<String, String>) -> Result<(), Error> {
-        let Some(credential) = properties.get("credential").filter(|_| self.bearer.is_none()) else {
+    /// configured and no `token` is; again when the catalog no longer accepts the token.
+    async fn authenticate(&self) -> Result<(), Error> {
+        let properties = &self.properties;
+        let Some(credential) = properties
+            .get("credential")
+            .filter(|_| !properties.contains_key("token"))
+        else {
             return Ok(());
         };
         let endpoint = properties
             .get("oauth2-server-uri")
             .cloned()
-            .unwrap_or_else(|| format!("{uri}/v1/oauth/tokens"));
+            .unwrap_or_else(|| format!("{}/v1/oauth/tokens", self.uri));
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         match credential.split_once(':') {
             Some((id, secret)) => form.extend([("client_id", id), ("client_secret", secret)]),
@@ -136,7 +163,7 @@ impl RestCommits {
             .form(&form)
             .send()
             .await
-            .map_err(|e| unexpected(format!("catalog authentication: {e}")))?;
+            .map_err(|e| unexpected(format!("catalog authentication: {}", shown(e))))?;
         if response.status() != StatusCode::OK {
             return Err(unexpected(format!(
                 "catalog authentication: HTTP {}",
@@ -146,14 +173,14 @@ impl RestCommits {
         let token: TokenResponse = response
             .json()
             .await
-            .map_err(|e| unexpected(format!("catalog authentication: {e}")))?;
-        self.bearer = Some(token.access_token);
+            .map_err(|e| unexpected(format!("catalog authentication: {}", shown(e))))?;
+        *self.bearer.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.access_token);
         Ok(())
     }
 
     fn request(&self, method: Method, url: String) -> reqwest::RequestBuilder {
         let mut request = self.client.request(method, url).headers(self.headers.clone());
-        if let Some(token) = &self.bearer {
+        if let Some(token) = self.bearer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             request = request.bearer_auth(token);
         }
         request
@@ -169,7 +196,8 @@ impl RestCommits {
         )
     }
 
-    /// Posts `updates` to `table` under `requirements`.
+    /// Posts `updates` to `table` under `requirements`. A token the catalog no longer accepts
+    /// (401 or 419: nothing was applied) is renewed once and the request sent again.
     pub(crate) async fn commit(
         &self,
         table: &TableIdent,
@@ -181,29 +209,44 @@ impl RestCommits {
             requirements,
             updates,
         };
-        let response = self
-            .request(Method::POST, self.table_endpoint(table))
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| unexpected(format!("commit of {table}: {e}")))?;
-        match response.status() {
-            StatusCode::OK => {
-                let done: CommitTableResponse = response
-                    .json()
-                    .await
-                    .map_err(|e| unexpected(format!("commit of {table}: {e}")))?;
-                Ok(Posted::Committed {
-                    metadata_location: done.metadata_location,
-                })
+        let mut renewed = false;
+        loop {
+            let response = self
+                .request(Method::POST, self.table_endpoint(table))
+                .json(&body)
+                .send()
+                .await
+                // Once a request may have left, its outcome is unknown: not a rejection.
+                .map_err(|e| unexpected(format!("commit of {table}: {}; the commit state is unknown", shown(e))))?;
+            let status = response.status();
+            let expired = status == StatusCode::UNAUTHORIZED || status.as_u16() == EXPIRED_TOKEN;
+            match status {
+                // The answer's body (the new metadata) is not needed: the table is read again.
+                StatusCode::OK => return Ok(Posted::Committed),
+                StatusCode::CONFLICT => return Ok(Posted::Conflict),
+                _ if expired && !renewed && self.properties.contains_key("credential") => {
+                    renewed = true;
+                    self.authenticate().await?;
+                }
+                StatusCode::NOT_FOUND => {
+                    return Err(Error::new(ErrorKind::TableNotFound, format!("{table} does not exist")))
+                }
+                // 400, 401, 403…: refused, nothing applied.
+                status if status.is_client_error() => {
+                    return Err(Error::new(
+                        ErrorKind::DataInvalid,
+                        format!("commit of {table} refused: HTTP {status}"),
+                    ))
+                }
+                // 500, 502, 504…: the commit may or may not have happened. Stopping is safe:
+                // the positions (and an erasure's marker) live in the snapshot, read back on
+                // restart.
+                status => {
+                    return Err(unexpected(format!(
+                        "commit of {table}: HTTP {status}; the commit state is unknown"
+                    )))
+                }
             }
-            StatusCode::CONFLICT => Ok(Posted::Conflict),
-            StatusCode::NOT_FOUND => Err(Error::new(ErrorKind::TableNotFound, format!("{table} does not exist"))),
-            // 500, 502, 504…: the commit may or may not have happened. Stopping is safe: the
-            // positions (and an erasure's marker) live in the snapshot, read back on restart.
-            status => Err(unexpected(format!(
-                "commit of {table}: HTTP {status}; the commit state is unknown"
-            ))),
         }
     }
 }
@@ -286,12 +329,7 @@ mod tests {
             .unwrap();
         assert_eq!(first, Posted::Conflict);
         let second = commits.commit(&table, requirements, updates).await.unwrap();
-        assert_eq!(
-            second,
-            Posted::Committed {
-                metadata_location: "s3://b/t/metadata/00002.metadata.json".into()
-            }
-        );
+        assert_eq!(second, Posted::Committed);
         let seen = peer.join().unwrap();
         assert!(seen[0].starts_with("POST /v1/oauth/tokens"), "{}", seen[0]);
         assert!(seen[0].contains("client_secret=s3cr3t") && seen[0].contains("grant_type=client_credentials"));
@@ -332,5 +370,38 @@ mod tests {
         assert!(err.to_string().contains("commit state is unknown"), "{err}");
         let seen = peer.join().unwrap();
         assert!(seen[1].starts_with("POST /v1/namespaces/ns/tables/t "), "{}", seen[1]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_renewed_once_and_a_refusal_is_not_an_unknown_outcome() {
+        let (uri, peer) = serve(vec![
+            (200, r#"{"access_token":"first","token_type":"bearer"}"#),
+            (200, r#"{"overrides":{}}"#),
+            (
+                401,
+                r#"{"error":{"message":"token expired","type":"NotAuthorizedException","code":401}}"#,
+            ),
+            (200, r#"{"access_token":"second","token_type":"bearer"}"#),
+            (200, "not the metadata the client would parse"),
+            (
+                403,
+                r#"{"error":{"message":"forbidden","type":"ForbiddenException","code":403}}"#,
+            ),
+        ]);
+        let properties = HashMap::from([("credential".to_string(), "id:s3cr3t".to_string())]);
+        let commits = RestCommits::connect(&uri, None, &properties).await.unwrap();
+        let table = TableIdent::new(NamespaceIdent::new("ns".into()), "t".into());
+        // Renewed, sent again, committed (the 200's body is not needed).
+        assert_eq!(commits.commit(&table, vec![], vec![]).await.unwrap(), Posted::Committed);
+        let err = commits.commit(&table, vec![], vec![]).await.unwrap_err();
+        assert!(err.to_string().contains("refused: HTTP 403"), "{err}");
+        assert!(
+            !err.to_string().contains("unknown") && !err.to_string().contains("s3cr3t"),
+            "{err}"
+        );
+        let seen = peer.join().unwrap();
+        assert!(seen[2].to_ascii_lowercase().contains("authorization: bearer first"));
+        assert!(seen[3].starts_with("POST /v1/oauth/tokens"), "{}", seen[3]);
+        assert!(seen[4].to_ascii_lowercase().contains("authorization: bearer second"));
     }
 }

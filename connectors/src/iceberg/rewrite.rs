@@ -48,7 +48,7 @@ pub(crate) struct Rewritten {
 enum Committer {
     /// The SQL catalog's database: a compare-and-swap of the table's metadata location.
     Sql(sqlx::SqlitePool),
-    Rest(RestCommits),
+    Rest(Box<RestCommits>),
 }
 
 /// A table opened for rewrites.
@@ -63,6 +63,8 @@ pub(crate) struct Rewriter {
 /// told yet.
 struct Staged {
     snapshot_id: i64,
+    /// The manifests and manifest list written for it (garbage if the commit fails).
+    written: Vec<String>,
     /// The snapshot it replaces as the head of `main`.
     parent_id: i64,
     updates: Vec<TableUpdate>,
@@ -88,11 +90,11 @@ impl Rewriter {
                     .map_err(|e| err(unexpected(format!("catalog database: {e}"))))?;
                 Committer::Sql(pool)
             }
-            CatalogSettings::Rest { uri, warehouse, .. } => Committer::Rest(
+            CatalogSettings::Rest { uri, warehouse, .. } => Committer::Rest(Box::new(
                 RestCommits::connect(uri, warehouse.as_deref(), &location.rest_properties())
                     .await
                     .map_err(err)?,
-            ),
+            )),
         };
         Ok(Self {
             catalog,
@@ -139,10 +141,15 @@ impl Rewriter {
                 .await
                 .map_err(|e| self.err(e))?;
             let snapshot_id = staged.snapshot_id;
+            let written = staged.written.clone();
             if self.commit_staged(&table, staged).await? {
                 break (self.load().await?, snapshot_id);
             }
-            // A writer committed in between: our staged snapshot is garbage, try again on top.
+            // A writer committed in between: our staged snapshot is garbage (removed, best
+            // effort: nothing references it), try again on top.
+            for path in written {
+                let _ = table.file_io().delete(&path).await;
+            }
             if attempt >= MAX_ATTEMPTS {
                 return Err(self.err(iceberg::Error::new(
                     ErrorKind::CatalogCommitConflicts,
@@ -151,6 +158,8 @@ impl Rewriter {
             }
         };
         let files_deleted = if expire {
+            // An erasure killed here (committed, history not yet expired) finishes on its rerun.
+            crate::failpoint(&format!("iceberg-before-expire:{}", self.name));
             self.expire_older_than(&table, snapshot_id).await?
         } else {
             0
@@ -181,7 +190,7 @@ impl Rewriter {
                     .await
                     .map_err(|e| self.err(e))?
                 {
-                    Posted::Committed { .. } => Ok(true),
+                    Posted::Committed => Ok(true),
                     Posted::Conflict => Ok(false),
                 }
             }
@@ -249,12 +258,14 @@ impl Rewriter {
         let manifest_path = |n: usize| format!("{}/metadata/sluice-{commit_id}-m{n}.avro", metadata.location());
 
         let mut manifests: Vec<ManifestFile> = Vec::new();
+        let mut written = Vec::new();
         let mut found = 0usize;
         let list = table.manifest_list_reader(current).load().await?;
         for (n, file) in list.entries().iter().enumerate() {
             match without_removed(table, file, snapshot_id, manifest_path(n), removed).await? {
                 Some((manifest, removed_here)) => {
                     found += removed_here;
+                    written.push(manifest.manifest_path.clone());
                     manifests.push(manifest);
                 }
                 None => manifests.push(file.clone()),
@@ -281,7 +292,9 @@ impl Rewriter {
             for file in added {
                 writer.add_file(file.clone(), sequence_number)?;
             }
-            manifests.push(writer.write_manifest_file().await?);
+            let manifest = writer.write_manifest_file().await?;
+            written.push(manifest.manifest_path.clone());
+            manifests.push(manifest);
         }
         let list_path = format!(
             "{}/metadata/snap-{snapshot_id}-1-sluice-{commit_id}.avro",
@@ -295,6 +308,7 @@ impl Rewriter {
         );
         list_writer.add_manifests(manifests.into_iter())?;
         list_writer.close().await?;
+        written.push(list_path.clone());
 
         // Positions are looked up through the snapshot ancestry: carried here, since the older
         // snapshots are about to be expired.
@@ -316,6 +330,7 @@ impl Rewriter {
             .build();
         Ok(Staged {
             snapshot_id,
+            written,
             parent_id: current.snapshot_id(),
             updates: vec![
                 TableUpdate::AddSnapshot { snapshot },
@@ -328,8 +343,9 @@ impl Rewriter {
     }
 
     /// Expires every snapshot before `snapshot_id` and deletes the data files, manifests and
-    /// manifest lists no remaining snapshot references. Returns how many files were deleted.
-    async fn expire_older_than(&self, table: &Table, snapshot_id: i64) -> Result<u64, IcebergSinkError> {
+    /// manifest lists no remaining snapshot references. Returns how many files were deleted;
+    /// an error if other writers kept it from committing (history would be left behind).
+    pub(crate) async fn expire_older_than(&self, table: &Table, snapshot_id: i64) -> Result<u64, IcebergSinkError> {
         let mut table = table.clone();
         for _ in 0..MAX_ATTEMPTS {
             let Some(keep) = table.metadata().snapshot_by_id(snapshot_id) else {
@@ -366,6 +382,17 @@ impl Rewriter {
                 Err(e) if e.kind() == ErrorKind::CatalogCommitConflicts => table = self.load().await?,
                 Err(e) => return Err(self.err(e)),
             }
+        }
+        if table.metadata().snapshot_by_id(snapshot_id).is_some_and(|keep| {
+            table
+                .metadata()
+                .snapshots()
+                .any(|s| s.sequence_number() < keep.sequence_number())
+        }) {
+            return Err(self.err(iceberg::Error::new(
+                ErrorKind::CatalogCommitConflicts,
+                "older snapshots could not be expired: other writers kept committing; run the job again",
+            )));
         }
         Ok(0)
     }

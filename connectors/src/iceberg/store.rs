@@ -26,10 +26,17 @@ pub(crate) fn store_for(
             Url::parse("file:///").expect("a valid URL"),
             Arc::new(LocalFileSystem::new()) as Arc<dyn ObjectStore>,
         )),
-        "s3" | "s3a" => {
+        scheme @ ("s3" | "s3a") => {
             let bucket = url.host_str().ok_or_else(|| format!("{location}: no bucket"))?;
             let get = |key: &str| properties.get(key).map(String::as_str);
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let has_keys = get(iceberg::io::S3_ACCESS_KEY_ID).is_some();
+            // The table's own (or vended) keys alone; else the AWS chain, as OpenDAL does.
+            let mut builder = if has_keys {
+                AmazonS3Builder::new()
+            } else {
+                AmazonS3Builder::from_env()
+            }
+            .with_bucket_name(bucket);
             if let Some(endpoint) = get(iceberg::io::S3_ENDPOINT) {
                 builder = builder
                     .with_endpoint(endpoint)
@@ -50,7 +57,9 @@ pub(crate) fn store_for(
             let path_style = get(iceberg::io::S3_PATH_STYLE_ACCESS).is_some_and(|v| v.eq_ignore_ascii_case("true"));
             builder = builder.with_virtual_hosted_style_request(!path_style);
             let store = builder.build().map_err(|e| format!("s3://{bucket}: {e}"))?;
-            let root = Url::parse(&format!("s3://{bucket}")).map_err(|e| e.to_string())?;
+            // Under the table's own scheme (`s3a://` stays `s3a://`): listed paths must read
+            // as the manifests write them.
+            let root = Url::parse(&format!("{scheme}://{bucket}")).map_err(|e| e.to_string())?;
             Ok((root, Arc::new(store)))
         }
         other => Err(format!("{location}: storage scheme `{other}` is not supported")),
@@ -107,6 +116,8 @@ mod tests {
         assert!(!format!("{store:?}").contains("s3cr3t"));
         let (root, _) = store_for("file:///tmp/wh/ns/table", &HashMap::new()).unwrap();
         assert_eq!(root.as_str(), "file:///");
+        let (root, _) = store_for("s3a://bucket/ns/table", &props).unwrap();
+        assert_eq!(root.as_str(), "s3a://bucket");
         let err = store_for("gs://bucket/t", &HashMap::new()).unwrap_err();
         assert!(err.contains("`gs` is not supported"), "{err}");
     }

@@ -486,10 +486,21 @@ impl ErasureTable {
     /// After the erasure commit: no older version may hold the rows (or, in a Delta log's
     /// statistics, describe them). Delta: [`crate::delta::drop_history`]; Iceberg's erasure
     /// commit already expired every older snapshot (`None`).
-    pub async fn drop_history(&self) -> Result<Option<crate::delta::DroppedHistory>, LakeError> {
-        Ok(match &self.0 {
+    /// Removes the history older than the erasure: Delta's log before a checkpoint and the
+    /// files only it named; Iceberg's older snapshots and the files only they referenced
+    /// (`checkpoint_version` = the erasure snapshot's sequence number).
+    pub async fn drop_history(&mut self) -> Result<Option<crate::delta::DroppedHistory>, LakeError> {
+        Ok(match &mut self.0 {
             Erasing::Delta(t) => Some(t.drop_history().await?),
-            Erasing::Iceberg(_) => None,
+            Erasing::Iceberg(t) => {
+                t.expire_history()
+                    .await?
+                    .map(|(data_files_deleted, sequence_number)| crate::delta::DroppedHistory {
+                        checkpoint_version: sequence_number,
+                        log_files_deleted: 0,
+                        data_files_deleted,
+                    })
+            }
         })
     }
 

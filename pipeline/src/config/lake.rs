@@ -225,6 +225,17 @@ pub(super) fn iceberg_config(
                 // The client takes its properties as one map of strings.
                 properties.insert(key.clone(), value.expose().to_string());
             }
+            // An HTTP header cannot carry a control character; the client would refuse it
+            // showing the value, which may be a credential: refused here, by name only.
+            if let Some(key) = properties.iter().find_map(|(k, v)| {
+                (k.starts_with("header.") && v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)).then_some(k)
+            }) {
+                return Err(invalid(
+                    at,
+                    &format!("lake.iceberg.properties.{key}"),
+                    "the value holds a control character (a trailing newline?); it is not shown".into(),
+                ));
+            }
             CatalogSettings::Rest {
                 uri,
                 warehouse: raw.warehouse.clone(),

@@ -207,6 +207,18 @@ fn the_lake_format_and_iceberg_catalog_are_checked_with_their_line() {
         !format!("{config:?}").contains("iceberg-t0ken"),
         "no credential in Debug output"
     );
+    // A header value the HTTP client would refuse (and print) is refused by name.
+    std::env::set_var("SLUICE_TEST_ICEBERG_HEADER", "Bearer s3cr3t\n");
+    let text = format!(
+        "{}{source}",
+        with_lake("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\nproperties_env = { \"header.Authorization\" = \"SLUICE_TEST_ICEBERG_HEADER\" }\n")
+    );
+    let err = load(dir.path(), &text).unwrap_err().to_string();
+    assert!(
+        err.contains("lake.iceberg.properties.header.Authorization: the value holds a control character"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cr3t"), "{err}");
     let text = format!("{}{source}", with_lake("[lake.iceberg]\nnamespace = \"x\"\n"));
     let err = load(dir.path(), &text).unwrap_err().to_string();
     assert!(

@@ -267,7 +267,8 @@ impl<'a> ErasureJob<'a> {
         };
         self.state.receipt.tables.entry(target.name.clone()).or_default().mode = target.mode.to_string();
         if self.rt.block_on(table.committed())? {
-            // Killed between the commit and the deletion of the old files: delete them now.
+            // Killed between the commit and the clean-up: expire the history and delete the
+            // old files now.
             let paths = self
                 .state
                 .pending_removal
@@ -276,7 +277,7 @@ impl<'a> ErasureJob<'a> {
                 .unwrap_or_default();
             self.rt.block_on(table.delete_files(&paths))?;
             let receipt = self.state.receipt.tables.entry(target.name.clone()).or_default();
-            drop_history(&self.rt, &table, receipt)?;
+            drop_history(&self.rt, &mut table, receipt)?;
             return Ok(true);
         }
         // A compaction (or another rewrite) committing in between replaces files this job
@@ -313,7 +314,7 @@ impl<'a> ErasureJob<'a> {
                         .block_on(table.delete_files(&prepared.outcome().files_removed))?;
                     let receipt = self.state.receipt.tables.entry(target.name.clone()).or_default();
                     receipt.version = version;
-                    drop_history(&self.rt, &table, receipt)?;
+                    drop_history(&self.rt, &mut table, receipt)?;
                     break prepared;
                 }
                 Err(e) if e.kind() == ErrorKind::Conflict && attempt < 3 => {
@@ -416,6 +417,17 @@ impl<'a> ErasureJob<'a> {
         let orphans = residue.deletable;
         if !orphans.is_empty() {
             let removed = self.rt.block_on(table.delete_files(&orphans))?;
+            if removed < orphans.len() as u64 {
+                // Still referenced (history that was not expired) or not deletable: left holding
+                // the subjects, so the job cannot say it is done.
+                findings.push(format!(
+                    "{}: {} of {} files holding erased rows outside the current version could not be deleted (still referenced by an older version?), e.g. {}",
+                    target.name,
+                    orphans.len() as u64 - removed,
+                    orphans.len(),
+                    orphans[0]
+                ));
+            }
             self.state
                 .receipt
                 .tables
@@ -460,7 +472,7 @@ pub(super) fn erasure_app_id(pipeline: &str, job_id: &str, attempt: u32, target:
 /// entries: statistics that could still describe the erased rows) and notes it in the receipt.
 pub(super) fn drop_history(
     rt: &tokio::runtime::Runtime,
-    table: &ErasureTable,
+    table: &mut ErasureTable,
     receipt: &mut TableReceipt,
 ) -> Result<(), ForgetError> {
     if let Some(dropped) = rt.block_on(table.drop_history())? {
