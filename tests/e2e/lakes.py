@@ -276,8 +276,15 @@ properties_env = {{ credential = "WEED_CREDENTIAL" }}
         client = self.moto if bucket == getattr(self, "bucket", None) else self._store()[0]
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
-    def exists(self, url):
-        return url in set(self.iceberg_files())
+
+
+def as_lake(lake):
+    """A `Lake`, or the local lake whose root directory is `lake` (older tests pass a path)."""
+    if isinstance(lake, Lake):
+        return lake
+    root = pathlib.Path(lake)
+    assert root.name == "lake", f"a local lake's root is <tmp>/lake, not {root}"
+    return Lake("local", root.parent)
 
 
 @pytest.fixture(params=KINDS)

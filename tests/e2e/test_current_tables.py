@@ -13,8 +13,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import iceberg_catalog, run, run_until_killed, write_config
-from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
+from conftest import run, run_until_killed, write_config
+from lakes import as_lake, iceberg_lake, weed  # noqa: F401 (fixtures)
 
 POLICY = """
 table = "public.accounts"
@@ -99,18 +99,19 @@ def current_rows(current):
 
 
 def delta_state(lake, target):
-    """(log, current table, the current table's committed offset) of a Delta pipeline."""
-    log = deltalake.DeltaTable(str(lake / "tables" / target)).to_pyarrow_table()
-    current = deltalake.DeltaTable(str(lake / "tables" / f"{target}_current"))
-    return log, current.to_pyarrow_table(), current.transaction_version(f"sluice/test/{STREAM}")
+    """(log, current table, the current table's committed offset) of a Delta pipeline, in a
+    lake anywhere (a `lakes.Lake`, or a local lake's root)."""
+    lake = as_lake(lake)
+    current = lake.delta_table(f"{target}_current")
+    return lake.delta(target), current.to_pyarrow_table(), current.transaction_version(f"sluice/test/{STREAM}")
 
 
 def iceberg_state(lake, target):
-    catalog = iceberg_catalog(lake)
-    log = catalog.load_table(("test", target)).scan().to_arrow()
-    current = catalog.load_table(("test", f"{target}_current"))
+    """The same of an Iceberg pipeline."""
+    lake = as_lake(lake)
+    current = lake.table(f"{target}_current")
     offset = current.current_snapshot().summary.additional_properties.get(f"sluice.position.sluice/test/{STREAM}")
-    return log, current.scan().to_arrow(), None if offset is None else int(offset)
+    return lake.iceberg(target), current.scan().to_arrow(), None if offset is None else int(offset)
 
 
 def assert_current_matches_log(state, lake, target, complete):
@@ -161,19 +162,6 @@ def test_kill_9_at_random_commits_the_current_table_is_always_the_log_replayed(s
     assert deltalake.DeltaTable(str(lake / "tables" / "accounts_current")).version() == version
 
 
-def lake_delta_state(lake, target):
-    """`delta_state` of a lake anywhere (see lakes.py)."""
-    current = lake.delta_table(f"{target}_current")
-    return lake.delta(target), current.to_pyarrow_table(), current.transaction_version(f"sluice/test/{STREAM}")
-
-
-def lake_iceberg_state(lake, target):
-    """`iceberg_state` of a lake anywhere (see lakes.py)."""
-    current = lake.table(f"{target}_current")
-    offset = current.current_snapshot().summary.additional_properties.get(f"sluice.position.sluice/test/{STREAM}")
-    return lake.iceberg(target), current.scan().to_arrow(), None if offset is None else int(offset)
-
-
 def test_iceberg_and_delta_current_tables_agree_with_their_logs_across_kills(sluice_bin, tmp_path, iceberg_lake):
     lake = iceberg_lake
     lines, live = random_history(seed=11, keys=1500, n=6_000)
@@ -186,15 +174,15 @@ def test_iceberg_and_delta_current_tables_agree_with_their_logs_across_kills(slu
     config = write_config(tmp_path, events, [policies], lake=lake.root, lake_extra=lake.config("both"), extra=extra)
     for kill_after in (5, 17):
         run_until_killed(sluice_bin, config, kill_after_commits=kill_after, env=lake.env)
-        for state in (lake_delta_state, lake_iceberg_state):
+        for state in (delta_state, iceberg_state):
             try:
                 state(lake, "accounts")
             except Exception:
                 continue  # not created yet
             assert_current_matches_log(state, lake, "accounts", complete=False)
     run(sluice_bin, "run", "--config", config, "--once", env=lake.env)
-    assert assert_current_matches_log(lake_delta_state, lake, "accounts", complete=True) == len(live)
-    assert assert_current_matches_log(lake_iceberg_state, lake, "accounts", complete=True) == len(live)
+    assert assert_current_matches_log(delta_state, lake, "accounts", complete=True) == len(live)
+    assert assert_current_matches_log(iceberg_state, lake, "accounts", complete=True) == len(live)
     # The current table's merges rewrote files (overwrite snapshots committed through the catalog).
     operations = {s.summary.operation.value for s in lake.table("accounts_current").snapshots()}
     assert "overwrite" in operations, operations

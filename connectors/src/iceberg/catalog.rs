@@ -9,7 +9,7 @@ pub enum CatalogSettings {
     /// directory or S3 prefix (the JDBC catalog's tables: `pyiceberg`'s `SqlCatalog` reads
     /// the same).
     Sql { database: PathBuf, warehouse: LakePath },
-    /// A REST catalog (Polaris, Nessie, Lakekeeper, SeaweedFS, Glue's REST endpoint, …).
+    /// A REST catalog (Polaris, Nessie, Lakekeeper, SeaweedFS, …; not those needing SigV4).
     /// `properties` are passed to the client as they are (`token`, `credential`,
     /// `oauth2-server-uri`, `prefix`, `header.*`, and `s3.*` for the storage the catalog's
     /// tables are on — not the lake's `[lake.s3]`, which may be another store — unless the

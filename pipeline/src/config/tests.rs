@@ -163,27 +163,23 @@ fn the_lake_format_and_iceberg_catalog_are_checked_with_their_line() {
     let dir = tempfile::tempdir().unwrap();
     let with_lake = |lake: &str| HEAD.replace("[lake]\nroot = \"lake\"\n", &format!("[lake]\nroot = \"lake\"\n{lake}"));
     let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
-    let err = load(dir.path(), &format!("{}{source}", with_lake("format = \"parquet\"\n")))
-        .unwrap_err()
-        .to_string();
+    // The error a config with these `[lake]` lines is refused with.
+    let refused = |lake: &str| {
+        load(dir.path(), &format!("{}{source}", with_lake(lake)))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused("format = \"parquet\"\n");
     assert!(
         err.ends_with("sluice.toml:5: lake.format: `parquet`: expected `delta`, `iceberg` or `both`"),
         "{err}"
     );
-    let text = format!(
-        "{}{source}",
-        with_lake("format = \"both\"\n[lake.iceberg]\ncatalog = \"hive\"\n")
-    );
-    let err = load(dir.path(), &text).unwrap_err().to_string();
+    let err = refused("format = \"both\"\n[lake.iceberg]\ncatalog = \"hive\"\n");
     assert!(
         err.ends_with("sluice.toml:7: lake.iceberg.catalog: unknown catalog `hive`: expected `sql` or `rest`"),
         "{err}"
     );
-    let text = format!(
-        "{}{source}",
-        with_lake("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\n")
-    );
-    let err = load(dir.path(), &text).unwrap_err().to_string();
+    let err = refused("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\n");
     assert!(
         err.ends_with("lake.iceberg.uri: required for `catalog = \"rest\"`"),
         "{err}"
@@ -209,18 +205,13 @@ fn the_lake_format_and_iceberg_catalog_are_checked_with_their_line() {
     );
     // A header value the HTTP client would refuse (and print) is refused by name.
     std::env::set_var("SLUICE_TEST_ICEBERG_HEADER", "Bearer s3cr3t\n");
-    let text = format!(
-        "{}{source}",
-        with_lake("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\nproperties_env = { \"header.Authorization\" = \"SLUICE_TEST_ICEBERG_HEADER\" }\n")
-    );
-    let err = load(dir.path(), &text).unwrap_err().to_string();
+    let err = refused("format = \"iceberg\"\n[lake.iceberg]\ncatalog = \"rest\"\nuri = \"http://c\"\nproperties_env = { \"header.Authorization\" = \"SLUICE_TEST_ICEBERG_HEADER\" }\n");
     assert!(
         err.contains("lake.iceberg.properties.header.Authorization: the value holds a control character"),
         "{err}"
     );
     assert!(!err.contains("s3cr3t"), "{err}");
-    let text = format!("{}{source}", with_lake("[lake.iceberg]\nnamespace = \"x\"\n"));
-    let err = load(dir.path(), &text).unwrap_err().to_string();
+    let err = refused("[lake.iceberg]\nnamespace = \"x\"\n");
     assert!(
         err.ends_with("lake.iceberg: set, but `lake.format` does not include `iceberg`"),
         "{err}"
