@@ -23,7 +23,7 @@ use sluice_connectors::avro::{RegistryError, SchemaRegistry};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError, MasterKey};
 use sluice_connectors::lake::current::ErasedRows;
-use sluice_connectors::lake::{Catalogs, LakeError, StreamStanding, TableSink};
+use sluice_connectors::lake::{Catalogs, LakeError, StreamStanding, TableLayout, TableSink};
 use sluice_connectors::source::{Chunk, ChunkSender, ProgressReporter, ReaderEnd, RuntimeHooks, Source, SourceError};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::keys::{dropped_by_erasure, KeyProvider};
@@ -321,8 +321,11 @@ async fn open_sinks(
                 &spec.name,
                 &config.name,
                 spec.schema.clone(),
-                spec.partition,
-                &spec.stats_columns,
+                TableLayout {
+                    partition: spec.partition,
+                    stats_columns: &spec.stats_columns,
+                    tags: spec.tags.as_ref(),
+                },
             )
             .await?;
         sinks.push(match spec.current {

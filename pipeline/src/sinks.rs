@@ -5,7 +5,7 @@
 use arrow_schema::SchemaRef;
 use sluice_connectors::lake::current::{BUCKET_COLUMN, CURRENT_STATS_COLUMNS};
 use sluice_connectors::lake::{
-    current_schema, delta_table, Catalogs, CurrentSettings, LakeError, SchemaChange, TableLocation,
+    current_schema, delta_table, Catalogs, CurrentSettings, LakeError, SchemaChange, TableLocation, TableTags,
 };
 use sluice_transforms::crypto::Tokenizer;
 use sluice_transforms::engine::PARTITION_COLUMN;
@@ -158,6 +158,8 @@ pub struct SinkSpec {
     pub stats_columns: Vec<String>,
     /// A current-state table: how it is kept.
     pub current: Option<CurrentSettings>,
+    /// A policy's table: its columns' classes and tags, written to the table's metadata.
+    pub tags: Option<TableTags>,
 }
 
 /// Every sink of a run, in [`SinkSet`] order.
@@ -172,6 +174,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
                 partition: Some(PARTITION_COLUMN),
                 stats_columns: t.stats_columns(),
                 current: None,
+                tags: Some(crate::manifest::table_tags(t.policy())),
             });
         }
     }
@@ -185,6 +188,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
                 partition: Some(BUCKET_COLUMN),
                 stats_columns: CURRENT_STATS_COLUMNS.iter().map(|c| c.to_string()).collect(),
                 current: Some(config.current_settings(t.policy())),
+                tags: Some(crate::manifest::table_tags(t.policy())),
             });
         }
     }
@@ -198,6 +202,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
         partition: None,
         stats_columns: names(VAULT_STATS_COLUMNS),
         current: None,
+        tags: None,
     });
     specs.push(SinkSpec {
         location: delta_table(config.quarantine_path.clone()),
@@ -206,6 +211,7 @@ pub fn sink_specs(config: &Config, transforms: &[TableTransform]) -> Vec<SinkSpe
         partition: Some(crate::quarantine::PARTITION_COLUMN),
         stats_columns: names(crate::quarantine::STATS_COLUMNS),
         current: None,
+        tags: None,
     });
     specs
 }

@@ -8,7 +8,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::{DataType, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, StructField, StructType, Transaction};
+use deltalake::kernel::{Action, MetadataExt, MetadataValue, StructField, StructType, Transaction};
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
@@ -17,6 +17,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
 
 use crate::lake::schema::{plan, Mismatch, SchemaChange};
+use crate::lake::tags::{self, ColumnTags, TableTags};
 use crate::storage::{LakePath, LakePathError};
 use crate::SourcePosition;
 
@@ -96,6 +97,7 @@ impl DeltaSink {
         schema: SchemaRef,
         partition_by: &[&str],
         stats_columns: &[String],
+        tags: Option<&TableTags>,
     ) -> Result<Self, DeltaSinkError> {
         let err = |source| DeltaSinkError::Delta {
             table: name.to_string(),
@@ -113,12 +115,17 @@ impl DeltaSink {
             .map_err(err)?;
         if table.version().is_none() {
             let kernel: StructType = schema.as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
+            let no_tags = TableTags::default();
+            let tags = tags.unwrap_or(&no_tags);
             let created = table
                 .clone()
                 .create()
                 .with_table_name(name)
-                .with_columns(kernel.fields().cloned())
+                .with_columns(kernel.fields().map(|f| tagged(f, tags.columns.get(f.name()))))
                 .with_partition_columns(partition_by.iter().map(|s| s.to_string()))
+                .with_configuration(tags.properties.iter().map(|(k, v)| (k.clone(), Some(v.clone()))))
+                // sluice's own properties (`sluice.*`) are not Delta's.
+                .with_raise_if_key_not_exists(false)
                 .with_configuration_property(
                     deltalake::TableProperty::DataSkippingStatsColumns,
                     Some(stats_columns.join(",")),
@@ -144,7 +151,10 @@ impl DeltaSink {
             };
         }
         let table = evolve_schema(table, name, &schema).await?;
-        let table = restrict_stats(table, name, stats_columns).await?;
+        let mut table = restrict_stats(table, name, stats_columns).await?;
+        if let Some(tags) = tags {
+            table = apply_tags(table, name, tags).await?;
+        }
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err)?
             .with_writer_properties(writer_properties(&schema));
@@ -563,14 +573,14 @@ fn delta_columns(schema: &StructType) -> Vec<(String, String)> {
 
 /// Where each of the table's columns is in a policy batch, when the two orders differ (a column
 /// added to a policy is appended to the table, wherever the policy has it): the batch's columns
-/// in the table's order, nullable as the table's are.
+/// in the table's order, nullable as the table's are and with its column metadata (the writer
+/// refuses a batch whose schema differs in either).
 fn table_order(batch: &arrow_schema::Schema, table: &arrow_schema::Schema) -> Option<(SchemaRef, Vec<usize>)> {
-    let same = batch.fields().len() == table.fields().len()
-        && batch
-            .fields()
-            .iter()
-            .zip(table.fields())
-            .all(|(b, t)| b.name() == t.name() && b.is_nullable() == t.is_nullable());
+    let same =
+        batch.fields().len() == table.fields().len()
+            && batch.fields().iter().zip(table.fields()).all(|(b, t)| {
+                b.name() == t.name() && b.is_nullable() == t.is_nullable() && b.metadata() == t.metadata()
+            });
     if same {
         return None;
     }
@@ -582,7 +592,13 @@ fn table_order(batch: &arrow_schema::Schema, table: &arrow_schema::Schema) -> Op
     let fields: Vec<arrow_schema::Field> = order
         .iter()
         .zip(table.fields())
-        .map(|(&i, t)| batch.field(i).clone().with_nullable(t.is_nullable()))
+        .map(|(&i, t)| {
+            batch
+                .field(i)
+                .clone()
+                .with_nullable(t.is_nullable())
+                .with_metadata(t.metadata().clone())
+        })
         .collect();
     Some((std::sync::Arc::new(arrow_schema::Schema::new(fields)), order))
 }
@@ -621,6 +637,69 @@ async fn restrict_stats(
             .await
             .map_err(err)?;
     }
+    Ok(table)
+}
+
+/// `field` with sluice's metadata keys set to `tags` (removed where `tags` has none); others kept.
+fn tagged(field: &StructField, tags: Option<&ColumnTags>) -> StructField {
+    let mut field = field.clone();
+    field
+        .metadata
+        .retain(|key, _| ![tags::COMMENT_KEY, tags::CLASS_KEY, tags::TAGS_KEY].contains(&key.as_str()));
+    if let Some(tags) = tags {
+        for (key, value) in tags.delta_metadata() {
+            field.metadata.insert(key.to_string(), MetadataValue::String(value));
+        }
+    }
+    field
+}
+
+/// Brings the table's column metadata and `sluice.*` properties to `tags`, in one metadata
+/// commit, if they differ (a policy that changed a class since the table was written).
+async fn apply_tags(mut table: DeltaTable, name: &str, tags: &TableTags) -> Result<DeltaTable, DeltaSinkError> {
+    let err = |source| DeltaSinkError::Delta {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let snapshot = table.snapshot().map_err(err)?;
+    let schema = snapshot.schema();
+    let fields: Vec<StructField> = schema.fields().map(|f| tagged(f, tags.columns.get(f.name()))).collect();
+    let columns_changed = fields.iter().zip(schema.fields()).any(|(new, old)| new != old);
+    let properties = tags.property_changes(snapshot.metadata().configuration());
+    if !columns_changed && properties.is_empty() {
+        return Ok(table);
+    }
+    tracing::info!(
+        table = name,
+        "writing the policy's column classes and tags to the table"
+    );
+    let mut metadata = snapshot.metadata().clone();
+    if columns_changed {
+        metadata = metadata
+            .with_schema(&StructType::try_new(fields).map_err(|e| err(e.into()))?)
+            .map_err(|e| err(e.into()))?;
+    }
+    let mut set = HashMap::new();
+    for (key, value) in properties {
+        metadata = match value {
+            Some(value) => {
+                set.insert(key.clone(), value.clone());
+                metadata.add_config_key(key, value)
+            }
+            None => metadata.remove_config_key(&key),
+        }
+        .map_err(|e| err(e.into()))?;
+    }
+    CommitBuilder::default()
+        .with_actions(vec![Action::Metadata(metadata)])
+        .build(
+            Some(snapshot.snapshot()),
+            table.log_store(),
+            DeltaOperation::SetTableProperties { properties: set },
+        )
+        .await
+        .map_err(err)?;
+    table.update_state().await.map_err(err)?;
     Ok(table)
 }
 
@@ -734,7 +813,7 @@ pub(crate) async fn replace_where(
     predicate: deltalake::datafusion::prelude::Expr,
     positions: &[SourcePosition],
 ) -> Result<u64, DeltaSinkError> {
-    DeltaSink::open_or_create(location, name, app_prefix, schema.clone(), &[], stats_columns).await?;
+    DeltaSink::open_or_create(location, name, app_prefix, schema.clone(), &[], stats_columns, None).await?;
     let err = |source| DeltaSinkError::Delta {
         table: name.to_string(),
         source: Box::new(source),

@@ -22,7 +22,7 @@ fn a_nullable_column_appended_by_a_newer_schema_is_added_and_its_values_read_bac
     };
     rt.block_on(async {
         let stats = ["id".to_string(), "_source_db".to_string()];
-        let mut sink = DeltaSink::open_or_create(&location, "t", "p", old.clone(), &[], &stats[..1])
+        let mut sink = DeltaSink::open_or_create(&location, "t", "p", old.clone(), &[], &stats[..1], None)
             .await
             .unwrap();
         sink.write(RecordBatch::try_new(old.clone(), vec![Arc::new(Int64Array::from(vec![1]))]).unwrap())
@@ -31,7 +31,7 @@ fn a_nullable_column_appended_by_a_newer_schema_is_added_and_its_values_read_bac
         sink.commit(&[position(1)], &[]).await.unwrap();
         assert!(sink.column_values_in_stats("_source_db").unwrap().is_empty());
 
-        let mut sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats)
+        let mut sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats, None)
             .await
             .unwrap();
         let batch = RecordBatch::try_new(
@@ -45,7 +45,7 @@ fn a_nullable_column_appended_by_a_newer_schema_is_added_and_its_values_read_bac
         assert_eq!(sink.committed("s").await.unwrap(), Some(1));
         sink.write(batch).await.unwrap();
         sink.commit(&[position(2)], &[]).await.unwrap();
-        let sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats)
+        let sink = DeltaSink::open_or_create(&location, "t", "p", new.clone(), &[], &stats, None)
             .await
             .unwrap();
         assert_eq!(
@@ -53,9 +53,11 @@ fn a_nullable_column_appended_by_a_newer_schema_is_added_and_its_values_read_bac
             vec!["crm".to_string()]
         );
         // A column removed, or one added in the middle, is still refused.
-        assert!(DeltaSink::open_or_create(&location, "t", "p", old, &[], &stats[..1])
-            .await
-            .is_err());
+        assert!(
+            DeltaSink::open_or_create(&location, "t", "p", old, &[], &stats[..1], None)
+                .await
+                .is_err()
+        );
     });
 }
 

@@ -1,6 +1,7 @@
 //! Compaction of an Iceberg table: small files rewritten into files of the target size.
 
 use super::*;
+use crate::lake::TableLayout;
 
 /// Rewrites each partition's small files (under `target_bytes`, two or more) into files of
 /// about `target_bytes`, in one `replace` snapshot (data unchanged; older snapshots kept for
@@ -32,8 +33,10 @@ pub(crate) async fn compact(
         name,
         app_prefix,
         schema,
-        None,
-        stats_columns.unwrap_or(&all),
+        TableLayout {
+            stats_columns: stats_columns.unwrap_or(&all),
+            ..TableLayout::default()
+        },
     )
     .await?;
     let mut by_partition: HashMap<iceberg::spec::Struct, Vec<DataFile>> = HashMap::new();

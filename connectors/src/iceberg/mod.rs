@@ -26,6 +26,7 @@ use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
 use crate::delta::erase::{count_matches, FileError};
+use crate::lake::{TableLayout, TableTags};
 use crate::storage::{LakePath, StorageOptions};
 use crate::SourcePosition;
 
@@ -169,9 +170,13 @@ impl IcebergSink {
         name: &str,
         app_prefix: &str,
         schema: SchemaRef,
-        partition_column: Option<&str>,
-        stats_columns: &[String],
+        layout: TableLayout<'_>,
     ) -> Result<Self, IcebergSinkError> {
+        let TableLayout {
+            partition: partition_column,
+            stats_columns,
+            tags,
+        } = layout;
         let err = |source| IcebergSinkError::Iceberg {
             table: name.to_string(),
             source: Box::new(source),
@@ -189,7 +194,7 @@ impl IcebergSink {
         let mut table = if catalog.table_exists(&ident).await.map_err(err)? {
             catalog.load_table(&ident).await.map_err(err)?
         } else {
-            let ice = iceberg_schema(name, &schema)?;
+            let ice = iceberg_schema(name, &schema, tags)?;
             let mut spec = UnboundPartitionSpec::builder();
             if let Some(column) = partition_column {
                 let source_id = ice.field_by_name(column).map(|f| f.id).unwrap_or(0);
@@ -201,10 +206,14 @@ impl IcebergSink {
                 .name(name.to_string())
                 .schema(ice)
                 .partition_spec(spec.build())
-                .properties([
-                    (NO_LIBRARY_RETRIES.0.to_string(), NO_LIBRARY_RETRIES.1.to_string()),
-                    ("write.parquet.compression-codec".to_string(), "snappy".to_string()),
-                ])
+                .properties(
+                    [
+                        (NO_LIBRARY_RETRIES.0.to_string(), NO_LIBRARY_RETRIES.1.to_string()),
+                        ("write.parquet.compression-codec".to_string(), "snappy".to_string()),
+                    ]
+                    .into_iter()
+                    .chain(tags.iter().flat_map(|t| t.properties.clone())),
+                )
                 .build();
             match catalog.create_table(&namespace, creation).await {
                 Ok(t) => t,
@@ -232,6 +241,9 @@ impl IcebergSink {
                 .map_err(err)?;
         }
         table = evolve_schema(catalog.as_ref(), table, name, &schema).await?;
+        if let Some(tags) = tags {
+            table = apply_tags(&catalog, location, table, name, tags).await?;
+        }
         let arrow_schema = Arc::new(schema_to_arrow_schema(table.metadata().current_schema()).map_err(err)?);
         let spec = table.metadata().default_partition_spec();
         let splitter = if spec.is_unpartitioned() {

@@ -10,13 +10,13 @@
 //! assert the `main` branch still is the snapshot we read (see `rest.rs`). Either way a writer
 //! that committed in between fails the commit, which is then prepared again on top of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
 use iceberg::spec::{
-    DataFile, FormatVersion, ManifestFile, ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot,
-    SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH,
+    DataFile, FormatVersion, ManifestFile, ManifestListWriter, ManifestWriterBuilder, NestedFieldRef, Operation,
+    Schema, Snapshot, SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH,
 };
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
@@ -65,8 +65,9 @@ struct Staged {
     snapshot_id: i64,
     /// The manifests and manifest list written for it (garbage if the commit fails).
     written: Vec<String>,
-    /// The snapshot it replaces as the head of `main`.
-    parent_id: i64,
+    /// What must still hold of the table for the updates to apply (a REST catalog checks
+    /// them; the SQL catalog's compare-and-swap of the metadata location implies them).
+    requirements: Vec<TableRequirement>,
     updates: Vec<TableUpdate>,
 }
 
@@ -176,17 +177,8 @@ impl Rewriter {
         let ident = self.location.table_ident(&self.name);
         match &self.committer {
             Committer::Rest(rest) => {
-                let requirements = vec![
-                    TableRequirement::UuidMatch {
-                        uuid: table.metadata().uuid(),
-                    },
-                    TableRequirement::RefSnapshotIdMatch {
-                        r#ref: MAIN_BRANCH.to_string(),
-                        snapshot_id: Some(staged.parent_id),
-                    },
-                ];
                 match rest
-                    .commit(&ident, requirements, staged.updates)
+                    .commit(&ident, staged.requirements, staged.updates)
                     .await
                     .map_err(|e| self.err(e))?
                 {
@@ -331,7 +323,13 @@ impl Rewriter {
         Ok(Staged {
             snapshot_id,
             written,
-            parent_id: current.snapshot_id(),
+            requirements: vec![
+                TableRequirement::UuidMatch { uuid: metadata.uuid() },
+                TableRequirement::RefSnapshotIdMatch {
+                    r#ref: MAIN_BRANCH.to_string(),
+                    snapshot_id: Some(current.snapshot_id()),
+                },
+            ],
             updates: vec![
                 TableUpdate::AddSnapshot { snapshot },
                 TableUpdate::SetSnapshotRef {
@@ -340,6 +338,63 @@ impl Rewriter {
                 },
             ],
         })
+    }
+
+    /// Gives the table's columns the docs in `docs` (`None`: no doc), as a new current schema
+    /// (same columns and ids); retried over concurrent commits. Columns not named keep theirs.
+    /// `iceberg` 0.10's schema updates only add or delete columns, hence a commit of our own.
+    pub(crate) async fn set_docs(&self, docs: &BTreeMap<String, Option<String>>) -> Result<Table, IcebergSinkError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let table = self.load().await?;
+            let current = table.metadata().current_schema();
+            let mut changed = false;
+            let fields: Vec<NestedFieldRef> = current
+                .as_struct()
+                .fields()
+                .iter()
+                .map(|f| match docs.get(&f.name) {
+                    Some(doc) if f.doc != *doc => {
+                        changed = true;
+                        let mut field = f.as_ref().clone();
+                        field.doc = doc.clone();
+                        Arc::new(field)
+                    }
+                    _ => f.clone(),
+                })
+                .collect();
+            if !changed {
+                return Ok(table);
+            }
+            let schema = Schema::builder()
+                .with_fields(fields)
+                .with_identifier_field_ids(current.identifier_field_ids())
+                .build()
+                .map_err(|e| self.err(e))?;
+            let staged = Staged {
+                snapshot_id: 0,
+                written: Vec::new(),
+                requirements: vec![
+                    TableRequirement::UuidMatch {
+                        uuid: table.metadata().uuid(),
+                    },
+                    TableRequirement::CurrentSchemaIdMatch {
+                        current_schema_id: current.schema_id(),
+                    },
+                ],
+                updates: vec![
+                    TableUpdate::AddSchema { schema },
+                    // -1: the schema just added.
+                    TableUpdate::SetCurrentSchema { schema_id: -1 },
+                ],
+            };
+            if self.commit_staged(&table, staged).await? {
+                return self.load().await;
+            }
+        }
+        Err(self.err(iceberg::Error::new(
+            ErrorKind::CatalogCommitConflicts,
+            "other writers kept committing; try again",
+        )))
     }
 
     /// Expires every snapshot before `snapshot_id` and deletes the data files, manifests and

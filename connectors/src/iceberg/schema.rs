@@ -12,17 +12,24 @@ pub(super) fn type_error(table: &str, field: &arrow_schema::Field) -> IcebergSin
     }
 }
 
-/// The Iceberg schema of `schema`, ids from 1 in column order; timestamps as `timestamptz`.
-pub(super) fn iceberg_schema(table: &str, schema: &ArrowSchema) -> Result<Schema, IcebergSinkError> {
+/// The Iceberg schema of `schema`, ids from 1 in column order; timestamps as `timestamptz`;
+/// tagged columns documented.
+pub(super) fn iceberg_schema(
+    table: &str,
+    schema: &ArrowSchema,
+    tags: Option<&TableTags>,
+) -> Result<Schema, IcebergSinkError> {
     let mut fields = Vec::with_capacity(schema.fields().len());
     for (i, f) in schema.fields().iter().enumerate() {
         let ty = arrow_type_to_type(f.data_type()).map_err(|_| type_error(table, f))?;
         let id = i as i32 + 1;
-        fields.push(Arc::new(if f.is_nullable() {
+        let mut field = if f.is_nullable() {
             NestedField::optional(id, f.name(), ty)
         } else {
             NestedField::required(id, f.name(), ty)
-        }));
+        };
+        field.doc = column_doc(tags, f.name());
+        fields.push(Arc::new(field));
     }
     Schema::builder()
         .with_fields(fields)
@@ -132,4 +139,62 @@ pub(super) fn retag(array: &ArrayRef, want: &DataType) -> Result<ArrayRef, delta
         }
         _ => deltalake::arrow::compute::cast(array, want),
     }
+}
+
+/// A column's doc: its comment (class, how it was made, tags); `None` for an untagged column.
+fn column_doc(tags: Option<&TableTags>, column: &str) -> Option<String> {
+    tags.and_then(|t| t.columns.get(column))
+        .map(|c| c.comment.clone())
+        .filter(|c| !c.is_empty())
+}
+
+/// Brings the table's `sluice.*` properties and its columns' docs to `tags`, committing only
+/// what differs (a policy that changed a class since the table was written).
+pub(super) async fn apply_tags(
+    catalog: &Arc<dyn Catalog>,
+    location: &IcebergLocation,
+    mut table: Table,
+    name: &str,
+    tags: &TableTags,
+) -> Result<Table, IcebergSinkError> {
+    let err = |source| IcebergSinkError::Iceberg {
+        table: name.to_string(),
+        source: Box::new(source),
+    };
+    let changes = tags.property_changes(table.metadata().properties());
+    if !changes.is_empty() {
+        tracing::info!(table = name, "writing the policy's classes to the table's properties");
+        let tx = Transaction::new(&table);
+        let mut update = tx.update_table_properties();
+        for (key, value) in changes {
+            update = match value {
+                Some(value) => update.set(key, value),
+                None => update.remove(key),
+            };
+        }
+        let tx = update.apply(tx).map_err(err)?;
+        table = tx
+            .commit(catalog.as_ref())
+            .await
+            .and_then(|t| with_file_io_of(t, &table))
+            .map_err(err)?;
+    }
+    let docs: std::collections::BTreeMap<String, Option<String>> = tags
+        .columns
+        .keys()
+        .map(|column| (column.clone(), column_doc(Some(tags), column)))
+        .collect();
+    let differs = table
+        .metadata()
+        .current_schema()
+        .as_struct()
+        .fields()
+        .iter()
+        .any(|f| docs.get(&f.name).is_some_and(|doc| f.doc != *doc));
+    if differs {
+        tracing::info!(table = name, "writing the policy's column classes to the table's docs");
+        let rewriter = super::rewrite::Rewriter::new(catalog.clone(), location, name).await?;
+        table = rewriter.set_docs(&docs).await?;
+    }
+    Ok(table)
 }

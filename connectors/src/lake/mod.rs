@@ -11,17 +11,29 @@ mod layout;
 mod ops;
 mod positions;
 pub(crate) mod schema;
+pub(crate) mod tags;
 use current::CurrentSink;
 pub use current::{current_schema, CurrentSettings};
 pub use layout::{delta_table, table_locations, LakeFormat};
 pub(crate) use positions::standings;
 pub use positions::StreamStanding;
 pub use schema::SchemaChange;
+pub use tags::{ColumnTags, TableTags};
 
 use crate::delta::{DeltaSink, DeltaSinkError};
 use crate::iceberg::{IcebergLocation, IcebergSink, IcebergSinkError};
 use crate::storage::LakePath;
 use crate::SourcePosition;
+
+/// How a table is laid out and described, beside its schema: its partition column, the columns
+/// whose per-file minimum and maximum its log or manifests may keep, and its columns' classes
+/// and tags (`None`: left as they are).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableLayout<'a> {
+    pub partition: Option<&'a str>,
+    pub stats_columns: &'a [String],
+    pub tags: Option<&'a TableTags>,
+}
 
 /// A column's Parquet dictionary is given up once it holds this much. Columns that repeat (a
 /// status, a channel, an hour) stay far below it; tokens and other per-person values never do,

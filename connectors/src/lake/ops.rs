@@ -12,7 +12,7 @@ use deltalake::datafusion::datasource::file_format::parquet::ParquetFormat;
 use deltalake::datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use deltalake::datafusion::prelude::{col, lit, SessionContext};
 
-use super::{Catalogs, LakeError, SchemaChange, Sink, TableLocation, TableSink};
+use super::{Catalogs, LakeError, SchemaChange, Sink, TableLayout, TableLocation, TableSink};
 use crate::delta::erase::RowMatcher;
 use crate::delta::{Compaction, DeltaSink};
 use crate::iceberg::IcebergSink;
@@ -35,21 +35,29 @@ impl TableLocation {
         }
     }
 
-    /// Opens the table for appends (creating it with `schema`), partitioned by `partition`;
-    /// statistics only for `stats_columns`. `name` names a Delta table in logs and errors (an
-    /// Iceberg table's name is its location's).
+    /// Opens the table for appends (creating it with `schema`), laid out and described as
+    /// `layout` says. `name` names a Delta table in logs and errors (an Iceberg table's name
+    /// is its location's).
     pub async fn open_sink(
         &self,
         catalogs: &mut Catalogs,
         name: &str,
         app_prefix: &str,
         schema: SchemaRef,
-        partition: Option<&str>,
-        stats_columns: &[String],
+        layout: TableLayout<'_>,
     ) -> Result<TableSink, LakeError> {
         Ok(match self {
             TableLocation::Delta(path) => TableSink(Sink::Delta(
-                DeltaSink::open_or_create(path, name, app_prefix, schema, partition.as_slice(), stats_columns).await?,
+                DeltaSink::open_or_create(
+                    path,
+                    name,
+                    app_prefix,
+                    schema,
+                    layout.partition.as_slice(),
+                    layout.stats_columns,
+                    layout.tags,
+                )
+                .await?,
             )),
             TableLocation::Iceberg { location, table } => TableSink(Sink::Iceberg(
                 IcebergSink::open_or_create(
@@ -58,8 +66,7 @@ impl TableLocation {
                     table,
                     app_prefix,
                     schema,
-                    partition,
-                    stats_columns,
+                    layout,
                 )
                 .await?,
             )),
@@ -182,8 +189,18 @@ impl TableLocation {
             }
             TableLocation::Iceberg { location, table } => {
                 let catalog = catalogs.get(location).await?;
-                let mut sink =
-                    IcebergSink::open_or_create(catalog, location, table, app_prefix, schema, None, &stats).await?;
+                let mut sink = IcebergSink::open_or_create(
+                    catalog,
+                    location,
+                    table,
+                    app_prefix,
+                    schema,
+                    TableLayout {
+                        stats_columns: &stats,
+                        ..TableLayout::default()
+                    },
+                )
+                .await?;
                 for batch in batches {
                     sink.write(batch).await?;
                 }

@@ -82,6 +82,10 @@ pub enum Command {
         /// credentials; without it, check reads nothing but the config.
         #[arg(long)]
         tables: bool,
+        /// Print, instead of the manifest, a JSON document of every table's columns: class,
+        /// tags, action, source column and type (for a job that applies them as catalog tags).
+        #[arg(long, conflicts_with = "tables")]
+        tags_json: bool,
     },
     /// Write deterministic demo/benchmark change events (a debt-collection domain).
     Generate(GenerateArgs),

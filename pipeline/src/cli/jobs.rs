@@ -40,8 +40,12 @@ pub fn compact(config: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn check(config: &Path, tables: bool) -> anyhow::Result<ExitCode> {
+pub fn check(config: &Path, tables: bool, tags_json: bool) -> anyhow::Result<ExitCode> {
     let cfg = config::Config::load(config)?;
+    if tags_json {
+        println!("{}", serde_json::to_string_pretty(&manifest::tags_json(&cfg))?);
+        return Ok(ExitCode::SUCCESS);
+    }
     print!("{}", manifest::render(&cfg));
     if !tables {
         return Ok(ExitCode::SUCCESS);

@@ -37,7 +37,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::ReuseSubject(args) => forget::reuse_subject(args),
         Command::Aggregate(args) => jobs::aggregate(args),
         Command::Compact { config } => jobs::compact(&config),
-        Command::Check { config, tables } => jobs::check(&config, tables),
+        Command::Check {
+            config,
+            tables,
+            tags_json,
+        } => jobs::check(&config, tables, tags_json),
         Command::Generate(args) => jobs::generate(args),
         Command::AuditLeaks(args) => jobs::audit_leaks(args),
     }

@@ -33,6 +33,7 @@ use crate::sinks::SinkSet;
 mod aggregates;
 mod daemon;
 pub mod defaults;
+mod governance;
 mod input;
 mod keys;
 mod lake;
@@ -42,6 +43,8 @@ mod tests;
 
 pub use aggregates::*;
 pub use daemon::*;
+use governance::*;
+pub use governance::{GovernanceConfig, RevealConfig};
 pub use input::*;
 pub use keys::*;
 use lake::*;
@@ -103,6 +106,8 @@ struct RawConfig {
     raw_stream: Option<RawPublish>,
     #[serde(default)]
     aggregates: Vec<RawAggregate>,
+    #[serde(default)]
+    governance: RawGovernance,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,6 +352,7 @@ pub struct Config {
     pub compaction: CompactionConfig,
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
+    pub governance: GovernanceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -431,7 +437,8 @@ impl Config {
                 ),
             ));
         }
-        let policies = load_policies(&raw, &text, &resolve, &invalid)?;
+        let governance = governance_config(&raw.governance, &invalid)?;
+        let policies = load_policies(&raw, &text, &resolve, &invalid, &governance.classes)?;
         let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
         let aggregates = aggregates_config(&raw, &policies, &invalid)?;
         let input = input_settings(&raw, &resolve, &invalid)?;
@@ -464,6 +471,7 @@ impl Config {
             workers: raw.workers,
             http: raw.http,
             shutdown: raw.shutdown,
+            governance,
         })
     }
 
@@ -594,6 +602,7 @@ fn load_policies(
     text: &str,
     resolve: &dyn Fn(&str) -> PathBuf,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
+    known_classes: &[String],
 ) -> Result<Vec<Policy>, LoadError> {
     if raw.policies.is_empty() {
         return Err(invalid(
@@ -625,6 +634,7 @@ fn load_policies(
         }
     }
     subjects_never_shown(&policies, &policy_texts)?;
+    classes_known(&policies, &policy_texts, known_classes)?;
     let mut tables = HashSet::new();
     let mut targets = HashSet::new();
     for p in &policies {

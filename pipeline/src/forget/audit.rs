@@ -9,13 +9,16 @@ pub(super) fn write_audit(
     receipt: &Receipt,
     stream: String,
 ) -> Result<(), ForgetError> {
+    let stats = ["job_id", "started_at", "finished_at", "verified"].map(String::from);
     let mut audit = rt.block_on(delta_table(config.audit_path.clone()).open_sink(
         &mut Catalogs::default(),
         "erasure_audit",
         &config.name,
         audit_schema(),
-        None,
-        &["job_id", "started_at", "finished_at", "verified"].map(String::from),
+        TableLayout {
+            stats_columns: &stats,
+            ..TableLayout::default()
+        },
     ))?;
     if rt.block_on(audit.committed(&stream))?.is_none() {
         rt.block_on(audit.write(audit_row(receipt)))?;

@@ -30,7 +30,7 @@ use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, T
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
-use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLocation};
+use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLayout, TableLocation};
 use sluice_connectors::SourcePosition;
 use sluice_transforms::actions::timestamp_type;
 use sluice_transforms::crypto::{canonical_identifier, DataKey};

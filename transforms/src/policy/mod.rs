@@ -55,12 +55,22 @@ pub struct ColumnRule {
     /// How integer dates and times in this column are encoded (`unit = "days"|"ms"|"us"|"ns"`);
     /// `None`: told apart by magnitude.
     pub unit: Option<IntegerTime>,
+    /// What the source column holds (see [`CLASSES`]), and free tags: written where catalogs
+    /// read them.
+    pub class: Option<String>,
+    pub tags: Vec<String>,
+    /// Why a `direct_identifier` or `special_category` column is kept in plain (required then).
+    pub allow_plain: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Derived {
     pub name: String,
     pub function: Function,
+    /// A derived column's own class and tags: it does not inherit its source's (`has_email` is
+    /// not a direct identifier).
+    pub class: Option<String>,
+    pub tags: Vec<String>,
 }
 
 /// One column of the analytic table and where it comes from.
@@ -71,7 +81,36 @@ pub struct OutputColumn {
     pub source: String,
     /// Human description: "tokenize (domain customer)", "derive is_present", …
     pub how: String,
+    /// The policy's action (`keep`, `tokenize`, …, `derive`).
+    pub action: &'static str,
+    pub class: Option<String>,
+    pub tags: Vec<String>,
 }
+
+/// The documented classes (extensible with `[governance] classes` in the pipeline config), and
+/// what each means.
+pub const CLASSES: &[(&str, &str)] = &[
+    (
+        "direct_identifier",
+        "identifies a person on its own (name, email, phone, national id, account number)",
+    ),
+    (
+        "quasi_identifier",
+        "identifies a person combined with others (birth date, postcode, gender, employer)",
+    ),
+    (
+        "special_category",
+        "GDPR Art. 9 data: health, ethnicity, religion, sexuality, biometrics, union membership",
+    ),
+    ("financial", "balances, amounts, income, payment behaviour"),
+    (
+        "operational",
+        "status codes, counters, timestamps: no personal meaning on its own",
+    ),
+];
+
+/// Classes a policy may not `keep` in plain without saying why (`allow_plain`).
+pub const RESTRICTED_CLASSES: &[&str] = &["direct_identifier", "special_category"];
 
 impl ColumnRule {
     pub fn output_name(&self) -> Option<String> {
@@ -216,6 +255,9 @@ impl Policy {
                     data_type,
                     source: rule.column.clone(),
                     how: rule.action.describe(),
+                    action: rule.action.name(),
+                    class: rule.class.clone(),
+                    tags: rule.tags.clone(),
                 });
             }
             for d in &rule.derive {
@@ -224,6 +266,9 @@ impl Policy {
                     data_type: d.function.output_type(),
                     source: rule.column.clone(),
                     how: format!("derive {}", d.function.name()),
+                    action: "derive",
+                    class: d.class.clone(),
+                    tags: d.tags.clone(),
                 });
             }
         }
@@ -392,8 +437,23 @@ fn column_rule(
                 "must be letters, digits and _".into(),
             ));
         }
-        derive.push(Derived { name: d.name, function });
+        let (class, tags) = classification(d.class.as_ref(), &d.tags, &format!("{field}.derive"), err)?;
+        derive.push(Derived {
+            name: d.name,
+            function,
+            class,
+            tags,
+        });
     }
+    let (class, tags) = classification(spec.class.as_ref(), &spec.tags, &field, err)?;
+    let allow_plain = plain_allowed(
+        spec.allow_plain.as_ref(),
+        &action,
+        class.as_deref(),
+        &field,
+        span.clone(),
+        err,
+    )?;
     let rename = spec.rename.map(|r| {
         let name = r.get_ref().clone();
         (name, r.span())
@@ -444,8 +504,98 @@ fn column_rule(
         rename: rename.map(|r| r.0),
         derive,
         unit,
+        class,
+        tags,
+        allow_plain,
     })
 }
+
+/// A rule's (or derive's) `class` and `tags`, checked: a class is a lower-case name (the
+/// pipeline config checks it is a known one), a tag short printable text.
+fn classification(
+    class: Option<&Spanned<String>>,
+    tags: &[Spanned<String>],
+    field: &str,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<(Option<String>, Vec<String>), ConfigError> {
+    if let Some(c) = class {
+        let name = c.get_ref();
+        let lower_name = name.starts_with(|ch: char| ch.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
+        if !lower_name {
+            return Err(err(
+                c.span(),
+                &format!("{field}.class"),
+                "must be a lower-case name (letters, digits and _): one of the documented classes or one the pipeline config adds".into(),
+            ));
+        }
+    }
+    let mut out: Vec<String> = Vec::with_capacity(tags.len());
+    for t in tags {
+        let tag = t.get_ref();
+        if tag.trim().is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(|ch| ch.is_control() || ch == ',') {
+            return Err(err(
+                t.span(),
+                &format!("{field}.tags"),
+                format!("a tag is 1 to {MAX_TAG_LEN} printable characters, without commas"),
+            ));
+        }
+        if !out.contains(tag) {
+            out.push(tag.clone());
+        }
+    }
+    Ok((class.map(|c| c.get_ref().clone()), out))
+}
+
+/// The reason a restricted class is kept in plain: required for `keep` of a
+/// `direct_identifier` or `special_category` column, refused anywhere else (a stale excuse
+/// would hide the next change).
+fn plain_allowed(
+    allow_plain: Option<&Spanned<String>>,
+    action: &Action,
+    class: Option<&str>,
+    field: &str,
+    span: std::ops::Range<usize>,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<Option<String>, ConfigError> {
+    let restricted = class.filter(|c| RESTRICTED_CLASSES.contains(c));
+    let kept = matches!(action, Action::Keep(_));
+    match (allow_plain, restricted) {
+        (None, Some(class)) if kept => Err(err(
+            span,
+            &format!("{field}.action"),
+            format!(
+                "`keep` writes a {class} column in plain: tokenize, encrypt, vault, generalize or derive from it instead, or say why it must be plain with allow_plain = \"<reason>\""
+            ),
+        )),
+        (None, _) => Ok(None),
+        (Some(reason), Some(_)) if kept => {
+            if reason.get_ref().trim().is_empty() {
+                return Err(err(
+                    reason.span(),
+                    &format!("{field}.allow_plain"),
+                    "must say why the column is kept in plain".into(),
+                ));
+            }
+            Ok(Some(reason.get_ref().clone()))
+        }
+        (Some(reason), _) => Err(err(
+            reason.span(),
+            &format!("{field}.allow_plain"),
+            format!(
+                "only excuses `keep` of a {} column; this rule {} a {} column",
+                RESTRICTED_CLASSES.join(" or "),
+                if kept { "keeps" } else { "does not keep" },
+                class.unwrap_or("unclassified")
+            ),
+        )),
+    }
+}
+
+/// The longest tag: catalogs limit tag values (Lake Formation: 256; Unity Catalog: 256).
+pub const MAX_TAG_LEN: usize = 128;
 
 /// `[erasure]`: delete the subject's rows, or blank the linking columns (and `blank`).
 /// The row key: the listed columns, each the subject or a column the policy tokenizes or keeps
@@ -577,6 +727,10 @@ pub(super) struct RawColumn {
     edges: Option<Vec<f64>>,
     /// How integer dates/times of this column are encoded: days, ms, us, ns.
     unit: Option<Spanned<String>>,
+    class: Option<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    allow_plain: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +742,9 @@ pub(super) struct RawDerive {
     bands: Option<Vec<i64>>,
     length: Option<usize>,
     edges: Option<Vec<f64>>,
+    class: Option<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
 }
 
 impl RawColumn {

@@ -154,3 +154,89 @@ fn a_row_key_is_the_subject_unless_named_and_only_of_stable_columns() {
     assert_eq!((e.field.as_str(), e.line), ("current", 1));
     assert!(e.to_string().contains("a current table needs `key`"), "{e}");
 }
+
+#[test]
+fn classes_and_tags_reach_the_output_columns_and_derives_do_not_inherit() {
+    let text = CUSTOMERS
+        .replace(
+            "[columns.email]\naction = \"vault\"",
+            "[columns.email]\naction = \"vault\"\nclass = \"direct_identifier\"\ntags = [\"pii\", \"contact\"]",
+        )
+        .replace(
+            "{ name = \"has_email\", fn = \"is_present\" }",
+            "{ name = \"has_email\", fn = \"is_present\", class = \"operational\" }",
+        )
+        .replace(
+            "[columns.balance]\naction = \"keep\"",
+            "[columns.balance]\naction = \"keep\"\nclass = \"financial\"",
+        );
+    let p = parse(&text).unwrap();
+    let out = p.output_columns();
+    let of = |name: &str| out.iter().find(|c| c.name == name).unwrap();
+    assert_eq!(of("has_email").class.as_deref(), Some("operational"));
+    assert_eq!(of("has_email").action, "derive");
+    assert!(of("has_email").tags.is_empty());
+    assert_eq!(of("email_domain").class, None, "a derive has its own class, or none");
+    assert_eq!(of("balance").class.as_deref(), Some("financial"));
+    let email = p.rules.iter().find(|r| r.column == "email").unwrap();
+    assert_eq!(email.tags, ["pii", "contact"]);
+}
+
+#[test]
+fn keeping_a_direct_identifier_or_special_category_column_needs_a_stated_reason() {
+    let keep_balance = "[columns.balance]\naction = \"keep\"";
+    for class in RESTRICTED_CLASSES {
+        let text = CUSTOMERS.replace(keep_balance, &format!("{keep_balance}\nclass = \"{class}\""));
+        let e = parse(&text).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("columns.balance.action", 28), "{e}");
+        assert!(e.message.contains(&format!("writes a {class} column in plain")), "{e}");
+        assert!(e.message.contains("allow_plain"), "{e}");
+
+        let excused = CUSTOMERS.replace(
+            keep_balance,
+            &format!("{keep_balance}\nclass = \"{class}\"\nallow_plain = \"regulator's return needs exact balances\""),
+        );
+        let p = parse(&excused).unwrap();
+        let rule = p.rules.iter().find(|r| r.column == "balance").unwrap();
+        assert_eq!(
+            rule.allow_plain.as_deref(),
+            Some("regulator's return needs exact balances")
+        );
+
+        let blank = CUSTOMERS.replace(
+            keep_balance,
+            &format!("{keep_balance}\nclass = \"{class}\"\nallow_plain = \" \""),
+        );
+        assert_eq!(parse(&blank).unwrap_err().field, "columns.balance.allow_plain");
+    }
+    // A class others may keep needs no reason; an excuse where none is needed is refused.
+    let financial = CUSTOMERS.replace(keep_balance, &format!("{keep_balance}\nclass = \"financial\""));
+    parse(&financial).unwrap();
+    let stale = CUSTOMERS.replace(
+        keep_balance,
+        &format!("{keep_balance}\nclass = \"financial\"\nallow_plain = \"x\""),
+    );
+    let e = parse(&stale).unwrap_err();
+    assert_eq!(e.field, "columns.balance.allow_plain");
+    assert!(e.message.contains("only excuses `keep`"), "{e}");
+    // Tokenized, a direct identifier needs no excuse.
+    let tokenized = CUSTOMERS.replace(
+        "[columns.id]\naction = \"tokenize\"",
+        "[columns.id]\naction = \"tokenize\"\nclass = \"direct_identifier\"",
+    );
+    parse(&tokenized).unwrap();
+}
+
+#[test]
+fn class_names_and_tags_are_checked() {
+    let keep_balance = "[columns.balance]\naction = \"keep\"";
+    for (line, field) in [
+        ("class = \"Direct Identifier\"", "columns.balance.class"),
+        ("tags = [\"\"]", "columns.balance.tags"),
+        ("tags = [\"a,b\"]", "columns.balance.tags"),
+        ("klass = \"financial\"", "klass"),
+    ] {
+        let e = parse(&CUSTOMERS.replace(keep_balance, &format!("{keep_balance}\n{line}"))).unwrap_err();
+        assert_eq!(e.field, field, "{line}: {e}");
+    }
+}

@@ -1,0 +1,148 @@
+//! `[governance]`: the classes policies may give their columns (the documented ones and the
+//! pipeline's own), and how re-identification (`sluice reveal`) is approved.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sluice_transforms::policy::CLASSES;
+use sluice_transforms::{ConfigError, Policy};
+use toml::Spanned;
+
+use super::LoadError;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGovernance {
+    /// Classes beyond the documented ones (`criminal_offence`, `child_data`, …).
+    #[serde(default)]
+    classes: Vec<Spanned<String>>,
+    #[serde(default)]
+    reveal: Option<Spanned<RevealConfig>>,
+}
+
+/// How a re-identification request is approved.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevealConfig {
+    /// Distinct approvals a request needs, none of them the requester's.
+    #[serde(default = "default_approvals")]
+    pub approvals: u32,
+    /// A request not run within this many hours of being made can no longer be run.
+    #[serde(default = "default_expiry_hours")]
+    pub expiry_hours: u32,
+}
+
+impl Default for RevealConfig {
+    fn default() -> Self {
+        RevealConfig {
+            approvals: default_approvals(),
+            expiry_hours: default_expiry_hours(),
+        }
+    }
+}
+
+fn default_approvals() -> u32 {
+    1
+}
+
+fn default_expiry_hours() -> u32 {
+    72
+}
+
+/// The most approvals a request may need, and the longest a request may stay open (90 days).
+const MAX_APPROVALS: u32 = 10;
+const MAX_EXPIRY_HOURS: u32 = 90 * 24;
+
+#[derive(Debug, Clone, Default)]
+pub struct GovernanceConfig {
+    /// Every class a policy may use: the documented ones, then the pipeline's own.
+    pub classes: Vec<String>,
+    pub reveal: RevealConfig,
+}
+
+pub(super) fn governance_config(
+    raw: &RawGovernance,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<GovernanceConfig, LoadError> {
+    let mut classes: Vec<String> = CLASSES.iter().map(|(name, _)| name.to_string()).collect();
+    for class in &raw.classes {
+        let name = class.get_ref();
+        let lower_name = name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !lower_name {
+            return Err(invalid(
+                class.span().start,
+                "governance.classes",
+                format!("`{name}` is not a lower-case name (letters, digits and _)"),
+            ));
+        }
+        if !classes.contains(name) {
+            classes.push(name.clone());
+        }
+    }
+    let reveal = match &raw.reveal {
+        None => RevealConfig::default(),
+        Some(r) => {
+            let at = r.span().start;
+            let reveal = r.get_ref().clone();
+            if !(1..=MAX_APPROVALS).contains(&reveal.approvals) {
+                return Err(invalid(
+                    at,
+                    "governance.reveal.approvals",
+                    format!("must be 1 to {MAX_APPROVALS}: approvals by people other than the requester"),
+                ));
+            }
+            if !(1..=MAX_EXPIRY_HOURS).contains(&reveal.expiry_hours) {
+                return Err(invalid(
+                    at,
+                    "governance.reveal.expiry_hours",
+                    format!("must be 1 to {MAX_EXPIRY_HOURS} (90 days)"),
+                ));
+            }
+            reveal
+        }
+    };
+    Ok(GovernanceConfig { classes, reveal })
+}
+
+/// Every class a policy gives a column or a derived column is a known one; the error names the
+/// policy file, the line of the class and the field.
+pub(super) fn classes_known(
+    policies: &[Policy],
+    texts: &[(PathBuf, String)],
+    known: &[String],
+) -> Result<(), LoadError> {
+    for (policy, (file, text)) in policies.iter().zip(texts) {
+        for rule in &policy.rules {
+            let classes = std::iter::once((rule.class.as_ref(), format!("columns.{}.class", rule.column))).chain(
+                rule.derive
+                    .iter()
+                    .map(|d| (d.class.as_ref(), format!("columns.{}.derive.class", rule.column))),
+            );
+            for (class, field) in classes {
+                let Some(class) = class.filter(|c| !known.contains(c)) else {
+                    continue;
+                };
+                let section = text.find(&format!("[columns.{}]", rule.column)).unwrap_or(0);
+                let at = text[section..]
+                    .find(&format!("\"{class}\""))
+                    .map(|i| section + i)
+                    .unwrap_or(section);
+                return Err(ConfigError::new(
+                    file,
+                    text,
+                    at,
+                    field,
+                    format!(
+                        "unknown class `{class}`: one of {} (add others under [governance] classes in the pipeline config)",
+                        known.join(", ")
+                    ),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
