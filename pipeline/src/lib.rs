@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod audit;
+pub mod audit_table;
 pub mod cli;
 pub mod compact;
 pub mod config;
@@ -20,6 +21,8 @@ pub mod progress;
 pub mod publish;
 pub mod quarantine;
 pub mod raw_capture;
+pub mod retain;
+pub mod reveal;
 pub mod runtime;
 pub mod shutdown;
 pub mod sinks;

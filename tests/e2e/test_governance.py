@@ -4,8 +4,15 @@ properties, read by Python `deltalake`; Iceberg field docs and table properties,
 
 import json
 import shutil
+import signal
+import sqlite3
+import subprocess
+import time
 
-from conftest import DEMO_POLICIES, REPO, run, write_config
+import deltalake
+import pyarrow.parquet as pq
+
+from conftest import DEMO_POLICIES, REPO, run, wait_until, write_config
 from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
 
 
@@ -116,3 +123,230 @@ def test_check_refuses_a_plain_identifier_without_a_reason_and_unknown_classes(s
     run(sluice_bin, "check", "--config", config)
     manifest = json.loads(run(sluice_bin, "check", "--config", config, "--tags-json").stdout)
     assert manifest["tables"]["customers"]["columns"]["postcode_area"]["class"] == "criminal_offence"
+
+
+def canary_people(canary_dir, n):
+    return [json.loads(line) for line in (canary_dir / "people.jsonl").read_text().splitlines()[:n]]
+
+
+def people_event(op, row, ts):
+    return json.dumps({"before": None, "after": row, "source": {"db": "bank", "schema": "public", "table": "people",
+                                                                  "ts_ms": ts}, "op": op, "ts_ms": ts})
+
+
+def test_reveal_needs_another_persons_approval_runs_once_and_leaks_nothing(sluice_bin, tmp_path, canary_dir):
+    people = canary_people(canary_dir, 30)
+    events = tmp_path / "events"
+    events.mkdir()
+    first, second = people[3], people[7]
+    moved = dict(first, email=first["email"].replace("@", ".moved@"))
+    lines = [people_event("c", p, 1_718_000_000_000 + i) for i, p in enumerate(people)]
+    lines.append(people_event("u", moved, 1_718_000_100_000))
+    (events / "people-000.jsonl").write_text("\n".join(lines) + "\n")
+    config = write_config(tmp_path, events, [REPO / "fixtures" / "test-policies" / "people-canary.toml"])
+    log = []
+
+    def sluice(*args, expect=0):
+        result = run(sluice_bin, *args, check=False)
+        log.append(result.stdout + result.stderr)
+        assert result.returncode == expect, f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    sluice("run", "--config", config, "--once")
+    request = json.loads(sluice(
+        "reveal", "request", "--config", config, "--subject", str(first["id"]), "--subject", f" {second['id']} ",
+        "--columns", "people.email,people.phone", "--reason", "court order 2026/117 (case review)",
+        "--requested-by", "alice@bank.example").stdout)
+    rid = request["id"]
+    assert request["status"] == "pending approval" and len(request["subject_tokens"]) == 2
+    assert request["columns"] == ["people.email", "people.phone"]
+    # A column that holds no ciphertext cannot be asked for: it is in the lake already.
+    refused = sluice("reveal", "request", "--config", config, "--subject", "1", "--columns", "people.balance_pence",
+                     "--reason", "x", "--requested-by", "alice", expect=1)
+    assert "keeps no ciphertext" in refused.stderr
+
+    out = tmp_path / "case" / "revealed.jsonl"
+    out.parent.mkdir()
+    assert "0 of 1 approvals" in sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example",
+                                        "--out", out, expect=1).stderr
+    assert not out.exists()
+    assert "cannot approve their own request" in sluice(
+        "reveal", "approve", "--config", config, rid, "--approved-by", " ALICE@bank.example ", expect=1).stderr
+    approved = json.loads(sluice("reveal", "approve", "--config", config, rid, "--approved-by", "bob@bank.example").stdout)
+    assert approved["status"] == "approved"
+    # The second subject is erased between approval and run: their keys are gone.
+    sluice("forget", "--config", config, "--subject", str(second["id"]), "--settle-ms", "0")
+    # Never into the lake (a wrong destination, not an access: refused, nothing recorded).
+    assert "inside the lake" in sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example",
+                                       "--out", tmp_path / "lake" / "x.jsonl", expect=1).stderr
+
+    stderr = sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example", "--out", out).stderr
+    summary = json.loads(stderr[stderr.index("{\n"):])
+    assert out.stat().st_mode & 0o777 == 0o600
+    revealed = [json.loads(line) for line in out.read_text().splitlines()]
+    erased = [r for r in revealed if r.get("erased")]
+    values = sorted((r["column"], r["value"]) for r in revealed if not r.get("erased"))
+    assert values == sorted([("email", first["email"]), ("email", moved["email"]), ("phone", first["phone"]),
+                             ("phone", first["phone"])])
+    assert len(erased) == 1 and erased[0]["subject_token"] != revealed[-1]["subject_token"]
+    assert summary["values_revealed"] == 4
+    assert sorted(summary["subjects"].values()) == ["4 values", "erased: keys destroyed"]
+    # Once only.
+    assert "run already" in sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example",
+                                   "--out", tmp_path / "again.jsonl", expect=1).stderr
+
+    # A request not run before it expires can no longer be (its expiry moved into the past, as
+    # the hours passing would).
+    late = json.loads(sluice("reveal", "request", "--config", config, "--subject", str(first["id"]), "--columns",
+                             "people.full_name", "--reason", "vulnerable customer review",
+                             "--requested-by", "carol@bank.example").stdout)["id"]
+    sluice("reveal", "approve", "--config", config, late, "--approved-by", "bob@bank.example")
+    with sqlite3.connect(tmp_path / "keys" / "keystore.db") as db:
+        db.execute("UPDATE erasure_jobs SET state = json_set(state, '$.expires_at', '2020-01-01T00:00:00.000Z') "
+                   "WHERE job_id = ?", (f"reveal/{late}",))
+    assert "expired" in sluice("reveal", "run", "--config", config, late, "--run-by", "carol@bank.example",
+                               "--out", tmp_path / "late.jsonl", expect=1).stderr
+    assert not (tmp_path / "late.jsonl").exists()
+
+    # Every step is an audit row, readable by any Delta reader.
+    audit = deltalake.DeltaTable(str(tmp_path / "lake" / "audit" / "erasures")).to_pyarrow_table().to_pylist()
+    steps = sorted((r for r in audit if r["request_id"] == rid), key=lambda r: r["finished_at"])
+    assert [(r["event"], r["actor"]) for r in steps] == [
+        ("reveal_request", "alice@bank.example"), ("reveal_refused", "alice@bank.example"),
+        ("reveal_refused", "ALICE@bank.example"), ("reveal_approve", "bob@bank.example"),
+        ("reveal_run", "alice@bank.example"), ("reveal_run", "alice@bank.example"),
+        ("reveal_refused", "alice@bank.example")]
+    for r in steps:
+        assert json.loads(r["subject_tokens"]) == request["subject_tokens"]
+        assert json.loads(r["columns"]) == ["people.email", "people.phone"]
+    assert steps[4]["outcome"] == "started"
+    assert steps[5]["outcome"] == "revealed 4 values of 1 subjects (2 subjects requested, 1 erased)"
+    assert "run already" in steps[6]["outcome"] and not steps[6]["verified"]
+    late_steps = sorted((r for r in audit if r["request_id"] == late), key=lambda r: r["finished_at"])
+    assert [r["event"] for r in late_steps] == ["reveal_request", "reveal_approve", "reveal_refused"]
+    assert "expired" in late_steps[-1]["outcome"]
+    printed = [json.loads(line) for line in sluice("audit", "--config", config, "--json").stdout.splitlines()]
+    assert [r["event"] for r in printed if r["request_id"] == rid] == [r["event"] for r in steps]
+    assert any(r["event"] == "erasure" for r in printed)
+    assert "reveal_approve" in sluice("audit", "--config", config).stdout
+
+    # Nothing revealed reached the lake, the key store or any command's output but the file.
+    (tmp_path / "logs.txt").write_text("\n".join(log))
+    scan = run(sluice_bin, "audit-leaks", "--values", canary_dir / "canaries.txt", tmp_path / "lake",
+               tmp_path / "keys", tmp_path / "logs.txt", check=False)
+    assert scan.returncode == 0, scan.stdout
+    assert "no leaks found" in scan.stdout
+
+
+
+def parquet_positions(root):
+    """Every `_position` in every Parquet file under `root`, referenced by the table or not."""
+    found = set()
+    for path in root.rglob("*.parquet"):
+        table = pq.read_table(path)
+        if "_position" in table.column_names:
+            found.update(table.column("_position").to_pylist())
+    return found
+
+
+def test_retention_removes_old_rows_everywhere_with_a_daemon_running_exactly_once(sluice_bin, tmp_path, canary_dir):
+    people = canary_people(canary_dir, 45)
+    now_ms = int(time.time() * 1000)
+    old_ms, recent_ms = now_ms - 400 * 86_400_000, now_ms - 86_400_000
+    events = tmp_path / "events"
+    events.mkdir()
+    policy = tmp_path / "people.toml"
+    policy.write_text((REPO / "fixtures" / "test-policies" / "people-canary.toml").read_text()
+                      .replace('token_domain = "person"', 'token_domain = "person"\nretention_days = 365\n'
+                               'key = ["id"]\ncurrent = true'))
+    # Old: people 0-19 (person 5 changes again recently); recent: people 20-29.
+    first = [people_event("c", p, old_ms + i) for i, p in enumerate(people[:20])]
+    first += [people_event("c", p, recent_ms + i) for i, p in enumerate(people[20:30])]
+    first.append(people_event("u", dict(people[5], balance_pence=1), recent_ms + 100))
+    (events / "people-000.jsonl").write_text("\n".join(first) + "\n")
+    extra = ("[batch]\nmax_age_ms = 200\n[current]\nmax_lag_ms = 200\n[retention]\ninterval_ms = 300\nshred_keys = true\n"
+             '[[aggregates]]\nname = "people_by_band"\nfrom = "people"\ndimensions = ["balance_band"]\n'
+             'measures = [{fn = "count"}]\nk_anonymity = 2\nretention_days = 30\n')
+    config = write_config(tmp_path, events, [policy], extra=extra)
+    config.write_text(config.read_text().replace("max_event_bytes = 65536", "max_event_bytes = 65536\npoll_ms = 100"))
+    lake = tmp_path / "lake"
+    log_dir, current_dir = lake / "tables" / "people", lake / "tables" / "people_current"
+
+    def rows(path, columns=None):
+        if not (path / "_delta_log").exists():
+            return []
+        return deltalake.DeltaTable(str(path)).to_pyarrow_table(columns=columns).to_pylist()
+
+    def retention_rows():
+        return [r for r in rows(lake / "audit" / "erasures") if r["event"] == "retention"]
+
+    def removed_from(table):
+        return sum(json.loads(r["tables"]).get(table, {}).get("rows_removed", 0) for r in retention_rows())
+
+    # A job: everything read, then retention.
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert len(rows(log_dir)) == 31 and len(rows(current_dir)) == 30
+    dry = json.loads(run(sluice_bin, "retain", "--config", config, "--dry-run").stdout)
+    assert dry["tables"]["people"]["rows_removed"] == 20 and len(rows(log_dir)) == 31 and not retention_rows()
+    hours = lambda: {r["hour"].timestamp() * 1000 for r in rows(lake / "aggregates" / "people_by_band")}
+    assert min(hours()) < old_ms and max(hours()) > recent_ms - 3_600_000
+    report = json.loads(run(sluice_bin, "retain", "--config", config).stdout)
+    removed = {name: t["rows_removed"] for name, t in report["tables"].items()}
+    assert removed.pop("aggregates/people_by_band") > 0 and removed.pop("aggregates/people_by_band_suppressions") >= 0
+    assert removed == {"people": 20, "people_current": 19, "vault/people": 60, "quarantine/public.people": 0}
+    # Aggregates keep their own limit (30 days): only the recent hours are left.
+    assert hours() and min(hours()) >= now_ms - 30 * 86_400_000
+    assert report["keys_shredded"] == 19, "people 0-19 but 5, who has a recent row"
+    assert len(rows(log_dir)) == 11 and len(rows(current_dir)) == 11
+
+    # A daemon: more arrives while retention runs every 300 ms — recent people 30-39, and
+    # people 40-44 whose only change is old.
+    daemon = subprocess.Popen([str(sluice_bin), "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        second = [people_event("c", p, recent_ms + 200 + i) for i, p in enumerate(people[30:40])]
+        second += [people_event("c", p, old_ms + 500 + i) for i, p in enumerate(people[40:45])]
+        (events / "people-001.jsonl").write_text("\n".join(second) + "\n")
+        def settled():
+            log, vault = rows(log_dir, ["_source_ts"]), rows(lake / "vault", ["_source_ts"])
+            recent = lambda rs: all(r["_source_ts"].timestamp() * 1000 >= recent_ms for r in rs)
+            return len(log) == 21 and recent(log) and len(vault) == 21 * 3 and recent(vault) and \
+                len(rows(current_dir)) == 21 and removed_from("people") == 25
+        wait_until(settled, 120, "the second file's recent rows in and its old ones removed everywhere")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+
+    # Exactly once: every recent event once, no old one, in the log; the current table holds
+    # the people whose latest change is recent.
+    log = rows(log_dir)
+    positions = [r["_position"] for r in log]
+    assert len(positions) == len(set(positions)) == 21
+    assert all(r["_source_ts"].timestamp() * 1000 >= recent_ms for r in log)
+    current = rows(current_dir)
+    assert len(current) == 21 and len({r["_subject"] for r in current}) == 21
+    # Vault: the recent events' values only (full name, email, street address of each).
+    vault = rows(lake / "vault")
+    assert len(vault) == 21 * 3 and all(r["_source_ts"].timestamp() * 1000 >= recent_ms for r in vault)
+    # History: no file of any table, referenced or not, holds an old row; no log entry before
+    # the last retention's checkpoint is left to time-travel to.
+    kept = set(positions) | {r["_position"] for r in vault} | {r["_position"] for r in current}
+    assert not parquet_positions(lake / "tables") - kept, "files still holding old rows"
+    assert not parquet_positions(lake / "vault") - kept, "vault files still holding old rows"
+    for table in (log_dir, current_dir, lake / "vault"):
+        versions = [int(f.stem) for f in (table / "_delta_log").glob("*.json")]
+        checkpoints = [int(f.name.split(".")[0]) for f in (table / "_delta_log").glob("*.checkpoint.parquet")]
+        assert checkpoints and min(versions) > max(checkpoints) - 1, f"{table.name}: log before the checkpoint left"
+    # Receipts; the keys of the people with nothing left (0-4, 6-19, then 40-44) destroyed.
+    audit = retention_rows()
+    assert sum(r["vault_rows_removed"] for r in audit) == 25 * 3
+    assert (removed_from("people"), removed_from("people_current")) == (25, 24)
+    assert sum(r["keys_destroyed"] for r in audit) == 24
+    with sqlite3.connect(tmp_path / "keys" / "keystore.db") as db:
+        shredded = db.execute("SELECT count(*) FROM tombstones WHERE job_id LIKE 'retention-%'").fetchone()[0]
+    assert shredded == 24
+    # A run with nothing past its limit removes nothing; the input read again adds nothing.
+    report = json.loads(run(sluice_bin, "retain", "--config", config).stdout)
+    assert sum(t["rows_removed"] for t in report["tables"].values()) == 0
+    run(sluice_bin, "run", "--config", config, "--once")
+    assert len(rows(log_dir)) == 21 and len(rows(current_dir)) == 21

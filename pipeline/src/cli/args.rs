@@ -87,11 +87,89 @@ pub enum Command {
         #[arg(long, conflicts_with = "tables")]
         tags_json: bool,
     },
+    /// Re-identification with approval: request (who, why, which subjects and encrypt/vault
+    /// columns), approve (others than the requester), run (once, before it expires: the values
+    /// to a file, never the lake). Every step is a row of the audit table.
+    #[command(subcommand)]
+    Reveal(RevealCommand),
+    /// Remove rows past their policy's `retention_days` (an aggregate's own) from its tables,
+    /// current tables, vault rows and quarantined events, with the history that held them;
+    /// record a receipt in the audit table. Prints the report (JSON). A daemon does this every
+    /// `[retention] interval_ms`.
+    Retain {
+        #[arg(long)]
+        config: PathBuf,
+        /// Count what would be removed; change and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the audit table: erasures, subject reuses, re-identification steps, retention
+    /// runs (tokens and counts, never values), oldest first.
+    Audit {
+        #[arg(long)]
+        config: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write deterministic demo/benchmark change events (a debt-collection domain).
     Generate(GenerateArgs),
     /// Scan files for known sensitive values (and their digit-only, base64, hex and unkeyed
     /// digest forms), decoding Parquet and gzip. Exits 1 if any is found.
     AuditLeaks(AuditLeaksArgs),
+}
+
+#[derive(Subcommand)]
+pub enum RevealCommand {
+    /// Record a request; prints its id (approvers and the run name it).
+    Request {
+        #[arg(long)]
+        config: PathBuf,
+        /// A subject id as the source has it (repeatable; tokenized at once, kept nowhere).
+        #[arg(long = "subject")]
+        subjects: Vec<String>,
+        /// One subject id per line (as `sluice forget --subjects-file`).
+        #[arg(long)]
+        subjects_file: Option<PathBuf>,
+        /// Token domain of the ids (default: the policies' one subject domain).
+        #[arg(long)]
+        domain: Option<String>,
+        /// Columns to reveal: `table.column` (a policy's target and an encrypt or vault
+        /// column), comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        columns: Vec<String>,
+        /// Why (a court order's reference, a case review): kept with the request in the key
+        /// store, not in the lake.
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        requested_by: String,
+    },
+    /// Approve a request (not the requester's own; each approver once).
+    Approve {
+        #[arg(long)]
+        config: PathBuf,
+        request: String,
+        #[arg(long)]
+        approved_by: String,
+    },
+    /// Run an approved request once, before it expires: JSON lines of the subjects' values to
+    /// --out (a new file, mode 0600, outside the lake; `-` for stdout).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        request: String,
+        #[arg(long)]
+        run_by: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a request: subjects (tokens), columns, reason, approvals, status.
+    Show {
+        #[arg(long)]
+        config: PathBuf,
+        request: String,
+    },
 }
 
 #[derive(clap::Args)]

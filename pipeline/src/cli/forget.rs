@@ -93,7 +93,7 @@ pub fn reuse_subject(args: ReuseSubjectArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Subject ids from a file: one per line, a CSV's first column; comments and a header skipped.
-fn subjects_from_lines(text: &str) -> Vec<String> {
+pub(super) fn subjects_from_lines(text: &str) -> Vec<String> {
     text.lines()
         .enumerate()
         .filter_map(|(i, line)| {

@@ -64,6 +64,16 @@ pub fn check(config: &Path, tables: bool, tags_json: bool) -> anyhow::Result<Exi
     Ok(if refused { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+pub fn retain(config: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let cfg = config::Config::load(config)?;
+    if !crate::retain::configured(&cfg) {
+        eprintln!("no policy or aggregate sets retention_days: nothing to remove");
+    }
+    let report = crate::retain::retain(&cfg, dry_run)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let GenerateArgs {
         events,

@@ -5,6 +5,7 @@ mod args;
 mod forget;
 mod jobs;
 mod replay;
+mod reveal;
 mod run;
 mod service;
 
@@ -42,6 +43,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             tables,
             tags_json,
         } => jobs::check(&config, tables, tags_json),
+        Command::Reveal(command) => reveal::reveal(command),
+        Command::Audit { config, json } => reveal::audit(&config, json),
+        Command::Retain { config, dry_run } => jobs::retain(&config, dry_run),
         Command::Generate(args) => jobs::generate(args),
         Command::AuditLeaks(args) => jobs::audit_leaks(args),
     }

@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use super::args::RunArgs;
-use super::service::{aggregate_due, report, schedule_aggregation, schedule_compaction, start_service};
+use super::service::{
+    aggregate_due, report, schedule_aggregation, schedule_compaction, schedule_retention, start_service,
+};
 use crate::sources;
 use crate::{config, raw_capture, runtime, shutdown};
 
@@ -13,6 +15,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !args.once {
         schedule_aggregation(&cfg);
         schedule_compaction(&cfg);
+        schedule_retention(&cfg);
     }
     let mut source = sources::build(&cfg, args.once)?;
     let summary = runtime::run(&cfg, source.as_mut())?;
@@ -47,6 +50,7 @@ pub fn capture(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !once {
         schedule_aggregation(&cfg);
         schedule_compaction(&cfg);
+        schedule_retention(&cfg);
     }
     let summary = runtime::run(&cfg, &mut source)?;
     if once && !shutdown::requested() {

@@ -74,6 +74,29 @@ pub fn schedule_aggregation(cfg: &config::Config) {
         .expect("spawn the aggregation thread");
 }
 
+/// The daemon's retention runs, every `[retention] interval_ms` (the first at once: rows past
+/// their retention should not wait a day), when a policy or aggregate sets `retention_days`. A
+/// failed run is logged and finished by the next.
+pub fn schedule_retention(cfg: &config::Config) {
+    if cfg.retention.interval_ms == 0 || !crate::retain::configured(cfg) {
+        return;
+    }
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("sluice-retain".into())
+        .spawn(move || loop {
+            match crate::retain::retain(&cfg, false) {
+                Ok(report) => {
+                    let rows: u64 = report.tables.values().map(|t| t.rows_removed).sum();
+                    tracing::info!(run = %report.run_id, rows, keys = report.keys_shredded, "retention run finished");
+                }
+                Err(e) => tracing::warn!("retention run failed, finished next time: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(cfg.retention.interval_ms));
+        })
+        .expect("spawn the retention thread");
+}
+
 /// The daemon's compaction, every `[compaction] interval_ms` (first after one interval). A
 /// failed pass is logged and tried again at the next.
 pub fn schedule_compaction(cfg: &config::Config) {

@@ -40,6 +40,8 @@ pub struct Aggregate {
     pub on_suppressed: Suppression,
     /// An hour is computed once it ended this long ago; later events recompute it.
     pub lateness: std::time::Duration,
+    /// Hours older than this many days are removed by `sluice retain`.
+    pub retention_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +183,22 @@ pub(super) fn aggregate_config(
         k,
         on_suppressed,
         lateness: std::time::Duration::from_millis(raw.lateness_ms),
+        retention_days: match &raw.retention_days {
+            None => None,
+            Some(days) if (1..=sluice_transforms::policy::MAX_RETENTION_DAYS).contains(days.get_ref()) => {
+                Some(*days.get_ref())
+            }
+            Some(days) => {
+                return Err(invalid(
+                    days.span().start,
+                    "aggregates.retention_days",
+                    format!(
+                        "must be 1 to {} (days an hour is kept)",
+                        sluice_transforms::policy::MAX_RETENTION_DAYS
+                    ),
+                ))
+            }
+        },
     })
 }
 

@@ -1,5 +1,6 @@
 //! `[governance]`: the classes policies may give their columns (the documented ones and the
-//! pipeline's own), and how re-identification (`sluice reveal`) is approved.
+//! pipeline's own), and how re-identification (`sluice reveal`) is approved; `[retention]`:
+//! how rows past their policy's `retention_days` are removed.
 
 use std::path::PathBuf;
 
@@ -49,6 +50,30 @@ fn default_expiry_hours() -> u32 {
     72
 }
 
+/// `sluice retain`, and a daemon's schedule of it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// A daemon removes rows past their retention this often (milliseconds; 0: never). Runs
+    /// only when a policy or aggregate sets `retention_days`.
+    pub interval_ms: u64,
+    /// Also crypto-shred the keys of subjects none of whose rows remain in any table or the
+    /// vault (their later events get a new key).
+    pub shred_keys: bool,
+    /// Quarantined events of any table (or none) older than this many days are removed too.
+    pub quarantine_days: Option<u32>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            interval_ms: 24 * 3600 * 1000,
+            shred_keys: false,
+            quarantine_days: None,
+        }
+    }
+}
+
 /// The most approvals a request may need, and the longest a request may stay open (90 days).
 const MAX_APPROVALS: u32 = 10;
 const MAX_EXPIRY_HOURS: u32 = 90 * 24;
@@ -62,6 +87,7 @@ pub struct GovernanceConfig {
 
 pub(super) fn governance_config(
     raw: &RawGovernance,
+    text: &str,
     invalid: &dyn Fn(usize, &str, String) -> LoadError,
 ) -> Result<GovernanceConfig, LoadError> {
     let mut classes: Vec<String> = CLASSES.iter().map(|(name, _)| name.to_string()).collect();
@@ -85,18 +111,24 @@ pub(super) fn governance_config(
     let reveal = match &raw.reveal {
         None => RevealConfig::default(),
         Some(r) => {
-            let at = r.span().start;
+            // The key's own line, within the section.
+            let section = r.span();
+            let at = |key: &str| {
+                text.get(section.clone())
+                    .and_then(|s| s.find(key))
+                    .map_or(section.start, |i| section.start + i)
+            };
             let reveal = r.get_ref().clone();
             if !(1..=MAX_APPROVALS).contains(&reveal.approvals) {
                 return Err(invalid(
-                    at,
+                    at("approvals"),
                     "governance.reveal.approvals",
                     format!("must be 1 to {MAX_APPROVALS}: approvals by people other than the requester"),
                 ));
             }
             if !(1..=MAX_EXPIRY_HOURS).contains(&reveal.expiry_hours) {
                 return Err(invalid(
-                    at,
+                    at("expiry_hours"),
                     "governance.reveal.expiry_hours",
                     format!("must be 1 to {MAX_EXPIRY_HOURS} (90 days)"),
                 ));

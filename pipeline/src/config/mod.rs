@@ -44,7 +44,7 @@ mod tests;
 pub use aggregates::*;
 pub use daemon::*;
 use governance::*;
-pub use governance::{GovernanceConfig, RevealConfig};
+pub use governance::{GovernanceConfig, RetentionConfig, RevealConfig};
 pub use input::*;
 pub use keys::*;
 use lake::*;
@@ -108,6 +108,8 @@ struct RawConfig {
     aggregates: Vec<RawAggregate>,
     #[serde(default)]
     governance: RawGovernance,
+    #[serde(default)]
+    retention: RetentionConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +123,7 @@ struct RawAggregate {
     on_suppressed: Option<Spanned<String>>,
     #[serde(default = "default_lateness_ms")]
     lateness_ms: u64,
+    retention_days: Option<Spanned<u32>>,
 }
 
 fn default_lateness_ms() -> u64 {
@@ -353,6 +356,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
     pub governance: GovernanceConfig,
+    pub retention: RetentionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -437,7 +441,7 @@ impl Config {
                 ),
             ));
         }
-        let governance = governance_config(&raw.governance, &invalid)?;
+        let governance = governance_config(&raw.governance, &text, &invalid)?;
         let policies = load_policies(&raw, &text, &resolve, &invalid, &governance.classes)?;
         let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
         let aggregates = aggregates_config(&raw, &policies, &invalid)?;
@@ -472,6 +476,7 @@ impl Config {
             http: raw.http,
             shutdown: raw.shutdown,
             governance,
+            retention: raw.retention,
         })
     }
 

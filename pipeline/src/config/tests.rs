@@ -482,3 +482,43 @@ fn iceberg_on_s3_keeps_its_sql_catalog_local_and_its_warehouse_beside_the_tables
     };
     assert_eq!(warehouse.to_string(), "s3://other/wh");
 }
+
+#[test]
+fn governance_settings_are_checked_with_their_line_and_the_policies_classes_against_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+    let config = load(dir.path(), &format!("{HEAD}{source}")).unwrap();
+    assert_eq!(config.governance.reveal, RevealConfig::default());
+    assert_eq!(
+        config.governance.classes.len(),
+        sluice_transforms::policy::CLASSES.len()
+    );
+    assert_eq!(config.retention, RetentionConfig::default());
+
+    let e = load(
+        dir.path(),
+        &format!("{HEAD}{source}[governance.reveal]\napprovals = 0\n"),
+    )
+    .unwrap_err();
+    let LoadError::Invalid(e) = e else { panic!("{e}") };
+    assert_eq!((e.field.as_str(), e.line), ("governance.reveal.approvals", 12), "{e}");
+
+    let classed = "table = \"public.t\"\ntarget = \"t\"\nsubject = \"id\"\ntoken_domain = \"d\"\n[columns.id]\naction = \"tokenize\"\n[columns.x]\naction = \"keep\"\ntype = \"int64\"\nclass = \"criminal_offence\"\n";
+    std::fs::write(dir.path().join("policies/p.toml"), classed).unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(&file, format!("{HEAD}{source}")).unwrap();
+    let LoadError::Invalid(e) = Config::load(&file).unwrap_err() else {
+        panic!()
+    };
+    assert!(
+        e.file.ends_with("p.toml") && e.line == 10 && e.field == "columns.x.class",
+        "{e}"
+    );
+    std::fs::write(
+        &file,
+        format!("{HEAD}{source}[governance]\nclasses = [\"criminal_offence\"]\n"),
+    )
+    .unwrap();
+    let config = Config::load(&file).unwrap();
+    assert!(config.governance.classes.contains(&"criminal_offence".to_string()));
+}

@@ -1,6 +1,8 @@
-//! The audit table of erasure receipts, and `sluice reuse-subject` (a release recorded there).
+//! Erasure receipts as rows of the audit table, and `sluice reuse-subject` (a release recorded
+//! there).
 
 use super::*;
+use crate::audit_table::{self, event, AuditRow};
 
 /// Appends `receipt` to the audit table once: its commit under `stream` marks it written.
 pub(super) fn write_audit(
@@ -9,22 +11,7 @@ pub(super) fn write_audit(
     receipt: &Receipt,
     stream: String,
 ) -> Result<(), ForgetError> {
-    let stats = ["job_id", "started_at", "finished_at", "verified"].map(String::from);
-    let mut audit = rt.block_on(delta_table(config.audit_path.clone()).open_sink(
-        &mut Catalogs::default(),
-        "erasure_audit",
-        &config.name,
-        audit_schema(),
-        TableLayout {
-            stats_columns: &stats,
-            ..TableLayout::default()
-        },
-    ))?;
-    if rt.block_on(audit.committed(&stream))?.is_none() {
-        rt.block_on(audit.write(audit_row(receipt)))?;
-        rt.block_on(audit.commit(&[SourcePosition { stream, offset: 1 }], &[]))?;
-    }
-    Ok(())
+    Ok(audit_table::append(config, rt, &receipt_row(receipt), stream)?)
 }
 
 /// A request to let an erased subject's id belong to someone new (a recycled account number, a
@@ -83,76 +70,43 @@ pub fn release_for_reuse(config: &Config, request: ReuseRequest) -> Result<Recei
     Ok(receipt)
 }
 
-pub fn audit_schema() -> SchemaRef {
-    let text = |name: &str| Field::new(name, DataType::Utf8, false);
-    let count = |name: &str| Field::new(name, DataType::Int64, false);
-    Arc::new(Schema::new(vec![
-        text("job_id"),
-        text("request_id"),
-        text("requested_by"),
-        text("token_domain"),
-        count("subjects"),
-        // JSON array of the subjects' tokens: never the raw ids.
-        text("subject_tokens"),
-        Field::new("started_at", timestamp_type(), false),
-        Field::new("finished_at", timestamp_type(), false),
-        count("keys_destroyed"),
-        count("rows_removed"),
-        count("rows_anonymized"),
-        count("vault_rows_removed"),
-        count("files_removed"),
-        count("bytes_rewritten"),
-        // JSON: per table, mode, rows, files, bytes and commit version.
-        text("tables"),
-        Field::new("verified", DataType::Boolean, false),
-        text("verification"),
-    ]))
-}
-
-pub(super) fn audit_row(r: &Receipt) -> RecordBatch {
-    let analytic = |f: fn(&TableReceipt) -> u64| -> i64 {
+/// A receipt as an audit row: analytic tables' numbers summed, the vault's apart.
+fn receipt_row(r: &Receipt) -> AuditRow {
+    let analytic = |f: fn(&TableReceipt) -> u64| -> u64 {
         r.tables
             .iter()
             .filter(|(name, _)| *name != "vault")
-            .map(|(_, t)| f(t) as i64)
+            .map(|(_, t)| f(t))
             .sum()
     };
-    let text = |v: &str| -> ArrayRef {
-        let mut b = StringBuilder::new();
-        b.append_value(v);
-        Arc::new(b.finish())
-    };
-    let int = |v: i64| -> ArrayRef {
-        let mut b = Int64Builder::new();
-        b.append_value(v);
-        Arc::new(b.finish())
-    };
-    let ts = |v: &str| -> ArrayRef {
-        let us = chrono::DateTime::parse_from_rfc3339(v)
-            .map(|t| t.timestamp_micros())
-            .unwrap_or_default();
-        let mut b = TimestampMicrosecondBuilder::new();
-        b.append_value(us);
-        Arc::new(b.finish().with_timezone("UTC"))
-    };
-    let columns: Vec<ArrayRef> = vec![
-        text(&r.job_id),
-        text(&r.request_id),
-        text(&r.requested_by),
-        text(&r.token_domain),
-        int(r.subject_tokens.len() as i64),
-        text(&serde_json::to_string(&r.subject_tokens).expect("strings")),
-        ts(&r.started_at),
-        ts(&r.finished_at),
-        int(r.keys_destroyed as i64),
-        int(analytic(|t| t.rows_removed)),
-        int(analytic(|t| t.rows_anonymized)),
-        int(r.tables.get("vault").map(|t| t.rows_removed as i64).unwrap_or(0)),
-        int(r.tables.values().map(|t| t.files_removed as i64).sum()),
-        int(r.tables.values().map(|t| t.bytes_rewritten as i64).sum()),
-        text(&serde_json::to_string(&r.tables).expect("receipt serializes")),
-        Arc::new(arrow_array::BooleanArray::from(vec![r.verification.passed])),
-        text(&serde_json::to_string(&r.verification).expect("receipt serializes")),
-    ];
-    RecordBatch::try_new(audit_schema(), columns).expect("audit row matches its schema")
+    AuditRow {
+        event: if r.job_id.starts_with("reuse-") {
+            event::SUBJECT_REUSE
+        } else {
+            event::ERASURE
+        },
+        job_id: r.job_id.clone(),
+        request_id: r.request_id.clone(),
+        requested_by: r.requested_by.clone(),
+        actor: String::new(),
+        token_domain: r.token_domain.clone(),
+        subject_tokens: r.subject_tokens.clone(),
+        started_at: r.started_at.clone(),
+        finished_at: r.finished_at.clone(),
+        keys_destroyed: r.keys_destroyed,
+        rows_removed: analytic(|t| t.rows_removed),
+        rows_anonymized: analytic(|t| t.rows_anonymized),
+        vault_rows_removed: r.tables.get("vault").map(|t| t.rows_removed).unwrap_or(0),
+        files_removed: r.tables.values().map(|t| t.files_removed).sum(),
+        bytes_rewritten: r.tables.values().map(|t| t.bytes_rewritten).sum(),
+        tables: serde_json::to_string(&r.tables).expect("receipt serializes"),
+        columns: Vec::new(),
+        verified: r.verification.passed,
+        verification: serde_json::to_string(&r.verification).expect("receipt serializes"),
+        outcome: if r.verification.passed {
+            "verified".into()
+        } else {
+            format!("{} findings", r.verification.findings.len())
+        },
+    }
 }

@@ -21,18 +21,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use arrow_array::builder::{Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
-use arrow_array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, StringArray};
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_array::{Array, BinaryArray, BooleanArray, RecordBatch, StringArray};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sluice_connectors::delta::erase::{token_matcher, RowMatcher, TableErasure, Treatment};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::failpoint;
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
-use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLayout, TableLocation};
-use sluice_connectors::SourcePosition;
-use sluice_transforms::actions::timestamp_type;
+use sluice_connectors::lake::{delta_table, Catalogs, ErasureTable, LakeError, TableLocation};
 use sluice_transforms::crypto::{canonical_identifier, DataKey};
 use sluice_transforms::engine::LINKING_META_COLUMNS;
 use sluice_transforms::{Erasure, Policy};
@@ -215,7 +211,7 @@ fn check_request(request: &ForgetRequest) -> Result<(), ForgetError> {
 }
 
 /// The token domain of the subjects: the one given, else the one every policy's subject shares.
-fn subject_domain(config: &Config, given: Option<&str>) -> Result<String, ForgetError> {
+pub(crate) fn subject_domain(config: &Config, given: Option<&str>) -> Result<String, ForgetError> {
     if let Some(d) = given {
         return Ok(d.to_string());
     }

@@ -32,6 +32,8 @@ pub struct Policy {
     /// Whether a current-state table (`<target>_current`, one row per live key) is kept beside
     /// the change log.
     pub current: bool,
+    /// Rows whose source time is older than this many days are removed by `sluice retain`.
+    pub retention_days: Option<u32>,
 }
 
 /// What erasure does to a subject's rows in an analytic table.
@@ -155,6 +157,17 @@ impl Policy {
             erasure: Erasure::Delete,
             key: Vec::new(),
             current: raw.current.as_ref().is_some_and(|c| *c.get_ref()),
+            retention_days: match &raw.retention_days {
+                None => None,
+                Some(days) if (1..=MAX_RETENTION_DAYS).contains(days.get_ref()) => Some(*days.get_ref()),
+                Some(days) => {
+                    return Err(err(
+                        days.span(),
+                        "retention_days",
+                        format!("must be 1 to {MAX_RETENTION_DAYS} (days a row is kept after its source time)"),
+                    ))
+                }
+            },
         };
         let outputs = policy.checked_output_names(file, text)?;
         if let Some(erasure) = raw.erasure {
@@ -594,6 +607,9 @@ fn plain_allowed(
     }
 }
 
+/// The longest retention a policy may set: a century.
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
+
 /// The longest tag: catalogs limit tag values (Lake Formation: 256; Unity Catalog: 256).
 pub const MAX_TAG_LEN: usize = 128;
 
@@ -690,6 +706,7 @@ struct RawPolicy {
     erasure: Option<Spanned<RawErasure>>,
     key: Option<Spanned<Vec<Spanned<String>>>>,
     current: Option<Spanned<bool>>,
+    retention_days: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

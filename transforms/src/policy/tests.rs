@@ -240,3 +240,19 @@ fn class_names_and_tags_are_checked() {
         assert_eq!(e.field, field, "{line}: {e}");
     }
 }
+
+#[test]
+fn retention_is_a_bounded_number_of_days() {
+    let with = |days: &str| {
+        parse(&CUSTOMERS.replace(
+            "token_domain = \"customer\"",
+            &format!("token_domain = \"customer\"\nretention_days = {days}"),
+        ))
+    };
+    assert_eq!(with("2555").unwrap().retention_days, Some(2555));
+    assert_eq!(parse(CUSTOMERS).unwrap().retention_days, None);
+    for bad in ["0", "36501"] {
+        let e = with(bad).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("retention_days", 6), "{e}");
+    }
+}
