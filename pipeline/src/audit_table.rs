@@ -37,7 +37,8 @@ pub struct AuditRow {
     pub event: &'static str,
     pub job_id: String,
     pub request_id: String,
-    /// Keyed token of who asked (erasures: operators put the subject's own email there).
+    /// Who asked: a keyed token for erasures (operators put the subject's own email there), the
+    /// operator's identity as given for re-identification (the accountable person).
     pub requested_by: String,
     /// Who did this step, as they named themselves (re-identification: the accountable
     /// operator); empty where the step has no operator of its own.

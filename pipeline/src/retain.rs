@@ -18,7 +18,7 @@ use arrow_array::{Array, BooleanArray, RecordBatch};
 use arrow_schema::DataType;
 use serde::{Deserialize, Serialize};
 use sluice_connectors::arrow::compute::cast;
-use sluice_connectors::datafusion::prelude::{col, SessionContext};
+use sluice_connectors::datafusion::prelude::{col, lit, SessionContext};
 use sluice_connectors::delta::erase::{RowMatcher, Treatment};
 use sluice_connectors::error::{ErrorKind, Kind};
 use sluice_connectors::keystore::{KeyStore, KeyStoreError};
@@ -40,6 +40,8 @@ pub enum RetainError {
     Lake(#[from] LakeError),
     #[error("retention run {0}: its saved state is unreadable ({1})")]
     State(String, String),
+    #[error("another retention run (a daemon's, or another `sluice retain`) changed the run's state meanwhile; it finishes the run")]
+    Concurrent,
 }
 
 const STATE_ID: &str = "retention/current";
@@ -55,7 +57,7 @@ pub struct RetentionReport {
     /// Per table: the cut-off (RFC 3339: rows before it are removed) and what was done.
     pub cutoffs: BTreeMap<String, String>,
     pub tables: BTreeMap<String, TableReceipt>,
-    /// Subjects whose keys were destroyed: none of their rows remained anywhere.
+    /// Keys destroyed (`shred_keys`): of subjects none of whose rows remained anywhere.
     pub keys_shredded: u64,
 }
 
@@ -70,6 +72,9 @@ struct RunState {
     tables_done: Vec<String>,
     /// Subjects some removed row belonged to (candidates for `shred_keys`).
     removed_subjects: BTreeSet<String>,
+    /// The keys of those with nothing left are destroyed (not done again on a resumption).
+    #[serde(default)]
+    shredded: bool,
     finished: bool,
 }
 
@@ -83,6 +88,20 @@ struct Target {
     subject_column: Option<&'static str>,
     /// Only rows whose `column` is `value` (the vault's and quarantine's rows of one table).
     only: Option<(&'static str, String)>,
+    kind: TargetKind,
+}
+
+/// What a table is, for the receipt's totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetKind {
+    /// A policy's change log in its first format (the other format holds the same rows).
+    Log,
+    /// The same rows in a further format.
+    LogCopy,
+    Current,
+    Vault,
+    Quarantine,
+    Aggregate,
 }
 
 /// Whether any policy or aggregate sets a retention (else a run has nothing to do).
@@ -98,12 +117,18 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
     for p in &config.policies {
         let Some(days) = p.retention_days else { continue };
         let current = crate::config::current_table_name(p);
-        let tables = config
-            .table_locations(p)
+        let logs = config.table_locations(p).into_iter().enumerate().map(|(i, l)| {
+            (
+                l,
+                p.target.clone(),
+                if i == 0 { TargetKind::Log } else { TargetKind::LogCopy },
+            )
+        });
+        let currents = config
+            .current_locations(p)
             .into_iter()
-            .map(|l| (l, p.target.clone()))
-            .chain(config.current_locations(p).into_iter().map(|l| (l, current.clone())));
-        for (location, table) in tables {
+            .map(|l| (l, current.clone(), TargetKind::Current));
+        for (location, table, kind) in logs.chain(currents) {
             out.push((
                 Target {
                     name: location.label(&table),
@@ -111,6 +136,7 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
                     time_column: "_source_ts",
                     subject_column: Some("_subject"),
                     only: None,
+                    kind,
                 },
                 days,
             ));
@@ -122,6 +148,7 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
                 time_column: "_source_ts",
                 subject_column: Some("subject_token"),
                 only: Some(("table", p.target.clone())),
+                kind: TargetKind::Vault,
             },
             days,
         ));
@@ -132,6 +159,7 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
                 time_column: "_ingested_at",
                 subject_column: None,
                 only: Some(("table", p.table.clone())),
+                kind: TargetKind::Quarantine,
             },
             days,
         ));
@@ -139,11 +167,13 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
     if let Some(days) = config.retention.quarantine_days {
         out.push((
             Target {
-                name: "quarantine".into(),
+                // Not `quarantine`: a policy's table may have that name.
+                name: "quarantine/*".into(),
                 location: delta_table(config.quarantine_path.clone()),
                 time_column: "_ingested_at",
                 subject_column: None,
                 only: None,
+                kind: TargetKind::Quarantine,
             },
             days,
         ));
@@ -159,6 +189,7 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
                         time_column: "hour",
                         subject_column: None,
                         only: None,
+                        kind: TargetKind::Aggregate,
                     },
                     days,
                 ));
@@ -220,6 +251,34 @@ fn matcher(target: &Target, cutoff_us: i64, seen: Arc<Mutex<BTreeSet<String>>>) 
     }
 }
 
+/// A run in progress: its state, and the text it was last saved as (a save succeeds only over
+/// it, so two runs at once — a daemon's and `sluice retain` — cannot interleave: the second to
+/// save stops).
+struct Run<'a> {
+    keys: &'a KeyStore,
+    state: RunState,
+    saved: Option<String>,
+    dry_run: bool,
+}
+
+impl Run<'_> {
+    fn save(&mut self) -> Result<(), RetainError> {
+        if self.dry_run {
+            return Ok(());
+        }
+        let text = serde_json::to_string(&self.state).expect("state serializes");
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if !self
+            .keys
+            .replace_job_state(STATE_ID, self.saved.as_deref(), &text, now_ms)?
+        {
+            return Err(RetainError::Concurrent);
+        }
+        self.saved = Some(text);
+        Ok(())
+    }
+}
+
 /// Runs retention once (finishing an interrupted run first). `dry_run`: counts, changes
 /// nothing, records nothing.
 pub fn retain(config: &Config, dry_run: bool) -> Result<RetentionReport, RetainError> {
@@ -228,15 +287,18 @@ pub fn retain(config: &Config, dry_run: bool) -> Result<RetentionReport, RetainE
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    let saved: Option<RunState> = match keys.job_state(STATE_ID)? {
-        Some(text) => {
-            Some(serde_json::from_str(&text).map_err(|e| RetainError::State(STATE_ID.into(), e.to_string()))?)
-        }
+    let saved_text = keys.job_state(STATE_ID)?;
+    let saved: Option<RunState> = match &saved_text {
+        // The error's category only: serde's text could quote the state.
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| RetainError::State(STATE_ID.into(), format!("{:?}", e.classify())))?,
+        ),
         None => None,
     };
     let targets = targets(config);
     let now = chrono::Utc::now();
-    let mut state = match saved.filter(|s| !s.finished && !dry_run) {
+    let state = match saved.filter(|s| !s.finished && !dry_run) {
         Some(s) => {
             info!(run = %s.report.run_id, "finishing an interrupted retention run");
             s
@@ -260,76 +322,71 @@ pub fn retain(config: &Config, dry_run: bool) -> Result<RetentionReport, RetainE
             ..RunState::default()
         },
     };
-    let save = |state: &RunState| -> Result<(), RetainError> {
-        if dry_run {
-            return Ok(());
-        }
-        let text = serde_json::to_string(state).expect("state serializes");
-        Ok(keys.save_job_state(STATE_ID, &text, chrono::Utc::now().timestamp_millis())?)
+    let mut run = Run {
+        keys: &keys,
+        state,
+        saved: saved_text,
+        dry_run,
     };
-    save(&state)?;
+    run.save()?;
     let mut catalogs = Catalogs::default();
     for (target, _) in &targets {
-        let Some(&cutoff) = state.cutoffs_us.get(&target.name) else {
+        let Some(&cutoff) = run.state.cutoffs_us.get(&target.name) else {
             continue; // a table the config added since the interrupted run began: next run
         };
-        if state.tables_done.contains(&target.name) {
+        if run.state.tables_done.contains(&target.name) {
             continue;
         }
-        state.report.cutoffs.insert(target.name.clone(), iso_us(cutoff));
+        run.state.report.cutoffs.insert(target.name.clone(), iso_us(cutoff));
         let seen = Arc::new(Mutex::new(BTreeSet::new()));
-        let app_id = format!("sluice/{}/{}/{}", config.name, state.report.run_id, target.name);
-        let outcome = retain_table(
+        let app_id = format!("sluice/{}/{}/{}", config.name, run.state.report.run_id, target.name);
+        retain_table(
             &rt,
             &mut catalogs,
             target,
             app_id,
             &matcher(target, cutoff, seen.clone()),
-            dry_run,
-            &mut state,
-            &save,
+            &seen,
+            &mut run,
         )?;
-        if let Some(receipt) = outcome {
-            state.report.tables.insert(target.name.clone(), receipt);
-        }
-        state
-            .removed_subjects
-            .extend(std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner())));
-        state.tables_done.push(target.name.clone());
-        save(&state)?;
+        run.state.tables_done.push(target.name.clone());
+        run.save()?;
     }
+    let mut state = run.state;
     if dry_run {
         state.report.finished_at = iso(chrono::Utc::now());
         return Ok(state.report);
     }
-    if config.retention.shred_keys && !state.removed_subjects.is_empty() {
-        state.report.keys_shredded = shred_unreferenced(config, &rt, &keys, &state)?;
+    let mut run = Run { state, ..run };
+    if config.retention.shred_keys && !run.state.shredded && !run.state.removed_subjects.is_empty() {
+        run.state.report.keys_shredded = shred_unreferenced(config, &rt, &keys, &run.state)?;
+        run.state.shredded = true;
+        run.save()?;
     }
-    state.report.finished_at = iso(chrono::Utc::now());
+    run.state.report.finished_at = iso(chrono::Utc::now());
     audit_table::append(
         config,
         &rt,
-        &audit_row(&state.report),
-        format!("retention/{}", state.report.run_id),
+        &audit_row(&run.state.report, &targets),
+        format!("retention/{}", run.state.report.run_id),
     )?;
-    state.finished = true;
-    save(&state)?;
-    Ok(state.report)
+    run.state.finished = true;
+    run.save()?;
+    Ok(run.state.report)
 }
 
-/// Removes one table's old rows and the history that held them; `None` when the table does
-/// not exist.
-#[allow(clippy::too_many_arguments)]
+/// Removes one table's old rows and the history that held them (nothing when the table does
+/// not exist). Its receipt and the subjects its rows belonged to are saved before its commit:
+/// a run killed after the commit finds them on its resumption.
 fn retain_table(
     rt: &tokio::runtime::Runtime,
     catalogs: &mut Catalogs,
     target: &Target,
     app_id: String,
     matcher: &RowMatcher,
-    dry_run: bool,
-    state: &mut RunState,
-    save: &dyn Fn(&RunState) -> Result<(), RetainError>,
-) -> Result<Option<TableReceipt>, RetainError> {
+    seen: &Mutex<BTreeSet<String>>,
+    run: &mut Run<'_>,
+) -> Result<(), RetainError> {
     let open = |catalogs: &mut Catalogs| {
         rt.block_on(ErasureTable::open(
             &target.location,
@@ -339,32 +396,37 @@ fn retain_table(
         ))
     };
     let Some(mut table) = open(catalogs)? else {
-        return Ok(None);
+        return Ok(());
     };
-    let mut receipt = state.report.tables.get(&target.name).cloned().unwrap_or_default();
+    let mut receipt = run.state.report.tables.get(&target.name).cloned().unwrap_or_default();
     receipt.mode = "retention".into();
     if rt.block_on(table.committed())? {
         // Killed between the commit and the clean-up: finish it.
-        let paths = state.pending_removal.get(&target.name).cloned().unwrap_or_default();
+        let paths = run.state.pending_removal.get(&target.name).cloned().unwrap_or_default();
         rt.block_on(table.delete_files(&paths))?;
         drop_history(rt, &mut table, &mut receipt)?;
-        return Ok(Some(receipt));
+        run.state.report.tables.insert(target.name.clone(), receipt);
+        return Ok(());
     }
     for attempt in 1.. {
-        let mut prepared = rt.block_on(table.prepare(matcher, &Treatment::Delete, dry_run, &|_| {}))?;
+        let mut prepared = rt.block_on(table.prepare(matcher, &Treatment::Delete, run.dry_run, &|_| {}))?;
         let result = prepared.outcome().clone();
         receipt.rows_removed = result.rows_matched;
         receipt.files_scanned = result.files_scanned;
         receipt.files_removed = result.files_removed.len() as u64;
         receipt.files_written = result.files_added;
         receipt.bytes_rewritten = result.bytes_read + result.bytes_written;
-        if dry_run || result.files_removed.is_empty() {
+        run.state.report.tables.insert(target.name.clone(), receipt.clone());
+        if run.dry_run || result.files_removed.is_empty() {
             break;
         }
-        state
+        run.state
             .pending_removal
             .insert(target.name.clone(), result.files_removed.clone());
-        save(state)?;
+        run.state
+            .removed_subjects
+            .extend(std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner())));
+        run.save()?;
         match rt.block_on(table.commit(&mut prepared)) {
             Ok(version) => {
                 receipt.version = version;
@@ -372,7 +434,8 @@ fn retain_table(
                 drop_history(rt, &mut table, &mut receipt)?;
                 break;
             }
-            Err(e) if e.kind() == ErrorKind::Conflict && attempt < 3 => {
+            // A busy current table merges often: prepare again on its new version.
+            Err(e) if e.kind() == ErrorKind::Conflict && attempt < MAX_ATTEMPTS => {
                 warn!(table = %target.name, "another writer rewrote files of the table meanwhile: preparing again");
                 table = open(catalogs)?
                     .ok_or_else(|| LakeError::Query(format!("table {} disappeared during retention", target.name)))?;
@@ -380,11 +443,15 @@ fn retain_table(
             Err(e) => return Err(e.into()),
         }
     }
-    if receipt.rows_removed > 0 {
+    if receipt.rows_removed > 0 && !run.dry_run {
         info!(table = %target.name, rows = receipt.rows_removed, "removed rows past their retention");
     }
-    Ok(Some(receipt))
+    run.state.report.tables.insert(target.name.clone(), receipt);
+    Ok(())
 }
+
+/// Attempts at one table's commit over other writers' (a daemon's merges and appends).
+const MAX_ATTEMPTS: u32 = 10;
 
 fn drop_history(
     rt: &tokio::runtime::Runtime,
@@ -400,10 +467,12 @@ fn drop_history(
 }
 
 /// Destroys the keys of the subjects whose rows were removed and of whom no row remains in any
-/// policy table or the vault. Their tombstones release the id from the earliest cut-off on: an
-/// event of theirs younger than that (a new one, or one in flight while this ran) is kept under
-/// a new key — nothing of theirs is left to link it to; an older one would be past its
-/// retention anyway and stays dropped.
+/// policy table, current table, the vault or the quarantine (whose events their keys seal).
+/// Deleting the keys and releasing the ids is one key-store transaction: any later event of
+/// theirs, whatever its time, gets a new key — nothing is left to link it to. A row of theirs
+/// committed between the check and the shredding keeps its other columns but its `encrypt` and
+/// `vault` values can no longer be read; a daemon that cached the key uses it until its next
+/// tombstone refresh (`keys.erasure_refresh_ms`).
 fn shred_unreferenced(
     config: &Config,
     rt: &tokio::runtime::Runtime,
@@ -425,29 +494,38 @@ fn shred_unreferenced(
             }
         }
         tables.push((delta_table(config.vault_path.clone()), "vault".into(), "subject_token"));
+        tables.push((
+            delta_table(config.quarantine_path.clone()),
+            "quarantine".into(),
+            "_subject",
+        ));
         for (location, name, column) in tables {
-            if orphans.is_empty() {
-                break;
-            }
             let session = SessionContext::new();
-            if !location.register(&mut catalogs, &session, &name, "t").await? {
+            if orphans.is_empty() || !location.register(&mut catalogs, &session, &name, "t").await? {
                 continue;
             }
-            let batches = session
-                .table("t")
-                .await
-                .map_err(|e| query(&e))?
-                .select(vec![col(column)])
-                .map_err(|e| query(&e))?
-                .distinct()
-                .map_err(|e| query(&e))?
-                .collect()
-                .await
-                .map_err(|e| query(&e))?;
-            for b in batches {
-                let tokens = cast(b.column(0), &DataType::Utf8).map_err(|e| query(&e))?;
-                for t in tokens.as_string::<i32>().iter().flatten() {
-                    orphans.remove(t);
+            // The candidates a chunk at a time: memory bounded by the chunk, not the table.
+            let candidates: Vec<String> = orphans.iter().cloned().collect();
+            for chunk in candidates.chunks(ORPHAN_CHECK_CHUNK) {
+                let listed = chunk.iter().map(|t| lit(t.as_str())).collect();
+                let batches = session
+                    .table("t")
+                    .await
+                    .map_err(|e| query(&e))?
+                    .filter(col(column).in_list(listed, false))
+                    .map_err(|e| query(&e))?
+                    .select(vec![col(column)])
+                    .map_err(|e| query(&e))?
+                    .distinct()
+                    .map_err(|e| query(&e))?
+                    .collect()
+                    .await
+                    .map_err(|e| query(&e))?;
+                for b in batches {
+                    let tokens = cast(b.column(0), &DataType::Utf8).map_err(|e| query(&e))?;
+                    for t in tokens.as_string::<i32>().iter().flatten() {
+                        orphans.remove(t);
+                    }
                 }
             }
         }
@@ -457,35 +535,38 @@ fn shred_unreferenced(
         return Ok(0);
     }
     let tokens: Vec<String> = orphans.into_iter().collect();
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let destroyed = keys.erase_subjects(&state.report.run_id, &tokens, now_ms)?;
-    let released_from_ms = state.cutoffs_us.values().min().copied().unwrap_or(now_ms * 1000) / 1000;
-    for t in &tokens {
-        keys.release_subject(t, released_from_ms)?;
-    }
+    let destroyed = keys.shred_keys(&state.report.run_id, &tokens, chrono::Utc::now().timestamp_millis())?;
     info!(
         subjects = tokens.len(),
+        keys = destroyed.keys,
         "destroyed the keys of subjects with no rows left"
     );
     Ok(destroyed.keys)
 }
 
-fn audit_row(r: &RetentionReport) -> AuditRow {
+/// Candidate subjects looked up per query when checking that nothing of them is left.
+const ORPHAN_CHECK_CHUNK: usize = 1_000;
+
+/// The run's receipt row: `rows_removed` counts change-log rows once (whatever the number of
+/// formats), `vault_rows_removed` the vault's; every table's numbers are in `tables`.
+fn audit_row(r: &RetentionReport, targets: &[(Target, u32)]) -> AuditRow {
+    let removed = |kind: TargetKind| -> u64 {
+        targets
+            .iter()
+            .filter(|(t, _)| t.kind == kind)
+            .filter_map(|(t, _)| r.tables.get(&t.name))
+            .map(|t| t.rows_removed)
+            .sum()
+    };
     let sum = |f: fn(&TableReceipt) -> u64| -> u64 { r.tables.values().map(f).sum() };
-    let vault: u64 = r
-        .tables
-        .iter()
-        .filter(|(name, _)| name.starts_with("vault/"))
-        .map(|(_, t)| t.rows_removed)
-        .sum();
-    let rows = sum(|t| t.rows_removed);
+    let (log, vault) = (removed(TargetKind::Log), removed(TargetKind::Vault));
     AuditRow {
         event: event::RETENTION,
         job_id: r.run_id.clone(),
         started_at: r.started_at.clone(),
         finished_at: r.finished_at.clone(),
         keys_destroyed: r.keys_shredded,
-        rows_removed: rows - vault,
+        rows_removed: log,
         vault_rows_removed: vault,
         files_removed: sum(|t| t.files_removed),
         bytes_rewritten: sum(|t| t.bytes_rewritten),
@@ -494,9 +575,10 @@ fn audit_row(r: &RetentionReport) -> AuditRow {
         verified: true,
         verification: serde_json::to_string(&r.cutoffs).expect("cut-offs serialize"),
         outcome: format!(
-            "removed {} table rows and {vault} vault rows past their retention ({} tables); {} subjects' keys destroyed",
-            rows - vault,
-            r.tables.values().filter(|t| t.rows_removed > 0).count(),
+            "removed past their retention: {log} change-log rows, {} current-state rows, {vault} vault rows, {} quarantined events, {} aggregate rows; {} keys destroyed",
+            removed(TargetKind::Current),
+            removed(TargetKind::Quarantine),
+            removed(TargetKind::Aggregate),
             r.keys_shredded
         ),
         ..AuditRow::default()
@@ -509,4 +591,66 @@ fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
 
 fn iso_us(us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(us).map(iso).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{RecordBatch, StringArray, TimestampMicrosecondArray};
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+
+    use super::*;
+
+    #[test]
+    fn only_rows_of_the_table_older_than_the_cutoff_match_and_their_subjects_are_noted() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "_source_ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("subject_token", DataType::Utf8, true),
+            Field::new("table", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![Some(10), Some(10), Some(30), None]).with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from(vec![Some("a"), Some("b"), Some("c"), Some("d")])),
+                Arc::new(StringArray::from(vec![
+                    Some("people"),
+                    Some("orders"),
+                    Some("people"),
+                    Some("people"),
+                ])),
+            ],
+        )
+        .unwrap();
+        let target = Target {
+            name: "vault/people".into(),
+            location: delta_table(sluice_connectors::storage::LakePath::Local("/nowhere".into())),
+            time_column: "_source_ts",
+            subject_column: Some("subject_token"),
+            only: Some(("table", "people".into())),
+            kind: TargetKind::Vault,
+        };
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let matched = (matcher(&target, 20, seen.clone()).matches)(&batch).unwrap();
+        assert_eq!(
+            matched.iter().collect::<Vec<_>>(),
+            [Some(true), Some(false), Some(false), Some(false)]
+        );
+        assert_eq!(*seen.lock().unwrap(), BTreeSet::from(["a".to_string()]));
+        // A table without the time column is refused by name, not guessed at.
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("x", DataType::Utf8, true)])),
+            vec![Arc::new(StringArray::from(vec!["x"]))],
+        )
+        .unwrap();
+        let e = (matcher(&target, 20, seen).matches)(&other).unwrap_err();
+        assert!(e.contains("_source_ts"), "{e}");
+    }
 }

@@ -217,8 +217,15 @@ pub fn request(config: &Config, new: NewRequest) -> Result<RevealRequest, Reveal
         request.approvals_needed, request.expires_at
     );
     record(&mut request, event::REVEAL_REQUEST, &requested_by, outcome);
-    save_and_audit(config, &keys, &mut request)?;
-    Ok(request)
+    let mut loaded = Loaded { request, saved: None };
+    save(&keys, &mut loaded)?;
+    let id = loaded.request.id.clone();
+    flush_audit(config, &keys, &mut loaded).map_err(|e| {
+        RevealError::Refused(format!(
+            "request {id} is recorded, but its audit row is not written yet ({e}); `sluice reveal show` writes it"
+        ))
+    })?;
+    Ok(loaded.request)
 }
 
 /// Approves a request: refused (and recorded) for the requester, a second approval by the same
@@ -226,7 +233,8 @@ pub fn request(config: &Config, new: NewRequest) -> Result<RevealRequest, Reveal
 pub fn approve(config: &Config, id: &str, approved_by: &str) -> Result<RevealRequest, RevealError> {
     let approved_by = identity(approved_by, "--approved-by")?;
     let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
-    let mut request = load(&keys, id)?;
+    let mut loaded = load(&keys, id)?;
+    let request = &mut loaded.request;
     let at = now();
     let refusal = if same_person(&request.requested_by, &approved_by) {
         Some("refused: the requester cannot approve their own request".to_string())
@@ -241,12 +249,12 @@ pub fn approve(config: &Config, id: &str, approved_by: &str) -> Result<RevealReq
     };
     if let Some(refusal) = refusal {
         record(
-            &mut request,
+            request,
             event::REVEAL_REFUSED,
             &approved_by,
             format!("approve {refusal}"),
         );
-        save_and_audit(config, &keys, &mut request)?;
+        commit(config, &keys, &mut loaded)?;
         return Err(RevealError::Refused(format!("request {id}: {refusal}")));
     }
     request.approvals.push(Approval {
@@ -263,9 +271,9 @@ pub fn approve(config: &Config, id: &str, approved_by: &str) -> Result<RevealReq
             ""
         }
     );
-    record(&mut request, event::REVEAL_APPROVE, &approved_by, outcome);
-    save_and_audit(config, &keys, &mut request)?;
-    Ok(request)
+    record(request, event::REVEAL_APPROVE, &approved_by, outcome);
+    commit(config, &keys, &mut loaded)?;
+    Ok(loaded.request)
 }
 
 /// Runs an approved request once: the approved subjects' values of the approved columns,
@@ -273,7 +281,8 @@ pub fn approve(config: &Config, id: &str, approved_by: &str) -> Result<RevealReq
 pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<RunSummary, RevealError> {
     let run_by = identity(run_by, "--run-by")?;
     let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
-    let mut request = load(&keys, id)?;
+    let mut loaded = load(&keys, id)?;
+    let request = &mut loaded.request;
     let at = now();
     let refusal = match request.status(at) {
         "run" => Some("refused: the request was run already (a request is run once)".to_string()),
@@ -286,19 +295,21 @@ pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<Ru
         _ => None,
     };
     if let Some(refusal) = refusal {
-        record(&mut request, event::REVEAL_REFUSED, &run_by, format!("run {refusal}"));
-        save_and_audit(config, &keys, &mut request)?;
+        record(request, event::REVEAL_REFUSED, &run_by, format!("run {refusal}"));
+        commit(config, &keys, &mut loaded)?;
         return Err(RevealError::Refused(format!("request {id}: {refusal}")));
     }
     let mut out = open_output(config, &output)?;
-    // Consumed before anything is decrypted: a run that dies half-way is not run again.
+    // Consumed before anything is decrypted (a run that dies half-way is not run again), and
+    // only if no other command changed the request since it was read: of two runs at once,
+    // one decrypts.
     request.run = Some(Approval {
         by: run_by.clone(),
         at: iso(at),
     });
-    record(&mut request, event::REVEAL_RUN, &run_by, "started".into());
-    save_and_audit(config, &keys, &mut request)?;
-    let result = reveal(config, &keys, &request, &mut out);
+    record(request, event::REVEAL_RUN, &run_by, "started".into());
+    commit(config, &keys, &mut loaded)?;
+    let result = reveal(config, &keys, &loaded.request, &mut out);
     let outcome = match &result {
         Ok(summary) => format!(
             "revealed {} values of {} subjects ({})",
@@ -308,17 +319,18 @@ pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<Ru
         ),
         Err(e) => format!("failed: {}", kind_of(e)),
     };
-    record(&mut request, event::REVEAL_RUN, &run_by, outcome);
-    save_and_audit(config, &keys, &mut request)?;
+    record(&mut loaded.request, event::REVEAL_RUN, &run_by, outcome);
+    commit(config, &keys, &mut loaded)?;
     result
 }
 
-/// A request's saved state (no values; its reason included).
+/// A request's saved state (no values; its reason included). Writes the audit rows of steps
+/// a crash left unwritten.
 pub fn show(config: &Config, id: &str) -> Result<RevealRequest, RevealError> {
     let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
-    let mut request = load(&keys, id)?;
-    save_and_audit(config, &keys, &mut request)?;
-    Ok(request)
+    let mut loaded = load(&keys, id)?;
+    flush_audit(config, &keys, &mut loaded)?;
+    Ok(loaded.request)
 }
 
 fn describe_subjects(summary: &RunSummary) -> String {
@@ -375,11 +387,24 @@ fn new_id() -> Result<String, RevealError> {
     Ok(format!("rv-{}", hex::encode(bytes)))
 }
 
-fn load(keys: &KeyStore, id: &str) -> Result<RevealRequest, RevealError> {
+/// A request as read, with the text it was saved as: a save succeeds only over that text.
+struct Loaded {
+    request: RevealRequest,
+    /// `None`: a new request, not saved yet.
+    saved: Option<String>,
+}
+
+fn load(keys: &KeyStore, id: &str) -> Result<Loaded, RevealError> {
     let text = keys
         .job_state(&state_id(id))?
         .ok_or_else(|| RevealError::Refused(format!("no reveal request {id}")))?;
-    serde_json::from_str(&text).map_err(|e| RevealError::State(id.to_string(), e.to_string()))
+    // The error's category only: serde's text could quote the saved reason.
+    let request =
+        serde_json::from_str(&text).map_err(|e| RevealError::State(id.to_string(), format!("{:?}", e.classify())))?;
+    Ok(Loaded {
+        request,
+        saved: Some(text),
+    })
 }
 
 fn record(request: &mut RevealRequest, event: &str, actor: &str, outcome: String) {
@@ -392,24 +417,38 @@ fn record(request: &mut RevealRequest, event: &str, actor: &str, outcome: String
     });
 }
 
-/// Saves the request, then writes the audit rows of its steps not yet written (each once: its
-/// commit names the step), then saves that they are.
-fn save_and_audit(config: &Config, keys: &KeyStore, request: &mut RevealRequest) -> Result<(), RevealError> {
-    let save = |r: &RevealRequest| {
-        keys.save_job_state(
-            &state_id(&r.id),
-            &serde_json::to_string(r).expect("request serializes"),
-            now().timestamp_millis(),
-        )
-    };
-    save(request)?;
-    if request.steps.iter().all(|s| s.audited) {
+/// Saves the request over the state it was read as; refused if another command changed it
+/// since (approvals, runs and their audit rows stay in one order).
+fn save(keys: &KeyStore, loaded: &mut Loaded) -> Result<(), RevealError> {
+    let text = serde_json::to_string(&loaded.request).expect("request serializes");
+    let id = &loaded.request.id;
+    if !keys.replace_job_state(&state_id(id), loaded.saved.as_deref(), &text, now().timestamp_millis())? {
+        return Err(RevealError::Refused(format!(
+            "request {id} changed while this command ran (another command on it): run this one again"
+        )));
+    }
+    loaded.saved = Some(text);
+    Ok(())
+}
+
+/// Saves a step, then writes its audit row.
+fn commit(config: &Config, keys: &KeyStore, loaded: &mut Loaded) -> Result<(), RevealError> {
+    save(keys, loaded)?;
+    flush_audit(config, keys, loaded)
+}
+
+/// Writes the audit rows of the request's saved steps not yet written (each once: its commit
+/// names the step), then saves that they are. If another command changed the request
+/// meanwhile, that one (or the next) marks them: writing a row twice writes it once.
+fn flush_audit(config: &Config, keys: &KeyStore, loaded: &mut Loaded) -> Result<(), RevealError> {
+    if loaded.request.steps.iter().all(|s| s.audited) {
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
+    let request = &mut loaded.request;
     for n in 0..request.steps.len() {
         if request.steps[n].audited {
             continue;
@@ -418,8 +457,10 @@ fn save_and_audit(config: &Config, keys: &KeyStore, request: &mut RevealRequest)
         audit_table::append(config, &rt, &row, format!("reveal/{}/{n}", request.id))?;
         request.steps[n].audited = true;
     }
-    save(request)?;
-    Ok(())
+    match save(keys, loaded) {
+        Ok(()) | Err(RevealError::Refused(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn audit_row(request: &RevealRequest, step: &Step) -> AuditRow {
@@ -456,9 +497,24 @@ fn open_output(config: &Config, output: &Output) -> Result<Box<dyn Write>, Revea
         path: path.clone(),
         source,
     };
-    if let Some(lake) = config.lake_root.local() {
-        let absolute = std::path::absolute(path).map_err(err)?;
-        if absolute.starts_with(std::path::absolute(lake).map_err(err)?) {
+    // Where the file really lands: its directory with `..` and links resolved.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let landing = std::fs::canonicalize(parent)
+        .map_err(err)?
+        .join(path.file_name().unwrap_or_default());
+    let lake_places = [
+        &config.lake_root,
+        &config.vault_path,
+        &config.quarantine_path,
+        &config.audit_path,
+    ];
+    for place in lake_places.iter().filter_map(|p| p.local()) {
+        // A place not made yet holds nothing to be inside of, but its path still counts.
+        let place = std::fs::canonicalize(place).unwrap_or_else(|_| std::path::absolute(place).unwrap_or_default());
+        if landing.starts_with(&place) {
             return Err(RevealError::Refused(format!(
                 "--out {}: inside the lake; revealed values go to a file outside it",
                 path.display()
@@ -656,4 +712,58 @@ async fn ciphertexts(
         ])
         .map_err(|e| query(&e))?;
     df.collect().await.map_err(|e| query(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(expires_in_hours: i64, approvals: usize) -> RevealRequest {
+        let now = now();
+        RevealRequest {
+            id: "rv-1".into(),
+            token_domain: "d".into(),
+            subject_tokens: vec!["t".into()],
+            columns: vec!["people.email".into()],
+            reason: "r".into(),
+            requested_by: "alice".into(),
+            requested_at: iso(now),
+            expires_at: iso(now + chrono::Duration::hours(expires_in_hours)),
+            approvals_needed: 2,
+            approvals: (0..approvals)
+                .map(|i| Approval {
+                    by: format!("approver {i}"),
+                    at: iso(now),
+                })
+                .collect(),
+            run: None,
+            steps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_request_is_runnable_only_fully_approved_unexpired_and_not_run() {
+        let now = now();
+        assert_eq!(request(1, 1).status(now), "pending approval");
+        assert_eq!(request(1, 2).status(now), "approved");
+        assert_eq!(request(-1, 2).status(now), "expired");
+        let mut run = request(1, 2);
+        run.run = Some(Approval {
+            by: "alice".into(),
+            at: iso(now),
+        });
+        assert_eq!(run.status(now), "run");
+        let mut unreadable = request(1, 2);
+        unreadable.expires_at = "tomorrow".into();
+        assert_eq!(unreadable.status(now), "expired", "an unreadable expiry is no licence");
+    }
+
+    #[test]
+    fn identities_are_compared_without_case_or_blanks_and_must_be_printable() {
+        assert!(same_person(" Alice@Bank.example", "alice@bank.example "));
+        assert!(!same_person("alice", "alicia"));
+        assert!(identity("  ", "--approved-by").is_err());
+        assert!(identity("bob\u{7}", "--approved-by").is_err());
+        assert_eq!(identity(" bob ", "--approved-by").unwrap(), "bob");
+    }
 }

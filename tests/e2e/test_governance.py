@@ -2,6 +2,7 @@
 properties, read by Python `deltalake`; Iceberg field docs and table properties, read by
 `pyiceberg`), kept in step with the policy; `sluice check` refusals and its `--tags-json`."""
 
+import io
 import json
 import shutil
 import signal
@@ -178,7 +179,7 @@ def test_reveal_needs_another_persons_approval_runs_once_and_leaks_nothing(sluic
     sluice("forget", "--config", config, "--subject", str(second["id"]), "--settle-ms", "0")
     # Never into the lake (a wrong destination, not an access: refused, nothing recorded).
     assert "inside the lake" in sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example",
-                                       "--out", tmp_path / "lake" / "x.jsonl", expect=1).stderr
+                                       "--out", tmp_path / "case" / ".." / "lake" / "x.jsonl", expect=1).stderr
 
     stderr = sluice("reveal", "run", "--config", config, rid, "--run-by", "alice@bank.example", "--out", out).stderr
     summary = json.loads(stderr[stderr.index("{\n"):])
@@ -350,3 +351,35 @@ def test_retention_removes_old_rows_everywhere_with_a_daemon_running_exactly_onc
     assert sum(t["rows_removed"] for t in report["tables"].values()) == 0
     run(sluice_bin, "run", "--config", config, "--once")
     assert len(rows(log_dir)) == 21 and len(rows(current_dir)) == 21
+
+
+def test_retention_on_iceberg_leaves_no_snapshot_or_file_with_an_old_row(sluice_bin, tmp_path, iceberg_lake):
+    lake = iceberg_lake
+    people = [{"id": k, "full_name": f"Person {k}", "balance_pence": k} for k in range(12)]
+    now_ms = int(time.time() * 1000)
+    old_ms, recent_ms = now_ms - 400 * 86_400_000, now_ms - 86_400_000
+    events = tmp_path / "events"
+    events.mkdir()
+    lines = [people_event("c", p, (old_ms if k < 8 else recent_ms) + k) for k, p in enumerate(people)]
+    (events / "people-000.jsonl").write_text("\n".join(lines) + "\n")
+    policy = tmp_path / "people.toml"
+    policy.write_text((REPO / "fixtures" / "test-policies" / "people-canary.toml").read_text()
+                      .replace('token_domain = "person"', 'token_domain = "person"\nretention_days = 365\n'
+                               'key = ["id"]\ncurrent = true'))
+    config = write_config(tmp_path, events, [policy], lake=lake.root, lake_extra=lake.config("both"))
+    run(sluice_bin, "run", "--config", config, "--once", env=lake.env)
+    old_positions = {r["_position"] for r in lake.iceberg("people").to_pylist()
+                     if r["_source_ts"].timestamp() * 1000 < recent_ms}
+    assert len(old_positions) == 8
+    report = json.loads(run(sluice_bin, "retain", "--config", config, env=lake.env).stdout)
+    assert report["tables"]["iceberg/people"]["rows_removed"] == 8
+    assert report["tables"]["iceberg/people_current"]["rows_removed"] == 8
+    for name in ("people", "people_current"):
+        table = lake.table(name)
+        assert sorted(r["balance_pence"] for r in table.scan().to_arrow().to_pylist()) == [8, 9, 10, 11]
+        assert len(table.snapshots()) == 1, f"{name}: snapshots before the retention commit are left"
+    for url in lake.iceberg_files():
+        if url.endswith(".parquet"):
+            positions = pq.read_table(io.BytesIO(lake.read(url))).column("_position").to_pylist()
+            assert not old_positions & set(positions), url
+    assert lake.iceberg("people").num_rows == lake.delta("people").num_rows == 4

@@ -640,16 +640,19 @@ async fn restrict_stats(
     Ok(table)
 }
 
-/// `field` with sluice's metadata keys set to `tags` (removed where `tags` has none); others kept.
+/// `field` with its description, class and tags set to `tags` (a class or tags the policy no
+/// longer gives removed); other keys kept. A column `tags` does not describe (a metadata
+/// column, a table without tags) is left as it is.
 fn tagged(field: &StructField, tags: Option<&ColumnTags>) -> StructField {
     let mut field = field.clone();
+    let Some(tags) = tags else {
+        return field;
+    };
     field
         .metadata
         .retain(|key, _| ![tags::COMMENT_KEY, tags::CLASS_KEY, tags::TAGS_KEY].contains(&key.as_str()));
-    if let Some(tags) = tags {
-        for (key, value) in tags.delta_metadata() {
-            field.metadata.insert(key.to_string(), MetadataValue::String(value));
-        }
+    for (key, value) in tags.delta_metadata() {
+        field.metadata.insert(key.to_string(), MetadataValue::String(value));
     }
     field
 }

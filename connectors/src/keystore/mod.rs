@@ -382,7 +382,26 @@ impl KeyStore {
     /// unrecoverable from the store's own files where the backend allows (SQLite: secure
     /// delete and a truncating WAL checkpoint; PostgreSQL: VACUUM of the key tables).
     pub fn erase_subjects(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
-        let destroyed = backend!(self, db => db.erase(job_id, tokens, now_ms)).map_err(|m| self.err(m))?;
+        self.destroy(job_id, tokens, now_ms, None)
+    }
+
+    /// Crypto-shredding without erasure (retention: nothing of the subjects is left): the keys
+    /// are deleted and, in the same transaction, tombstones written that release the id at
+    /// once — daemons evict the keys from their caches at their next refresh, and any later
+    /// event of the subject, whatever its time, gets a new key.
+    pub fn shred_keys(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
+        self.destroy(job_id, tokens, now_ms, Some(i64::MIN))
+    }
+
+    fn destroy(
+        &self,
+        job_id: &str,
+        tokens: &[String],
+        now_ms: i64,
+        reusable_after_ms: Option<i64>,
+    ) -> Result<KeysDestroyed, KeyStoreError> {
+        let destroyed =
+            backend!(self, db => db.erase(job_id, tokens, now_ms, reusable_after_ms)).map_err(|m| self.err(m))?;
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for t in tokens {
@@ -412,6 +431,21 @@ impl KeyStore {
     /// The saved state of an erasure job (JSON), if any.
     pub fn job_state(&self, job_id: &str) -> Result<Option<String>, KeyStoreError> {
         backend!(self, db => db.job_state(job_id)).map_err(|m| self.err(m))
+    }
+
+    /// Saves a job's state (JSON) durably, only if the saved one is still `expected` (`None`:
+    /// there is none yet): false when another process changed it since it was read.
+    pub fn replace_job_state(
+        &self,
+        job_id: &str,
+        expected: Option<&str>,
+        state: &str,
+        now_ms: i64,
+    ) -> Result<bool, KeyStoreError> {
+        let replaced =
+            backend!(self, db => db.replace_job_state(job_id, expected, state, now_ms)).map_err(|m| self.err(m))?;
+        self.sync()?;
+        Ok(replaced)
     }
 
     /// Saves an erasure job's state (JSON) durably.

@@ -245,6 +245,7 @@ impl PgStore {
         job_id: &str,
         tokens: &[String],
         now_ms: i64,
+        reusable_after_ms: Option<i64>,
     ) -> Result<KeysDestroyed, BackendError> {
         let s = self.schema.clone();
         let mut tx = self.client.transaction()?;
@@ -261,11 +262,11 @@ impl PgStore {
             &format!(
                 "WITH gone AS (DELETE FROM {s}.subject_keys WHERE token = ANY($1) RETURNING token, key_id),
                       keys AS (DELETE FROM {s}.keys WHERE id IN (SELECT key_id FROM gone))
-                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed)
-                 SELECT t, $2, $3, t IN (SELECT token FROM gone) FROM unnest($1::text[]) t
+                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
+                 SELECT t, $2, $3, t IN (SELECT token FROM gone), $4::bigint FROM unnest($1::text[]) t
                  ON CONFLICT (token) DO NOTHING"
             ),
-            &[&tokens, &job_id, &now_ms],
+            &[&tokens, &job_id, &now_ms, &reusable_after_ms],
         )?;
         // Counted from the job's tombstones, so a rerun reports what the job destroyed.
         let row = tx.query_one(
@@ -340,6 +341,32 @@ impl PgStore {
             &[&job_id],
         )?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Saves `state` only if the saved state is still `expected` (`None`: none saved yet).
+    pub(super) fn replace_job_state(
+        &mut self,
+        job_id: &str,
+        expected: Option<&str>,
+        state: &str,
+        now_ms: i64,
+    ) -> Result<bool, BackendError> {
+        let s = &self.schema;
+        let changed = match expected {
+            None => self.client.execute(
+                &format!(
+                    "INSERT INTO {s}.erasure_jobs (job_id, state, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (job_id) DO NOTHING"
+                ),
+                &[&job_id, &state, &now_ms],
+            )?,
+            Some(expected) => self.client.execute(
+                &format!(
+                    "UPDATE {s}.erasure_jobs SET state = $2, updated_at_ms = $3 WHERE job_id = $1 AND state = $4"
+                ),
+                &[&job_id, &state, &now_ms, &expected],
+            )?,
+        };
+        Ok(changed == 1)
     }
 
     pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), BackendError> {

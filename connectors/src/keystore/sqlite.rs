@@ -233,6 +233,7 @@ impl SqliteStore {
         job_id: &str,
         tokens: &[String],
         now_ms: i64,
+        reusable_after_ms: Option<i64>,
     ) -> Result<KeysDestroyed, BackendError> {
         let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let destroyed = {
@@ -240,8 +241,8 @@ impl SqliteStore {
                 tx.prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")?;
             let mut delete_name = tx.prepare_cached("DELETE FROM subject_keys WHERE token = ?1")?;
             let mut tombstone = tx.prepare_cached(
-                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (token) DO NOTHING",
+                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (token) DO NOTHING",
             )?;
             // A subject released for reuse and erased again: erased for good, under a new seq
             // (daemons read tombstones by increasing seq).
@@ -251,7 +252,7 @@ impl SqliteStore {
                 let keys = delete_key.execute([t])?;
                 delete_name.execute([t])?;
                 released.execute([t])?;
-                tombstone.execute(params![t, job_id, now_ms, keys > 0])?;
+                tombstone.execute(params![t, job_id, now_ms, keys > 0, reusable_after_ms])?;
             }
             // Counted from the job's tombstones, so a rerun reports what the job destroyed.
             tx.query_row(
@@ -325,6 +326,27 @@ impl SqliteStore {
             })
             .optional()
             .map_err(BackendError::from)
+    }
+
+    /// Saves `state` only if the saved state is still `expected` (`None`: none saved yet).
+    pub(super) fn replace_job_state(
+        &mut self,
+        job_id: &str,
+        expected: Option<&str>,
+        state: &str,
+        now_ms: i64,
+    ) -> Result<bool, BackendError> {
+        let changed = match expected {
+            None => self.db.execute(
+                "INSERT INTO erasure_jobs (job_id, state, updated_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT (job_id) DO NOTHING",
+                params![job_id, state, now_ms],
+            )?,
+            Some(expected) => self.db.execute(
+                "UPDATE erasure_jobs SET state = ?2, updated_at_ms = ?3 WHERE job_id = ?1 AND state = ?4",
+                params![job_id, state, now_ms, expected],
+            )?,
+        };
+        Ok(changed == 1)
     }
 
     pub(super) fn save_job_state(&mut self, job_id: &str, state: &str, now_ms: i64) -> Result<(), BackendError> {

@@ -217,3 +217,37 @@ fn job_state_round_trips() {
     store.save_job_state("j", "{\"step\":2}", 6).unwrap();
     assert_eq!(store.job_state("j").unwrap().as_deref(), Some("{\"step\":2}"));
 }
+
+#[test]
+fn a_job_state_is_replaced_only_if_nobody_changed_it_since_it_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("keys.db"));
+    assert!(store.replace_job_state("j", None, "a", 1).unwrap());
+    assert!(
+        !store.replace_job_state("j", None, "b", 2).unwrap(),
+        "created by someone else first"
+    );
+    assert!(store.replace_job_state("j", Some("a"), "c", 3).unwrap());
+    assert!(
+        !store.replace_job_state("j", Some("a"), "d", 4).unwrap(),
+        "read before the last change"
+    );
+    assert_eq!(store.job_state("j").unwrap().as_deref(), Some("c"));
+}
+
+#[test]
+fn shredding_destroys_the_key_and_lets_any_later_event_have_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("keys.db")).with_erasure_refresh(Duration::ZERO);
+    let first = store.subject_keys(&["s", "kept"]).unwrap()[0].clone().unwrap();
+    let destroyed = store.shred_keys("retention-1", &["s".to_string()], 10).unwrap();
+    assert_eq!(destroyed, KeysDestroyed { keys: 1, tombstones: 1 });
+    assert!(store.key_by_id(first.id()).unwrap().is_none());
+    // Released from the beginning of time: no event of theirs is dropped, none finds the old key.
+    assert_eq!(store.erased(&["s", "kept"]).unwrap(), vec![Some(i64::MIN), None]);
+    let second = store.subject_keys(&["s"]).unwrap()[0].clone().unwrap();
+    assert_ne!(first.id(), second.id());
+    // An erasure later is for good, as for any subject.
+    store.erase_subjects("job-1", &["s".to_string()], 20).unwrap();
+    assert_eq!(store.erased(&["s"]).unwrap(), vec![Some(ERASED_FOR_GOOD)]);
+}

@@ -74,6 +74,42 @@ impl Default for RetentionConfig {
     }
 }
 
+/// The shortest interval between a daemon's retention runs (each rewrites what it removes from).
+const MIN_RETENTION_INTERVAL_MS: u64 = 100;
+
+/// `[retention]`, checked: an interval of 0 (never) or at least [`MIN_RETENTION_INTERVAL_MS`],
+/// a quarantine limit of 1 day to a century.
+pub(super) fn retention_config(
+    raw: RetentionConfig,
+    text: &str,
+    invalid: &dyn Fn(usize, &str, String) -> LoadError,
+) -> Result<RetentionConfig, LoadError> {
+    let at = |key: &str| {
+        let section = text.find("[retention]").unwrap_or(0);
+        text[section..].find(key).map_or(section, |i| section + i)
+    };
+    if raw.interval_ms != 0 && raw.interval_ms < MIN_RETENTION_INTERVAL_MS {
+        return Err(invalid(
+            at("interval_ms"),
+            "retention.interval_ms",
+            format!("must be 0 (never) or at least {MIN_RETENTION_INTERVAL_MS}"),
+        ));
+    }
+    if let Some(days) = raw.quarantine_days {
+        if !(1..=sluice_transforms::policy::MAX_RETENTION_DAYS).contains(&days) {
+            return Err(invalid(
+                at("quarantine_days"),
+                "retention.quarantine_days",
+                format!(
+                    "must be 1 to {} (days a quarantined event is kept)",
+                    sluice_transforms::policy::MAX_RETENTION_DAYS
+                ),
+            ));
+        }
+    }
+    Ok(raw)
+}
+
 /// The most approvals a request may need, and the longest a request may stay open (90 days).
 const MAX_APPROVALS: u32 = 10;
 const MAX_EXPIRY_HOURS: u32 = 90 * 24;

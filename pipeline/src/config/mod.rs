@@ -442,6 +442,7 @@ impl Config {
             ));
         }
         let governance = governance_config(&raw.governance, &text, &invalid)?;
+        let retention = retention_config(raw.retention.clone(), &text, &invalid)?;
         let policies = load_policies(&raw, &text, &resolve, &invalid, &governance.classes)?;
         let lake = lake_layout(&raw, name, &base, &text, &resolve, &invalid)?;
         let aggregates = aggregates_config(&raw, &policies, &invalid)?;
@@ -476,7 +477,7 @@ impl Config {
             http: raw.http,
             shutdown: raw.shutdown,
             governance,
-            retention: raw.retention,
+            retention,
         })
     }
 

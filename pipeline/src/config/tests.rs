@@ -522,3 +522,27 @@ fn governance_settings_are_checked_with_their_line_and_the_policies_classes_agai
     let config = Config::load(&file).unwrap();
     assert!(config.governance.classes.contains(&"criminal_offence".to_string()));
 }
+
+#[test]
+fn retention_settings_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "[source]\nkind = \"file\"\npath = \"e\"\n";
+    for (setting, field) in [
+        ("interval_ms = 5", "retention.interval_ms"),
+        ("quarantine_days = 0", "retention.quarantine_days"),
+    ] {
+        let e = load(
+            dir.path(),
+            &format!("{HEAD}{source}[retention]\nshred_keys = true\n{setting}\n"),
+        )
+        .unwrap_err();
+        let LoadError::Invalid(e) = e else { panic!("{e}") };
+        assert_eq!((e.field.as_str(), e.line), (field, 13), "{e}");
+    }
+    let config = load(
+        dir.path(),
+        &format!("{HEAD}{source}[retention]\ninterval_ms = 0\nquarantine_days = 30\n"),
+    )
+    .unwrap();
+    assert_eq!(config.retention.quarantine_days, Some(30));
+}
