@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::audit_table::{self, event, AuditRow};
 use crate::config::Config;
-use crate::forget::TableReceipt;
+use crate::forget::{drop_history, TableReceipt};
 use crate::runtime::{self, RunError};
 
 #[derive(Debug, thiserror::Error)]
@@ -452,19 +452,6 @@ fn retain_table(
 
 /// Attempts at one table's commit over other writers' (a daemon's merges and appends).
 const MAX_ATTEMPTS: u32 = 10;
-
-fn drop_history(
-    rt: &tokio::runtime::Runtime,
-    table: &mut ErasureTable,
-    receipt: &mut TableReceipt,
-) -> Result<(), RetainError> {
-    if let Some(dropped) = rt.block_on(table.drop_history())? {
-        receipt.history_removed_before = Some(dropped.checkpoint_version);
-        receipt.log_files_removed += dropped.log_files_deleted;
-        receipt.history_files_removed += dropped.data_files_deleted;
-    }
-    Ok(())
-}
 
 /// Destroys the keys of the subjects whose rows were removed and of whom no row remains in any
 /// policy table, current table, the vault or the quarantine (whose events their keys seal).

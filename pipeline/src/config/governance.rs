@@ -129,11 +129,7 @@ pub(super) fn governance_config(
     let mut classes: Vec<String> = CLASSES.iter().map(|(name, _)| name.to_string()).collect();
     for class in &raw.classes {
         let name = class.get_ref();
-        let lower_name = name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !lower_name {
+        if !sluice_transforms::policy::is_class_name(name) {
             return Err(invalid(
                 class.span().start,
                 "governance.classes",

@@ -470,11 +470,11 @@ pub(super) fn erasure_app_id(pipeline: &str, job_id: &str, attempt: u32, target:
 
 /// Drops the table's versions before the erasure commit (their files and, Delta, their log
 /// entries: statistics that could still describe the erased rows) and notes it in the receipt.
-pub(super) fn drop_history(
+pub(crate) fn drop_history(
     rt: &tokio::runtime::Runtime,
     table: &mut ErasureTable,
     receipt: &mut TableReceipt,
-) -> Result<(), ForgetError> {
+) -> Result<(), LakeError> {
     if let Some(dropped) = rt.block_on(table.drop_history())? {
         receipt.history_removed_before = Some(dropped.checkpoint_version);
         receipt.log_files_removed += dropped.log_files_deleted;

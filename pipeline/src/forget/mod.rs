@@ -43,6 +43,7 @@ mod job;
 mod targets;
 
 pub use audit::*;
+pub(crate) use job::drop_history;
 use job::*;
 use targets::*;
 

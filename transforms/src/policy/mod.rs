@@ -532,12 +532,7 @@ fn classification(
     err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
 ) -> Result<(Option<String>, Vec<String>), ConfigError> {
     if let Some(c) = class {
-        let name = c.get_ref();
-        let lower_name = name.starts_with(|ch: char| ch.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
-        if !lower_name {
+        if !is_class_name(c.get_ref()) {
             return Err(err(
                 c.span(),
                 &format!("{field}.class"),
@@ -605,6 +600,14 @@ fn plain_allowed(
             ),
         )),
     }
+}
+
+/// A class is a lower-case name: letters, digits and `_`, starting with a letter.
+pub fn is_class_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// The longest retention a policy may set: a century.
