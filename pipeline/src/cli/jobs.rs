@@ -67,7 +67,8 @@ pub fn check(config: &Path, tables: bool, tags_json: bool) -> anyhow::Result<Exi
 pub fn retain(config: &Path, dry_run: bool) -> anyhow::Result<ExitCode> {
     let cfg = config::Config::load(config)?;
     if !crate::retain::configured(&cfg) {
-        eprintln!("no policy or aggregate sets retention_days: nothing to remove");
+        eprintln!("no policy or aggregate sets retention_days (nor [retention] quarantine_days): nothing to remove, nothing recorded");
+        return Ok(ExitCode::SUCCESS);
     }
     let report = crate::retain::retain(&cfg, dry_run)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
