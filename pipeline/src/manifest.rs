@@ -176,12 +176,11 @@ pub fn table_tags(policy: &Policy) -> TableTags {
 pub fn tags_json(config: &Config) -> Value {
     let mut tables = serde_json::Map::new();
     for p in &config.policies {
-        let types: BTreeMap<String, String> = p
-            .output_columns()
-            .into_iter()
-            .map(|c| (c.name, c.data_type.to_string()))
-            .collect();
         let outputs = p.output_columns();
+        let types: BTreeMap<&str, String> = outputs
+            .iter()
+            .map(|c| (c.name.as_str(), c.data_type.to_string()))
+            .collect();
         let tags = table_tags(p);
         let mut columns = serde_json::Map::new();
         for (name, t) in &tags.columns {
@@ -196,7 +195,7 @@ pub fn tags_json(config: &Config) -> Value {
                     "tags": t.tags,
                     "action": action,
                     "source_column": source,
-                    "type": types.get(name).cloned().unwrap_or_else(|| "Utf8".to_string()),
+                    "type": types.get(name.as_str()).cloned().unwrap_or_else(|| "Utf8".to_string()),
                     "comment": t.comment,
                 }),
             );

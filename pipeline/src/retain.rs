@@ -199,10 +199,11 @@ fn targets(config: &Config) -> Vec<(Target, u32)> {
     out
 }
 
-/// Rows older than `cutoff_us` (and of `only`, if given); their subjects are added to `seen`.
-fn matcher(target: &Target, cutoff_us: i64, seen: Arc<Mutex<BTreeSet<String>>>) -> RowMatcher {
+/// Rows older than `cutoff_us` (and of `only`, if given); with `seen`, their subjects are added
+/// to it (only `shred_keys` needs them: a first run over years of rows meets many).
+fn matcher(target: &Target, cutoff_us: i64, seen: Option<Arc<Mutex<BTreeSet<String>>>>) -> RowMatcher {
     let time = target.time_column;
-    let subject = target.subject_column;
+    let subject = target.subject_column.filter(|_| seen.is_some());
     let only = target.only.clone();
     let mut columns = vec![time.to_string()];
     columns.extend(subject.map(String::from));
@@ -236,7 +237,7 @@ fn matcher(target: &Target, cutoff_us: i64, seen: Arc<Mutex<BTreeSet<String>>>) 
                     Some(old && ours)
                 })
                 .collect();
-            if let (Some(subject), true) = (subject, matched.true_count() > 0) {
+            if let (Some(subject), Some(seen), true) = (subject, &seen, matched.true_count() > 0) {
                 if let Some(tokens) = batch.column_by_name(subject).and_then(|c| c.as_string_opt::<i32>()) {
                     let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                     for i in (0..batch.num_rows()).filter(|i| matched.value(*i) && tokens.is_valid(*i)) {
@@ -345,7 +346,7 @@ pub fn retain(config: &Config, dry_run: bool) -> Result<RetentionReport, RetainE
             &mut catalogs,
             target,
             app_id,
-            &matcher(target, cutoff, seen.clone()),
+            &matcher(target, cutoff, config.retention.shred_keys.then(|| seen.clone())),
             &seen,
             &mut run,
         )?;
@@ -416,6 +417,17 @@ fn retain_table(
         receipt.files_removed = result.files_removed.len() as u64;
         receipt.files_written = result.files_added;
         receipt.bytes_rewritten = result.bytes_read + result.bytes_written;
+        if result.files_removed.is_empty() && !run.dry_run {
+            if let Some(paths) = run.state.pending_removal.get(&target.name).cloned() {
+                // A resumed run whose commit made it, though the table no longer shows it (an
+                // Iceberg expiry took its snapshot): keep its receipt, finish the clean-up.
+                let mut done = run.state.report.tables.get(&target.name).cloned().unwrap_or_default();
+                rt.block_on(table.delete_files(&paths))?;
+                drop_history(rt, &mut table, &mut done)?;
+                run.state.report.tables.insert(target.name.clone(), done);
+                return Ok(());
+            }
+        }
         run.state.report.tables.insert(target.name.clone(), receipt.clone());
         if run.dry_run || result.files_removed.is_empty() {
             break;
@@ -625,7 +637,7 @@ mod tests {
             kind: TargetKind::Vault,
         };
         let seen = Arc::new(Mutex::new(BTreeSet::new()));
-        let matched = (matcher(&target, 20, seen.clone()).matches)(&batch).unwrap();
+        let matched = (matcher(&target, 20, Some(seen.clone())).matches)(&batch).unwrap();
         assert_eq!(
             matched.iter().collect::<Vec<_>>(),
             [Some(true), Some(false), Some(false), Some(false)]
@@ -637,7 +649,7 @@ mod tests {
             vec![Arc::new(StringArray::from(vec!["x"]))],
         )
         .unwrap();
-        let e = (matcher(&target, 20, seen).matches)(&other).unwrap_err();
+        let e = (matcher(&target, 20, Some(seen)).matches)(&other).unwrap_err();
         assert!(e.contains("_source_ts"), "{e}");
     }
 }

@@ -179,15 +179,23 @@ pub fn request(config: &Config, new: NewRequest) -> Result<RevealRequest, Reveal
             "--columns: name the columns to reveal (table.column, e.g. customers.email)".into(),
         ));
     }
+    let domain = crate::forget::subject_domain(config, new.domain.as_deref())
+        .map_err(|e| RevealError::Refused(e.to_string()))?;
     let mut columns = Vec::new();
     for c in &new.columns {
-        revealable(config, c)?;
+        let (policy, _) = revealable(config, c)?;
+        // Its rows name their subjects by tokens of the policy's domain: ids of another domain
+        // would match none of them.
+        if policy.token_domain != domain {
+            return Err(RevealError::Refused(format!(
+                "--columns {c}: its subjects are of the token domain `{}`, the ids given of `{domain}` (--domain)",
+                policy.token_domain
+            )));
+        }
         if !columns.contains(c) {
             columns.push(c.clone());
         }
     }
-    let domain = crate::forget::subject_domain(config, new.domain.as_deref())
-        .map_err(|e| RevealError::Refused(e.to_string()))?;
     let keys = runtime::open_key_store(config, runtime::SMALL_KEY_STORE_MEMORY)?;
     let tokenizer = keys.tokenizer()?.domain(&domain);
     let mut subject_tokens: Vec<String> = new
@@ -248,13 +256,8 @@ pub fn approve(config: &Config, id: &str, approved_by: &str) -> Result<RevealReq
         None
     };
     if let Some(refusal) = refusal {
-        record(
-            request,
-            event::REVEAL_REFUSED,
-            &approved_by,
-            format!("approve {refusal}"),
-        );
-        commit(config, &keys, &mut loaded)?;
+        let step = step(event::REVEAL_REFUSED, &approved_by, format!("approve {refusal}"));
+        commit_step(config, &keys, &mut loaded, step)?;
         return Err(RevealError::Refused(format!("request {id}: {refusal}")));
     }
     request.approvals.push(Approval {
@@ -295,8 +298,8 @@ pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<Ru
         _ => None,
     };
     if let Some(refusal) = refusal {
-        record(request, event::REVEAL_REFUSED, &run_by, format!("run {refusal}"));
-        commit(config, &keys, &mut loaded)?;
+        let step = step(event::REVEAL_REFUSED, &run_by, format!("run {refusal}"));
+        commit_step(config, &keys, &mut loaded, step)?;
         return Err(RevealError::Refused(format!("request {id}: {refusal}")));
     }
     let mut out = open_output(config, &output)?;
@@ -308,7 +311,14 @@ pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<Ru
         at: iso(at),
     });
     record(request, event::REVEAL_RUN, &run_by, "started".into());
-    commit(config, &keys, &mut loaded)?;
+    if let Err(e) = commit(config, &keys, &mut loaded) {
+        // Not consumed (another command changed the request first): nothing written.
+        drop(out);
+        if let Output::File(path) = &output {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
     let result = reveal(config, &keys, &loaded.request, &mut out);
     let outcome = match &result {
         Ok(summary) => format!(
@@ -319,8 +329,7 @@ pub fn run(config: &Config, id: &str, run_by: &str, output: Output) -> Result<Ru
         ),
         Err(e) => format!("failed: {}", kind_of(e)),
     };
-    record(&mut loaded.request, event::REVEAL_RUN, &run_by, outcome);
-    commit(config, &keys, &mut loaded)?;
+    commit_step(config, &keys, &mut loaded, step(event::REVEAL_RUN, &run_by, outcome))?;
     result
 }
 
@@ -407,14 +416,18 @@ fn load(keys: &KeyStore, id: &str) -> Result<Loaded, RevealError> {
     })
 }
 
-fn record(request: &mut RevealRequest, event: &str, actor: &str, outcome: String) {
-    request.steps.push(Step {
+fn step(event: &str, actor: &str, outcome: String) -> Step {
+    Step {
         event: event.to_string(),
         actor: actor.to_string(),
         at: iso(now()),
         outcome,
         audited: false,
-    });
+    }
+}
+
+fn record(request: &mut RevealRequest, event: &str, actor: &str, outcome: String) {
+    request.steps.push(step(event, actor, outcome));
 }
 
 /// Saves the request over the state it was read as; refused if another command changed it
@@ -431,11 +444,41 @@ fn save(keys: &KeyStore, loaded: &mut Loaded) -> Result<(), RevealError> {
     Ok(())
 }
 
-/// Saves a step, then writes its audit row.
+/// Saves a step that consumes something (an approval, a run's start) over exactly the state
+/// it was decided on, then writes its audit row.
 fn commit(config: &Config, keys: &KeyStore, loaded: &mut Loaded) -> Result<(), RevealError> {
     save(keys, loaded)?;
     flush_audit(config, keys, loaded)
 }
+
+/// Adds a step that consumes nothing (a refusal, a run's outcome) over whatever another command
+/// saved meanwhile, then writes its audit row: it is never lost to a concurrent command.
+fn commit_step(config: &Config, keys: &KeyStore, loaded: &mut Loaded, step: Step) -> Result<(), RevealError> {
+    save_merging(keys, loaded, &|r| r.steps.push(step.clone()))?;
+    flush_audit(config, keys, loaded)
+}
+
+/// Applies `change` and saves; if another command saved meanwhile, reads the request again and
+/// applies `change` to that, a few times.
+fn save_merging(keys: &KeyStore, loaded: &mut Loaded, change: &dyn Fn(&mut RevealRequest)) -> Result<(), RevealError> {
+    change(&mut loaded.request);
+    for _ in 0..MERGE_ATTEMPTS {
+        match save(keys, loaded) {
+            Err(RevealError::Refused(_)) => {
+                *loaded = load(keys, &loaded.request.id)?;
+                change(&mut loaded.request);
+            }
+            other => return other,
+        }
+    }
+    Err(RevealError::Refused(format!(
+        "request {} kept changing while this command ran: run it again",
+        loaded.request.id
+    )))
+}
+
+/// Saves over concurrent commands before giving up.
+const MERGE_ATTEMPTS: usize = 5;
 
 /// Writes the audit rows of the request's saved steps not yet written (each once: its commit
 /// names the step), then saves that they are. If another command changed the request
@@ -448,16 +491,26 @@ fn flush_audit(config: &Config, keys: &KeyStore, loaded: &mut Loaded) -> Result<
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    let request = &mut loaded.request;
+    let request = &loaded.request;
+    let mut written = Vec::new();
     for n in 0..request.steps.len() {
         if request.steps[n].audited {
             continue;
         }
         let row = audit_row(request, &request.steps[n]);
         audit_table::append(config, &rt, &row, format!("reveal/{}/{n}", request.id))?;
-        request.steps[n].audited = true;
+        written.push(n);
     }
-    match save(keys, loaded) {
+    // Steps only ever follow each other: step n is the same step in any later state.
+    let mark = |r: &mut RevealRequest| {
+        for &n in &written {
+            if let Some(s) = r.steps.get_mut(n) {
+                s.audited = true;
+            }
+        }
+    };
+    match save_merging(keys, loaded, &mark) {
+        // Unmarked, a row is written again by the next command: once, as its commit names it.
         Ok(()) | Err(RevealError::Refused(_)) => Ok(()),
         Err(e) => Err(e),
     }

@@ -4,6 +4,7 @@ properties, read by Python `deltalake`; Iceberg field docs and table properties,
 
 import io
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -13,7 +14,7 @@ import time
 import deltalake
 import pyarrow.parquet as pq
 
-from conftest import DEMO_POLICIES, REPO, run, wait_until, write_config
+from conftest import DEMO_POLICIES, REPO, pg, run, wait_until, write_config  # noqa: F401 (pg: a fixture)
 from lakes import iceberg_lake, weed  # noqa: F401 (fixtures)
 
 
@@ -383,3 +384,38 @@ def test_retention_on_iceberg_leaves_no_snapshot_or_file_with_an_old_row(sluice_
             positions = pq.read_table(io.BytesIO(lake.read(url))).column("_position").to_pylist()
             assert not old_positions & set(positions), url
     assert lake.iceberg("people").num_rows == lake.delta("people").num_rows == 4
+
+
+def test_retention_shreds_keys_in_a_postgres_key_store_once(sluice_bin, tmp_path, pg):
+    people = [{"id": k, "full_name": f"Person {k}", "balance_pence": k} for k in range(6)]
+    now_ms = int(time.time() * 1000)
+    old_ms, recent_ms = now_ms - 400 * 86_400_000, now_ms - 86_400_000
+    events = tmp_path / "events"
+    events.mkdir()
+    lines = [people_event("c", p, old_ms + k) for k, p in enumerate(people)]
+    lines.append(people_event("u", dict(people[2], balance_pence=99), recent_ms))
+    (events / "people-000.jsonl").write_text("\n".join(lines) + "\n")
+    policy = tmp_path / "people.toml"
+    policy.write_text((REPO / "fixtures" / "test-policies" / "people-canary.toml").read_text()
+                      .replace('token_domain = "person"', 'token_domain = "person"\nretention_days = 365'))
+    config = write_config(tmp_path, events, [policy], extra="[retention]\nshred_keys = true\n")
+    store_line = next(line for line in config.read_text().splitlines() if line.startswith("store = "))
+    config.write_text(config.read_text().replace(store_line, (
+        f'kind = "postgres"\nhost = "{os.environ["SLUICE_PG_HOST"]}"\nport = {os.environ["SLUICE_PG_PORT"]}\n'
+        f'user = "{os.environ["SLUICE_PG_USER"]}"\npassword_env = "SLUICE_PG_PASSWORD"\ndatabase = "{pg.database}"')))
+    run(sluice_bin, "run", "--config", config, "--once")
+    report = json.loads(run(sluice_bin, "retain", "--config", config).stdout)
+    assert report["tables"]["people"]["rows_removed"] == 6
+    assert report["keys_shredded"] == 5, "everyone's but person 2's, who has a recent row"
+    with pg.connect() as db:
+        tombstones = db.execute("SELECT reusable_after_ms, key_destroyed FROM sluice_keys.tombstones").fetchall()
+    assert tombstones == [(-2**63, True)] * 5
+    # Shredded, not erased: a later event of theirs is kept, under a new key.
+    (events / "people-001.jsonl").write_text(people_event("u", dict(people[0], balance_pence=7), now_ms) + "\n")
+    run(sluice_bin, "run", "--config", config, "--once")
+    log = deltalake.DeltaTable(str(tmp_path / "lake" / "tables" / "people")).to_pyarrow_table().to_pylist()
+    assert sorted(r["balance_pence"] for r in log) == [7, 99]
+    vault = deltalake.DeltaTable(str(tmp_path / "lake" / "vault")).to_pyarrow_table().to_pylist()
+    assert len(vault) == 2, "person 2's recent name and person 0's new one, under their keys"
+    again = json.loads(run(sluice_bin, "retain", "--config", config).stdout)
+    assert again["keys_shredded"] == 0

@@ -158,6 +158,10 @@ enum Names {
     System,
 }
 
+/// The release time of a shredded subject's tombstone: every event of theirs, whatever its
+/// time, is kept (under a new key). Daemons read it only to drop the key from their caches.
+pub(crate) const SHREDDED_RELEASE_MS: i64 = i64::MIN;
+
 /// What an erasure job destroyed in the key store (the same on a rerun).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeysDestroyed {
@@ -382,34 +386,37 @@ impl KeyStore {
     /// unrecoverable from the store's own files where the backend allows (SQLite: secure
     /// delete and a truncating WAL checkpoint; PostgreSQL: VACUUM of the key tables).
     pub fn erase_subjects(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
-        self.destroy(job_id, tokens, now_ms, None)
+        self.destroy(job_id, tokens, now_ms)
     }
 
     /// Crypto-shredding without erasure (retention: nothing of the subjects is left): the keys
     /// are deleted and, in the same transaction, tombstones written that release the id at
     /// once — daemons evict the keys from their caches at their next refresh, and any later
     /// event of the subject, whatever its time, gets a new key.
+    /// Subjects with a tombstone already (erased, released after an erasure, or shredded by this
+    /// job before it was interrupted) are left as they are: a release's cut-off stays.
     pub fn shred_keys(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
-        self.destroy(job_id, tokens, now_ms, Some(i64::MIN))
+        let destroyed = backend!(self, db => db.shred(job_id, tokens, now_ms)).map_err(|m| self.err(m))?;
+        self.forget_cached(tokens)?;
+        Ok(destroyed)
     }
 
-    fn destroy(
-        &self,
-        job_id: &str,
-        tokens: &[String],
-        now_ms: i64,
-        reusable_after_ms: Option<i64>,
-    ) -> Result<KeysDestroyed, KeyStoreError> {
-        let destroyed =
-            backend!(self, db => db.erase(job_id, tokens, now_ms, reusable_after_ms)).map_err(|m| self.err(m))?;
+    fn destroy(&self, job_id: &str, tokens: &[String], now_ms: i64) -> Result<KeysDestroyed, KeyStoreError> {
+        let destroyed = backend!(self, db => db.erase(job_id, tokens, now_ms)).map_err(|m| self.err(m))?;
+        self.forget_cached(tokens)?;
+        Ok(destroyed)
+    }
+
+    /// After keys were destroyed: none stays in this process's cache, and the store's files
+    /// keep no copy where the backend allows.
+    fn forget_cached(&self, tokens: &[String]) -> Result<(), KeyStoreError> {
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for t in tokens {
                 cache.pop(t);
             }
         }
-        backend!(self, db => db.purge_deleted()).map_err(|m| self.err(m))?;
-        Ok(destroyed)
+        backend!(self, db => db.purge_deleted()).map_err(|m| self.err(m))
     }
 
     /// Makes every key created so far durable (by this process or another sharing the store).
@@ -469,6 +476,11 @@ impl KeyStore {
                 for t in fresh {
                     cache.pop(&t.token);
                     erased.last_seq = erased.last_seq.max(t.seq);
+                    if t.reusable_after_ms == Some(SHREDDED_RELEASE_MS) {
+                        // Nothing of theirs is dropped: no need to remember them.
+                        erased.tokens.remove(&t.token);
+                        continue;
+                    }
                     erased
                         .tokens
                         .insert(t.token, t.reusable_after_ms.unwrap_or(ERASED_FOR_GOOD));

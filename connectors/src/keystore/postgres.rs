@@ -3,7 +3,9 @@
 
 use postgres::{Client, NoTls};
 
-use super::{BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
+use super::{
+    BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone, SHREDDED_RELEASE_MS,
+};
 
 /// Where the PostgreSQL key store is. The password comes from the environment, never a file.
 #[derive(Clone)]
@@ -245,7 +247,6 @@ impl PgStore {
         job_id: &str,
         tokens: &[String],
         now_ms: i64,
-        reusable_after_ms: Option<i64>,
     ) -> Result<KeysDestroyed, BackendError> {
         let s = self.schema.clone();
         let mut tx = self.client.transaction()?;
@@ -262,11 +263,11 @@ impl PgStore {
             &format!(
                 "WITH gone AS (DELETE FROM {s}.subject_keys WHERE token = ANY($1) RETURNING token, key_id),
                       keys AS (DELETE FROM {s}.keys WHERE id IN (SELECT key_id FROM gone))
-                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
-                 SELECT t, $2, $3, t IN (SELECT token FROM gone), $4::bigint FROM unnest($1::text[]) t
+                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed)
+                 SELECT t, $2, $3, t IN (SELECT token FROM gone) FROM unnest($1::text[]) t
                  ON CONFLICT (token) DO NOTHING"
             ),
-            &[&tokens, &job_id, &now_ms, &reusable_after_ms],
+            &[&tokens, &job_id, &now_ms],
         )?;
         // Counted from the job's tombstones, so a rerun reports what the job destroyed.
         let row = tx.query_one(
@@ -341,6 +342,42 @@ impl PgStore {
             &[&job_id],
         )?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Crypto-shredding without erasure: for each subject with no tombstone, deletes its key and
+    /// writes a tombstone that releases the id from the beginning of time; a subject with one
+    /// (erased, released, or shredded by this job before) is left as it is.
+    pub(super) fn shred(
+        &mut self,
+        job_id: &str,
+        tokens: &[String],
+        now_ms: i64,
+    ) -> Result<KeysDestroyed, BackendError> {
+        let s = self.schema.clone();
+        let mut tx = self.client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_CREATION_LOCK])?;
+        tx.execute(
+            &format!(
+                "WITH fresh AS (SELECT t FROM unnest($1::text[]) t
+                                 WHERE NOT EXISTS (SELECT 1 FROM {s}.tombstones b WHERE b.token = t)),
+                      gone AS (DELETE FROM {s}.subject_keys WHERE token IN (SELECT t FROM fresh) RETURNING token, key_id),
+                      keys AS (DELETE FROM {s}.keys WHERE id IN (SELECT key_id FROM gone))
+                 INSERT INTO {s}.tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
+                 SELECT t, $2, $3, t IN (SELECT token FROM gone), $4::bigint FROM fresh
+                 ON CONFLICT (token) DO NOTHING"
+            ),
+            &[&tokens, &job_id, &now_ms, &SHREDDED_RELEASE_MS],
+        )?;
+        let row = tx.query_one(
+            &format!("SELECT count(*), count(*) FILTER (WHERE key_destroyed) FROM {s}.tombstones WHERE job_id = $1"),
+            &[&job_id],
+        )?;
+        let destroyed = KeysDestroyed {
+            tombstones: row.get::<_, i64>(0) as u64,
+            keys: row.get::<_, i64>(1) as u64,
+        };
+        tx.commit()?;
+        Ok(destroyed)
     }
 
     /// Saves `state` only if the saved state is still `expected` (`None`: none saved yet).

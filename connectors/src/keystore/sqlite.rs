@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone};
+use super::{
+    BackendError, KeysDestroyed, Mint, Names, ResolveError, Resolved, StoredKey, Tombstone, SHREDDED_RELEASE_MS,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (id BLOB PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
@@ -233,7 +235,6 @@ impl SqliteStore {
         job_id: &str,
         tokens: &[String],
         now_ms: i64,
-        reusable_after_ms: Option<i64>,
     ) -> Result<KeysDestroyed, BackendError> {
         let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let destroyed = {
@@ -241,8 +242,8 @@ impl SqliteStore {
                 tx.prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")?;
             let mut delete_name = tx.prepare_cached("DELETE FROM subject_keys WHERE token = ?1")?;
             let mut tombstone = tx.prepare_cached(
-                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (token) DO NOTHING",
+                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (token) DO NOTHING",
             )?;
             // A subject released for reuse and erased again: erased for good, under a new seq
             // (daemons read tombstones by increasing seq).
@@ -252,9 +253,51 @@ impl SqliteStore {
                 let keys = delete_key.execute([t])?;
                 delete_name.execute([t])?;
                 released.execute([t])?;
-                tombstone.execute(params![t, job_id, now_ms, keys > 0, reusable_after_ms])?;
+                tombstone.execute(params![t, job_id, now_ms, keys > 0])?;
             }
             // Counted from the job's tombstones, so a rerun reports what the job destroyed.
+            tx.query_row(
+                "SELECT count(*), coalesce(sum(key_destroyed), 0) FROM tombstones WHERE job_id = ?1",
+                [job_id],
+                |r| {
+                    Ok(KeysDestroyed {
+                        tombstones: r.get::<_, i64>(0)? as u64,
+                        keys: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )?
+        };
+        tx.commit()?;
+        Ok(destroyed)
+    }
+
+    /// Crypto-shredding without erasure: for each subject with no tombstone, deletes its key and
+    /// writes a tombstone that releases the id from the beginning of time; a subject with one
+    /// (erased, released, or shredded by this job before) is left as it is.
+    pub(super) fn shred(
+        &mut self,
+        job_id: &str,
+        tokens: &[String],
+        now_ms: i64,
+    ) -> Result<KeysDestroyed, BackendError> {
+        let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let destroyed = {
+            let mut has_tombstone = tx.prepare_cached("SELECT 1 FROM tombstones WHERE token = ?1")?;
+            let mut delete_key =
+                tx.prepare_cached("DELETE FROM keys WHERE id IN (SELECT key_id FROM subject_keys WHERE token = ?1)")?;
+            let mut delete_name = tx.prepare_cached("DELETE FROM subject_keys WHERE token = ?1")?;
+            let mut tombstone = tx.prepare_cached(
+                "INSERT INTO tombstones (token, job_id, erased_at_ms, key_destroyed, reusable_after_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for t in tokens {
+                if has_tombstone.exists([t])? {
+                    continue;
+                }
+                let keys = delete_key.execute([t])?;
+                delete_name.execute([t])?;
+                tombstone.execute(params![t, job_id, now_ms, keys > 0, SHREDDED_RELEASE_MS])?;
+            }
             tx.query_row(
                 "SELECT count(*), coalesce(sum(key_destroyed), 0) FROM tombstones WHERE job_id = ?1",
                 [job_id],

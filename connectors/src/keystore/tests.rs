@@ -243,11 +243,39 @@ fn shredding_destroys_the_key_and_lets_any_later_event_have_a_new_one() {
     let destroyed = store.shred_keys("retention-1", &["s".to_string()], 10).unwrap();
     assert_eq!(destroyed, KeysDestroyed { keys: 1, tombstones: 1 });
     assert!(store.key_by_id(first.id()).unwrap().is_none());
-    // Released from the beginning of time: no event of theirs is dropped, none finds the old key.
-    assert_eq!(store.erased(&["s", "kept"]).unwrap(), vec![Some(i64::MIN), None]);
+    // Released from the beginning of time: no event of theirs is dropped (not even remembered
+    // as erased), none finds the old key.
+    assert_eq!(store.erased(&["s", "kept"]).unwrap(), vec![None, None]);
+    // Shredding again (a resumed run) changes nothing and reports what the job destroyed.
+    assert_eq!(
+        store.shred_keys("retention-1", &["s".to_string()], 11).unwrap(),
+        KeysDestroyed { keys: 1, tombstones: 1 }
+    );
     let second = store.subject_keys(&["s"]).unwrap()[0].clone().unwrap();
     assert_ne!(first.id(), second.id());
     // An erasure later is for good, as for any subject.
     store.erase_subjects("job-1", &["s".to_string()], 20).unwrap();
     assert_eq!(store.erased(&["s"]).unwrap(), vec![Some(ERASED_FOR_GOOD)]);
+}
+
+#[test]
+fn shredding_leaves_an_erased_or_released_subjects_tombstone_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("keys.db")).with_erasure_refresh(Duration::ZERO);
+    store.subject_keys(&["erased", "released"]).unwrap();
+    store
+        .erase_subjects("job-1", &["erased".to_string(), "released".to_string()], 1)
+        .unwrap();
+    assert!(store.release_subject("released", 1_000).unwrap());
+    let newer = store.subject_keys(&["released"]).unwrap()[0].clone().unwrap();
+    let destroyed = store
+        .shred_keys("retention-1", &["erased".to_string(), "released".to_string()], 2_000)
+        .unwrap();
+    assert_eq!(destroyed, KeysDestroyed::default());
+    assert_eq!(
+        store.erased(&["erased", "released"]).unwrap(),
+        vec![Some(ERASED_FOR_GOOD), Some(1_000)],
+        "the erasure and the release's cut-off stay"
+    );
+    assert!(store.key_by_id(newer.id()).unwrap().is_some());
 }
