@@ -20,7 +20,7 @@ payments_policy "$out/policies/big.toml" big channel
 sed -i 's/^token_domain = "customer"$/token_domain = "customer"\nretention_days = 180/' "$out/policies/big.toml"
 file_pipeline_config "$out" policies
 .venv/bin/python - "$bin" "$out" "$rows" "$subjects" <<'PY'
-import datetime, json, random, shutil, subprocess, sys, time
+import datetime, json, os, random, shutil, subprocess, sys, time
 import deltalake, pyarrow as pa
 
 bin_path, out, rows, subjects = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -88,4 +88,6 @@ print(f"sluice      {wall:6.1f} s wall, {cpu:6.1f} CPU-s, peak RSS {rss:5.0f} Mi
       f"{big['files_removed']:,} of {big['files_scanned']:,} files, {big['log_files_removed']:,} log files and "
       f"{big['history_files_removed']:,} history files removed; {left:,} rows left")
 print(f"ratio       sluice / reference wall time = {wall / ref_wall:.2f}")
+sys.stdout.flush()
+os._exit(0)  # past the interpreter's teardown, which aborts in a native library here
 PY
